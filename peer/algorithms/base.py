@@ -1,0 +1,136 @@
+"""What every algorithm is: a state object with a pure step over tensors, in a registry by name.
+
+An algorithm never sees a network object. The round driver (peer/node.py) gathers, for node i at
+round t, the tensors ALGORITHMS.md names and hands them over in a StepInputs:
+
+    params            x_i^t, one tensor per model parameter in named_parameters order
+    neighbor_params   {l: x_l^t} for the neighbors that answered this round
+    weights           {l: pi_il} over those neighbors and i itself, summing to 1 (a neighbor that
+                      missed its deadline has its weight moved to i by the driver)
+    self_grad         g_ii, taken at the point self_grad_point() returned
+    received          {l: g_il = grad F_l(x_i^t; B_l)}: i's model on l's data, computed at l
+    local             {l: h_il = grad F_i(x_l^t; B_i)}: l's model on i's data (NGC's model-variant)
+    lr                the round's learning rate
+
+Two flags tell the driver what to gather: `uses_received` (ask the neighbors for cross-gradients:
+a second communication round) and `uses_local` (compute the neighbors' models' gradients on the
+local batch for its own use; they are also what the node serves to those neighbors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from crossgrad.errors import UnknownNameError
+
+Params = list[torch.Tensor]
+
+
+@dataclass
+class StepInputs:
+    """The tensors of one round for one node (see module docstring)."""
+
+    node: int
+    params: Params
+    neighbor_params: Mapping[int, Params]
+    weights: Mapping[int, float]
+    self_grad: Params
+    lr: float
+    received: Mapping[int, Params] = field(default_factory=dict)
+    local: Mapping[int, Params] = field(default_factory=dict)
+
+
+def mix(node: int, params: Params, neighbor_params: Mapping[int, Params],
+        weights: Mapping[int, float]) -> Params:
+    """sum_{l in N(i) u {i}} pi_il x_l, per tensor, in a fixed order (self first, then by id)."""
+    order = [node, *sorted(neighbor_params)]
+    out: Params = []
+    for k, own in enumerate(params):
+        acc = own * weights[node]
+        for l in order[1:]:
+            acc = acc + neighbor_params[l][k] * weights[l]
+        out.append(acc)
+    return out
+
+
+def nesterov(momentum: Params, grads: Params, mu: float) -> Params:
+    """m <- mu m + g (in place); returns the step direction g + mu m (Nesterov form)."""
+    out: Params = []
+    for m, g in zip(momentum, grads, strict=True):
+        m.mul_(mu).add_(g)
+        out.append(g + mu * m)
+    return out
+
+
+class Algorithm:
+    """Base class: hyperparameters and memory of one node; `step` returns x_i^{t+1}."""
+
+    name: ClassVar[str]
+    uses_received: bool = False
+    uses_local: bool = False
+
+    def __init__(self, momentum: float = 0.9) -> None:
+        self.mu = float(momentum)
+        self._momentum: Params | None = None
+        self.stats: dict[str, float] = {}
+
+    @classmethod
+    def from_hyperparameters(cls, hp: Hyperparameters) -> Algorithm:
+        return cls(momentum=hp.momentum)
+
+    def momentum_buffers(self, like: Sequence[torch.Tensor]) -> Params:
+        if self._momentum is None:
+            self._momentum = [torch.zeros_like(p) for p in like]
+        return self._momentum
+
+    def self_grad_point(self, node: int, params: Params, neighbor_params: Mapping[int, Params],
+                        weights: Mapping[int, float]) -> Params:
+        """Where the self-gradient is taken: x_i^t for all but NGC."""
+        return params
+
+    def step(self, inputs: StepInputs) -> Params:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Memory to checkpoint (momentum buffers and algorithm-specific state)."""
+        return {"momentum": self._momentum}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._momentum = state.get("momentum")
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """Every algorithm's knobs in one place; each algorithm reads the ones it has.
+
+    momentum: mu in the Nesterov update (0.9 in both papers; 0 gives plain SGD steps).
+    margin: CGA's lower bound on the QP's dual variables (0.5 in the CGA code).
+    qp_eps: ridge on the scaled Gram matrix (see peer/algorithms/qp.py).
+    gamma: NGC's consensus step size (0.1 in the NGC code; 1 mixes fully).
+    alpha: NGC's weight on the data-variant (received) term; 0 skips the cross-gradient RPCs.
+    """
+
+    momentum: float = 0.9
+    margin: float = 0.5
+    qp_eps: float = 1e-12
+    gamma: float = 0.1
+    alpha: float = 1.0
+
+
+ALGORITHMS: dict[str, Callable[[Hyperparameters], Algorithm]] = {}
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    ALGORITHMS[cls.name] = cls.from_hyperparameters
+    return cls
+
+
+def make(name: str, hp: Hyperparameters | None = None) -> Algorithm:
+    """algorithms.make("cga", Hyperparameters(...)); an unknown name lists the known ones."""
+    if name not in ALGORITHMS:
+        raise UnknownNameError("algorithm", name, ALGORITHMS)
+    return ALGORITHMS[name](hp or Hyperparameters())

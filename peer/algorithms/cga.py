@@ -1,0 +1,93 @@
+"""Cross-Gradient Aggregation (Esfandiari, Tan, Jiang, Balu, Herron, Hegde, Sarkar; ICML 2021).
+
+ALGORITHMS.md, "cga". Per round and per parameter tensor k:
+
+    g   = pi_ii g_ii[k]                      (the node's own gradient, weighted)
+    M   = [pi_il g_il[k] for l in N(i)]      (cross-gradients received from the neighbors)
+    g~  = project(g, M)                      (the dual QP with margin 0.5: peer/algorithms/qp.py)
+    m_i <- mu m_i + g~;   x_i <- sum_l pi_il x_l - lr (g~ + mu m_i)
+
+Differences from the reference code, on purpose: gradients are taken in train mode with a seeded
+RNG (the reference switches to eval mode after round one); the Gram matrix stays on the model's
+device; the QP is scaled and polished (qp.py). A failed QP falls back as ALGORITHMS.md step 4
+says and is counted in `stats["qp_fallbacks"]`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from crossgrad.errors import CrossgradError
+from peer.algorithms.base import (
+    Algorithm,
+    Hyperparameters,
+    Params,
+    StepInputs,
+    mix,
+    nesterov,
+    register,
+)
+from peer.algorithms.qp import QPOptions, project
+
+
+class DivergedError(CrossgradError):
+    """The node's own gradient is NaN or Inf: training has diverged (lower the learning rate)."""
+
+
+def finite(tensors: Params) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def aggregate(inputs: StepInputs, qp: QPOptions, previous_v: dict[int, np.ndarray],
+              stats: dict[str, float]) -> Params:
+    """The per-tensor projected gradients g~ (steps 1-4), updating previous_v and stats."""
+    if not finite(inputs.self_grad):
+        raise DivergedError(f"node {inputs.node}: its own gradient holds NaN or Inf; training "
+                            "diverged: lower --lr")
+    senders = sorted(inputs.received)
+    out: Params = []
+    started = time.perf_counter()
+    for k, own in enumerate(inputs.self_grad):
+        g = own * inputs.weights[inputs.node]
+        rows = [inputs.received[l][k] * inputs.weights[l] for l in senders]
+        result = project(g, rows, qp, previous_v.get(k))
+        if result.v is not None:
+            previous_v[k] = result.v
+            stats["qp_calls"] = stats.get("qp_calls", 0) + 1
+        if result.fell_back:
+            stats["qp_fallbacks"] = stats.get("qp_fallbacks", 0) + 1
+        out.append(result.grad)
+    stats["qp_seconds"] = stats.get("qp_seconds", 0.0) + time.perf_counter() - started
+    return out
+
+
+@register
+class CGA(Algorithm):
+    name = "cga"
+    uses_received = True
+
+    def __init__(self, momentum: float = 0.9, qp: QPOptions | None = None) -> None:
+        super().__init__(momentum)
+        self.qp = qp or QPOptions()
+        self._previous_v: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def from_hyperparameters(cls, hp: Hyperparameters) -> CGA:
+        return cls(momentum=hp.momentum, qp=QPOptions(margin=hp.margin, eps=hp.qp_eps))
+
+    def step(self, inputs: StepInputs) -> Params:
+        projected = aggregate(inputs, self.qp, self._previous_v, self.stats)
+        direction = nesterov(self.momentum_buffers(inputs.params), projected, self.mu)
+        mixed = mix(inputs.node, inputs.params, inputs.neighbor_params, inputs.weights)
+        return [x - inputs.lr * d for x, d in zip(mixed, direction, strict=True)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "previous_v": dict(self._previous_v)}
+
+    def load_state_dict(self, state: Any) -> None:
+        super().load_state_dict(state)
+        self._previous_v = dict(state.get("previous_v", {}))

@@ -1,0 +1,174 @@
+"""The CGA projection: a small dual QP per parameter tensor, solved with cvxopt.
+
+ALGORITHMS.md, "cga", steps 1-4 (Esfandiari et al., ICML 2021, eq. 5-7; GEM's project2cone2 with a
+margin). With g the pi-weighted self-gradient and M the t pi-weighted cross-gradient rows:
+
+    minimize_v  1/2 v^T (M M^T + eps I) v + (M g)^T v     subject to  v >= margin
+    g~ = g + M^T v
+
+g~ is the Euclidean projection of g + margin * sum_l M_l onto the cone {z : <z, M_l> >= 0 for all l}
+(tests check this identity).
+
+cvxopt is confined to this module. Deliberate differences from the reference code:
+- The Gram matrix M M^T and M g are computed on the tensors' device (GPU when present), in
+  float64; only the t x t matrix and the t-vector go to the CPU for the solve. The reference code
+  copies whole gradients to the CPU.
+- The problem is scaled by the mean of diag(M M^T) before the solve. Scaling the objective by a
+  positive constant leaves the minimiser unchanged, and it keeps cvxopt's absolute tolerances
+  meaningful whether gradients are 1e-6 or 1e3 in norm. eps is therefore relative to that scale.
+- After cvxopt, an active-set polish re-solves the KKT system exactly on the active set cvxopt
+  found, so primal feasibility <g~, M_l> >= 0 holds to round-off instead of to solver tolerance.
+  If the polished point is not KKT-consistent, cvxopt's answer is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cvxopt
+import numpy as np
+import torch
+
+from crossgrad.errors import SolverError
+
+MARGIN = 0.5
+
+
+@dataclass(frozen=True)
+class QPOptions:
+    """Solver settings for one projection.
+
+    margin: lower bound on the dual variables (0.5 in the CGA paper and code). margin = 0 gives
+        GEM's plain projection of the pi-weighted self-gradient.
+    eps: ridge added to the scaled Gram matrix so cvxopt sees a positive definite P even when
+        cross-gradients are collinear. 1e-12 (relative to the mean squared row norm) is what
+        ALGORITHMS.md asks for; cvxopt has been stable with it on collinear rows here.
+    maxiters, abstol, reltol, feastol: cvxopt's per-call options (never the global ones).
+        Tight tolerances cost little at t <= 16 variables.
+    polish: re-solve exactly on the active set after cvxopt (see module docstring).
+    """
+
+    margin: float = MARGIN
+    eps: float = 1e-12
+    maxiters: int = 100
+    abstol: float = 1e-12
+    reltol: float = 1e-12
+    feastol: float = 1e-12
+    polish: bool = True
+
+
+def solve_dual(gram: np.ndarray, mg: np.ndarray, options: QPOptions) -> np.ndarray:
+    """Solve min 1/2 v^T P v + q^T v s.t. v >= margin, with P = gram + eps*I, q = mg.
+
+    gram: (t, t) float64, M M^T; mg: (t,) float64, M g. Returns v: (t,) float64.
+    Raises SolverError when cvxopt fails or returns a non-finite or infeasible v.
+    """
+    t = gram.shape[0]
+    scale = float(np.mean(np.diag(gram)))
+    if not math.isfinite(scale) or scale <= 0.0:
+        raise SolverError(f"Gram matrix has a non-positive or non-finite mean diagonal ({scale})")
+    p = gram / scale + options.eps * np.eye(t)  # (t, t)
+    q = mg / scale  # (t,)
+    if not (np.all(np.isfinite(p)) and np.all(np.isfinite(q))):
+        raise SolverError("QP data contain NaN or Inf")
+    solver_options = {
+        "show_progress": False,
+        "maxiters": options.maxiters,
+        "abstol": options.abstol,
+        "reltol": options.reltol,
+        "feastol": options.feastol,
+    }
+    try:
+        result = cvxopt.solvers.qp(
+            cvxopt.matrix(np.ascontiguousarray(p, dtype=np.float64)),
+            cvxopt.matrix(np.ascontiguousarray(q, dtype=np.float64)),
+            cvxopt.matrix(-np.eye(t, dtype=np.float64)),
+            cvxopt.matrix(np.full(t, -options.margin, dtype=np.float64)),
+            options=solver_options,
+        )
+    except (ValueError, ArithmeticError, TypeError) as exc:
+        raise SolverError(f"cvxopt raised {type(exc).__name__}: {exc}") from exc
+    if result["status"] != "optimal":
+        raise SolverError(f"cvxopt stopped with status {result['status']!r} after "
+                          f"{result['iterations']} iterations (maxiters={options.maxiters})")
+    v = np.array(result["x"], dtype=np.float64).reshape(t)
+    if not np.all(np.isfinite(v)):
+        raise SolverError("cvxopt returned a non-finite solution")
+    v = np.maximum(v, options.margin)  # the solver may sit a hair below the bound
+    if options.polish:
+        v = _polish(gram / scale, q, v, options.margin)
+    return v
+
+
+def _polish(p: np.ndarray, q: np.ndarray, v: np.ndarray, margin: float) -> np.ndarray:
+    """Exact KKT solve on the active set that the interior-point answer suggests.
+
+    Free variables F (v > margin): (P v + q)_F = 0; active A: v_A = margin and (P v + q)_A >= 0.
+    P here is the scaled Gram matrix without the ridge, so the result is the exact projection;
+    a singular P_FF (collinear rows) takes the least-squares solution.
+    """
+    t = v.shape[0]
+    tol = 1e-6 * max(1.0, float(np.max(np.abs(v))))
+    active = v <= margin + tol
+    polished = np.full(t, margin)
+    free = ~active
+    if free.any():
+        rhs = -(q[free] + p[np.ix_(free, active)] @ polished[active])
+        try:
+            polished[free] = np.linalg.lstsq(p[np.ix_(free, free)], rhs, rcond=None)[0]
+        except np.linalg.LinAlgError:
+            return v
+    grad = p @ polished + q  # (t,) the multipliers of the bound constraints
+    scale = max(1.0, float(np.max(np.abs(q))))
+    if np.all(polished[free] >= margin - 1e-12) and np.all(grad[active] >= -1e-9 * scale):
+        return polished
+    return v
+
+
+@dataclass(frozen=True)
+class Projection:
+    """The result of one per-tensor projection."""
+
+    grad: torch.Tensor  # g~, the tensor's shape and dtype
+    v: np.ndarray | None  # (t,) dual solution actually used; None when there were no rows
+    fell_back: bool
+
+
+def project(
+    self_grad: torch.Tensor,
+    rows: list[torch.Tensor],
+    options: QPOptions,
+    previous_v: np.ndarray | None = None,
+) -> Projection:
+    """CGA step 1-4 for one parameter tensor.
+
+    self_grad: pi_ii * g_ii (any shape); rows: the pi_il * g_il, same shape each. All-zero rows are
+    dropped. On solver failure the previous round's v is reused when its length still matches,
+    else v = margin * 1 (the plain weighted aggregate); fell_back says so.
+    """
+    shape, dtype = self_grad.shape, self_grad.dtype
+    g = self_grad.reshape(-1).to(torch.float64)  # (d,)
+    kept = [r.reshape(-1).to(torch.float64) for r in rows]
+    kept = [r for r in kept if bool(torch.any(r != 0))]
+    if not kept:
+        return Projection(grad=self_grad.clone(), v=None, fell_back=False)
+    m = torch.stack(kept)  # (t, d)
+    gram = (m @ m.T).cpu().numpy()  # (t, t) on the device, then to the CPU
+    mg = (m @ g).cpu().numpy()  # (t,)
+    fell_back = False
+    try:
+        v = solve_dual(gram, mg, options)
+    except SolverError:
+        fell_back = True
+        t = len(kept)
+        if previous_v is not None and previous_v.shape == (t,) and np.all(np.isfinite(previous_v)):
+            v = previous_v.copy()
+        else:
+            v = np.full(t, options.margin)
+    v_t = torch.as_tensor(v, dtype=torch.float64, device=m.device)  # (t,)
+    g_tilde = g + m.T @ v_t  # (d,)
+    if not bool(torch.isfinite(g_tilde).all()):
+        # Never step with NaN: a non-finite gradient row makes any v useless.
+        raise SolverError("projected gradient is not finite (a gradient row holds NaN or Inf)")
+    return Projection(grad=g_tilde.reshape(shape).to(dtype), v=v, fell_back=fell_back)

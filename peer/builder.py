@@ -1,0 +1,77 @@
+"""Build the pieces of a run from a RunConfig: data, partitions, topology, and each node.
+
+The simulator builds all nodes in one process; a networked peer builds only its own, from the
+same config and its assignment. Both call these functions, so both start from the same state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bootstrap.topology import Topology, build_topology, metropolis_hastings_weights
+from crossgrad.config import RunConfig
+from crossgrad.errors import ConfigError
+from peer import algorithms
+from peer.node import Assignment, Node
+from peer.training.datasets import Dataset, load_dataset
+from peer.training.models import make_model
+from peer.training.partitions import partition
+from peer.training.trainer import Schedule, Trainer, seeded_model
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: the GPU when there is one, else the CPU; cuda without a GPU is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but torch sees no CUDA device; "
+                          "use --device auto or cpu")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class RunData:
+    """The data set and every node's share of it (indices into the training set)."""
+
+    dataset: Dataset
+    parts: list[np.ndarray]
+
+
+def load_run_data(config: RunConfig) -> RunData:
+    dataset = load_dataset(config.dataset, config.data_dir)
+    labels = dataset.train_y.numpy()
+    if config.nodes > len(labels):
+        raise ConfigError(f"--nodes {config.nodes} is more than the {len(labels)} training "
+                          f"samples of {config.dataset}; use fewer nodes")
+    parts = partition(labels, config.nodes, config.partition, config.seed,
+                      num_classes=dataset.num_classes)
+    return RunData(dataset=dataset, parts=parts)
+
+
+def assignments(config: RunConfig) -> tuple[Topology, dict[int, Assignment]]:
+    """Neighbors and Metropolis-Hastings weights of every node (what the bootstrap hands out)."""
+    topo = build_topology(config.topology, config.nodes, config.seed)
+    w = metropolis_hastings_weights(topo)  # (n, n)
+    out = {}
+    for i in range(config.nodes):
+        nbrs = tuple(topo.neighbors(i))
+        out[i] = Assignment(neighbors=nbrs, weights={l: float(w[i, l]) for l in (*nbrs, i)})
+    return topo, out
+
+
+def make_node(config: RunConfig, data: RunData, node_id: int, assignment: Assignment,
+              device: torch.device) -> Node:
+    ds = data.dataset
+    model = seeded_model(lambda: make_model(config.model, ds.input_shape, ds.num_classes),
+                         config.seed)
+    idx = torch.as_tensor(data.parts[node_id])
+    trainer = Trainer(node_id, model, ds.train_x[idx], ds.train_y[idx],
+                      Schedule(config.batch_size, config.lr, config.lr_decay), config.seed, device)
+    hp = algorithms.Hyperparameters(momentum=config.momentum, margin=config.margin,
+                                    gamma=config.gamma, alpha=config.alpha)
+    algo = algorithms.make(config.algorithm, hp)
+    params = [p.detach() for p in model.parameters()]
+    return Node(node_id, trainer, algo, assignment, params)

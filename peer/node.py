@@ -1,0 +1,156 @@
+"""The node: one round of DESIGN.md section 2 over a Neighborhood.
+
+A Node owns x_i, its algorithm state and its Trainer. It does not know how neighbors are reached:
+the simulator gives it an in-memory Neighborhood (peer/simulate.py), a deployment a gRPC one.
+Both must return exactly the tensors the other node computed, so a networked run and a simulated
+run with the same seed end with bit-identical models.
+
+Round t at node i (synchronous, pull-based):
+  1. publish x_i^t (kept for `keep_rounds` rounds: neighbors fetch it by round number)
+  2. fetch x_j^t from every neighbor
+  3. self-gradient at algorithm.self_grad_point(...) on B_i^t; NGC's model-variant gradients of the
+     fetched models on B_i^t when the algorithm uses them
+  4. fetch g_ij = grad F_j(x_i^t; B_j^t) from every neighbor when the algorithm uses them
+  5. algorithm.step -> x_i^{t+1}
+A neighbor that does not answer is left out of the round: its weight goes to the node itself.
+Serving side: `model(t)` and `cross_gradient(requester, t, x_requester)` answer neighbors; a
+cross-gradient is computed once per (requester, round) and cached.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from crossgrad.errors import CrossgradError
+from peer.algorithms.base import Algorithm, Params, StepInputs
+from peer.training.trainer import Trainer
+
+
+class RoundUnavailable(CrossgradError):
+    """A model or cross-gradient for a round this node does not (or no longer) hold."""
+
+
+class Neighborhood(Protocol):
+    """How a node reaches its neighbors. Missing neighbors are simply absent from the result."""
+
+    def models(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
+        """x_j^round for each neighbor j that answered."""
+        ...
+
+    def cross_gradients(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
+        """grad F_j(x_me^round; B_j^round), computed at j, for each neighbor j that answered."""
+        ...
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What the bootstrap tells a node: its neighbors and mixing weights (self included)."""
+
+    neighbors: tuple[int, ...]
+    weights: Mapping[int, float]
+    epoch: int = 0
+
+
+@dataclass
+class RoundRecord:
+    """What one round did, for metrics and the progress display."""
+
+    node: int
+    round: int
+    loss: float
+    lr: float
+    answered: list[int]
+    missing: list[int]
+    seconds: float
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def effective_weights(node: int, assignment: Assignment, answered: Sequence[int]) -> dict[int, float]:
+    """Weights over the answering neighbors and the node; absentees' weight goes to the node."""
+    weights = {l: float(assignment.weights[l]) for l in answered}
+    weights[node] = 1.0 - sum(weights.values())
+    return weights
+
+
+class Node:
+    """One participant: state, the round driver over a Neighborhood, and what it serves."""
+
+    def __init__(self, node_id: int, trainer: Trainer, algorithm: Algorithm,
+                 assignment: Assignment, params: Params, keep_rounds: int = 4) -> None:
+        self.id = node_id
+        self.trainer = trainer
+        self.algorithm = algorithm
+        self.assignment = assignment
+        self.params: Params = [p.detach().clone().to(trainer.device) for p in params]
+        self.round = 0
+        self.keep_rounds = keep_rounds
+        self._snapshots: dict[int, Params] = {}
+        self._cross: dict[tuple[int, int], Params] = {}
+        self._lock = threading.RLock()
+
+    # ---- serving side -------------------------------------------------------------------
+    def publish(self) -> None:
+        """Step 1: make x_i^t available to neighbors under round t."""
+        with self._lock:
+            self._snapshots[self.round] = [p.clone() for p in self.params]
+            for old in [r for r in self._snapshots if r <= self.round - self.keep_rounds]:
+                del self._snapshots[old]
+            for key in [k for k in self._cross if k[1] <= self.round - self.keep_rounds]:
+                del self._cross[key]
+
+    def model(self, round_: int) -> Params:
+        """x_i^round, if still kept."""
+        with self._lock:
+            if round_ not in self._snapshots:
+                held = sorted(self._snapshots)
+                raise RoundUnavailable(f"node {self.id} holds models of rounds {held}, not {round_}")
+            return self._snapshots[round_]
+
+    def cross_gradient(self, requester: int, round_: int, requester_params: Params) -> Params:
+        """grad F_i(x_requester^round; B_i^round): the requester's model on this node's data."""
+        key = (requester, round_)
+        with self._lock:
+            if key not in self._cross:
+                _, grads = self.trainer.gradient(requester_params, round_, f"cross:{requester}")
+                self._cross[key] = grads
+            return self._cross[key]
+
+    def has_cross_gradient(self, requester: int, round_: int) -> bool:
+        with self._lock:
+            return (requester, round_) in self._cross
+
+    # ---- round driver -------------------------------------------------------------------
+    def run_round(self, neighborhood: Neighborhood) -> RoundRecord:
+        """Steps 2-5 of round self.round (publish() must have been called for it)."""
+        started = time.perf_counter()
+        t = self.round
+        algo = self.algorithm
+        neighbors = list(self.assignment.neighbors)
+        nbr_params = neighborhood.models(t, neighbors) if neighbors else {}
+        weights = effective_weights(self.id, self.assignment, sorted(nbr_params))
+        point = algo.self_grad_point(self.id, self.params, nbr_params, weights)
+        loss, self_grad = self.trainer.gradient(point, t, "self")
+        local = ({j: self.cross_gradient(j, t, x_j) for j, x_j in nbr_params.items()}
+                 if algo.uses_local else {})
+        received: dict[int, Params] = {}
+        if algo.uses_received and nbr_params:
+            received = neighborhood.cross_gradients(t, sorted(nbr_params))
+        before = dict(algo.stats)
+        with torch.no_grad():
+            new_params = algo.step(StepInputs(
+                node=self.id, params=self.params, neighbor_params=nbr_params, weights=weights,
+                self_grad=self_grad, lr=self.trainer.lr(t), received=received, local=local))
+        with self._lock:
+            self.params = new_params
+            self.round = t + 1
+        stats = {k: v - before.get(k, 0) for k, v in algo.stats.items()}
+        return RoundRecord(node=self.id, round=t, loss=loss, lr=self.trainer.lr(t),
+                           answered=sorted(nbr_params),
+                           missing=sorted(set(neighbors) - set(nbr_params)),
+                           seconds=time.perf_counter() - started, stats=stats)

@@ -1,0 +1,153 @@
+"""The in-process simulator: every node of a run in one process, an in-memory Neighborhood.
+
+It runs the same Node code as a deployment; only the Neighborhood differs. Each round every node
+publishes x_i^t first, then every node runs its round; a node's cross-gradient for a neighbor is
+computed on demand (and cached) exactly as a networked node computes it when asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from crossgrad.config import RunConfig
+from peer.builder import assignments, load_run_data, make_node, resolve_device
+from peer.metrics import MetricsWriter, average, consensus_distance, digest
+from peer.node import Node, Params, RoundRecord
+from peer.training.partitions import summarize
+
+log = logging.getLogger(__name__)
+
+
+class InMemoryNeighborhood:
+    """The Neighborhood of one node when every node lives in this process."""
+
+    def __init__(self, me: int, nodes: dict[int, Node]) -> None:
+        self.me = me
+        self.nodes = nodes
+
+    def models(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
+        return {j: self.nodes[j].model(round_) for j in neighbors}
+
+    def cross_gradients(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
+        mine = self.nodes[self.me].model(round_)
+        return {j: self.nodes[j].cross_gradient(self.me, round_, mine) for j in neighbors}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Test-set accuracy of every node's model, of the average model, and the consensus distance."""
+
+    round: int
+    accuracy: dict[int, float]
+    loss: dict[int, float]
+    average_accuracy: float
+    consensus: float
+
+    @property
+    def mean(self) -> float:
+        return sum(self.accuracy.values()) / len(self.accuracy)
+
+    @property
+    def min(self) -> float:
+        return min(self.accuracy.values())
+
+
+def evaluate(nodes: Sequence[Node], test_x: torch.Tensor, test_y: torch.Tensor,
+             round_: int) -> Evaluation:
+    models = [n.params for n in nodes]
+    acc, loss = {}, {}
+    for n in nodes:
+        loss[n.id], acc[n.id] = n.trainer.evaluate(n.params, test_x, test_y)
+    _, avg_acc = nodes[0].trainer.evaluate(average(models), test_x, test_y)
+    return Evaluation(round=round_, accuracy=acc, loss=loss, average_accuracy=avg_acc,
+                      consensus=consensus_distance(models))
+
+
+@dataclass
+class SimulationResult:
+    config: RunConfig
+    out_dir: Path
+    final: Evaluation
+    models: dict[int, Params]
+    qp_fallbacks: dict[int, int]
+    seconds: float
+
+
+def default_out_dir(config: RunConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    return Path("runs") / f"{stamp}-{config.algorithm}-{config.dataset}"
+
+
+def run(config: RunConfig, out_dir: Path | None = None,
+        progress: Callable[[str], None] | None = None) -> SimulationResult:
+    """Simulate the whole run; write config.json, metrics.jsonl, summary.json and models.pt."""
+    say = progress or (lambda line: None)
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    data = load_run_data(config)
+    say(f"data set {config.dataset}, partition {config.partition}, {config.nodes} nodes:")
+    say(summarize(data.dataset.train_y.numpy(), data.parts, data.dataset.num_classes))
+    _, assigned = assignments(config)
+    nodes = {i: make_node(config, data, i, assigned[i], device) for i in range(config.nodes)}
+    hoods = {i: InMemoryNeighborhood(i, nodes) for i in nodes}
+    out = out_dir or default_out_dir(config)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(config.to_json())
+    log.info("effective configuration: %s", json.dumps(dataclasses.asdict(config)))
+    metrics = MetricsWriter(out / "metrics.jsonl")
+    test_x, test_y = data.dataset.test_x, data.dataset.test_y
+    ordered = [nodes[i] for i in sorted(nodes)]
+    try:
+        for t in range(config.rounds):
+            for node in ordered:
+                node.publish()
+            records: list[RoundRecord] = [node.run_round(hoods[node.id]) for node in ordered]
+            for rec in records:
+                metrics.write({"kind": "round", **dataclasses.asdict(rec)})
+            if (t + 1) % config.eval_every == 0 or t + 1 == config.rounds:
+                ev = evaluate(ordered, test_x, test_y, t + 1)
+                metrics.write({"kind": "eval", **dataclasses.asdict(ev), "mean": ev.mean,
+                               "min": ev.min})
+                loss = sum(r.loss for r in records) / len(records)
+                say(f"round {t + 1:>5}/{config.rounds}  train loss {loss:.4f}  "
+                    f"test acc mean {ev.mean:.4f} min {ev.min:.4f}  "
+                    f"avg-model {ev.average_accuracy:.4f}  consensus {ev.consensus:.4f}  "
+                    f"[{time.perf_counter() - started:.1f} s]")
+    finally:
+        metrics.close()
+    final = ev
+    fallbacks = {n.id: int(n.algorithm.stats.get("qp_fallbacks", 0)) for n in ordered}
+    models = {n.id: [p.detach().cpu() for p in n.params] for n in ordered}
+    torch.save({i: m for i, m in models.items()}, out / "models.pt")
+    summary = {"final": dataclasses.asdict(final), "mean": final.mean, "min": final.min,
+               "qp_fallbacks": fallbacks, "digests": {i: digest(m) for i, m in models.items()},
+               "seconds": time.perf_counter() - started}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return SimulationResult(config=config, out_dir=out, final=final, models=models,
+                            qp_fallbacks=fallbacks, seconds=time.perf_counter() - started)
+
+
+def table(result: SimulationResult) -> str:
+    """The final table: per-node accuracy and QP fallbacks, then mean, min, average model."""
+    ev = result.final
+    lines = [f"{'node':>6}  {'test acc':>8}  {'test loss':>9}  {'QP fallbacks':>12}"]
+    for i in sorted(ev.accuracy):
+        lines.append(f"{i:>6}  {ev.accuracy[i]:>8.4f}  {ev.loss[i]:>9.4f}  "
+                     f"{result.qp_fallbacks[i]:>12}")
+    lines += [
+        f"{'mean':>6}  {ev.mean:>8.4f}",
+        f"{'min':>6}  {ev.min:>8.4f}",
+        f"average model accuracy  {ev.average_accuracy:.4f}",
+        f"consensus distance      {ev.consensus:.4f}",
+        f"rounds {result.config.rounds}, {result.seconds:.1f} s; run directory {result.out_dir}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""Local computation of one node: its mini-batches, gradients of any model on them, evaluation.
+
+A model here is a list of parameter tensors in `named_parameters()` order (the wire order); the
+nn.Module is only a template evaluated with torch.func.functional_call, so the same trainer takes
+gradients of its own model and of its neighbors' models without copying weights into modules.
+
+Determinism (ALGORITHMS.md, "Determinism"): the batch order of epoch e is a permutation drawn
+from (seed, "batches", node, e); every gradient runs under a torch RNG forked and seeded from
+(seed, node, round, purpose), so dropout-like randomness (none of our models has any yet) cannot
+make two runs differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from peer.training.seeding import derive_seed, numpy_rng
+
+Params = list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Batch size and learning rate over rounds.
+
+    batch_size: samples per local step (the CGA code uses 128, the NGC code 32).
+    lr: the initial learning rate; lr_decay: multiplied in once per local epoch (x0.981 in the
+    CGA code), an epoch being floor(n_local / batch_size) rounds (at least one).
+    """
+
+    batch_size: int = 32
+    lr: float = 0.01
+    lr_decay: float = 0.981
+
+
+def seeded_model(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """Build a model with the torch RNG seeded from (seed, "init"): every node starts from the
+    same parameters (ALGORITHMS.md, reference defaults), whatever its process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "init"))
+        return factory()
+
+
+class Trainer:
+    """One node's data and the pure functions over it."""
+
+    def __init__(self, node: int, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 schedule: Schedule, seed: int, device: torch.device) -> None:
+        self.node = node
+        self.model = model.to(device)
+        self.model.train()
+        self.names = [name for name, _ in self.model.named_parameters()]
+        self.device = device
+        self.x = x.to(device)  # (n, C, H, W)
+        self.y = y.to(device)  # (n,)
+        self.schedule = schedule
+        self.seed = seed
+        self.n = int(self.y.shape[0])
+        self.rounds_per_epoch = max(1, self.n // schedule.batch_size)
+        self._epoch = -1
+        self._perm = np.arange(self.n)
+
+    def epoch(self, round_: int) -> int:
+        return round_ // self.rounds_per_epoch
+
+    def lr(self, round_: int) -> float:
+        return self.schedule.lr * self.schedule.lr_decay ** self.epoch(round_)
+
+    def batch(self, round_: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """B_i^t: the same mini-batch for the self-gradient and every cross-gradient of round t."""
+        epoch = self.epoch(round_)
+        if epoch != self._epoch:
+            self._perm = numpy_rng(self.seed, "batches", self.node, epoch).permutation(self.n)
+            self._epoch = epoch
+        b = min(self.schedule.batch_size, self.n)
+        j = round_ % self.rounds_per_epoch
+        idx = torch.as_tensor(self._perm[j * b:(j + 1) * b], device=self.device)
+        return self.x[idx], self.y[idx]  # (b, C, H, W), (b,)
+
+    def gradient(self, params: Sequence[torch.Tensor], round_: int,
+                 purpose: str) -> tuple[float, Params]:
+        """(loss, grad F_i(params; B_i^round)) with the RNG seeded by (node, round, purpose)."""
+        x, y = self.batch(round_)
+        leaves = [p.detach().to(self.device).requires_grad_(True) for p in params]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(derive_seed(self.seed, self.node, round_, purpose))
+            logits = functional_call(self.model, dict(zip(self.names, leaves, strict=True)), (x,))
+            loss = nn.functional.cross_entropy(logits, y)
+            grads = torch.autograd.grad(loss, leaves)
+        return float(loss.detach()), [g.detach() for g in grads]
+
+    @torch.no_grad()
+    def evaluate(self, params: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                 batch_size: int = 1000) -> tuple[float, float]:
+        """(mean loss, accuracy) of `params` on (x, y), e.g. the full held-out test set."""
+        weights = dict(zip(self.names, [p.to(self.device) for p in params], strict=True))
+        total_loss, correct = 0.0, 0
+        for start in range(0, int(y.shape[0]), batch_size):
+            xb = x[start:start + batch_size].to(self.device)  # (b, C, H, W)
+            yb = y[start:start + batch_size].to(self.device)  # (b,)
+            logits = functional_call(self.model, weights, (xb,))  # (b, K)
+            total_loss += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == yb).sum())
+        n = max(1, int(y.shape[0]))
+        return total_loss / n, correct / n
