@@ -31,7 +31,8 @@ class UnknownNameError(ConfigError):
         self.kind = kind
         self.name = name
         self.known = sorted(known)
-        super().__init__(f"unknown {kind} {name!r}; known {kind}s: {', '.join(self.known)}")
+        plural = kind[:-1] + "ies" if kind.endswith("y") else kind + "s"
+        super().__init__(f"unknown {kind} {name!r}; known {plural}: {', '.join(self.known)}")
 
 
 class DataError(CrossgradError):

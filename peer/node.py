@@ -71,7 +71,8 @@ class RoundRecord:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-def effective_weights(node: int, assignment: Assignment, answered: Sequence[int]) -> dict[int, float]:
+def effective_weights(node: int, assignment: Assignment,
+                      answered: Sequence[int]) -> dict[int, float]:
     """Weights over the answering neighbors and the node; absentees' weight goes to the node."""
     weights = {l: float(assignment.weights[l]) for l in answered}
     weights[node] = 1.0 - sum(weights.values())
@@ -109,7 +110,8 @@ class Node:
         with self._lock:
             if round_ not in self._snapshots:
                 held = sorted(self._snapshots)
-                raise RoundUnavailable(f"node {self.id} holds models of rounds {held}, not {round_}")
+                raise RoundUnavailable(
+                    f"node {self.id} holds models of rounds {held}, not {round_}")
             return self._snapshots[round_]
 
     def cross_gradient(self, requester: int, round_: int, requester_params: Params) -> Params:

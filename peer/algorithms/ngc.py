@@ -77,6 +77,7 @@ class NGC(Algorithm):
         else:
             dv = weighted_sum(inputs.node, inputs.self_grad, inputs.received, inputs.weights)
             mv = weighted_sum(inputs.node, inputs.self_grad, inputs.local, inputs.weights)
-            combined = [self.alpha * a + (1.0 - self.alpha) * b for a, b in zip(dv, mv, strict=True)]
+            a = self.alpha
+            combined = [a * d + (1.0 - a) * m for d, m in zip(dv, mv, strict=True)]
         direction = nesterov(self.momentum_buffers(inputs.params), combined, self.mu)
         return [x - inputs.lr * d for x, d in zip(half, direction, strict=True)]

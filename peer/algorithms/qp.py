@@ -16,6 +16,8 @@ cvxopt is confined to this module. Deliberate differences from the reference cod
 - The problem is scaled by the mean of diag(M M^T) before the solve. Scaling the objective by a
   positive constant leaves the minimiser unchanged, and it keeps cvxopt's absolute tolerances
   meaningful whether gradients are 1e-6 or 1e3 in norm. eps is therefore relative to that scale.
+- When v = margin already satisfies the KKT conditions (no neighbor's gradient conflicts with
+  the aggregate), it is returned without calling cvxopt: it is the exact minimiser.
 - After cvxopt, an active-set polish re-solves the KKT system exactly on the active set cvxopt
   found, so primal feasibility <g~, M_l> >= 0 holds to round-off instead of to solver tolerance.
   If the polished point is not KKT-consistent, cvxopt's answer is kept.
@@ -72,6 +74,10 @@ def solve_dual(gram: np.ndarray, mg: np.ndarray, options: QPOptions) -> np.ndarr
     q = mg / scale  # (t,)
     if not (np.all(np.isfinite(p)) and np.all(np.isfinite(q))):
         raise SolverError("QP data contain NaN or Inf")
+    if np.all(p @ np.full(t, options.margin) + q >= 0.0):
+        # v = margin already satisfies every KKT condition (the bound's multipliers P v + q are
+        # nonnegative), so it is the minimiser: no conflict to resolve, no solver call needed.
+        return np.full(t, options.margin)
     solver_options = {
         "show_progress": False,
         "maxiters": options.maxiters,

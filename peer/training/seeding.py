@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import torch
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -24,9 +23,3 @@ def numpy_rng(seed: int, *parts: object) -> np.random.Generator:
     """A numpy Generator seeded from derive_seed(seed, *parts)."""
     return np.random.default_rng(derive_seed(seed, *parts))
 
-
-def torch_generator(seed: int, *parts: object, device: str | torch.device = "cpu") -> torch.Generator:
-    """A torch Generator seeded from derive_seed(seed, *parts)."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(derive_seed(seed, *parts))
-    return gen

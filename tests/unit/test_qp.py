@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from peer.algorithms.cga import CGA, aggregate
 from peer.algorithms.base import StepInputs
+from peer.algorithms.cga import CGA, aggregate
 from peer.algorithms.qp import MARGIN, QPOptions, project
 
 F64 = torch.float64
@@ -72,7 +72,7 @@ def test_kkt_and_feasibility_on_random_problems(t: int) -> None:
 
 @pytest.mark.parametrize("t", [1, 2, 3, 4, 5])
 def test_primal_projection_identity(t: int) -> None:
-    """g~ = projection of g + margin * sum rows onto {z : <z, row_l> >= 0} (ALGORITHMS.md step 3)."""
+    """g~ = projection of g + margin sum rows onto {z : <z, row_l> >= 0} (ALGORITHMS.md, 3)."""
     gen = torch.Generator().manual_seed(100 + t)
     for _ in range(25):
         g = rand(gen, 12)

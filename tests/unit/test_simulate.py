@@ -58,7 +58,7 @@ def test_same_seed_gives_bit_identical_models(algorithm: str, tmp_path: Path) ->
     b = simulate.run(cfg, tmp_path / "b")
     c = simulate.run(config(algorithm=algorithm, seed=8), tmp_path / "c")
     for i in range(cfg.nodes):
-        for pa, pb, pc in zip(a.models[i], b.models[i], c.models[i], strict=True):
+        for pa, pb, _pc in zip(a.models[i], b.models[i], c.models[i], strict=True):
             assert torch.equal(pa, pb)
         assert any(not torch.equal(pa, pc) for pa, pc in zip(a.models[i], c.models[i],
                                                              strict=True))
