@@ -1,0 +1,87 @@
+from crossgrad.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetModelRequest(_message.Message):
+    __slots__ = ("requester_id", "round")
+    REQUESTER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    requester_id: int
+    round: int
+    def __init__(self, requester_id: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
+
+class CrossGradientRequest(_message.Message):
+    __slots__ = ("requester_id", "round")
+    REQUESTER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    requester_id: int
+    round: int
+    def __init__(self, requester_id: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ("requester",)
+    REQUESTER_FIELD_NUMBER: _ClassVar[int]
+    requester: str
+    def __init__(self, requester: _Optional[str] = ...) -> None: ...
+
+class LinkBytes(_message.Message):
+    __slots__ = ("peer_id", "sent_bytes", "received_bytes")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    peer_id: int
+    sent_bytes: int
+    received_bytes: int
+    def __init__(self, peer_id: _Optional[int] = ..., sent_bytes: _Optional[int] = ..., received_bytes: _Optional[int] = ...) -> None: ...
+
+class PeerStatus(_message.Message):
+    __slots__ = ("node_id", "address", "round", "total_rounds", "algorithm", "neighbor_ids", "weights", "self_weight", "topology_epoch", "last_loss", "last_accuracy", "bytes_sent", "bytes_received", "links", "qp_fallbacks", "missed_neighbor_answers", "rejected_messages", "state")
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOR_IDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SELF_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TOPOLOGY_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    QP_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    MISSED_NEIGHBOR_ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    node_id: int
+    address: str
+    round: int
+    total_rounds: int
+    algorithm: str
+    neighbor_ids: _containers.RepeatedScalarFieldContainer[int]
+    weights: _containers.ScalarMap[int, float]
+    self_weight: float
+    topology_epoch: int
+    last_loss: float
+    last_accuracy: float
+    bytes_sent: int
+    bytes_received: int
+    links: _containers.RepeatedCompositeFieldContainer[LinkBytes]
+    qp_fallbacks: int
+    missed_neighbor_answers: int
+    rejected_messages: int
+    state: str
+    def __init__(self, node_id: _Optional[int] = ..., address: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., algorithm: _Optional[str] = ..., neighbor_ids: _Optional[_Iterable[int]] = ..., weights: _Optional[_Mapping[int, float]] = ..., self_weight: _Optional[float] = ..., topology_epoch: _Optional[int] = ..., last_loss: _Optional[float] = ..., last_accuracy: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkBytes, _Mapping]]] = ..., qp_fallbacks: _Optional[int] = ..., missed_neighbor_answers: _Optional[int] = ..., rejected_messages: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
