@@ -4,11 +4,23 @@
     ├── ConfigError                bad names, values or combinations (CLI exit code 2)
     │   └── UnknownNameError       a name not in a registry; lists the known names
     ├── DataError                  data files missing or malformed (CLI exit code 2)
-    └── SolverError                the QP solver failed (caught and counted by CGA)
+    ├── SolverError                the QP solver failed (caught and counted by CGA)
+    └── ProtocolError              a request, a message or a call went wrong (gRPC status below)
+        ├── InvalidMessage         INVALID_ARGUMENT     malformed request or tensor stream
+        ├── TruncatedStream        DATA_LOSS            a stream ended before its declared size
+        ├── TooLarge               RESOURCE_EXHAUSTED   above the configured size limits
+        ├── StaleRound             FAILED_PRECONDITION  a round no longer kept
+        ├── NotReady               FAILED_PRECONDITION  asked before the run is assembled
+        ├── NotANeighbor           PERMISSION_DENIED    the requester is not a neighbor
+        ├── Unauthenticated        UNAUTHENTICATED      missing or wrong credentials
+        ├── NotFound               NOT_FOUND            an id that never joined
+        ├── AlreadyExists          ALREADY_EXISTS       an id held by another live peer
+        ├── Unavailable            UNAVAILABLE          starting, draining, or unreachable
+        └── DeadlineExceeded       DEADLINE_EXCEEDED    did not happen before the deadline
 
 Every message says what was expected, what came, and what to do. The CLI turns a
-ConfigError or DataError into one line on stderr and exit code 2; the RPC layer maps the tree
-to gRPC status codes in one place.
+ConfigError or DataError into one line on stderr and exit code 2; crossgrad/rpc.py maps the
+ProtocolError classes to gRPC status codes and back, in one table.
 """
 
 from __future__ import annotations
@@ -41,3 +53,51 @@ class DataError(CrossgradError):
 
 class SolverError(CrossgradError):
     """The QP solver did not return a usable solution."""
+
+
+class ProtocolError(CrossgradError):
+    """A request, a message or a call went wrong; crossgrad/rpc.py maps each kind to a status."""
+
+
+class InvalidMessage(ProtocolError):
+    """A malformed request or tensor stream (shape, dtype, size, NaN, checksum, ...)."""
+
+
+class TruncatedStream(ProtocolError):
+    """A stream ended before all the bytes its header declared arrived."""
+
+
+class TooLarge(ProtocolError):
+    """A message or stream above the configured limits."""
+
+
+class StaleRound(ProtocolError):
+    """A round this node no longer keeps (it keeps the last few)."""
+
+
+class NotReady(ProtocolError):
+    """Asked for something that does not exist yet (e.g. before the run is assembled)."""
+
+
+class NotANeighbor(ProtocolError):
+    """The requester is not a neighbor of this node in the current assignment."""
+
+
+class Unauthenticated(ProtocolError):
+    """Missing or wrong credentials."""
+
+
+class NotFound(ProtocolError):
+    """An id that never joined."""
+
+
+class AlreadyExists(ProtocolError):
+    """An id held by another live peer."""
+
+
+class Unavailable(ProtocolError):
+    """Starting, draining, or unreachable."""
+
+
+class DeadlineExceeded(ProtocolError):
+    """It did not happen before the deadline (e.g. a future round that never arrived)."""
