@@ -154,27 +154,31 @@ def project(
     else v = margin * 1 (the plain weighted aggregate); fell_back says so.
     """
     shape, dtype = self_grad.shape, self_grad.dtype
-    g = self_grad.reshape(-1).to(torch.float64)  # (d,)
-    kept = [r.reshape(-1).to(torch.float64) for r in rows]
-    kept = [r for r in kept if bool(torch.any(r != 0))]
-    if not kept:
+    if not rows:
         return Projection(grad=self_grad.clone(), v=None, fell_back=False)
-    m = torch.stack(kept)  # (t, d)
+    g = self_grad.reshape(-1).to(torch.float64)  # (d,)
+    m = torch.stack([r.reshape(-1) for r in rows]).to(torch.float64)  # (t, d)
+    norms = (m * m).sum(dim=1)  # (t,) on the device
+    nonzero = norms > 0
+    if not bool(nonzero.all()):
+        m = m[nonzero]  # drop all-zero rows (a neighbor with nothing to say)
+        if m.shape[0] == 0:
+            return Projection(grad=self_grad.clone(), v=None, fell_back=False)
     gram = (m @ m.T).cpu().numpy()  # (t, t) on the device, then to the CPU
     mg = (m @ g).cpu().numpy()  # (t,)
+    if not (np.all(np.isfinite(gram)) and np.all(np.isfinite(mg))):
+        # Never step with NaN: a non-finite row or self-gradient makes any v useless.
+        raise SolverError("a gradient row or the self-gradient holds NaN or Inf")
+    t = m.shape[0]
     fell_back = False
     try:
         v = solve_dual(gram, mg, options)
     except SolverError:
         fell_back = True
-        t = len(kept)
         if previous_v is not None and previous_v.shape == (t,) and np.all(np.isfinite(previous_v)):
             v = previous_v.copy()
         else:
             v = np.full(t, options.margin)
     v_t = torch.as_tensor(v, dtype=torch.float64, device=m.device)  # (t,)
     g_tilde = g + m.T @ v_t  # (d,)
-    if not bool(torch.isfinite(g_tilde).all()):
-        # Never step with NaN: a non-finite gradient row makes any v useless.
-        raise SolverError("projected gradient is not finite (a gradient row holds NaN or Inf)")
     return Projection(grad=g_tilde.reshape(shape).to(dtype), v=v, fell_back=fell_back)

@@ -1,0 +1,399 @@
+"""Membership of a run: who joined, who is alive, who neighbors whom (DESIGN.md section 6).
+
+The bootstrap's state machine, with no transport in it: bootstrap/servicer.py turns RPCs into
+calls here, and tests/unit/test_registry.py drives it with a fake clock. A peer's life:
+
+    (none) --join--> JOINED --all `nodes` ids have joined: the run is assembled--> ACTIVE
+    ACTIVE --leave--> LEFT          ACTIVE --no heartbeat for lease_seconds--> EXPIRED
+    LEFT, EXPIRED --join--> ACTIVE  EXPIRED --heartbeat--> ACTIVE
+
+The topology epoch is 0 until the run is assembled, 1 at assembly, and grows by one each time the
+set of live peers changes afterwards; a peer that sees a higher epoch fetches its new assignment.
+
+Assignments use the run's topology, built once from (topology, nodes, seed), restricted to the
+live peers: a dead (LEFT or EXPIRED) peer is removed from the graph, its neighbors' degrees drop
+and their Metropolis-Hastings weights are recomputed with the new degrees (not merely the dead
+neighbor's weight handed to the node), so the matrix stays symmetric and doubly stochastic. No
+rewiring: a dead cut vertex splits the graph until it returns. A dead peer is told it is alone.
+
+Leases run on the wall clock (time.time), because they are persisted and a monotonic clock means
+nothing to the next process. They start at assembly (peers waiting for the others need not
+heartbeat) and, after a restart, when the registry is reopened: peers could not heartbeat while
+the bootstrap was down, so each gets one full lease to reach it again.
+
+Persistence: SQLite, a row per peer and a key/value table of run metadata (settings, epoch,
+assembled flag, topology adjacency; JSON), committed before each call returns. One lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from bootstrap.topology import Topology, build_topology, metropolis_hastings_weights
+from crossgrad.config import RunConfig
+from crossgrad.errors import (
+    AlreadyExists,
+    ConfigError,
+    InvalidMessage,
+    NotFound,
+    NotReady,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+LOCAL_FIELDS = ("data_dir", "device")  # each process's own business, not part of the run
+MAX_UINT = 2**63 - 1  # SQLite integers are signed 64-bit; the proto's uint64 may exceed them
+MAX_NOTE = 256  # characters of a health note or leave reason kept
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS peers (
+    node_id INTEGER PRIMARY KEY, address TEXT NOT NULL, num_samples INTEGER NOT NULL,
+    state TEXT NOT NULL, round INTEGER NOT NULL, loss REAL, health TEXT NOT NULL, last_seen REAL
+);
+"""
+
+
+class PeerState(str, Enum):
+    JOINED = "JOINED"  # joined; the run is not assembled yet
+    ACTIVE = "ACTIVE"  # in the run, lease alive
+    LEFT = "LEFT"  # said goodbye (drained); may join again
+    EXPIRED = "EXPIRED"  # lease ran out; a heartbeat or a join brings it back
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """One peer as the registry knows it (an immutable snapshot)."""
+
+    node_id: int
+    address: str  # host:port of its Peer service
+    num_samples: int
+    state: PeerState
+    round: int  # last reported round
+    loss: float  # last reported training loss (nan before any)
+    health: str  # last health note, or "left: REASON"
+    last_seen: float  # wall-clock time of the last join or heartbeat
+
+    @property
+    def live(self) -> bool:
+        return self.state in (PeerState.JOINED, PeerState.ACTIVE)
+
+
+class Neighbor(NamedTuple):
+    node_id: int
+    address: str
+    weight: float  # pi_il
+
+
+@dataclass(frozen=True)
+class AssignmentView:
+    """A node's neighbors and mixing weights at one topology epoch."""
+
+    node_id: int
+    neighbors: list[Neighbor]
+    self_weight: float  # pi_ii = 1 - sum of the neighbors' weights
+    epoch: int
+    settings: RunConfig
+
+
+@dataclass(frozen=True)
+class JoinResult:
+    ready: bool  # the run is assembled: assignments exist
+    joined: int  # live peers
+    expected: int  # settings.nodes
+
+
+def shared_settings(settings: RunConfig) -> dict[str, Any]:
+    """The settings that define a run (what every node must agree on, and what RunSettings
+    carries); data_dir and device are each process's own."""
+    return {k: v for k, v in dataclasses.asdict(settings).items() if k not in LOCAL_FIELDS}
+
+
+class Registry:
+    """The bootstrap's membership state, persisted in SQLite at db_path (None: in memory)."""
+
+    def __init__(self, settings: RunConfig, db_path: str | Path | None, *,
+                 lease_seconds: float = 15.0, clock: Callable[[], float] = time.time) -> None:
+        if not (lease_seconds > 0 and math.isfinite(lease_seconds)):
+            raise ConfigError(f"--lease-seconds must be a positive number; got {lease_seconds}")
+        self.settings = settings
+        self.lease_seconds = float(lease_seconds)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._closed = False
+        self._reaper: tuple[threading.Thread, threading.Event] | None = None
+        self._cache: tuple[int, Topology, np.ndarray] | None = None  # epoch, live graph, MH
+        self._peers: dict[int, PeerView] = {}
+        self._path = ":memory:" if db_path is None else str(db_path)
+        try:
+            self._db = sqlite3.connect(self._path, check_same_thread=False)
+            self._db.executescript(_SCHEMA)
+            meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open the bootstrap state {self._path}: {exc}; "
+                              f"pass a writable --state path") from None
+        self._opened_at = clock()
+        try:
+            self._resume(meta) if "settings" in meta else self._start()
+        except BaseException:
+            self._db.close()  # another run's file, or a bad topology: release it
+            raise
+
+    def _start(self) -> None:
+        """A new run: build the topology now, so a bad spec fails at start, not at assembly."""
+        s = self.settings
+        self._topology = build_topology(s.topology, s.nodes, s.seed)
+        self._epoch, self._assembled, self._assembled_at = 0, False, 0.0
+        graph = {"spec": self._topology.spec, "adjacency": self._topology.adjacency.tolist()}
+        with self._db:
+            self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
+                ("settings", json.dumps(shared_settings(s), sort_keys=True)),
+                ("topology", json.dumps(graph)),
+                *_meta_rows(0, False, 0.0),
+            ])
+
+    def _resume(self, meta: dict[str, str]) -> None:
+        """Reopen a run; settings that differ mean the file belongs to another run."""
+        stored = json.loads(meta["settings"])
+        given = shared_settings(self.settings)
+        diff = [f"{k}={stored.get(k)!r} there, {given.get(k)!r} here"
+                for k in sorted(set(stored) | set(given)) if stored.get(k) != given.get(k)]
+        if diff:
+            raise ConfigError(f"the bootstrap state {self._path} belongs to another run "
+                              f"({'; '.join(diff)}); pass a new --state path to start a new "
+                              f"run, or the same settings to resume that one")
+        graph = json.loads(meta["topology"])
+        adj = np.array(graph["adjacency"], dtype=bool)  # (n, n)
+        self._topology = Topology(len(adj), graph["spec"], adj)
+        self._epoch, self._assembled = int(meta["epoch"]), meta["assembled"] == "1"
+        self._assembled_at = float(meta["assembled_at"])
+        rows = self._db.execute("SELECT node_id, address, num_samples, state, round, loss, "
+                                "health, last_seen FROM peers").fetchall()
+        self._peers = {r[0]: PeerView(r[0], r[1], r[2], PeerState(r[3]), r[4],
+                                      math.nan if r[5] is None else r[5], r[6], r[7])
+                       for r in rows}
+        log.info("bootstrap resumed %s: epoch %d, %d of %d peers live", self._path, self._epoch,
+                 self._live_count(), self.settings.nodes)
+
+    # ---- the state machine (public calls take the lock; _helpers expect it held) ----
+
+    @property
+    def epoch(self) -> int:
+        with self._lock:
+            return self._epoch
+
+    def now(self) -> float:  # the registry's clock, for "last seen N s ago"
+        return self._clock()
+
+    def join(self, node_id: int, address: str, num_samples: int) -> JoinResult:
+        """Register a peer, or re-register a restarted one; assembles the run with the last."""
+        self._check_id(node_id, "Join")
+        address = address.strip()
+        if not address:
+            raise InvalidMessage(f"Join needs the host:port at which neighbors reach node "
+                                 f"{node_id}; got an empty address")
+        if not 0 <= num_samples <= MAX_UINT:
+            raise InvalidMessage(f"num_samples must be in 0..{MAX_UINT}; got {num_samples}")
+        with self._lock:
+            now = self._clock()
+            old = self._peers.get(node_id)
+            if old is not None and old.live and old.address != address:
+                wait = (f", or wait {self.lease_seconds:g} s for its lease to expire"
+                        if self._assembled else "")
+                raise AlreadyExists(
+                    f"node {node_id} is held by a live peer at {old.address} (last seen "
+                    f"{now - old.last_seen:.1f} s ago), so {address} cannot take it; use "
+                    f"another id, or Leave it first{wait}")
+            revived = self._assembled and (old is None or not old.live)
+            peer = PeerView(node_id, address, num_samples,
+                            PeerState.ACTIVE if self._assembled else PeerState.JOINED,
+                            old.round if old else 0, old.loss if old else math.nan, "", now)
+            if not self._assembled and self._live_count(extra=peer) == self.settings.nodes:
+                # The last expected peer: everyone becomes ACTIVE and epoch 1 begins.
+                everyone = [replace(p, state=PeerState.ACTIVE)
+                            for p in {**self._peers, node_id: peer}.values() if p.live]
+                self._save(everyone, bump=True, assembled_at=now)
+            else:
+                self._save([peer], bump=revived)
+            log.info("node %d joined from %s (%d of %d live, epoch %d)", node_id, address,
+                     self._live_count(), self.settings.nodes, self._epoch)
+            return JoinResult(self._assembled, self._live_count(), self.settings.nodes)
+
+    def heartbeat(self, node_id: int, round: int, loss: float, health: str) -> tuple[int, float]:
+        """Renew the lease and record progress; revives an EXPIRED peer. (epoch, lease_seconds)"""
+        self._check_id(node_id, "Heartbeat")
+        if not 0 <= round <= MAX_UINT:
+            raise InvalidMessage(f"round must be in 0..{MAX_UINT}; got {round}")
+        with self._lock:
+            old = self._known(node_id)
+            if old.state is PeerState.LEFT:
+                raise NotFound(f"node {node_id} left the run ({old.health}); Join again to "
+                               f"come back")
+            revived = old.state is PeerState.EXPIRED
+            self._save([replace(old, state=PeerState.ACTIVE if revived else old.state,
+                                round=round, loss=float(loss),
+                                health=health[:MAX_NOTE], last_seen=self._clock())], bump=revived)
+            if revived:
+                log.warning("node %d round %d: heartbeat after its lease expired; back in the "
+                            "run at epoch %d", node_id, round, self._epoch)
+            return self._epoch, self.lease_seconds
+
+    def assignment(self, node_id: int) -> AssignmentView:
+        """Neighbors and MH weights of node_id over the live subgraph at the current epoch."""
+        self._check_id(node_id, "GetAssignment")
+        with self._lock:
+            self._known(node_id)
+            if not self._assembled:
+                raise NotReady(f"waiting for peers: {self._live_count()} of "
+                               f"{self.settings.nodes} joined; assignments exist once all have "
+                               f"(WatchAssignment delivers it then)")
+            graph, weights = self._live_graph()
+            neighbors = [Neighbor(j, self._peers[j].address, float(weights[node_id, j]))
+                         for j in graph.neighbors(node_id)]
+            return AssignmentView(node_id, neighbors, float(weights[node_id, node_id]),
+                                  self._epoch, self.settings)
+
+    def leave(self, node_id: int, reason: str) -> None:
+        """A peer leaves for good (drained). Idempotent; bumps the epoch if it was live."""
+        self._check_id(node_id, "Leave")
+        with self._lock:
+            old = self._known(node_id)
+            if old.state is PeerState.LEFT:
+                return
+            note = f"left: {reason or 'no reason given'}"[:MAX_NOTE]
+            self._save([replace(old, state=PeerState.LEFT, health=note)],
+                       bump=self._assembled and old.live)
+            log.info("node %d round %d %s (epoch %d)", node_id, old.round, note, self._epoch)
+
+    def expire(self, now: float | None = None) -> list[int]:
+        """Mark ACTIVE peers whose lease ran out EXPIRED (one epoch bump for all); their ids."""
+        with self._lock:
+            if not self._assembled:
+                return []
+            now = self._clock() if now is None else now
+            floor = max(self._assembled_at, self._opened_at)
+            dead = [replace(p, state=PeerState.EXPIRED) for p in self._peers.values()
+                    if p.state is PeerState.ACTIVE
+                    and max(p.last_seen, floor) + self.lease_seconds < now]
+            if dead:
+                self._save(dead, bump=True)
+                for p in dead:
+                    log.warning("node %d round %d: no heartbeat for %.1f s, lease expired "
+                                "(epoch %d)", p.node_id, p.round, now - p.last_seen, self._epoch)
+            return [p.node_id for p in dead]
+
+    def peers(self) -> list[PeerView]:
+        with self._lock:
+            return [self._peers[i] for i in sorted(self._peers)]
+
+    def wait_for_change(self, epoch: int, timeout: float | None) -> int:
+        """Block until the epoch differs from `epoch` or timeout; the epoch (Unavailable once
+        closed). WatchAssignment waits in short slices so it notices a cancelled client."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._epoch != epoch or self._closed, timeout)
+            if self._closed:
+                raise Unavailable("the bootstrap is stopping; watch again once it is back")
+            return self._epoch
+
+    # ---- the reaper: expiry without anybody heartbeating ----
+
+    def start_reaper(self, interval: float | None = None) -> None:
+        """A daemon thread calling expire() every `interval` s (default a quarter lease), so
+        WatchAssignment subscribers learn of dead peers even when nobody heartbeats."""
+        if self._reaper is not None:
+            return
+        stop = threading.Event()
+        period = self.lease_seconds / 4 if interval is None else interval
+
+        def reap() -> None:
+            while not stop.wait(period):
+                try:
+                    self.expire()
+                except sqlite3.Error:
+                    log.exception("bootstrap reaper: could not expire leases")
+
+        self._reaper = (threading.Thread(target=reap, name="bootstrap-reaper", daemon=True), stop)
+        self._reaper[0].start()
+
+    def stop_reaper(self) -> None:
+        if self._reaper is not None:
+            self._reaper[1].set()
+            self._reaper[0].join()
+            self._reaper = None
+
+    def close(self) -> None:
+        """Stop the reaper, wake every waiter, release the database."""
+        self.stop_reaper()
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+            self._db.close()
+
+    # ---- helpers (lock held) ----
+
+    def _check_id(self, node_id: int, call: str) -> None:
+        n = self.settings.nodes
+        if isinstance(node_id, bool) or not 0 <= node_id < n:
+            raise InvalidMessage(f"{call}: node ids of this run are 0..{n - 1} "
+                                 f"({n} nodes); got {node_id}")
+
+    def _known(self, node_id: int) -> PeerView:
+        peer = self._peers.get(node_id)
+        if peer is None:
+            raise NotFound(f"node {node_id} never joined this run; Join first")
+        return peer
+
+    def _live_count(self, extra: PeerView | None = None) -> int:
+        peers = self._peers if extra is None else {**self._peers, extra.node_id: extra}
+        return sum(p.live for p in peers.values())
+
+    def _live_graph(self) -> tuple[Topology, np.ndarray]:
+        """The topology without dead peers and its MH weights, cached per epoch (every change
+        of the live set after assembly bumps the epoch)."""
+        if self._cache is None or self._cache[0] != self._epoch:
+            n = self._topology.n
+            live = np.array([i in self._peers and self._peers[i].live for i in range(n)])  # (n,)
+            adj = self._topology.adjacency & live[:, None] & live[None, :]  # (n, n)
+            graph = Topology(n, self._topology.spec, adj)
+            self._cache = (self._epoch, graph, metropolis_hastings_weights(graph))
+        return self._cache[1], self._cache[2]
+
+    def _save(self, changed: Iterable[PeerView], *, bump: bool,
+              assembled_at: float | None = None) -> None:
+        """Commit the changed peers and the run's metadata (epoch +1 if bump; assembled if
+        assembled_at is given) in one transaction, then apply them in memory."""
+        changed = list(changed)
+        epoch = self._epoch + 1 if bump else self._epoch
+        assembled = self._assembled or assembled_at is not None
+        since = self._assembled_at if assembled_at is None else assembled_at
+        rows = [(p.node_id, p.address, p.num_samples, p.state.value, p.round,
+                 None if math.isnan(p.loss) else p.loss, p.health, p.last_seen) for p in changed]
+        with self._db:
+            self._db.executemany("INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                 rows)
+            self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                 _meta_rows(epoch, assembled, since))
+        self._peers.update({p.node_id: p for p in changed})
+        self._epoch, self._assembled, self._assembled_at = epoch, assembled, since
+        if bump:
+            self._changed.notify_all()
+
+
+def _meta_rows(epoch: int, assembled: bool, assembled_at: float) -> list[tuple[str, str]]:
+    return [("epoch", str(epoch)), ("assembled", "1" if assembled else "0"),
+            ("assembled_at", repr(assembled_at))]

@@ -1,0 +1,77 @@
+"""Start the bootstrap: a Registry, its servicer, and a server from crossgrad.rpc.make_server.
+
+    server = serve(settings, "0.0.0.0:50050", state_path="bootstrap.sqlite", lease_seconds=15)
+    install_signal_handlers(stop.set); stop.wait(); server.stop(grace=5)
+
+The CLI owns flags, logging and signals; this module only wires the pieces and decides the order
+of starting and stopping. The server reports SERVING only once the registry is open (its state
+resumed, its topology built) and the reaper runs; stopping ends the watches first (so the grace
+period is not spent on streams that never finish by themselves), drains the unary calls, and only
+then closes the registry, so no call sees a closed database and the reaper stops writing before
+another process may open the same state file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from bootstrap.registry import Registry
+from bootstrap.servicer import SERVICE_NAME, BootstrapServicer
+from crossgrad.config import RunConfig
+from crossgrad.rpc import RunningServer, Service, make_server
+from crossgrad.v1 import bootstrap_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Threads beyond one per node: every peer may hold a WatchAssignment stream (one thread each)
+# while Join, Heartbeat and ListPeers still need threads to answer in.
+SPARE_WORKERS = 16
+
+
+class BootstrapServer(RunningServer):
+    """A RunningServer that also stops the watches before the drain and closes the registry
+    after it. RunningServer has no stop hook, so this takes over the started server's parts."""
+
+    def __init__(self, running: RunningServer, registry: Registry,
+                 servicer: BootstrapServicer) -> None:
+        super().__init__(running._server, running._executor, running.port, running.address,
+                         running.health, running.service_names)
+        self.registry = registry
+        self.servicer = servicer
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.servicer.stop_watches()
+        try:
+            super().stop(grace)
+        finally:
+            self.registry.close()
+
+
+def serve(settings: RunConfig, bind: str, state_path: str | Path | None,
+          lease_seconds: float) -> RunningServer:
+    """Open (or resume) the run's registry at state_path (None: in memory, lost on exit) and
+    serve crossgrad.v1.Bootstrap on `bind`; the server is started and SERVING when this returns.
+
+    Raises ConfigError for a state file of another run, a bad topology or an unusable bind.
+    """
+    registry = Registry(settings, state_path, lease_seconds=lease_seconds)
+    servicer = BootstrapServicer(registry)
+    try:
+        running = make_server(
+            bind,
+            [Service(SERVICE_NAME,
+                     lambda server: bootstrap_pb2_grpc.add_BootstrapServicer_to_server(
+                         servicer, server))],
+            max_workers=settings.nodes + SPARE_WORKERS,
+        )
+    except BaseException:
+        registry.close()
+        raise
+    registry.start_reaper()
+    server = BootstrapServer(running, registry, servicer)
+    server.set_serving()
+    log.info("bootstrap serving on %s for %d nodes (%s), state %s, lease %g s, epoch %d",
+             running.address, settings.nodes, settings.topology, state_path or "in memory",
+             lease_seconds, registry.epoch)
+    return server

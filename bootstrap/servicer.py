@@ -1,0 +1,109 @@
+"""The Bootstrap service over gRPC: a thin shell around bootstrap.registry (DESIGN.md section 6).
+
+Each RPC hands the request's fields to the Registry, which validates them and owns every rule,
+and turns the answer into a message with bootstrap.convert; crossgrad.rpc.translate_errors maps
+the Registry's ProtocolErrors to the status codes listed in bootstrap.proto.
+
+Leases are checked (Registry.expire) before every call that reports liveness, so an answer never
+shows a peer alive whose lease ran out; the reaper thread does the same for WatchAssignment
+subscribers when nobody calls at all.
+
+WatchAssignment holds one server thread per subscriber for as long as it streams, so the server
+is sized for one watcher per node (bootstrap/server.py). It waits on the Registry in short slices
+rather than indefinitely, to notice a client that went away (context.is_active) or a server that
+is stopping; a stopping server ends every watch with UNAVAILABLE, which tells the peer to watch
+again once the bootstrap is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+
+import grpc
+
+from bootstrap.convert import assignment_to_proto, peer_to_proto, settings_to_proto
+from bootstrap.registry import Registry
+from crossgrad.errors import NotReady, Unavailable
+from crossgrad.rpc import translate_errors
+from crossgrad.v1 import bootstrap_pb2 as pb
+from crossgrad.v1 import bootstrap_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "crossgrad.v1.Bootstrap"
+
+
+class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
+    """crossgrad.v1.Bootstrap over one Registry. `watch_poll_seconds` bounds how long a cancelled
+    or stopping watch keeps its thread."""
+
+    def __init__(self, registry: Registry, *, watch_poll_seconds: float = 0.25) -> None:
+        self.registry = registry
+        self._settings = settings_to_proto(registry.settings)  # the same in every answer
+        self._poll = watch_poll_seconds
+        self._stopping = threading.Event()
+
+    def stop_watches(self) -> None:
+        """End every WatchAssignment stream (UNAVAILABLE) within one poll slice."""
+        self._stopping.set()
+
+    @translate_errors
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
+        result = self.registry.join(request.node_id, request.address, request.num_samples)
+        return pb.JoinResponse(ready=result.ready, joined=result.joined,
+                               expected=result.expected, settings=self._settings)
+
+    @translate_errors
+    def Heartbeat(self, request: pb.HeartbeatRequest,
+                  context: grpc.ServicerContext) -> pb.HeartbeatResponse:
+        self.registry.expire()
+        epoch, lease = self.registry.heartbeat(request.node_id, request.round, request.loss,
+                                               request.health)
+        return pb.HeartbeatResponse(topology_epoch=epoch, lease_seconds=lease)
+
+    @translate_errors
+    def GetAssignment(self, request: pb.GetAssignmentRequest,
+                      context: grpc.ServicerContext) -> pb.Assignment:
+        self.registry.expire()
+        return assignment_to_proto(self.registry.assignment(request.node_id), self._settings)
+
+    @translate_errors
+    def WatchAssignment(self, request: pb.GetAssignmentRequest,
+                        context: grpc.ServicerContext) -> Iterator[pb.Assignment]:
+        """The current assignment once the run is assembled, then one per epoch change."""
+        node_id = request.node_id
+        try:  # a bad or unknown id fails here, before any wait
+            view = self.registry.assignment(node_id)
+        except NotReady:
+            view = None
+        sent = 0  # the epoch last sent; 0 = none (assembly makes epoch 1)
+        while True:
+            if view is not None and view.epoch != sent:
+                yield assignment_to_proto(view, self._settings)
+                sent = view.epoch
+            if self._stopping.is_set():
+                raise Unavailable("the bootstrap is stopping; watch again once it is back")
+            if not context.is_active():
+                log.debug("node %d stopped watching its assignment (epoch %d)", node_id, sent)
+                return
+            if self.registry.wait_for_change(sent, self._poll) != sent:
+                view = self.registry.assignment(node_id)
+
+    @translate_errors
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
+        self.registry.leave(request.node_id, request.reason)
+        return pb.LeaveResponse()
+
+    @translate_errors
+    def ListPeers(self, request: pb.ListPeersRequest,
+                  context: grpc.ServicerContext) -> pb.ListPeersResponse:
+        self.registry.expire()
+        now = self.registry.now()
+        return pb.ListPeersResponse(
+            peers=[peer_to_proto(p, now) for p in self.registry.peers()],
+            expected=self.registry.settings.nodes,
+            topology_epoch=self.registry.epoch,
+            settings=self._settings,
+        )

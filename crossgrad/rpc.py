@@ -1,0 +1,399 @@
+"""The one server factory, the one channel factory, and the one mapping of errors to status codes.
+
+Every crossgrad process is a long-lived gRPC server (a peer or the bootstrap) and a client of
+others. What they share about the transport lives here, so that every server gets the same
+message limits, keepalive policy, health service and reflection, and every channel the same
+limits and a keepalive that the servers permit (DESIGN.md sections 3 and 7, STYLE.md habit 6):
+
+    server = make_server("0.0.0.0:50051",
+                         [Service("crossgrad.v1.Peer", lambda s: add_PeerServicer_to_server(p, s))])
+    ...                          # load the checkpoint, join the bootstrap: health says NOT_SERVING
+    server.set_serving()         # now neighbors and `grpcurl` health checks see SERVING
+    install_signal_handlers(stop_event.set)
+    ...
+    server.stop(grace=5.0)       # NOT_SERVING first, then drain in-flight calls
+
+Errors cross the wire at one boundary each way (STYLE.md habit 5). Servicer methods raise the
+ProtocolError classes of crossgrad.errors; `translate_errors` turns them into status codes with
+the table STATUS, and anything unexpected into INTERNAL. Clients turn a grpc.RpcError back into
+the same classes with `from_rpc_error`. Two classes share FAILED_PRECONDITION (StaleRound,
+NotReady), so the server also names the class in the trailing metadata key ERROR_CLASS_KEY; a
+client trusts that name only when it agrees with the status code.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, NoReturn, TypeVar, cast
+
+import grpc
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from crossgrad.errors import (
+    AlreadyExists,
+    ConfigError,
+    DeadlineExceeded,
+    InvalidMessage,
+    NotANeighbor,
+    NotFound,
+    NotReady,
+    ProtocolError,
+    StaleRound,
+    TooLarge,
+    TruncatedStream,
+    Unauthenticated,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+# Send and receive limit of every message. Tensors are streamed in DEFAULT_CHUNK_BYTES pieces,
+# so the limit only bounds what one malformed or hostile message can make a node allocate.
+DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+DEFAULT_CHUNK_BYTES = 1 << 20
+
+# Keepalive: a neighbor that vanishes without closing its connection (power loss, a network
+# partition) is noticed within time + timeout on an idle connection, not only at the next
+# deadline. Clients ping more often than servers but never more often than servers accept
+# (CLIENT_KEEPALIVE_TIME_MS >= SERVER_MIN_PING_INTERVAL_MS), or a server would answer GOAWAY
+# "too_many_pings" and drop the connection.
+SERVER_KEEPALIVE_TIME_MS = 60_000
+SERVER_KEEPALIVE_TIMEOUT_MS = 20_000
+SERVER_MIN_PING_INTERVAL_MS = 10_000
+CLIENT_KEEPALIVE_TIME_MS = 30_000
+CLIENT_KEEPALIVE_TIMEOUT_MS = 10_000
+
+# Trailing metadata naming the ProtocolError class of a failed call (lower case: HTTP/2 header).
+ERROR_CLASS_KEY = "crossgrad-error"
+# Status details travel in a trailer; a bounded length keeps them under the metadata limits.
+MAX_DETAILS_CHARS = 2000
+
+STATUS: dict[type[ProtocolError], grpc.StatusCode] = {
+    InvalidMessage: grpc.StatusCode.INVALID_ARGUMENT,
+    TruncatedStream: grpc.StatusCode.DATA_LOSS,
+    TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    StaleRound: grpc.StatusCode.FAILED_PRECONDITION,
+    NotReady: grpc.StatusCode.FAILED_PRECONDITION,
+    NotANeighbor: grpc.StatusCode.PERMISSION_DENIED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+# Client side: the class for each code. The codes no crossgrad server sends on purpose mean the
+# call did not get through (a crashed or draining node, a broken connection, another version of
+# the contract): the round logic treats them all as an unavailable neighbor.
+_CLASS_OF_CODE: dict[grpc.StatusCode, type[ProtocolError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidMessage,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidMessage,
+    grpc.StatusCode.DATA_LOSS: TruncatedStream,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: TooLarge,
+    grpc.StatusCode.FAILED_PRECONDITION: StaleRound,
+    grpc.StatusCode.PERMISSION_DENIED: NotANeighbor,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+_HINTS: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.UNAVAILABLE: " (is the node running and reachable at that address?)",
+    grpc.StatusCode.UNIMPLEMENTED: " (does the node run the same crossgrad.v1 contract?)",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: " (do both sides use the same max message size?)",
+}
+_UNSPECIFIED_HOSTS = ("0.0.0.0", "[::]", "::", "*")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Service:
+    """One service a server offers: its full name (for health and reflection) and how to add it.
+
+    `register` is the generated add_*Servicer_to_server bound to a servicer, e.g.
+    `lambda s: peer_pb2_grpc.add_PeerServicer_to_server(servicer, s)`.
+    """
+
+    name: str
+    register: Callable[[grpc.Server], None]
+
+
+class RunningServer:
+    """A started server: its bound port, a local address to reach it, its health, a clean stop.
+
+    Health starts NOT_SERVING for "" and every service, because a node that is still loading its
+    checkpoint or joining the bootstrap must not be picked by a health check or a neighbor.
+    """
+
+    def __init__(self, server: grpc.Server, executor: futures.ThreadPoolExecutor, port: int,
+                 address: str, health_servicer: health.HealthServicer,
+                 service_names: Sequence[str]) -> None:
+        self._server = server
+        self._executor = executor
+        self.port = port
+        self.address = address
+        self.health = health_servicer
+        self.service_names = tuple(service_names)
+
+    def set_serving(self, serving: bool = True) -> None:
+        """Report SERVING (or NOT_SERVING) for the server ("") and every service at once."""
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", *self.service_names):
+            self.health.set(name, status)
+        log.info("server at %s is %s", self.address, "serving" if serving else "not serving")
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Report NOT_SERVING, then let in-flight calls finish for up to `grace` seconds.
+
+        Health goes first so that watchers (neighbors, orchestrators) learn of the drain while
+        the server still answers. enter_graceful_shutdown also ignores any later set_serving(),
+        so a round driver racing with the stop cannot flip health back to SERVING.
+        """
+        self.health.enter_graceful_shutdown()
+        log.info("stopping server at %s (grace %.1f s)", self.address, grace)
+        self._server.stop(grace).wait()
+        self._executor.shutdown(wait=False)
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Block until the server stops; True if `timeout` passed first (grpc's convention)."""
+        return bool(self._server.wait_for_termination(timeout))
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """The channel arguments of every crossgrad server."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", SERVER_MIN_PING_INTERVAL_MS),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Off, so that a second server on a taken port fails loudly instead of sharing it.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """The channel arguments of every crossgrad client channel."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", CLIENT_KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", CLIENT_KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # The round logic decides what a failed call means (leave the neighbor out, retry next
+        # round); transparent retries would hide failures and double its deadlines.
+        ("grpc.enable_retries", 0),
+    ]
+
+
+def make_server(bind: str, services: Sequence[Service], *,
+                max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_workers: int = 16,
+                credentials: grpc.ServerCredentials | None = None) -> RunningServer:
+    """Start a server on `bind` ("127.0.0.1:0", "0.0.0.0:50051") with health and reflection.
+
+    Raises ConfigError for a malformed bind address, an unknown service name, or a port that
+    cannot be bound. `credentials` is the seam for TLS: None serves plaintext.
+    """
+    host = _host_of(bind)
+    if max_message_bytes <= 0 or max_workers <= 0:
+        raise ConfigError(f"max_message_bytes and max_workers must be positive, got "
+                          f"{max_message_bytes} and {max_workers}")
+    names = [service.name for service in services]
+    for name in names:
+        try:
+            descriptor_pool.Default().FindServiceByName(name)
+        except KeyError:
+            raise ConfigError(f"service {name!r} is not a known gRPC service; give its full "
+                              f"name (e.g. 'crossgrad.v1.Peer') and import its generated "
+                              f"module") from None
+
+    executor = futures.ThreadPoolExecutor(max_workers, thread_name_prefix="crossgrad-rpc")
+    server = grpc.server(executor, options=server_options(max_message_bytes))
+    for service in services:
+        service.register(server)
+    health_servicer = health.HealthServicer()
+    for name in ("", *names):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+
+    reason = "no port bound"
+    try:
+        port = (server.add_insecure_port(bind) if credentials is None
+                else server.add_secure_port(bind, credentials))
+    except RuntimeError as exc:  # recent grpc raises; older versions returned 0
+        port, reason = 0, str(exc)
+    if not port:
+        executor.shutdown(wait=False)
+        raise ConfigError(f"cannot listen on {bind}: the port is taken or the host is not an "
+                          f"address of this machine (grpc: {reason.rstrip('.')}). Pick a free "
+                          f"port, or port 0 for any free one")
+    server.start()
+    local_host = "127.0.0.1" if host in _UNSPECIFIED_HOSTS else host
+    running = RunningServer(server, executor, port, f"{local_host}:{port}", health_servicer, names)
+    log.info("listening on %s (%s), services %s", bind, running.address, ", ".join(names) or "-")
+    return running
+
+
+def make_channel(address: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    """A channel to `address` (host:port) with crossgrad's limits and keepalive.
+
+    `credentials` is the seam for TLS: None is plaintext (the caller has said --insecure).
+    """
+    options = channel_options(max_message_bytes)
+    if credentials is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def status_of(exc: ProtocolError) -> tuple[type[ProtocolError], grpc.StatusCode]:
+    """The table class `exc` is an instance of, and its code (UNKNOWN for a bare ProtocolError)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return cls, STATUS[cls]
+    return ProtocolError, grpc.StatusCode.UNKNOWN
+
+
+def abort(context: grpc.ServicerContext, exc: ProtocolError) -> NoReturn:
+    """End the call with the status code of `exc` and its message; never returns."""
+    cls, code = status_of(exc)
+    metadata = tuple(context.trailing_metadata() or ())
+    context.set_trailing_metadata((*metadata, (ERROR_CLASS_KEY, cls.__name__)))
+    context.abort(code, _bounded(str(exc)))
+    raise AssertionError("context.abort returned")  # it always raises
+
+
+def translate_errors(method: F) -> F:
+    """Decorate a servicer method (unary or server-streaming) so errors become status codes.
+
+    ProtocolError -> its STATUS code, ConfigError -> INVALID_ARGUMENT, anything else ->
+    INTERNAL with a short message, the traceback going to the log: a bad request must never
+    take the node down or leak its internals to a peer. A call the method already aborted with
+    context.abort keeps its code. The context is the method's last positional argument (or
+    `context=`), as grpc calls it.
+    """
+    where = method.__qualname__
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            try:
+                yield from method(*args, **kwargs)
+            except Exception as exc:
+                _translate(_context_of(args, kwargs), exc, where)
+        return cast(F, stream)
+
+    @functools.wraps(method)
+    def unary(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except Exception as exc:
+            _translate(_context_of(args, kwargs), exc, where)
+    return cast(F, unary)
+
+
+def from_rpc_error(err: grpc.RpcError, what: str) -> ProtocolError:
+    """The ProtocolError for a failed call; `what` names it ("GetModel from node 3 at HOST:PORT").
+
+    Raise it `from err`. UNAVAILABLE, CANCELLED, UNKNOWN, INTERNAL and any code no crossgrad
+    server sends on purpose become Unavailable: the call did not get a usable answer.
+    """
+    code = _call_attr(err, "code") or grpc.StatusCode.UNKNOWN
+    details = _call_attr(err, "details") or "no details"
+    cls = _CLASS_OF_CODE.get(code, Unavailable)
+    named = dict(_call_attr(err, "trailing_metadata") or ()).get(ERROR_CLASS_KEY)
+    for candidate, candidate_code in STATUS.items():
+        if candidate.__name__ == named and candidate_code == code:
+            cls = candidate
+    return cls(f"{what} failed with {code.name}: {details}{_HINTS.get(code, '')}")
+
+
+def install_signal_handlers(on_stop: Callable[[], None]) -> None:
+    """Call `on_stop` once on the first SIGTERM or SIGINT, to drain instead of dying mid-round.
+
+    After the first signal SIGINT gets its previous handler back, so a second Ctrl-C interrupts
+    a drain that hangs. `on_stop` runs in the main thread between two bytecodes, so it should
+    only set an event. Python lets only the main thread install handlers: RuntimeError otherwise.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("install_signal_handlers must be called from the main thread")
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    stopping = threading.Event()
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if stopping.is_set():
+            log.warning("%s again: already stopping", name)
+            return
+        stopping.set()
+        signal.signal(signal.SIGINT,
+                      previous_sigint if previous_sigint is not None else signal.SIG_DFL)
+        log.warning("%s: stopping (a second SIGINT interrupts)", name)
+        on_stop()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+def _translate(context: grpc.ServicerContext, exc: Exception, where: str) -> NoReturn:
+    if isinstance(exc, ProtocolError):
+        log.info("%s rejected a call: %s: %s", where, status_of(exc)[1].name, exc)
+        abort(context, exc)
+    if isinstance(exc, ConfigError):
+        log.info("%s rejected a call: INVALID_ARGUMENT: %s", where, exc)
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, _bounded(str(exc)))
+    if context.code() not in (None, grpc.StatusCode.OK):
+        raise exc  # the method called context.abort itself: keep its code and details
+    log.error("unexpected error in %s", where, exc_info=exc)
+    context.abort(grpc.StatusCode.INTERNAL,
+                  f"internal error in {where} ({type(exc).__name__}); the server logged it "
+                  f"and keeps serving")
+    raise AssertionError("context.abort returned")
+
+
+def _context_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> grpc.ServicerContext:
+    if "context" in kwargs:
+        return kwargs["context"]
+    if not args:
+        raise TypeError("translate_errors: the decorated method got no context argument")
+    return args[-1]
+
+
+def _call_attr(err: grpc.RpcError, name: str) -> Any:
+    """err.code() and friends: grpc.RpcError declares none of them, grpc's call errors have all."""
+    getter = getattr(err, name, None)
+    return getter() if callable(getter) else None
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= MAX_DETAILS_CHARS else text[: MAX_DETAILS_CHARS - 3] + "..."
+
+
+def _host_of(bind: str) -> str:
+    host, sep, port = bind.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"bind address {bind!r} is not HOST:PORT; e.g. 127.0.0.1:0 (any free "
+                          f"port, local only) or 0.0.0.0:50051 (every interface)")
+    return host

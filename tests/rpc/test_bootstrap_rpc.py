@@ -1,0 +1,264 @@
+"""The Bootstrap service over real gRPC: a server from bootstrap/server.py on 127.0.0.1:0, real
+stubs over crossgrad.rpc.make_channel, every bad request answered with its exact status code.
+
+No sleeps: streams are consumed in a thread into a queue, read with a timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bootstrap.convert import (
+    SETTINGS_FIELDS,
+    assignment_from_proto,
+    settings_from_proto,
+    settings_to_proto,
+)
+from bootstrap.registry import LOCAL_FIELDS
+from bootstrap.server import serve
+from crossgrad.config import RunConfig
+from crossgrad.errors import ConfigError, InvalidMessage
+from crossgrad.rpc import RunningServer, make_channel
+from crossgrad.v1 import bootstrap_pb2 as pb
+from crossgrad.v1 import bootstrap_pb2_grpc
+
+SETTINGS = RunConfig(nodes=3, topology="ring", algorithm="ngc", rounds=40, lr=0.05, seed=7)
+TIMEOUT = 5.0  # deadline of every call, and the longest wait for a streamed message
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    return tmp_path / "bootstrap.sqlite"
+
+
+@pytest.fixture
+def server(state: Path) -> Iterator[RunningServer]:
+    running = serve(SETTINGS, "127.0.0.1:0", str(state), lease_seconds=30.0)
+    yield running
+    running.stop(grace=0)
+
+
+@pytest.fixture
+def stub(server: RunningServer) -> Iterator[bootstrap_pb2_grpc.BootstrapStub]:
+    with make_channel(server.address) as channel:
+        yield bootstrap_pb2_grpc.BootstrapStub(channel)
+
+
+def join(stub: bootstrap_pb2_grpc.BootstrapStub, node_id: int,
+         address: str | None = None) -> pb.JoinResponse:
+    request = pb.JoinRequest(node_id=node_id, address=address or f"127.0.0.1:{7000 + node_id}",
+                             num_samples=100)
+    response: pb.JoinResponse = stub.Join(request, timeout=TIMEOUT)
+    return response
+
+
+def status_of(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+class Watch:
+    """A WatchAssignment stream drained by a thread into a queue."""
+
+    def __init__(self, stub: bootstrap_pb2_grpc.BootstrapStub, node_id: int) -> None:
+        self.call = stub.WatchAssignment(pb.GetAssignmentRequest(node_id=node_id), timeout=30)
+        self.items: queue.Queue[pb.Assignment | grpc.RpcError | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        try:
+            for message in self.call:
+                self.items.put(message)
+            self.items.put(None)
+        except grpc.RpcError as err:
+            self.items.put(err)
+
+    def next(self) -> pb.Assignment | grpc.RpcError | None:
+        return self.items.get(timeout=TIMEOUT)
+
+    def close(self) -> None:
+        self.call.cancel()
+        self.thread.join(timeout=TIMEOUT)
+
+
+def neighbor_ids(assignment: pb.Assignment) -> list[int]:
+    return [n.node_id for n in assignment.neighbors]
+
+
+# ---- the contract's conversions ----
+
+
+def test_run_settings_carry_every_shared_field_and_round_trip() -> None:
+    assert set(SETTINGS_FIELDS) | set(LOCAL_FIELDS) == {
+        f.name for f in dataclasses.fields(RunConfig)}
+    assert settings_from_proto(settings_to_proto(SETTINGS)) == SETTINGS
+    with pytest.raises(InvalidMessage, match="no settings"):
+        settings_from_proto(pb.RunSettings())
+
+
+def test_a_peer_rejects_an_assignment_whose_weights_do_not_sum_to_one() -> None:
+    bad = pb.Assignment(node_id=0, neighbors=[pb.Neighbor(node_id=1, weight=0.7)],
+                        self_weight=0.7, settings=settings_to_proto(SETTINGS))
+    with pytest.raises(InvalidMessage, match="sum to 1"):
+        assignment_from_proto(bad)
+
+
+# ---- the run ----
+
+
+def test_health_is_serving(server: RunningServer) -> None:
+    with make_channel(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        answer = health.Check(health_pb2.HealthCheckRequest(service="crossgrad.v1.Bootstrap"),
+                              timeout=TIMEOUT)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_peers_join_then_get_neighbors_heartbeat_and_list(
+        stub: bootstrap_pb2_grpc.BootstrapStub) -> None:
+    first = join(stub, 0)
+    assert (first.ready, first.joined, first.expected) == (False, 1, 3)
+    assert first.settings == settings_to_proto(SETTINGS)
+    join(stub, 1)
+    code, details = status_of(lambda: stub.GetAssignment(
+        pb.GetAssignmentRequest(node_id=0), timeout=TIMEOUT))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "waiting for peers: 2 of 3 joined" in details
+    assert join(stub, 2).ready
+
+    assignment = stub.GetAssignment(pb.GetAssignmentRequest(node_id=0), timeout=TIMEOUT)
+    view = assignment_from_proto(assignment)
+    assert view.epoch == 1 and view.settings == SETTINGS
+    assert [(j, a) for j, a, _ in view.neighbors] == [(1, "127.0.0.1:7001"),
+                                                      (2, "127.0.0.1:7002")]
+    assert [w for _, _, w in view.neighbors] == pytest.approx([1 / 3, 1 / 3])
+    assert view.self_weight == pytest.approx(1 / 3)
+
+    beat = stub.Heartbeat(pb.HeartbeatRequest(node_id=1, round=4, loss=0.5, health="ok"),
+                          timeout=TIMEOUT)
+    assert (beat.topology_epoch, beat.lease_seconds) == (1, 30.0)
+    listing = stub.ListPeers(pb.ListPeersRequest(), timeout=TIMEOUT)
+    assert (listing.expected, listing.topology_epoch) == (3, 1)
+    assert [(p.node_id, p.state) for p in listing.peers] == [(i, "ACTIVE") for i in range(3)]
+    assert (listing.peers[1].round, listing.peers[1].loss) == (4, 0.5)
+    assert all(p.last_seen_seconds_ago >= 0 for p in listing.peers)
+
+
+def test_leave_bumps_the_epoch_and_neighbors_lose_the_peer(
+        stub: bootstrap_pb2_grpc.BootstrapStub) -> None:
+    for i in range(3):
+        join(stub, i)
+    stub.Leave(pb.LeaveRequest(node_id=2, reason="draining"), timeout=TIMEOUT)
+    beat = stub.Heartbeat(pb.HeartbeatRequest(node_id=0, round=1), timeout=TIMEOUT)
+    assert beat.topology_epoch == 2
+    assignment = stub.GetAssignment(pb.GetAssignmentRequest(node_id=0), timeout=TIMEOUT)
+    assert neighbor_ids(assignment) == [1]
+    assert assignment.neighbors[0].weight == pytest.approx(0.5)
+    assert assignment.self_weight == pytest.approx(0.5)
+    states = [p.state for p in stub.ListPeers(pb.ListPeersRequest(), timeout=TIMEOUT).peers]
+    assert states == ["ACTIVE", "ACTIVE", "LEFT"]
+
+
+def test_watch_delivers_the_first_assignment_and_each_change(
+        stub: bootstrap_pb2_grpc.BootstrapStub) -> None:
+    join(stub, 0)
+    watch = Watch(stub, 0)
+    try:
+        join(stub, 1)
+        join(stub, 2)
+        first = watch.next()
+        assert isinstance(first, pb.Assignment)
+        assert (first.topology_epoch, neighbor_ids(first)) == (1, [1, 2])
+        stub.Leave(pb.LeaveRequest(node_id=1, reason="done"), timeout=TIMEOUT)
+        second = watch.next()
+        assert isinstance(second, pb.Assignment)
+        assert (second.topology_epoch, neighbor_ids(second)) == (2, [2])
+        assert watch.items.empty()
+    finally:
+        watch.close()
+
+
+def test_a_stopping_server_ends_watches_with_unavailable(state: Path) -> None:
+    running = serve(SETTINGS, "127.0.0.1:0", str(state), lease_seconds=30.0)
+    with make_channel(running.address) as channel:
+        stub = bootstrap_pb2_grpc.BootstrapStub(channel)
+        for i in range(3):
+            join(stub, i)
+        watch = Watch(stub, 2)
+        assert isinstance(watch.next(), pb.Assignment)
+        running.stop(grace=TIMEOUT)
+        end = watch.next()
+        assert isinstance(end, grpc.RpcError)
+        assert end.code() == grpc.StatusCode.UNAVAILABLE
+        watch.close()
+
+
+# ---- bad requests, exact codes ----
+
+
+def test_bad_requests_get_their_exact_status(stub: bootstrap_pb2_grpc.BootstrapStub) -> None:
+    join(stub, 0)
+    cases: list[tuple[Callable[[], Any], grpc.StatusCode, str]] = [
+        (lambda: join(stub, 3), grpc.StatusCode.INVALID_ARGUMENT, "0..2"),
+        (lambda: stub.Join(pb.JoinRequest(node_id=1, address=""), timeout=TIMEOUT),
+         grpc.StatusCode.INVALID_ARGUMENT, "empty address"),
+        (lambda: join(stub, 0, "10.9.9.9:1"), grpc.StatusCode.ALREADY_EXISTS,
+         "held by a live peer at 127.0.0.1:7000"),
+        (lambda: stub.Heartbeat(pb.HeartbeatRequest(node_id=1), timeout=TIMEOUT),
+         grpc.StatusCode.NOT_FOUND, "never joined"),
+        (lambda: stub.GetAssignment(pb.GetAssignmentRequest(node_id=2), timeout=TIMEOUT),
+         grpc.StatusCode.NOT_FOUND, "never joined"),
+        (lambda: stub.Leave(pb.LeaveRequest(node_id=1), timeout=TIMEOUT),
+         grpc.StatusCode.NOT_FOUND, "never joined"),
+        (lambda: stub.Heartbeat(pb.HeartbeatRequest(node_id=9), timeout=TIMEOUT),
+         grpc.StatusCode.INVALID_ARGUMENT, "0..2"),
+        (lambda: next(stub.WatchAssignment(pb.GetAssignmentRequest(node_id=7), timeout=TIMEOUT)),
+         grpc.StatusCode.INVALID_ARGUMENT, "0..2"),
+        (lambda: next(stub.WatchAssignment(pb.GetAssignmentRequest(node_id=1), timeout=TIMEOUT)),
+         grpc.StatusCode.NOT_FOUND, "never joined"),
+    ]
+    for call, code, fragment in cases:
+        got, details = status_of(call)
+        assert (got, fragment in details) == (code, True), details
+
+
+# ---- restart ----
+
+
+def test_a_restarted_bootstrap_keeps_the_run(state: Path) -> None:
+    first = serve(SETTINGS, "127.0.0.1:0", str(state), lease_seconds=30.0)
+    try:
+        with make_channel(first.address) as channel:
+            stub = bootstrap_pb2_grpc.BootstrapStub(channel)
+            for i in range(3):
+                join(stub, i)
+            stub.Leave(pb.LeaveRequest(node_id=1, reason="done"), timeout=TIMEOUT)
+            before = stub.GetAssignment(pb.GetAssignmentRequest(node_id=0), timeout=TIMEOUT)
+    finally:
+        first.stop(grace=0)
+
+    with pytest.raises(ConfigError, match="another run"):
+        serve(dataclasses.replace(SETTINGS, seed=8), "127.0.0.1:0", str(state), 30.0)
+
+    second = serve(SETTINGS, "127.0.0.1:0", str(state), lease_seconds=30.0)
+    try:
+        with make_channel(second.address) as channel:
+            stub = bootstrap_pb2_grpc.BootstrapStub(channel)
+            after = stub.GetAssignment(pb.GetAssignmentRequest(node_id=0), timeout=TIMEOUT)
+            listing = stub.ListPeers(pb.ListPeersRequest(), timeout=TIMEOUT)
+            assert join(stub, 2).ready  # a restarted peer at the same address: idempotent
+    finally:
+        second.stop(grace=0)
+    assert after == before and after.topology_epoch == 2
+    assert [p.state for p in listing.peers] == ["ACTIVE", "LEFT", "ACTIVE"]

@@ -1,0 +1,72 @@
+"""The committed stubs in crossgrad/v1/ are exactly what the protos generate, and the protos
+follow the contract's rules (DESIGN.md sections 1 and 3).
+
+Stubs are committed so that a checkout imports with no build step; this test is what keeps them
+honest. When it fails: `python scripts/generate_proto.py` and commit the result.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from google.protobuf.descriptor import Descriptor, EnumDescriptor
+
+REPO = Path(__file__).resolve().parents[2]
+COMMITTED = REPO / "crossgrad" / "v1"
+SCRIPT = REPO / "scripts" / "generate_proto.py"
+MAX_DIFF_LINES = 40
+
+
+def generated_files(package: Path) -> dict[str, str]:
+    """Name -> text of every generated file (caches and compiled files are not generated)."""
+    return {p.name: p.read_text() for p in sorted(package.iterdir())
+            if p.is_file() and p.suffix in (".py", ".pyi")}
+
+
+def test_committed_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"generate_proto.py failed:\n{result.stderr}"
+    fresh = generated_files(tmp_path / "crossgrad" / "v1")
+    committed = generated_files(COMMITTED)
+
+    problems = [f"{name}: generated but not committed" for name in sorted(fresh.keys() - committed)]
+    problems += [f"{name}: committed but no longer generated"
+                 for name in sorted(committed.keys() - fresh)]
+    for name in sorted(fresh.keys() & committed.keys()):
+        if fresh[name] != committed[name]:
+            diff = list(difflib.unified_diff(
+                committed[name].splitlines(), fresh[name].splitlines(),
+                f"committed/crossgrad/v1/{name}", f"generated/crossgrad/v1/{name}", lineterm=""))
+            more = len(diff) - MAX_DIFF_LINES
+            tail = [f"... {more} more diff lines"] if more > 0 else []
+            problems.append("\n".join([f"{name} differs:", *diff[:MAX_DIFF_LINES], *tail]))
+    assert not problems, ("crossgrad/v1 is stale; run `python scripts/generate_proto.py` and "
+                          "commit the result:\n\n" + "\n\n".join(problems))
+
+
+def all_enums(messages: Iterator[Descriptor] | list[Descriptor]) -> Iterator[EnumDescriptor]:
+    for message in messages:
+        yield from message.enum_types
+        yield from all_enums(message.nested_types)
+
+
+def test_every_enum_has_an_unspecified_zero_value() -> None:
+    modules = [importlib.import_module(f"crossgrad.v1.{p.stem}")
+               for p in sorted(COMMITTED.glob("*_pb2.py"))]
+    assert modules, "no generated *_pb2 modules found in crossgrad/v1"
+    enums: list[EnumDescriptor] = []
+    for module in modules:
+        enums += module.DESCRIPTOR.enum_types_by_name.values()
+        enums += all_enums(list(module.DESCRIPTOR.message_types_by_name.values()))
+    assert enums, "expected at least the DType and Codec enums"
+    zero = {e.full_name: e.values_by_number[0].name if 0 in e.values_by_number else "missing"
+            for e in enums}
+    bad = [f"{name}: zero value is {value}" for name, value in zero.items()
+           if not value.endswith("_UNSPECIFIED")]
+    assert not bad, "every enum needs an unused zero value named *_UNSPECIFIED:\n" + "\n".join(bad)

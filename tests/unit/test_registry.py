@@ -1,0 +1,345 @@
+"""The bootstrap's membership state machine: joins, assembly, leases, leaving, persistence.
+
+No sockets and no sleeps: a fake clock drives the leases, and the one threaded test waits on the
+registry's own condition with a timeout.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bootstrap.registry import PeerState, Registry
+from bootstrap.topology import Topology, build_topology, metropolis_hastings_weights
+from crossgrad.config import RunConfig
+from crossgrad.errors import AlreadyExists, ConfigError, InvalidMessage, NotFound, NotReady
+
+LEASE = 10.0
+
+
+class FakeClock:
+    """Wall-clock seconds that move only when a test says so."""
+
+    def __init__(self, t: float = 1_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def addr(i: int) -> str:
+    return f"10.0.0.{i}:7000"
+
+
+def make(settings: RunConfig, clock: FakeClock, db: Path | None = None) -> Registry:
+    return Registry(settings, db, lease_seconds=LEASE, clock=clock)
+
+
+def assembled(nodes: int = 5, topology: str = "ring",
+              clock: FakeClock | None = None, db: Path | None = None) -> Registry:
+    reg = make(RunConfig(nodes=nodes, topology=topology), clock or FakeClock(), db)
+    for i in range(nodes):
+        reg.join(i, addr(i), 100 + i)
+    return reg
+
+
+def weight_matrix(reg: Registry) -> np.ndarray:
+    """The (n, n) mixing matrix the registry hands out, rebuilt from every node's assignment."""
+    n = reg.settings.nodes
+    addresses = {p.node_id: p.address for p in reg.peers()}
+    w = np.zeros((n, n))
+    for i in range(n):
+        view = reg.assignment(i)
+        w[i, i] = view.self_weight
+        for j, address, weight in view.neighbors:
+            assert address == addresses[j]
+            w[i, j] = weight
+    return w
+
+
+def check_mixing(w: np.ndarray) -> None:
+    np.testing.assert_allclose(w, w.T, atol=1e-12)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-12)
+    assert (w >= 0).all()
+
+
+# ---- joining and assembly ----
+
+
+def test_assignment_waits_for_every_peer_and_says_how_many_joined() -> None:
+    reg = make(RunConfig(nodes=5), FakeClock())
+    for i in range(3):
+        result = reg.join(i, addr(i), 10)
+        assert (result.ready, result.joined, result.expected) == (False, i + 1, 5)
+    with pytest.raises(NotReady, match="waiting for peers: 3 of 5 joined"):
+        reg.assignment(0)
+    assert reg.epoch == 0
+    assert {p.state for p in reg.peers()} == {PeerState.JOINED}
+
+
+def test_the_last_join_assembles_the_run_with_mh_weights_of_the_topology() -> None:
+    reg = assembled(nodes=6, topology="regular:3")
+    assert reg.epoch == 1
+    assert {p.state for p in reg.peers()} == {PeerState.ACTIVE}
+    topo = build_topology("regular:3", 6, RunConfig().seed)
+    np.testing.assert_allclose(weight_matrix(reg), metropolis_hastings_weights(topo))
+    view = reg.assignment(2)
+    assert [j for j, _, _ in view.neighbors] == topo.neighbors(2)
+    assert view.epoch == 1 and view.settings == reg.settings
+
+
+def test_a_restarted_peer_rejoins_at_the_same_address_without_a_new_epoch() -> None:
+    reg = assembled()
+    before = reg.assignment(1)
+    result = reg.join(1, addr(1), 500)
+    assert result.ready and result.joined == 5 and reg.epoch == 1
+    assert reg.assignment(1) == before
+    assert reg.peers()[1].num_samples == 500
+
+
+def test_a_live_id_at_another_address_is_refused_with_the_holder_named() -> None:
+    reg = make(RunConfig(nodes=3), FakeClock())
+    reg.join(0, addr(0), 1)
+    with pytest.raises(AlreadyExists, match=r"node 0 is held by a live peer at 10\.0\.0\.0:7000"):
+        reg.join(0, "elsewhere:1", 1)
+    assert reg.peers()[0].address == addr(0)
+
+
+@pytest.mark.parametrize(("node_id", "address", "samples", "message"), [
+    (-1, "a:1", 1, r"node ids of this run are 0\.\.2 \(3 nodes\); got -1"),
+    (3, "a:1", 1, r"got 3"),
+    (0, "", 1, "empty address"),
+    (0, "   ", 1, "empty address"),
+    (0, "a:1", -5, "num_samples"),
+    (0, "a:1", 2**64, "num_samples"),
+])
+def test_bad_joins_are_invalid(node_id: int, address: str, samples: int, message: str) -> None:
+    reg = make(RunConfig(nodes=3), FakeClock())
+    with pytest.raises(InvalidMessage, match=message):
+        reg.join(node_id, address, samples)
+    assert reg.peers() == []
+
+
+def test_ids_that_never_joined_are_not_found() -> None:
+    reg = make(RunConfig(nodes=3), FakeClock())
+    reg.join(0, addr(0), 1)
+    for call in (lambda: reg.heartbeat(1, 0, 0.0, ""), lambda: reg.assignment(1),
+                 lambda: reg.leave(1, "done")):
+        with pytest.raises(NotFound, match="node 1 never joined"):
+            call()
+    with pytest.raises(InvalidMessage):
+        reg.heartbeat(7, 0, 0.0, "")
+
+
+def test_leaving_before_assembly_frees_the_id_and_does_not_count() -> None:
+    reg = make(RunConfig(nodes=2), FakeClock())
+    reg.join(0, addr(0), 1)
+    reg.leave(0, "changed my mind")
+    assert reg.join(1, addr(1), 1).ready is False
+    assert reg.join(0, "new:1", 1).ready is True
+    assert reg.epoch == 1
+
+
+def test_a_single_node_run_is_alone_with_weight_one() -> None:
+    reg = make(RunConfig(nodes=1), FakeClock())
+    assert reg.join(0, addr(0), 1).ready
+    view = reg.assignment(0)
+    assert view.neighbors == [] and view.self_weight == 1.0
+
+
+# ---- leases, expiry and leaving ----
+
+
+def test_a_silent_peer_expires_and_its_neighbors_lose_it() -> None:
+    clock = FakeClock()
+    reg = assembled(nodes=5, topology="ring", clock=clock)
+    clock.t += LEASE - 1
+    for i in (0, 1, 3, 4):
+        reg.heartbeat(i, 7, 0.5, "ok")
+    assert reg.expire() == []
+    clock.t += 1.5  # node 2 silent for LEASE + 0.5 s; the others for 1.5 s
+    assert reg.expire() == [2]
+    assert reg.epoch == 2 and reg.peers()[2].state is PeerState.EXPIRED
+    assert [j for j, _, _ in reg.assignment(1).neighbors] == [0]
+    assert [j for j, _, _ in reg.assignment(3).neighbors] == [4]
+    w = weight_matrix(reg)
+    check_mixing(w)
+    # MH recomputed with the new degrees: node 1 now has degree 1, node 0 still 2.
+    assert w[1, 0] == pytest.approx(1 / 3) and w[1, 1] == pytest.approx(2 / 3)
+    assert reg.assignment(2).neighbors == [] and reg.assignment(2).self_weight == 1.0
+    assert reg.expire() == [] and reg.epoch == 2
+
+
+def test_a_heartbeat_revives_an_expired_peer() -> None:
+    clock = FakeClock()
+    reg = assembled(clock=clock)
+    full = weight_matrix(reg)
+    clock.t += LEASE + 1
+    assert reg.expire() == [0, 1, 2, 3, 4] and reg.epoch == 2
+    assert reg.heartbeat(3, 12, 0.25, "back") == (3, LEASE)
+    assert reg.peers()[3].state is PeerState.ACTIVE and reg.peers()[3].round == 12
+    for i in (0, 1, 2, 4):
+        reg.heartbeat(i, 12, 0.25, "back")
+    assert reg.epoch == 7
+    np.testing.assert_array_equal(weight_matrix(reg), full)
+
+
+def test_leases_start_at_assembly_not_at_join() -> None:
+    clock = FakeClock()
+    reg = make(RunConfig(nodes=2), clock)
+    reg.join(0, addr(0), 1)
+    clock.t += 10 * LEASE  # node 0 waits a long time for node 1, without heartbeats
+    assert reg.expire() == []
+    reg.join(1, addr(1), 1)
+    clock.t += LEASE - 1
+    assert reg.expire() == []
+
+
+def test_leave_bumps_the_epoch_once_and_a_rejoin_restores_the_graph() -> None:
+    reg = assembled(nodes=4, topology="full")
+    full = weight_matrix(reg)
+    reg.leave(2, "draining")
+    assert reg.epoch == 2 and reg.peers()[2].state is PeerState.LEFT
+    assert reg.peers()[2].health == "left: draining"
+    reg.leave(2, "again")
+    assert reg.epoch == 2
+    w = weight_matrix(reg)
+    check_mixing(w)
+    assert all(j != 2 for i in (0, 1, 3) for j, _, _ in reg.assignment(i).neighbors)
+    with pytest.raises(NotFound, match="left the run"):
+        reg.heartbeat(2, 0, 0.0, "")
+    assert reg.join(2, "moved:9", 1).ready
+    assert reg.epoch == 3 and reg.peers()[2].state is PeerState.ACTIVE
+    np.testing.assert_array_equal(weight_matrix(reg)[[0, 1, 3]], full[[0, 1, 3]])
+    assert reg.assignment(0).neighbors[1].address == "moved:9"
+
+
+def test_an_expired_id_may_be_taken_from_another_address() -> None:
+    clock = FakeClock()
+    reg = assembled(nodes=3, clock=clock)
+    clock.t += LEASE + 1
+    reg.expire()
+    reg.join(1, "replacement:1", 1)
+    assert reg.peers()[1].address == "replacement:1" and reg.epoch == 3
+
+
+def test_heartbeat_validates_the_round() -> None:
+    reg = assembled(nodes=2)
+    with pytest.raises(InvalidMessage, match="round"):
+        reg.heartbeat(0, -1, 0.0, "")
+
+
+# ---- waiting for changes ----
+
+
+def test_wait_for_change_returns_at_once_times_out_or_wakes_on_a_change() -> None:
+    reg = assembled(nodes=3)
+    assert reg.wait_for_change(0, timeout=5) == 1
+    assert reg.wait_for_change(1, timeout=0.01) == 1
+    seen: list[int] = []
+    waiter = threading.Thread(target=lambda: seen.append(reg.wait_for_change(1, timeout=5)))
+    waiter.start()
+    reg.leave(0, "done")
+    waiter.join(timeout=5)
+    assert seen == [2]
+
+
+def test_the_reaper_expires_leases_with_nobody_heartbeating() -> None:
+    clock = FakeClock()
+    reg = assembled(nodes=3, clock=clock)
+    clock.t += LEASE + 1
+    reg.start_reaper(interval=0.005)
+    try:
+        assert reg.wait_for_change(1, timeout=5) == 2
+    finally:
+        reg.stop_reaper()
+    assert {p.state for p in reg.peers()} == {PeerState.EXPIRED}
+
+
+# ---- persistence ----
+
+
+def test_a_reopened_registry_resumes_peers_epoch_and_assignments(tmp_path: Path) -> None:
+    db = tmp_path / "bootstrap.sqlite"
+    clock = FakeClock()
+    reg = assembled(nodes=5, topology="ring", clock=clock, db=db)
+    reg.heartbeat(0, 3, float("nan"), "ok")
+    reg.heartbeat(1, 4, 0.75, "slow neighbor 2")
+    reg.leave(4, "done")
+    before = (reg.epoch, reg.peers(), [reg.assignment(i) for i in range(5)])
+    reg.close()
+
+    reopened = make(RunConfig(nodes=5, topology="ring"), clock, db)
+    after = (reopened.epoch, reopened.peers(), [reopened.assignment(i) for i in range(5)])
+    assert after[0] == before[0] and after[2] == before[2]
+    assert [(p.node_id, p.address, p.state, p.round, p.health) for p in after[1]] == \
+        [(p.node_id, p.address, p.state, p.round, p.health) for p in before[1]]
+    assert math.isnan(after[1][0].loss) and after[1][1].loss == 0.75
+    reopened.close()
+
+
+def test_a_restarted_bootstrap_gives_every_peer_one_lease_to_come_back(tmp_path: Path) -> None:
+    db = tmp_path / "bootstrap.sqlite"
+    clock = FakeClock()
+    assembled(nodes=3, clock=clock, db=db).close()
+    clock.t += 5 * LEASE  # the bootstrap was down; nobody could heartbeat
+    reg = make(RunConfig(nodes=3), clock, db)
+    assert reg.expire() == []
+    clock.t += LEASE - 1
+    reg.heartbeat(0, 1, 0.1, "")
+    clock.t += 2  # one lease and a second since the restart
+    assert reg.expire() == [1, 2]
+    reg.close()
+
+
+def test_a_state_file_of_another_run_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "bootstrap.sqlite"
+    assembled(nodes=3, db=db).close()
+    with pytest.raises(ConfigError, match=r"another run.*nodes=3 there, 4 here.*new --state"):
+        make(RunConfig(nodes=4), FakeClock(), db)
+    # Each process's own settings do not make another run.
+    make(RunConfig(nodes=3, device="cpu", data_dir="/elsewhere"), FakeClock(), db).close()
+
+
+def test_a_file_that_is_not_a_database_is_a_config_error(tmp_path: Path) -> None:
+    bad = tmp_path / "notes.txt"
+    bad.write_text("this is not SQLite " * 100)
+    with pytest.raises(ConfigError, match="--state"):
+        make(RunConfig(nodes=2), FakeClock(), bad)
+
+
+def test_the_topology_is_checked_when_the_registry_opens() -> None:
+    with pytest.raises(ConfigError, match="torus"):
+        make(RunConfig(nodes=7, topology="torus"), FakeClock())
+    with pytest.raises(ConfigError, match="lease"):
+        Registry(RunConfig(), None, lease_seconds=0)
+
+
+def test_the_persisted_topology_is_used_not_rebuilt(tmp_path: Path) -> None:
+    """A file: topology need not be readable on restart: the adjacency lives in the state."""
+    graph = tmp_path / "graph.txt"
+    graph.write_text("0 1\n1 2\n")
+    db = tmp_path / "bootstrap.sqlite"
+    settings = RunConfig(nodes=3, topology=f"file:{graph}")
+    reg = make(settings, FakeClock(), db)
+    for i in range(3):
+        reg.join(i, addr(i), 1)
+    reg.close()
+    graph.unlink()
+    reopened = make(settings, FakeClock(), db)
+    assert [j for j, _, _ in reopened.assignment(1).neighbors] == [0, 2]
+    reopened.close()
+
+
+def test_topology_restriction_matches_mh_on_the_live_subgraph() -> None:
+    reg = assembled(nodes=6, topology="full")
+    reg.leave(0, "done")
+    reg.leave(5, "done")
+    live = np.ones((6, 6), dtype=bool) & ~np.eye(6, dtype=bool)
+    live[[0, 5], :] = live[:, [0, 5]] = False
+    expected = metropolis_hastings_weights(Topology(6, "full", live))
+    np.testing.assert_allclose(weight_matrix(reg), expected)
