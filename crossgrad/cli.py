@@ -1,6 +1,10 @@
 """The `crossgrad` command.
 
-    crossgrad simulate [--nodes N --topology T --algorithm A --dataset D --partition P ...]
+    crossgrad simulate  [--nodes N --topology T --algorithm A --dataset D --partition P ...]
+    crossgrad bootstrap [run flags] [--bind HOST:PORT --state FILE --lease-seconds S]
+    crossgrad peer      --id I --bootstrap HOST:PORT [--bind HOST:PORT --advertise HOST:PORT ...]
+    crossgrad demo      [run flags]   a bootstrap and N peers as processes on loopback
+    crossgrad status    ADDRESS       a peer's status, or the bootstrap's list of peers
 
 Bad input (unknown names, impossible settings, missing data files) ends in one line on stderr
 and exit code 2, never a traceback. Choices shown in --help come from the registries.
@@ -17,7 +21,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from crossgrad.config import DEVICES, RunConfig, load
-from crossgrad.errors import ConfigError, DataError
+from crossgrad.errors import ConfigError, DataError, ProtocolError
 
 EXIT_USAGE = 2
 
@@ -64,6 +68,43 @@ def build_parser() -> Parser:
     sim.add_argument("--out", type=Path, default=None,
                      help="run directory for metrics and models (default runs/<timestamp>-...)")
     sim.add_argument("--quiet", action="store_true", help="print only the final table")
+
+    boot = sub.add_parser("bootstrap", help="serve the rendezvous that assigns neighbors")
+    add_run_flags(boot)
+    boot.add_argument("--expect", dest="nodes", type=int, default=None,
+                      help="peers to wait for before round 0 (the same as --nodes)")
+    boot.add_argument("--bind", default="0.0.0.0:50050", help="HOST:PORT to serve on "
+                      "(port 0: any free port; default 0.0.0.0:50050)")
+    boot.add_argument("--state", default=None,
+                      help="SQLite file that keeps the run across restarts (default: memory)")
+    boot.add_argument("--lease-seconds", type=float, default=15.0,
+                      help="a peer silent this long is presumed dead (default 15)")
+
+    peer = sub.add_parser("peer", help="run one node: serve, join the bootstrap, train")
+    peer.add_argument("--id", dest="node_id", type=int, required=True,
+                      help="this node's id: its data partition index, 0..N-1")
+    peer.add_argument("--bootstrap", required=True, help="HOST:PORT of the bootstrap")
+    peer.add_argument("--bind", default="0.0.0.0:50051",
+                      help="HOST:PORT to serve on (default 0.0.0.0:50051; port 0: any free port)")
+    peer.add_argument("--advertise", default="",
+                      help="HOST:PORT neighbors reach this node at (default: the bound address)")
+    peer.add_argument("--data-dir", default=None, help="directory holding the data set's files")
+    peer.add_argument("--device", default="auto", choices=DEVICES, help="default auto")
+    peer.add_argument("--out", type=Path, default=None,
+                      help="directory for metrics, model and summary (default runs/peer-ID)")
+    peer.add_argument("--timeout", type=float, default=60.0,
+                      help="deadline of every call to a neighbor, in seconds (default 60)")
+
+    demo = sub.add_parser("demo", help="a bootstrap and N peers as processes on loopback")
+    add_run_flags(demo)
+    demo.add_argument("--out", type=Path, default=None,
+                      help="run directory (default runs/<timestamp>-demo)")
+    demo.add_argument("--timeout", type=float, default=60.0,
+                      help="peers' deadline for neighbor calls, in seconds (default 60)")
+
+    status = sub.add_parser("status", help="show a peer's status or the bootstrap's peers")
+    status.add_argument("address", help="HOST:PORT of a peer or of the bootstrap")
+    status.add_argument("--timeout", type=float, default=5.0)
     return parser
 
 
@@ -81,7 +122,60 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"simulate": cmd_simulate}
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    import threading
+
+    from bootstrap.server import serve
+    from crossgrad.rpc import install_signal_handlers
+
+    config = load(_overrides(args), args.config)
+    server = serve(config, args.bind, args.state, args.lease_seconds)
+    print(f"bootstrap serving on {server.address} (port {server.port}); waiting for "
+          f"{config.nodes} peers", flush=True)
+    stop = threading.Event()
+    install_signal_handlers(stop.set)
+    stop.wait()
+    server.stop(grace=2.0)
+    return 0
+
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    from crossgrad.rpc import install_signal_handlers
+    from peer.service import PeerOptions, PeerRuntime
+
+    options = PeerOptions(node_id=args.node_id, bootstrap=args.bootstrap, bind=args.bind,
+                          advertise=args.advertise, data_dir=args.data_dir, device=args.device,
+                          out=args.out or Path(f"runs/peer-{args.node_id}"),
+                          timeout=args.timeout)
+    runtime = PeerRuntime(options)
+    install_signal_handlers(runtime.stop)
+    try:
+        runtime.start()
+        print(f"peer {args.node_id} serving on {runtime.address}", flush=True)
+        summary = runtime.run()
+        print(f"peer {args.node_id} done: round {summary['round']}, test accuracy "
+              f"{summary['accuracy']:.4f}", flush=True)
+    finally:
+        runtime.shutdown()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from crossgrad.demo import run_demo
+
+    config = load(_overrides(args), args.config)
+    return run_demo(config, args.out, timeout=args.timeout)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from crossgrad.status import show_status
+
+    print(show_status(args.address, timeout=args.timeout))
+    return 0
+
+
+COMMANDS = {"simulate": cmd_simulate, "bootstrap": cmd_bootstrap, "peer": cmd_peer,
+            "demo": cmd_demo, "status": cmd_status}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError) as exc:
         print(f"crossgrad {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ProtocolError as exc:
+        print(f"crossgrad {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"crossgrad {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,3 +51,45 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+class Traffic:
+    """Bytes sent and received per (peer, message kind), counted from what crosses the wire.
+
+    Each message counts its serialized size plus its gRPC and HTTP/2 framing (peer/wire.py,
+    frame_bytes); TCP/IP headers are not counted. Thread safe: servers count from many threads.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.sent: dict[tuple[int, str], int] = {}
+        self.received: dict[tuple[int, str], int] = {}
+
+    def add_sent(self, peer: int, kind: str, nbytes: int) -> None:
+        with self._lock:
+            self.sent[(peer, kind)] = self.sent.get((peer, kind), 0) + nbytes
+
+    def add_received(self, peer: int, kind: str, nbytes: int) -> None:
+        with self._lock:
+            self.received[(peer, kind)] = self.received.get((peer, kind), 0) + nbytes
+
+    def totals(self) -> tuple[int, int]:
+        with self._lock:
+            return sum(self.sent.values()), sum(self.received.values())
+
+    def per_peer(self) -> dict[int, tuple[int, int]]:
+        """{peer: (sent, received)} over all kinds."""
+        with self._lock:
+            out: dict[int, tuple[int, int]] = {}
+            for (peer, _), n in self.sent.items():
+                s, r = out.get(peer, (0, 0))
+                out[peer] = (s + n, r)
+            for (peer, _), n in self.received.items():
+                s, r = out.get(peer, (0, 0))
+                out[peer] = (s, r + n)
+            return out
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {"sent": {f"{p}:{k}": n for (p, k), n in self.sent.items()},
+                    "received": {f"{p}:{k}": n for (p, k), n in self.received.items()}}

@@ -27,13 +27,9 @@ from typing import Protocol
 
 import torch
 
-from crossgrad.errors import CrossgradError
+from crossgrad.errors import StaleRound
 from peer.algorithms.base import Algorithm, Params, StepInputs
 from peer.training.trainer import Trainer
-
-
-class RoundUnavailable(CrossgradError):
-    """A model or cross-gradient for a round this node does not (or no longer) hold."""
 
 
 class Neighborhood(Protocol):
@@ -93,7 +89,17 @@ class Node:
         self.keep_rounds = keep_rounds
         self._snapshots: dict[int, Params] = {}
         self._cross: dict[tuple[int, int], Params] = {}
+        self._neighbor_models: dict[tuple[int, int], Params] = {}
         self._lock = threading.RLock()
+        self._published = threading.Condition(self._lock)
+
+    @property
+    def names(self) -> list[str]:
+        """Parameter names in wire order."""
+        return self.trainer.names
+
+    def is_neighbor(self, node_id: int) -> bool:
+        return node_id in self.assignment.neighbors
 
     # ---- serving side -------------------------------------------------------------------
     def publish(self) -> None:
@@ -102,16 +108,38 @@ class Node:
             self._snapshots[self.round] = [p.clone() for p in self.params]
             for old in [r for r in self._snapshots if r <= self.round - self.keep_rounds]:
                 del self._snapshots[old]
-            for key in [k for k in self._cross if k[1] <= self.round - self.keep_rounds]:
-                del self._cross[key]
+            stale = self.round - self.keep_rounds
+            for cache in (self._cross, self._neighbor_models):
+                for key in [k for k in cache if k[1] <= stale]:
+                    del cache[key]
+            self._published.notify_all()
+
+    def latest_published(self) -> int:
+        """The newest round whose model is published (-1 before the first)."""
+        with self._lock:
+            return max(self._snapshots, default=-1)
+
+    def wait_published(self, round_: int, timeout: float | None) -> bool:
+        """Block until round_ is published (or was: then True at once), at most timeout s."""
+        with self._published:
+            return self._published.wait_for(lambda: self.latest_published() >= round_, timeout)
+
+    def remember_model(self, node_id: int, round_: int, params: Params) -> None:
+        """Keep a neighbor's fetched model: serving its cross-gradient needs it again."""
+        with self._lock:
+            self._neighbor_models[(node_id, round_)] = params
+
+    def neighbor_model(self, node_id: int, round_: int) -> Params | None:
+        with self._lock:
+            return self._neighbor_models.get((node_id, round_))
 
     def model(self, round_: int) -> Params:
         """x_i^round, if still kept."""
         with self._lock:
             if round_ not in self._snapshots:
                 held = sorted(self._snapshots)
-                raise RoundUnavailable(
-                    f"node {self.id} holds models of rounds {held}, not {round_}")
+                raise StaleRound(f"node {self.id} keeps the models of rounds {held}, "
+                                 f"not round {round_}")
             return self._snapshots[round_]
 
     def cross_gradient(self, requester: int, round_: int, requester_params: Params) -> Params:

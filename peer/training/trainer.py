@@ -12,6 +12,7 @@ make two runs differ.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -63,8 +64,13 @@ class Trainer:
         self.seed = seed
         self.n = int(self.y.shape[0])
         self.rounds_per_epoch = max(1, self.n // schedule.batch_size)
-        self._epoch = -1
-        self._perm = np.arange(self.n)
+        # Batch orders of the last few epochs: a node serving a neighbor's cross-gradient of
+        # round t may already be in the next epoch itself. Guarded: servers call from threads.
+        self._perms: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+        # functional_call swaps the template module's parameters for the duration of a call, so
+        # two threads (the round driver and a server thread) must never run one at once.
+        self._compute = threading.Lock()
 
     def epoch(self, round_: int) -> int:
         return round_ // self.rounds_per_epoch
@@ -75,12 +81,16 @@ class Trainer:
     def batch(self, round_: int) -> tuple[torch.Tensor, torch.Tensor]:
         """B_i^t: the same mini-batch for the self-gradient and every cross-gradient of round t."""
         epoch = self.epoch(round_)
-        if epoch != self._epoch:
-            self._perm = numpy_rng(self.seed, "batches", self.node, epoch).permutation(self.n)
-            self._epoch = epoch
+        with self._lock:
+            perm = self._perms.get(epoch)
+            if perm is None:
+                perm = numpy_rng(self.seed, "batches", self.node, epoch).permutation(self.n)
+                self._perms[epoch] = perm
+                for old in [e for e in self._perms if e < epoch - 1]:
+                    del self._perms[old]
         b = min(self.schedule.batch_size, self.n)
         j = round_ % self.rounds_per_epoch
-        idx = torch.as_tensor(self._perm[j * b:(j + 1) * b], device=self.device)
+        idx = torch.as_tensor(perm[j * b:(j + 1) * b], device=self.device)
         return self.x[idx], self.y[idx]  # (b, C, H, W), (b,)
 
     def gradient(self, params: Sequence[torch.Tensor], round_: int,
@@ -89,7 +99,7 @@ class Trainer:
         x, y = self.batch(round_)
         leaves = [p.detach().to(self.device).requires_grad_(True) for p in params]
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with self._compute, torch.random.fork_rng(devices=devices):
             torch.manual_seed(derive_seed(self.seed, self.node, round_, purpose))
             logits = functional_call(self.model, dict(zip(self.names, leaves, strict=True)), (x,))
             loss = nn.functional.cross_entropy(logits, y)
@@ -101,6 +111,12 @@ class Trainer:
                  batch_size: int = 1000) -> tuple[float, float]:
         """(mean loss, accuracy) of `params` on (x, y), e.g. the full held-out test set."""
         weights = dict(zip(self.names, [p.to(self.device) for p in params], strict=True))
+        total_loss, correct = 0.0, 0
+        with self._compute:
+            return self._evaluate(weights, x, y, batch_size)
+
+    def _evaluate(self, weights: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                  batch_size: int) -> tuple[float, float]:
         total_loss, correct = 0.0, 0
         for start in range(0, int(y.shape[0]), batch_size):
             xb = x[start:start + batch_size].to(self.device)  # (b, C, H, W)

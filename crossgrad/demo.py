@@ -1,0 +1,177 @@
+"""`crossgrad demo`: a bootstrap and N peers as separate processes on loopback.
+
+Everything goes through the real CLI and real sockets: the bootstrap binds a free port and says
+which; every peer binds a free port, joins, trains and writes its results under the run
+directory. Progress comes from the bootstrap's ListPeers and each peer's GetStatus. At the end
+the demo prints the final table (per-node accuracy, mean, min, average-model accuracy,
+consensus distance, QP fallbacks, bytes on the wire) and stops everything; Ctrl-C stops
+everything too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import IO
+
+import grpc
+import torch
+
+from crossgrad.config import RunConfig
+from crossgrad.rpc import make_channel
+from crossgrad.v1 import bootstrap_pb2, bootstrap_pb2_grpc
+
+SERVING = re.compile(r"bootstrap serving on (\S+)")
+
+
+def run_flags(config: RunConfig) -> list[str]:
+    """The run's settings as command-line flags (every one visible, as in the compose file)."""
+    flags: list[str] = []
+    for key, value in asdict(config).items():
+        if key in ("data_dir", "device") or value is None:
+            continue
+        flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags
+
+
+def _command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "crossgrad", *args]
+
+
+def _wait_for_address(proc: subprocess.Popen[str], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        match = SERVING.search(line)
+        if match:
+            return match.group(1)
+    raise RuntimeError("the bootstrap did not start; see its log")
+
+
+def _stop(procs: list[subprocess.Popen[str]], grace: float = 10.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _progress(stub: bootstrap_pb2_grpc.BootstrapStub, rounds: int, started: float) -> str:
+    try:
+        reply = stub.ListPeers(bootstrap_pb2.ListPeersRequest(), timeout=2.0)
+    except grpc.RpcError:
+        return ""
+    peers = sorted(reply.peers, key=lambda p: p.node_id)
+    cells = "  ".join(f"n{p.node_id} {p.round:>4}/{rounds}"
+                      + ("" if math.isnan(p.loss) else f" loss {p.loss:.3f}") for p in peers)
+    return f"[{time.perf_counter() - started:6.1f} s] {cells}"
+
+
+def final_table(config: RunConfig, out: Path) -> str:
+    from peer.builder import load_run_data
+    from peer.metrics import average, consensus_distance
+    from peer.training.models import make_model
+    from peer.training.trainer import Schedule, Trainer
+
+    summaries = [json.loads((out / f"node-{i}" / "summary.json").read_text())
+                 for i in range(config.nodes)]
+    models = [torch.load(out / f"node-{i}" / "model.pt", weights_only=True)
+              for i in range(config.nodes)]
+    data = load_run_data(config)
+    ds = data.dataset
+    model = make_model(config.model, ds.input_shape, ds.num_classes)
+    judge = Trainer(-1, model, ds.test_x[:1], ds.test_y[:1], Schedule(), config.seed,
+                    torch.device("cpu"))
+    _, avg_acc = judge.evaluate(average(models), ds.test_x, ds.test_y)
+    accs = [s["accuracy"] for s in summaries]
+    lines = [f"{'node':>6}  {'test acc':>8}  {'QP fallbacks':>12}  {'sent MiB':>9}  "
+             f"{'recv MiB':>9}  {'missed':>6}"]
+    for s in summaries:
+        lines.append(f"{s['node']:>6}  {s['accuracy']:>8.4f}  {s['qp_fallbacks']:>12}  "
+                     f"{s['bytes_sent'] / 2**20:>9.2f}  {s['bytes_received'] / 2**20:>9.2f}  "
+                     f"{s['missed_neighbor_answers']:>6}")
+    lines += [f"{'mean':>6}  {sum(accs) / len(accs):>8.4f}",
+              f"{'min':>6}  {min(accs):>8.4f}",
+              f"average model accuracy  {avg_acc:.4f}",
+              f"consensus distance      {consensus_distance(models):.4f}",
+              f"run directory {out}"]
+    return "\n".join(lines)
+
+
+def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0) -> int:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = out or Path("runs") / f"{stamp}-demo"
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs: list[subprocess.Popen[str]] = []
+    logs: list[IO[str]] = []
+    started = time.perf_counter()
+    try:
+        boot = subprocess.Popen(
+            _command("--log-level", "INFO", "bootstrap", *run_flags(config), "--bind",
+                     "127.0.0.1:0", "--state", str(out / "bootstrap.sqlite")),
+            stdout=subprocess.PIPE, stderr=open(out / "bootstrap.log", "w"), text=True, env=env)
+        procs.append(boot)
+        address = _wait_for_address(boot, timeout=60.0)
+        print(f"bootstrap on {address}; starting {config.nodes} peers "
+              f"({config.algorithm}, {config.topology}, {config.dataset}/{config.partition})",
+              flush=True)
+        for i in range(config.nodes):
+            log = open(out / f"node-{i}.log", "w")
+            logs.append(log)
+            args = ["--log-level", "INFO", "peer", "--id", str(i), "--bootstrap", address,
+                    "--bind", "127.0.0.1:0", "--out", str(out / f"node-{i}"), "--device",
+                    config.device, "--timeout", str(timeout)]
+            if config.data_dir:
+                args += ["--data-dir", config.data_dir]
+            procs.append(subprocess.Popen(_command(*args), stdout=log, stderr=subprocess.STDOUT,
+                                          text=True, env=env))
+        channel = make_channel(address)
+        stub = bootstrap_pb2_grpc.BootstrapStub(channel)
+        peers = procs[1:]
+        last = 0.0
+        while any(p.poll() is None for p in peers):
+            if any(p.returncode not in (None, 0) for p in peers):
+                break
+            if time.perf_counter() - last >= 2.0:
+                line = _progress(stub, config.rounds, started)
+                if line:
+                    print(line, flush=True)
+                last = time.perf_counter()
+            time.sleep(0.2)
+        channel.close()
+        failed = [i for i, p in enumerate(peers) if p.returncode != 0]
+        if failed:
+            _stop(procs)
+            for i in failed:
+                tail = (out / f"node-{i}.log").read_text().splitlines()[-5:]
+                print(f"peer {i} failed (exit {peers[i].returncode}):", *tail, sep="\n  ",
+                      file=sys.stderr)
+            return 1
+        print(final_table(config, out), flush=True)
+        print(f"{config.rounds} rounds in {time.perf_counter() - started:.1f} s", flush=True)
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted: stopping the bootstrap and the peers", file=sys.stderr)
+        return 130
+    finally:
+        _stop(procs)
+        for log in logs:
+            log.close()

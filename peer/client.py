@@ -1,0 +1,155 @@
+"""The gRPC Neighborhood: a node's view of its neighbors over the network.
+
+It implements the same interface as the simulator's InMemoryNeighborhood (peer/node.py,
+Neighborhood): `models(round, neighbors)` and `cross_gradients(round, neighbors)`, each asking
+all neighbors in parallel with a deadline. A neighbor that fails, times out or sends a stream
+that does not validate is left out of the round (the node gives its weight to itself), logged
+and counted; nothing it sent reaches the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+
+from crossgrad.errors import ProtocolError
+from crossgrad.rpc import DEFAULT_MAX_MESSAGE_BYTES, from_rpc_error, make_channel, status_of
+from crossgrad.v1 import peer_pb2, peer_pb2_grpc, tensor_pb2
+from peer.metrics import Traffic
+from peer.node import Node, Params
+from peer.wire import decode, specs_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Misses:
+    """Neighbor answers that did not make it into a round, by reason."""
+
+    unavailable: int = 0
+    rejected: int = 0
+    by_peer: dict[int, int] = field(default_factory=dict)
+
+    def count(self, peer: int, rejected: bool) -> None:
+        if rejected:
+            self.rejected += 1
+        else:
+            self.unavailable += 1
+        self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
+
+    @property
+    def total(self) -> int:
+        return self.unavailable + self.rejected
+
+
+class GrpcNeighborhood:
+    """Neighbors reached over gRPC. Addresses may change with a new assignment (`update`)."""
+
+    def __init__(self, node: Node, addresses: Mapping[int, str], *, timeout: float,
+                 traffic: Traffic | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.node = node
+        self.timeout = timeout
+        self.traffic = traffic or Traffic()
+        self.misses = Misses()
+        self.max_message_bytes = max_message_bytes
+        self._lock = threading.Lock()
+        self._addresses: dict[int, str] = {}
+        self._channels: dict[str, grpc.Channel] = {}
+        self._pool = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="neighbors")
+        self.update(addresses)
+
+    def update(self, addresses: Mapping[int, str]) -> None:
+        with self._lock:
+            self._addresses = dict(addresses)
+
+    def stub(self, peer: int) -> peer_pb2_grpc.PeerStub:
+        with self._lock:
+            address = self._addresses.get(peer)
+            if address is None:
+                raise ProtocolError(f"node {peer} is not a neighbor in the current assignment")
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = make_channel(address, max_message_bytes=self.max_message_bytes)
+                self._channels[address] = channel
+        return peer_pb2_grpc.PeerStub(channel)
+
+    def address(self, peer: int) -> str:
+        with self._lock:
+            return self._addresses.get(peer, "?")
+
+    # ---- single calls (raise ProtocolError) ---------------------------------------------
+    def _stream(self, peer: int, kind: str, round_: int,
+                start: Callable[..., Iterator[tensor_pb2.TensorChunk]], request: object,
+                timeout: float | None) -> Params:
+        what = f"{kind} of round {round_} from node {peer} at {self.address(peer)}"
+        # wait_for_ready: a neighbor still starting (or restarting) is waited for, up to the
+        # deadline, instead of failing at once with "connection refused".
+        call = start(request, timeout=timeout if timeout is not None else self.timeout,
+                     wait_for_ready=True)
+        try:
+            decoded = decode(call, specs_of(self.node.names, self.node.params), sender_id=peer,
+                             round_=round_)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, what) from None
+        except ProtocolError as exc:
+            call.cancel()
+            raise type(exc)(f"{what} rejected: {exc}") from None
+        self.traffic.add_received(peer, kind, decoded.wire_bytes)
+        return decoded.tensors
+
+    def fetch_model(self, peer: int, round_: int, timeout: float | None = None) -> Params:
+        """x_peer^round, validated against this node's model."""
+        stub = self.stub(peer)
+        request = peer_pb2.GetModelRequest(requester_id=self.node.id, round=round_)
+        params = self._stream(peer, "model", round_, stub.GetModel, request, timeout)
+        self.node.remember_model(peer, round_, params)
+        return params
+
+    def fetch_cross_gradient(self, peer: int, round_: int, timeout: float | None = None) -> Params:
+        """grad F_peer(x_me^round; B_peer^round), computed at the peer."""
+        stub = self.stub(peer)
+        request = peer_pb2.CrossGradientRequest(requester_id=self.node.id, round=round_)
+        return self._stream(peer, "cross_gradient", round_, stub.ComputeCrossGradient, request,
+                            timeout)
+
+    # ---- the Neighborhood interface ------------------------------------------------------
+    def _gather(self, round_: int, neighbors: Sequence[int],
+                fetch: Callable[[int, int], Params]) -> dict[int, Params]:
+        jobs = {j: self._pool.submit(fetch, j, round_) for j in neighbors}
+        out: dict[int, Params] = {}
+        for j, job in jobs.items():
+            try:
+                out[j] = job.result()
+            except ProtocolError as exc:
+                _, code = status_of(exc)
+                rejected = code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS,
+                                    grpc.StatusCode.RESOURCE_EXHAUSTED)
+                self.misses.count(j, rejected)
+                log.warning("node %d round %d: %s", self.node.id, round_, exc)
+        return out
+
+    def models(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
+        return self._gather(round_, neighbors, self.fetch_model)
+
+    def cross_gradients(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
+        return self._gather(round_, neighbors, self.fetch_cross_gradient)
+
+    def status(self, peer: int, timeout: float = 5.0) -> peer_pb2.PeerStatus:
+        request = peer_pb2.GetStatusRequest(requester=f"node {self.node.id}")
+        try:
+            return self.stub(peer).GetStatus(request, timeout=timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, f"GetStatus of node {peer}") from None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()

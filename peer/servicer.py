@@ -1,0 +1,90 @@
+"""The Peer service (crossgrad.v1.Peer): thin. Validate, call the runtime, stream, translate errors.
+
+Status codes (peer.proto): PERMISSION_DENIED for a requester that is not a neighbor,
+FAILED_PRECONDITION for a round no longer kept, INVALID_ARGUMENT for a round more than one
+ahead of this node, DEADLINE_EXCEEDED when a near-future round is not published before the
+call's deadline, UNAVAILABLE while the node is starting.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from crossgrad.errors import DeadlineExceeded, InvalidMessage, NotANeighbor, StaleRound, Unavailable
+from crossgrad.rpc import translate_errors
+from crossgrad.v1 import peer_pb2, peer_pb2_grpc, tensor_pb2
+from peer.node import Node, Params
+from peer.wire import encode, frame_bytes
+
+if TYPE_CHECKING:
+    from peer.service import PeerRuntime
+
+
+class PeerServicer(peer_pb2_grpc.PeerServicer):
+    def __init__(self, runtime: PeerRuntime) -> None:
+        self.runtime = runtime
+
+    def _node_for(self, requester: int, round_: int, wait: float) -> Node:
+        """The ready node (waiting up to `wait` s for it), after checking the requester and the
+        round window."""
+        node = self.runtime.wait_ready(wait)
+        if node is None:
+            raise Unavailable(f"node {self.runtime.node_id} is starting: it has no assignment yet")
+        if not node.is_neighbor(requester):
+            self.runtime.count_rejected()
+            raise NotANeighbor(f"node {requester} is not a neighbor of node {node.id} "
+                               f"(neighbors: {list(node.assignment.neighbors)})")
+        current = node.round
+        if round_ > current + 1:
+            self.runtime.count_rejected()
+            raise InvalidMessage(f"round {round_} is more than one round ahead of node {node.id}, "
+                                 f"which is at round {current}")
+        if round_ <= current - node.keep_rounds:
+            raise StaleRound(f"round {round_} is stale: node {node.id} is at round {current} and "
+                             f"keeps the last {node.keep_rounds} rounds")
+        return node
+
+    def _stream(self, node: Node, params: Params, requester: int, round_: int,
+                kind: str) -> Iterator[tensor_pb2.TensorChunk]:
+        for chunk in encode(node.names, params, sender_id=node.id, round_=round_,
+                            chunk_bytes=self.runtime.chunk_bytes):
+            self.runtime.traffic.add_sent(requester, kind, frame_bytes(chunk.ByteSize()))
+            yield chunk
+
+    @staticmethod
+    def _remaining(context: grpc.ServicerContext, cap: float) -> float:
+        left = context.time_remaining()
+        return cap if left is None or math.isinf(left) else max(0.0, min(left, cap))
+
+    @translate_errors
+    def GetModel(self, request: peer_pb2.GetModelRequest,
+                 context: grpc.ServicerContext) -> Iterator[tensor_pb2.TensorChunk]:
+        node = self._node_for(request.requester_id, request.round,
+                              self._remaining(context, self.runtime.timeout))
+        if not node.wait_published(request.round, self._remaining(context, self.runtime.timeout)):
+            raise DeadlineExceeded(f"node {node.id} had not published round {request.round} "
+                                   "before the deadline")
+        params = node.model(request.round)
+        yield from self._stream(node, params, request.requester_id, request.round, "model")
+
+    @translate_errors
+    def ComputeCrossGradient(self, request: peer_pb2.CrossGradientRequest,
+                             context: grpc.ServicerContext) -> Iterator[tensor_pb2.TensorChunk]:
+        node = self._node_for(request.requester_id, request.round,
+                              self._remaining(context, self.runtime.timeout))
+        requester, round_ = request.requester_id, request.round
+        params = node.neighbor_model(requester, round_)
+        if params is None and not node.has_cross_gradient(requester, round_):
+            params = self.runtime.fetch_model(requester, round_,
+                                              self._remaining(context, self.runtime.timeout))
+        grads = node.cross_gradient(requester, round_, params or [])
+        yield from self._stream(node, grads, requester, round_, "cross_gradient")
+
+    @translate_errors
+    def GetStatus(self, request: peer_pb2.GetStatusRequest,
+                  context: grpc.ServicerContext) -> peer_pb2.PeerStatus:
+        return self.runtime.status()

@@ -1,0 +1,202 @@
+"""The one translator between tensors and crossgrad.v1 messages (STYLE.md habit 4).
+
+A tensor stream is one TensorChunk with a StreamHeader (every tensor's name, shape, dtype,
+codec, byte length and CRC-32C, the total size, the sender and the round), then TensorChunks of
+raw bytes: the tensors' little-endian bytes concatenated in header order, cut in pieces of at
+most `chunk_bytes` (tensor.proto). Sending copies each piece once (protobuf `bytes` needs
+`bytes`); receiving copies each piece once, straight into tensors preallocated from the header.
+
+Everything received is checked against what the receiver expects (its own model's parameter
+names, shapes and dtypes), before and after the bytes arrive: a peer's message can be refused,
+never crash the node or touch its model. Errors are crossgrad.errors ProtocolError classes,
+whose gRPC status codes crossgrad/rpc.py maps in one table.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import google_crc32c
+import numpy as np
+import torch
+
+from crossgrad.errors import InvalidMessage, TooLarge, TruncatedStream
+from crossgrad.rpc import DEFAULT_CHUNK_BYTES
+from crossgrad.v1 import tensor_pb2 as pb
+
+DTYPES: dict[torch.dtype, int] = {
+    torch.float32: pb.DTYPE_FLOAT32,
+    torch.float64: pb.DTYPE_FLOAT64,
+    torch.float16: pb.DTYPE_FLOAT16,
+    torch.bfloat16: pb.DTYPE_BFLOAT16,
+    torch.uint8: pb.DTYPE_UINT8,
+    torch.int32: pb.DTYPE_INT32,
+    torch.int64: pb.DTYPE_INT64,
+}
+TORCH_DTYPES = {code: dtype for dtype, code in DTYPES.items()}
+
+if sys.byteorder != "little":  # pragma: no cover
+    raise ImportError("crossgrad's wire format is little-endian; this machine is big-endian")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the receiver expects of one tensor: its own parameter's name, shape and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def specs_of(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> list[TensorSpec]:
+    return [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in zip(names, tensors, strict=True)]
+
+
+def _byte_view(t: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes as a flat uint8 array sharing its memory (CPU, contiguous)."""
+    return t.reshape(-1).view(torch.uint8).numpy()  # (nbytes,)
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    view = a.view()
+    view.flags.writeable = False  # google_crc32c takes read-only buffers only
+    return view
+
+
+def encode(names: Sequence[str], tensors: Sequence[torch.Tensor], *, sender_id: int, round_: int,
+           chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
+    """Header, then payload pieces of at most chunk_bytes each (pieces span tensor boundaries)."""
+    cpu = [t.detach().to("cpu").contiguous() for t in tensors]
+    views = [_byte_view(t) for t in cpu]
+    headers = [pb.TensorHeader(name=n, shape=list(t.shape), dtype=DTYPES[t.dtype],
+                               codec=pb.CODEC_NONE, byte_length=v.nbytes,
+                               crc32c=google_crc32c.value(_readonly(v)))
+               for n, t, v in zip(names, cpu, views, strict=True)]
+    total = sum(v.nbytes for v in views)
+    yield pb.TensorChunk(header=pb.StreamHeader(tensors=headers, total_bytes=total,
+                                                sender_id=sender_id, round=round_))
+    pending: list[bytes] = []
+    pending_bytes = 0
+    for v in views:
+        offset = 0
+        while offset < v.nbytes:
+            take = min(chunk_bytes - pending_bytes, v.nbytes - offset)
+            pending.append(v[offset:offset + take].tobytes())
+            pending_bytes += take
+            offset += take
+            if pending_bytes == chunk_bytes:
+                yield pb.TensorChunk(data=pending[0] if len(pending) == 1 else b"".join(pending))
+                pending, pending_bytes = [], 0
+    if pending:
+        yield pb.TensorChunk(data=b"".join(pending))
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A validated stream: the tensors (in the receiver's order) and who sent them for which round."""
+
+    tensors: list[torch.Tensor]
+    sender_id: int
+    round: int
+    wire_bytes: int  # every message received, framed as on the wire (frame_bytes)
+
+
+def check_header(header: pb.StreamHeader, expected: Sequence[TensorSpec], *, sender_id: int,
+                 round_: int, max_total_bytes: int) -> None:
+    """Every header field against the receiver's own model; raise the precise error."""
+    if header.sender_id != sender_id:
+        raise InvalidMessage(f"stream says it comes from node {header.sender_id}; "
+                             f"node {sender_id} was asked")
+    if header.round != round_:
+        raise InvalidMessage(f"stream is for round {header.round}; round {round_} was asked")
+    if len(header.tensors) != len(expected):
+        raise InvalidMessage(f"stream holds {len(header.tensors)} tensors; the model has "
+                             f"{len(expected)} ({', '.join(s.name for s in expected[:4])}, ...)")
+    total = 0
+    for i, (h, spec) in enumerate(zip(header.tensors, expected, strict=True)):
+        where = f"tensor {i} ({spec.name!r})"
+        if h.name != spec.name:
+            raise InvalidMessage(f"{where}: unknown tensor name {h.name!r}; expected {spec.name!r}")
+        if tuple(h.shape) != spec.shape:
+            raise InvalidMessage(f"{where}: shape {tuple(h.shape)}, expected {spec.shape}")
+        if h.dtype not in TORCH_DTYPES or TORCH_DTYPES[h.dtype] != spec.dtype:
+            got = pb.DType.Name(h.dtype) if h.dtype in pb.DType.values() else str(h.dtype)
+            raise InvalidMessage(f"{where}: dtype {got}, expected "
+                                 f"{pb.DType.Name(DTYPES[spec.dtype])}")
+        if h.codec != pb.CODEC_NONE:
+            got = pb.Codec.Name(h.codec) if h.codec in pb.Codec.values() else str(h.codec)
+            raise InvalidMessage(f"{where}: codec {got} is not accepted here; expected CODEC_NONE")
+        if h.byte_length != spec.nbytes:
+            raise InvalidMessage(f"{where}: byte_length {h.byte_length}, expected {spec.nbytes} "
+                                 f"for shape {spec.shape} of {spec.dtype}")
+        total += h.byte_length
+    if header.total_bytes != total:
+        raise InvalidMessage(f"total_bytes {header.total_bytes} is not the sum of the tensors' "
+                             f"byte lengths ({total})")
+    if total > max_total_bytes:
+        raise TooLarge(f"stream of {total} bytes is above the limit of {max_total_bytes} bytes")
+
+
+def decode(chunks: Iterable[pb.TensorChunk], expected: Sequence[TensorSpec], *, sender_id: int,
+           round_: int, max_total_bytes: int = 1 << 34,
+           max_chunk_bytes: int = 8 * DEFAULT_CHUNK_BYTES) -> Decoded:
+    """Reassemble and validate a stream into freshly allocated tensors.
+
+    InvalidMessage: a bad header, data before the header, a second header, extra bytes, a
+    checksum mismatch, NaN or Inf. TruncatedStream: fewer bytes than declared. TooLarge: a
+    stream or a piece above the limits.
+    """
+    iterator = iter(chunks)
+    first = next(iterator, None)
+    if first is None:
+        raise TruncatedStream("the stream ended before its header")
+    if first.WhichOneof("part") != "header":
+        raise InvalidMessage("the stream's first message must be its header")
+    wire_bytes = frame_bytes(first.ByteSize())
+    check_header(first.header, expected, sender_id=sender_id, round_=round_,
+                 max_total_bytes=max_total_bytes)
+    tensors = [torch.empty(s.shape, dtype=s.dtype) for s in expected]
+    views = [_byte_view(t) for t in tensors]
+    total = int(first.header.total_bytes)
+    k, offset, received = 0, 0, 0  # current tensor, offset in it, bytes so far
+    for chunk in iterator:
+        wire_bytes += frame_bytes(chunk.ByteSize())
+        if chunk.WhichOneof("part") != "data":
+            raise InvalidMessage("a second header arrived in the middle of the stream")
+        data = chunk.data
+        if len(data) > max_chunk_bytes:
+            raise TooLarge(f"a piece of {len(data)} bytes is above the limit of "
+                           f"{max_chunk_bytes} bytes")
+        if received + len(data) > total:
+            raise InvalidMessage(f"the stream carries more than the {total} bytes its header "
+                                 "declares")
+        src = np.frombuffer(data, dtype=np.uint8)
+        pos = 0
+        while pos < len(src):
+            while views[k].nbytes == offset:  # skip finished (or empty) tensors
+                k, offset = k + 1, 0
+            take = min(len(src) - pos, views[k].nbytes - offset)
+            views[k][offset:offset + take] = src[pos:pos + take]
+            pos, offset = pos + take, offset + take
+        received += len(data)
+    if received < total:
+        raise TruncatedStream(f"the stream ended after {received} of {total} bytes")
+    for h, t, v in zip(first.header.tensors, tensors, views, strict=True):
+        if google_crc32c.value(_readonly(v)) != h.crc32c:
+            raise InvalidMessage(f"tensor {h.name!r}: CRC-32C mismatch (corrupted in transit)")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InvalidMessage(f"tensor {h.name!r} holds NaN or Inf")
+    return Decoded(tensors=tensors, sender_id=sender_id, round=round_, wire_bytes=wire_bytes)
+
+
+def frame_bytes(message_bytes: int) -> int:
+    """Bytes a message of this serialized size takes on an HTTP/2 gRPC stream: 5-byte gRPC
+    prefix + 9-byte DATA frame header per 16 KiB frame (default max frame size)."""
+    frames = max(1, -(-(message_bytes + 5) // 16384))
+    return message_bytes + 5 + 9 * frames
