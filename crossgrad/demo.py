@@ -124,17 +124,19 @@ def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0) -> i
     logs: list[IO[str]] = []
     started = time.perf_counter()
     try:
+        boot_log = open(out / "bootstrap.log", "w")  # noqa: SIM115 (closed in finally)
+        logs.append(boot_log)
         boot = subprocess.Popen(
             _command("--log-level", "INFO", "bootstrap", *run_flags(config), "--bind",
                      "127.0.0.1:0", "--state", str(out / "bootstrap.sqlite")),
-            stdout=subprocess.PIPE, stderr=open(out / "bootstrap.log", "w"), text=True, env=env)
+            stdout=subprocess.PIPE, stderr=boot_log, text=True, env=env)
         procs.append(boot)
         address = _wait_for_address(boot, timeout=60.0)
         print(f"bootstrap on {address}; starting {config.nodes} peers "
               f"({config.algorithm}, {config.topology}, {config.dataset}/{config.partition})",
               flush=True)
         for i in range(config.nodes):
-            log = open(out / f"node-{i}.log", "w")
+            log = open(out / f"node-{i}.log", "w")  # noqa: SIM115 (closed in finally)
             logs.append(log)
             args = ["--log-level", "INFO", "peer", "--id", str(i), "--bootstrap", address,
                     "--bind", "127.0.0.1:0", "--out", str(out / f"node-{i}"), "--device",
@@ -173,5 +175,5 @@ def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0) -> i
         return 130
     finally:
         _stop(procs)
-        for log in logs:
-            log.close()
+        for handle in logs:
+            handle.close()

@@ -61,7 +61,7 @@ def show_status(address: str, timeout: float = 5.0) -> str:
                 peer_pb2.GetStatusRequest(requester="crossgrad status"), timeout=timeout)
             return format_peer(status)
         except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+            if err.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise from_rpc_error(err, f"GetStatus at {address}") from None
         try:
             peers = bootstrap_pb2_grpc.BootstrapStub(channel).ListPeers(

@@ -98,7 +98,7 @@ class GrpcNeighborhood:
         except grpc.RpcError as err:
             raise from_rpc_error(err, what) from None
         except ProtocolError as exc:
-            call.cancel()
+            call.cancel()  # type: ignore[attr-defined]  # a grpc stream is cancellable
             raise type(exc)(f"{what} rejected: {exc}") from None
         self.traffic.add_received(peer, kind, decoded.wire_bytes)
         return decoded.tensors

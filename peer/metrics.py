@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import threading
 import json
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any

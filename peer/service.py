@@ -146,10 +146,7 @@ class PeerRuntime:
 
     def start(self) -> None:
         """Serve, join, build the node; health SERVING when this returns."""
-        servicer = PeerServicer(self)
-        self.server = make_server(self.options.bind, [Service(
-            "crossgrad.v1.Peer", lambda s: peer_pb2_grpc.add_PeerServicer_to_server(servicer, s))])
-        self.address = self.options.advertise or self.server.address
+        self.serve()
         self._bootstrap_channel = make_channel(self.options.bootstrap)
         self.bootstrap = bootstrap_pb2_grpc.BootstrapStub(self._bootstrap_channel)
         settings = self._join(self.bootstrap, 0)
@@ -164,18 +161,30 @@ class PeerRuntime:
         weights[self.node_id] = view.self_weight
         assignment = Assignment(neighbors=tuple(n.node_id for n in view.neighbors),
                                 weights=weights, epoch=view.epoch)
-        self.epoch = view.epoch
         self.test_x, self.test_y = data.dataset.test_x, data.dataset.test_y
         node = make_node(settings, data, self.node_id, assignment,
                          resolve_device(settings.device))
-        self.hood = GrpcNeighborhood(node, {n.node_id: n.address for n in view.neighbors},
-                                     timeout=self.timeout, traffic=self.traffic)
+        self.attach(node, {n.node_id: n.address for n in view.neighbors}, view.epoch)
+        log.info("node %d serving at %s; neighbors %s", self.node_id, self.address,
+                 {n.node_id: n.address for n in view.neighbors})
+
+    def serve(self) -> RunningServer:
+        """Start the Peer server (health NOT_SERVING until attach())."""
+        servicer = PeerServicer(self)
+        self.server = make_server(self.options.bind, [Service(
+            "crossgrad.v1.Peer", lambda s: peer_pb2_grpc.add_PeerServicer_to_server(servicer, s))])
+        self.address = self.options.advertise or self.server.address
+        return self.server
+
+    def attach(self, node: Node, addresses: dict[int, str], epoch: int) -> None:
+        """Make `node` the one served and driven; neighbors reached at `addresses`. SERVING."""
+        self.epoch = epoch
+        self.hood = GrpcNeighborhood(node, addresses, timeout=self.timeout, traffic=self.traffic)
         self.node = node
         self._ready.set()
         self.state = "TRAINING"
-        self.server.set_serving()
-        log.info("node %d serving at %s; neighbors %s", self.node_id, self.address,
-                 {n.node_id: n.address for n in view.neighbors})
+        if self.server is not None:
+            self.server.set_serving()
 
     # ---- the loop ------------------------------------------------------------------------
     def _heartbeat(self, round_: int, loss: float) -> None:

@@ -51,7 +51,8 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * torch.empty((), dtype=self.dtype).element_size()
+        numel = int(np.prod(self.shape, dtype=np.int64))
+        return numel * torch.empty((), dtype=self.dtype).element_size()
 
 
 def specs_of(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> list[TensorSpec]:
@@ -74,7 +75,7 @@ def encode(names: Sequence[str], tensors: Sequence[torch.Tensor], *, sender_id: 
     """Header, then payload pieces of at most chunk_bytes each (pieces span tensor boundaries)."""
     cpu = [t.detach().to("cpu").contiguous() for t in tensors]
     views = [_byte_view(t) for t in cpu]
-    headers = [pb.TensorHeader(name=n, shape=list(t.shape), dtype=DTYPES[t.dtype],
+    headers = [pb.TensorHeader(name=n, shape=list(t.shape), dtype=DTYPES[t.dtype],  # type: ignore[arg-type]
                                codec=pb.CODEC_NONE, byte_length=v.nbytes,
                                crc32c=google_crc32c.value(_readonly(v)))
                for n, t, v in zip(names, cpu, views, strict=True)]
@@ -99,7 +100,7 @@ def encode(names: Sequence[str], tensors: Sequence[torch.Tensor], *, sender_id: 
 
 @dataclass(frozen=True)
 class Decoded:
-    """A validated stream: the tensors (in the receiver's order) and who sent them for which round."""
+    """A validated stream: the tensors (receiver's order), who sent them, for which round."""
 
     tensors: list[torch.Tensor]
     sender_id: int

@@ -111,7 +111,6 @@ class Trainer:
                  batch_size: int = 1000) -> tuple[float, float]:
         """(mean loss, accuracy) of `params` on (x, y), e.g. the full held-out test set."""
         weights = dict(zip(self.names, [p.to(self.device) for p in params], strict=True))
-        total_loss, correct = 0.0, 0
         with self._compute:
             return self._evaluate(weights, x, y, batch_size)
 
