@@ -1,0 +1,78 @@
+"""crossgrad/healthcheck.py (the compose healthchecks' probe) against a real server on 127.0.0.1:0.
+
+Exit code 0 only for SERVING; 1 with one line on stderr for NOT_SERVING, an unknown service and
+nothing listening. Once in-process through main(), once as `python -m crossgrad.healthcheck`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from crossgrad import rpc
+from crossgrad.healthcheck import main
+from crossgrad.v1 import peer_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[2]
+PEER = "crossgrad.v1.Peer"
+Serve = Callable[..., rpc.RunningServer]
+
+
+def peer_service() -> rpc.Service:
+    """The generated Peer base class: every method UNIMPLEMENTED, enough for health."""
+    return rpc.Service(PEER, lambda s: peer_pb2_grpc.add_PeerServicer_to_server(
+        peer_pb2_grpc.PeerServicer(), s))
+
+
+def probe(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "crossgrad.healthcheck", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_not_serving_is_1_then_serving_is_0(serve: Serve,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    server = serve([peer_service()])
+    assert main([server.address]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "NOT_SERVING" in err[0] and server.address in err[0]
+
+    server.set_serving()
+    assert main([server.address]) == 0
+    assert main([server.address, "--service", PEER]) == 0
+    assert capsys.readouterr().err == ""
+
+    server.set_serving(False)
+    assert main([server.address, "--service", PEER]) == 1
+
+
+def test_unknown_service_is_1(serve: Serve, capsys: pytest.CaptureFixture[str]) -> None:
+    server = serve([peer_service()])
+    server.set_serving()
+    assert main([server.address, "--service", "crossgrad.v1.Nope"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "NOT_FOUND" in err[0]
+
+
+def test_nothing_listening_is_1(capsys: pytest.CaptureFixture[str]) -> None:
+    server = rpc.make_server("127.0.0.1:0", [])
+    address = server.address
+    server.stop(grace=0)  # the port is free again: nobody answers there
+    assert main([address, "--timeout", "5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "UNAVAILABLE" in err[0]
+
+
+def test_as_a_subprocess(serve: Serve) -> None:
+    server = serve([peer_service()])
+    proc = probe(server.address)
+    assert proc.returncode == 1, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "NOT_SERVING" in proc.stderr
+
+    server.set_serving()
+    proc = probe(server.address, "--service", PEER)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and proc.stdout == ""
