@@ -192,7 +192,6 @@ def decode(chunks: Iterable[pb.TensorChunk], expected: Sequence[TensorSpec], *, 
     k, offset, received = 0, 0, 0  # current tensor, offset in it, bytes so far
     for chunk in iterator:
         if chunk.WhichOneof("part") != "data":
-            wire_bytes += frame_bytes(chunk.ByteSize())
             raise InvalidMessage("a second header arrived in the middle of the stream")
         data = chunk.data
         wire_bytes += frame_bytes(_data_message_bytes(chunk, data))

@@ -1,0 +1,606 @@
+"""The Peer service of a real node (peer/servicer.py, peer/client.py) on 127.0.0.1:0.
+
+Server side: a node checks every request (who asks, for which round, how big) and answers the
+status code peer.proto documents, without changing its model. Client side: a malicious neighbor
+(a real gRPC server streaming hand-made bad tensor streams) is refused with the status
+tensor.proto documents, counted, and left out of the round, which then ends exactly as if that
+neighbor had not answered (DESIGN.md section 7: a node never crashes, hangs or corrupts its
+model because of a peer's message).
+
+Nodes are built as a deployment builds them (peer/builder.py) from one small run: 3 nodes on a
+ring, the embedded digits data, CGA. Node 0's neighbors are 1 and 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+import pytest
+import torch
+
+from crossgrad import rpc
+from crossgrad.config import RunConfig, validate
+from crossgrad.errors import (
+    DeadlineExceeded,
+    InvalidMessage,
+    ProtocolError,
+    TooLarge,
+    TruncatedStream,
+)
+from crossgrad.v1 import peer_pb2, peer_pb2_grpc, tensor_pb2
+from peer.builder import RunData, assignments, load_run_data, make_node
+from peer.client import GrpcNeighborhood
+from peer.node import Assignment, Node, Params
+from peer.service import PeerOptions, PeerRuntime
+from peer.simulate import InMemoryNeighborhood
+from peer.wire import decode, encode, specs_of
+
+Serve = Callable[..., rpc.RunningServer]
+Open = Callable[..., grpc.Channel]
+PEER = "crossgrad.v1.Peer"
+CPU = torch.device("cpu")
+MIB = 1 << 20
+BIG = 4 * rpc.DEFAULT_MAX_MESSAGE_BYTES  # a limit above the default one
+CURRENT_ROUND = 5  # the served node of part (a) has published rounds 0..5 and keeps 2..5
+
+
+def run_config(nodes: int) -> RunConfig:
+    return validate(RunConfig(nodes=nodes, topology="ring", partition="iid", rounds=10,
+                              batch_size=16, device="cpu", dataset="digits"))
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run's data and assignments: nodes are built fresh (and identical) on demand."""
+
+    config: RunConfig
+    data: RunData
+    assigned: dict[int, Assignment]
+
+    def node(self, i: int) -> Node:
+        return make_node(self.config, self.data, i, self.assigned[i], CPU)
+
+
+def load_run(nodes: int) -> Run:
+    cfg = run_config(nodes)
+    _, assigned = assignments(cfg)
+    return Run(cfg, load_run_data(cfg), assigned)
+
+
+@pytest.fixture(scope="module")
+def run3() -> Run:
+    run = load_run(3)
+    assert run.assigned[0].neighbors == (1, 2)
+    return run
+
+
+def start_runtime(node_id: int, timeout: float = 5.0) -> PeerRuntime:
+    runtime = PeerRuntime(PeerOptions(node_id=node_id, bootstrap="unused:1",
+                                      bind="127.0.0.1:0", timeout=timeout))
+    runtime.serve()
+    return runtime
+
+
+def stop_runtime(runtime: PeerRuntime) -> None:
+    assert runtime.server is not None
+    runtime.server.stop(0)
+    if runtime.hood is not None:
+        runtime.hood.close()
+
+
+def clone(params: Params) -> Params:
+    return [p.detach().clone() for p in params]
+
+
+def assert_same(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
+
+
+def ask(stub: peer_pb2_grpc.PeerStub, method: str, requester: int, round_: int,
+        timeout: float = 5.0) -> list[tensor_pb2.TensorChunk]:
+    """GetModel or ComputeCrossGradient, read to the end."""
+    if method == "GetModel":
+        return list(stub.GetModel(peer_pb2.GetModelRequest(requester_id=requester, round=round_),
+                                  timeout=timeout))
+    request = peer_pb2.CrossGradientRequest(requester_id=requester, round=round_)
+    return list(stub.ComputeCrossGradient(request, timeout=timeout))
+
+
+def rejected(stub: peer_pb2_grpc.PeerStub) -> int:
+    return stub.GetStatus(peer_pb2.GetStatusRequest(requester="test"), timeout=5).rejected_messages
+
+
+@pytest.fixture(scope="module")
+def dead_address() -> Iterator[str]:
+    """An address that refuses connections: a port held bound (so no one else takes it), never
+    listened on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+# ================================================================================================
+# (a) server side: request checks on a real node
+# ================================================================================================
+
+
+@dataclass
+class Served:
+    runtime: PeerRuntime
+    node: Node
+    params: Params  # copy of the node's parameters before any request
+    stub: peer_pb2_grpc.PeerStub
+    channel: grpc.Channel
+
+
+@pytest.fixture(scope="module")
+def served(run3: Run, dead_address: str) -> Iterator[Served]:
+    """Node 0 serving, at round CURRENT_ROUND (rounds 0..5 published as run_round would, the
+    parameters left as they are); its neighbors are unreachable."""
+    node = run3.node(0)
+    for r in range(CURRENT_ROUND + 1):
+        node.round = r
+        node.publish()
+    runtime = start_runtime(0)
+    runtime.attach(node, {1: dead_address, 2: dead_address}, epoch=1)
+    assert runtime.server is not None
+    channel = rpc.make_channel(runtime.server.address)
+    yield Served(runtime, node, clone(node.params), peer_pb2_grpc.PeerStub(channel), channel)
+    channel.close()
+    stop_runtime(runtime)
+
+
+METHODS = ["GetModel", "ComputeCrossGradient"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("requester", [7, 0], ids=["unknown node 7", "itself"])
+def test_a_requester_that_is_not_a_neighbor_is_permission_denied(
+        served: Served, method: str, requester: int) -> None:
+    before = rejected(served.stub)
+    err = rpc_error(lambda: ask(served.stub, method, requester, CURRENT_ROUND))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    details = err.details() or ""
+    assert f"node {requester}" in details
+    assert re.search(r"neighbors\D*1\D+2\b", details), details  # names the neighbors
+    assert rejected(served.stub) == before + 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_node_of_the_run_that_is_not_a_neighbor_is_permission_denied(
+        method: str, dead_address: str, channel: Open) -> None:
+    """4-node ring: node 0's neighbors are 1 and 3; node 2 is in the run, not a neighbor."""
+    run = load_run(4)
+    assert run.assigned[0].neighbors == (1, 3)
+    node = run.node(0)
+    node.publish()
+    runtime = start_runtime(0)
+    try:
+        runtime.attach(node, {1: dead_address, 3: dead_address}, epoch=1)
+        assert runtime.server is not None
+        stub = peer_pb2_grpc.PeerStub(channel(runtime.server.address))
+        err = rpc_error(lambda: ask(stub, method, 2, 0))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "node 2" in (err.details() or "")
+        assert re.search(r"neighbors\D*1\D+3\b", err.details() or "")
+        assert type(rpc.from_rpc_error(err, method)).__name__ == "NotANeighbor"
+        chunks = ask(stub, "GetModel", 3, 0)  # a neighbor is served
+        assert_same(decode(chunks, specs_of(node.names, node.params), sender_id=0,
+                           round_=0).tensors, node.params)
+    finally:
+        stop_runtime(runtime)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("round_", [0, CURRENT_ROUND - 4])
+def test_a_stale_round_is_failed_precondition(served: Served, method: str, round_: int) -> None:
+    err = rpc_error(lambda: ask(served.stub, method, 1, round_))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = err.details() or ""
+    assert f"round {round_}" in details and "stale" in details
+    assert type(rpc.from_rpc_error(err, method)).__name__ == "StaleRound"
+
+
+@pytest.mark.parametrize("round_", range(CURRENT_ROUND - 3, CURRENT_ROUND + 1))
+def test_the_kept_rounds_are_served(served: Served, round_: int) -> None:
+    chunks = ask(served.stub, "GetModel", 2, round_)
+    decoded = decode(chunks, specs_of(served.node.names, served.params), sender_id=0,
+                     round_=round_)
+    assert_same(decoded.tensors, served.params)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("round_", [CURRENT_ROUND + 2, 2**63], ids=["two ahead", "far ahead"])
+def test_a_round_more_than_one_ahead_is_invalid_argument(served: Served, method: str,
+                                                         round_: int) -> None:
+    before = rejected(served.stub)
+    err = rpc_error(lambda: ask(served.stub, method, 1, round_))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = err.details() or ""
+    assert f"round {round_}" in details and f"round {CURRENT_ROUND}" in details
+    assert rejected(served.stub) == before + 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_next_round_not_yet_published_is_deadline_exceeded(served: Served,
+                                                               method: str) -> None:
+    """GetModel waits for the node's own publication; ComputeCrossGradient for the requester's
+    model (unreachable here). Either way the call ends at its deadline, not later."""
+    started = time.monotonic()
+    err = rpc_error(lambda: ask(served.stub, method, 1, CURRENT_ROUND + 1, timeout=0.5))
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 3.0
+    assert served.node.latest_published() == CURRENT_ROUND
+
+
+def test_get_status_describes_the_node(served: Served) -> None:
+    status = served.stub.GetStatus(peer_pb2.GetStatusRequest(requester="grpcurl"), timeout=5)
+    assert status.node_id == 0
+    assert status.round == CURRENT_ROUND
+    assert list(status.neighbor_ids) == [1, 2]
+    assert set(status.weights) == {1, 2}
+    assert math.isclose(status.self_weight + sum(status.weights.values()), 1.0)
+    assert status.topology_epoch == 1
+    assert status.state == "TRAINING"
+    assert status.address == served.runtime.address
+
+
+def test_a_request_above_the_receive_limit_is_resource_exhausted(served: Served,
+                                                                 channel: Open) -> None:
+    assert served.runtime.server is not None
+    # The client's own send limit would refuse it first: raise it, so the server is what refuses.
+    big = channel(served.runtime.server.address, max_message_bytes=BIG)
+    raw = big.unary_unary(f"/{PEER}/GetStatus", request_serializer=None,
+                          response_deserializer=None)
+    payload = peer_pb2.GetStatusRequest(
+        requester="x" * (rpc.DEFAULT_MAX_MESSAGE_BYTES + 1024)).SerializeToString()
+    assert len(payload) > rpc.DEFAULT_MAX_MESSAGE_BYTES
+    err = rpc_error(lambda: raw(payload, timeout=10))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    small = peer_pb2.GetStatusRequest(requester="x" * 1024).SerializeToString()
+    assert peer_pb2.PeerStatus.FromString(raw(small, timeout=5)).node_id == 0
+
+
+def test_a_starting_node_is_unavailable() -> None:
+    """Served but not attached (no assignment yet): UNAVAILABLE once its own wait is over."""
+    runtime = start_runtime(4, timeout=0.2)
+    try:
+        assert runtime.server is not None
+        with rpc.make_channel(runtime.server.address) as ch:
+            stub = peer_pb2_grpc.PeerStub(ch)
+            for method in METHODS:
+                err = rpc_error(lambda m=method: ask(stub, m, 1, 0, timeout=10))
+                assert err.code() == grpc.StatusCode.UNAVAILABLE
+                assert "node 4" in (err.details() or "")
+            status = stub.GetStatus(peer_pb2.GetStatusRequest(), timeout=5)
+            assert status.node_id == 4 and status.state == "STARTING"
+    finally:
+        stop_runtime(runtime)
+
+
+def test_the_node_survives_every_bad_request_with_its_model_unchanged(
+        served: Served, channel: Open) -> None:
+    stub, before = served.stub, rejected(served.stub)
+    bad: list[tuple[str, int, int, float, grpc.StatusCode]] = [
+        ("GetModel", 7, CURRENT_ROUND, 5.0, grpc.StatusCode.PERMISSION_DENIED),
+        ("ComputeCrossGradient", 7, CURRENT_ROUND, 5.0, grpc.StatusCode.PERMISSION_DENIED),
+        ("GetModel", 1, 0, 5.0, grpc.StatusCode.FAILED_PRECONDITION),
+        ("ComputeCrossGradient", 2, 1, 5.0, grpc.StatusCode.FAILED_PRECONDITION),
+        ("GetModel", 2, CURRENT_ROUND + 2, 5.0, grpc.StatusCode.INVALID_ARGUMENT),
+        ("ComputeCrossGradient", 1, 10**9, 5.0, grpc.StatusCode.INVALID_ARGUMENT),
+        ("GetModel", 1, CURRENT_ROUND + 1, 0.3, grpc.StatusCode.DEADLINE_EXCEEDED),
+    ]
+    for method, requester, round_, timeout, code in bad:
+        err = rpc_error(lambda m=method, q=requester, r=round_, t=timeout: ask(stub, m, q, r, t))
+        assert err.code() == code, (method, requester, round_, err.details())
+    assert served.runtime.server is not None
+    big = channel(served.runtime.server.address, max_message_bytes=BIG)
+    raw = big.unary_unary(f"/{PEER}/GetModel", request_serializer=None,
+                          response_deserializer=None)
+    err = rpc_error(lambda: raw(b"\x0a" + b"\xff" * (rpc.DEFAULT_MAX_MESSAGE_BYTES + 10),
+                                timeout=10))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    assert rejected(stub) >= before + 4  # not a neighbor (2) and too far ahead (2) at least
+    chunks = ask(stub, "GetModel", 1, CURRENT_ROUND)
+    decoded = decode(chunks, specs_of(served.node.names, served.params), sender_id=0,
+                     round_=CURRENT_ROUND)
+    assert_same(decoded.tensors, served.params)
+    assert_same(served.node.params, served.params)
+    assert served.node.round == CURRENT_ROUND
+    assert served.node.latest_published() == CURRENT_ROUND
+
+
+# ================================================================================================
+# (b) client side: a malicious neighbor
+# ================================================================================================
+
+CHUNK = 4096  # the fake's pieces: the digits MLP (172 KiB) takes ~43 of them
+
+
+def corrupt(kind: str, names: Sequence[str], tensors: Params, sender: int,
+            round_: int) -> list[tensor_pb2.TensorChunk]:
+    """The stream a malicious (or broken) node sends instead of `tensors`."""
+    tensors = clone(tensors)
+    if kind == "NaN":
+        tensors[0].view(-1)[3] = math.nan
+    if kind == "Inf":
+        tensors[-1].view(-1)[0] = math.inf
+    chunks = list(encode(names, tensors, sender_id=sender + (kind == "other sender"),
+                         round_=round_ + (kind == "other round"), chunk_bytes=CHUNK))
+    header = chunks[0].header
+    if kind == "wrong shape":  # (128, 64) sent as (64, 128): same byte length
+        shape = list(header.tensors[0].shape)
+        del header.tensors[0].shape[:]
+        header.tensors[0].shape.extend(reversed(shape))
+    elif kind == "wrong dtype":
+        header.tensors[0].dtype = tensor_pb2.DTYPE_FLOAT64
+    elif kind == "wrong byte length":  # consistent total, and the bytes are there too
+        header.tensors[1].byte_length += 4
+        header.total_bytes += 4
+        chunks.append(tensor_pb2.TensorChunk(data=b"\x00" * 4))
+    elif kind == "unknown tensor name":
+        header.tensors[2].name = "backdoor.weight"
+    elif kind == "truncated":
+        chunks = chunks[:-2]
+    elif kind == "checksum mismatch":
+        data = bytearray(chunks[5].data)
+        data[100] ^= 0x10
+        chunks[5] = tensor_pb2.TensorChunk(data=bytes(data))
+    elif kind == "oversized piece":  # above the receiver's message limit
+        piece = tensor_pb2.TensorChunk(data=bytes(rpc.DEFAULT_MAX_MESSAGE_BYTES + MIB))
+        chunks = [chunks[0], piece]
+    return chunks
+
+
+# kind -> the ProtocolError class fetch_* raises (its rpc.STATUS code is the documented one)
+ATTACKS: dict[str, type[ProtocolError]] = {
+    "wrong shape": InvalidMessage,
+    "wrong dtype": InvalidMessage,
+    "wrong byte length": InvalidMessage,
+    "unknown tensor name": InvalidMessage,
+    "NaN": InvalidMessage,
+    "Inf": InvalidMessage,
+    "truncated": TruncatedStream,
+    "other round": InvalidMessage,
+    "other sender": InvalidMessage,
+    "oversized piece": TooLarge,
+    "checksum mismatch": InvalidMessage,
+}
+DOCUMENTED = {InvalidMessage: grpc.StatusCode.INVALID_ARGUMENT,
+              TruncatedStream: grpc.StatusCode.DATA_LOSS,
+              TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+class MaliciousPeer(peer_pb2_grpc.PeerServicer):
+    """Node 1 as a real gRPC server whose streams are corrupted as `attacks` says per method.
+
+    Honest answers: its model x_1^t for GetModel; for ComputeCrossGradient a stand-in gradient
+    (finite, the right names and shapes). "stall" sends the header, then nothing until the test
+    ends."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.attacks: dict[str, str] = {}
+        self.calls: list[tuple[str, int, int]] = []
+        self.release = threading.Event()
+
+    def _answer(self, method: str, round_: int, tensors: Params,
+                context: grpc.ServicerContext) -> Iterator[tensor_pb2.TensorChunk]:
+        kind = self.attacks.get(method, "honest")
+        chunks = corrupt(kind, self.node.names, tensors, self.node.id, round_)
+        if kind == "stall":
+            yield chunks[0]
+            self.release.wait(30)
+            return
+        yield from chunks
+
+    def GetModel(self, request: peer_pb2.GetModelRequest,
+                 context: grpc.ServicerContext) -> Iterator[tensor_pb2.TensorChunk]:
+        self.calls.append(("GetModel", request.requester_id, request.round))
+        yield from self._answer("GetModel", request.round, self.node.params, context)
+
+    def ComputeCrossGradient(self, request: peer_pb2.CrossGradientRequest,
+                             context: grpc.ServicerContext) -> Iterator[tensor_pb2.TensorChunk]:
+        self.calls.append(("ComputeCrossGradient", request.requester_id, request.round))
+        grads = [0.01 * p for p in self.node.params]
+        yield from self._answer("ComputeCrossGradient", request.round, grads, context)
+
+
+@dataclass
+class Cluster:
+    """Node 0 (honest, under test) and node 2 (honest) as PeerRuntimes; node 1 is the fake."""
+
+    fake: MaliciousPeer
+    fake_address: str
+    node0: Node
+    node2: Node
+    rt0: PeerRuntime
+    rt2: PeerRuntime
+
+    @property
+    def hood(self) -> GrpcNeighborhood:
+        assert self.rt0.hood is not None
+        return self.rt0.hood
+
+
+@pytest.fixture
+def cluster(run3: Run, serve: Serve) -> Iterator[Cluster]:
+    fake = MaliciousPeer(run3.node(1))
+    fake_server = serve([rpc.Service(
+        PEER, lambda s: peer_pb2_grpc.add_PeerServicer_to_server(fake, s))],
+        max_message_bytes=BIG)  # so it can send oversized pieces
+    fake_server.set_serving()
+    node0, node2 = run3.node(0), run3.node(2)
+    node0.publish()
+    node2.publish()
+    rt0, rt2 = start_runtime(0), start_runtime(2)
+    rt0.attach(node0, {1: fake_server.address, 2: rt2.address}, epoch=1)
+    rt2.attach(node2, {0: rt0.address, 1: fake_server.address}, epoch=1)
+    yield Cluster(fake, fake_server.address, node0, node2, rt0, rt2)
+    fake.release.set()
+    stop_runtime(rt0)
+    stop_runtime(rt2)
+
+
+def fetch(cluster: Cluster, method: str, round_: int = 0, timeout: float | None = None) -> Params:
+    if method == "GetModel":
+        return cluster.hood.fetch_model(1, round_, timeout)
+    return cluster.hood.fetch_cross_gradient(1, round_, timeout)
+
+
+def gather(cluster: Cluster, method: str, round_: int = 0) -> dict[int, Params]:
+    if method == "GetModel":
+        return cluster.hood.models(round_, [1])
+    return cluster.hood.cross_gradients(round_, [1])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_an_honest_fake_is_accepted(cluster: Cluster, method: str) -> None:
+    """The harness itself: the fake's honest streams validate, so what fails below is the attack."""
+    got = fetch(cluster, method)
+    want = cluster.fake.node.params if method == "GetModel" else [
+        0.01 * p for p in cluster.fake.node.params]
+    assert_same(got, want)
+    assert cluster.hood.misses.total == 0
+
+
+@pytest.mark.parametrize("kind", list(ATTACKS))
+@pytest.mark.parametrize("method", METHODS)
+def test_a_bad_stream_is_refused_with_the_documented_status(cluster: Cluster, method: str,
+                                                            kind: str) -> None:
+    cluster.fake.attacks[method] = kind
+    cls = ATTACKS[kind]
+    with pytest.raises(ProtocolError) as info:
+        fetch(cluster, method)
+    assert type(info.value) is cls, f"{type(info.value).__name__}: {info.value}"
+    assert rpc.STATUS[cls] == DOCUMENTED[cls]
+    message = str(info.value)
+    assert "node 1" in message and "round 0" in message, message
+    assert cluster.node0.neighbor_model(1, 0) is None  # nothing it sent was kept
+
+    assert gather(cluster, method) == {}
+    misses = cluster.hood.misses
+    assert (misses.rejected, misses.unavailable, misses.by_peer) == (1, 0, {1: 1})
+    status = cluster.rt0.status()
+    assert status.rejected_messages >= 1 and status.missed_neighbor_answers == 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_stalled_stream_ends_at_the_deadline_and_counts_as_unavailable(
+        cluster: Cluster, method: str) -> None:
+    cluster.fake.attacks[method] = "stall"
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        fetch(cluster, method, timeout=0.3)
+    cluster.hood.timeout = 0.3
+    assert gather(cluster, method) == {}
+    assert time.monotonic() - started < 5.0
+    misses = cluster.hood.misses
+    assert (misses.rejected, misses.unavailable, misses.by_peer) == (0, 1, {1: 1})
+
+
+class PartialNeighborhood(InMemoryNeighborhood):
+    """In memory, but `silent` neighbors give no model and `mute` ones no cross-gradient."""
+
+    def __init__(self, me: int, nodes: dict[int, Node], silent: Sequence[int] = (),
+                 mute: Sequence[int] = ()) -> None:
+        super().__init__(me, nodes)
+        self.silent, self.mute = set(silent), set(mute)
+
+    def models(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
+        return super().models(round_, [j for j in neighbors if j not in self.silent])
+
+    def cross_gradients(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
+        return super().cross_gradients(round_, [j for j in neighbors if j not in self.mute])
+
+
+@pytest.fixture(scope="module")
+def reference(run3: Run) -> dict[str, Params]:
+    """Node 0's parameters after round 0 in memory: every neighbor answering ("honest"),
+    neighbor 1 giving no model ("GetModel"), neighbor 1 giving its model but no cross-gradient
+    ("ComputeCrossGradient")."""
+    out: dict[str, Params] = {}
+    for name, silent, mute in (("honest", (), ()), ("GetModel", (1,), ()),
+                               ("ComputeCrossGradient", (), (1,))):
+        nodes = {i: run3.node(i) for i in range(3)}
+        for n in nodes.values():
+            n.publish()
+        nodes[0].run_round(PartialNeighborhood(0, nodes, silent, mute))
+        out[name] = clone(nodes[0].params)
+    # the comparison below can tell the three apart
+    for a, b in (("honest", "GetModel"), ("honest", "ComputeCrossGradient"),
+                 ("GetModel", "ComputeCrossGradient")):
+        assert not all(torch.equal(x, y) for x, y in zip(out[a], out[b], strict=True))
+    return out
+
+
+def assert_still_serves(cluster: Cluster, round_: int, params: Params) -> None:
+    with rpc.make_channel(cluster.rt0.address) as ch:
+        stub = peer_pb2_grpc.PeerStub(ch)
+        chunks = ask(stub, "GetModel", 2, round_)
+        status = stub.GetStatus(peer_pb2.GetStatusRequest(requester="test"), timeout=5)
+    decoded = decode(chunks, specs_of(cluster.node0.names, params), sender_id=0, round_=round_)
+    assert_same(decoded.tensors, params)
+    assert status.round == cluster.node0.round
+
+
+def test_a_round_with_an_honest_fake_matches_the_simulator(
+        cluster: Cluster, reference: dict[str, Params]) -> None:
+    record = cluster.node0.run_round(cluster.hood)
+    assert (record.answered, record.missing) == ([1, 2], [])
+    assert_same(cluster.node0.params, reference["honest"])
+
+
+@pytest.mark.parametrize("kind", list(ATTACKS))
+@pytest.mark.parametrize("method", METHODS)
+def test_a_round_with_a_malicious_neighbor_equals_one_where_it_did_not_answer(
+        cluster: Cluster, reference: dict[str, Params], method: str, kind: str) -> None:
+    start = clone(cluster.node0.params)
+    cluster.fake.attacks[method] = kind
+    record = cluster.node0.run_round(cluster.hood)
+
+    assert record.round == 0 and cluster.node0.round == 1
+    if method == "GetModel":  # left out of the whole round
+        assert (record.answered, record.missing) == ([2], [1])
+        assert ("ComputeCrossGradient", 0, 0) not in cluster.fake.calls
+    else:  # its model was used; its cross-gradient was not
+        assert (record.answered, record.missing) == ([1, 2], [])
+        assert ("ComputeCrossGradient", 0, 0) in cluster.fake.calls
+    misses = cluster.hood.misses
+    assert (misses.rejected, misses.unavailable, misses.by_peer) == (1, 0, {1: 1})
+    assert all(bool(torch.isfinite(p).all()) for p in cluster.node0.params)
+    assert_same(cluster.node0.params, reference[method])
+
+    # the honest node keeps serving: the round it did and the one it goes on with
+    assert_still_serves(cluster, 0, start)
+    cluster.node0.publish()
+    assert_still_serves(cluster, 1, cluster.node0.params)
+
+
+def test_the_malicious_neighbor_does_not_disturb_the_honest_one(
+        cluster: Cluster, reference: dict[str, Params]) -> None:
+    """Node 2 (honest) served node 0 its model and its cross-gradient through the same round."""
+    cluster.fake.attacks.update({"GetModel": "NaN", "ComputeCrossGradient": "NaN"})
+    before = copy.deepcopy(cluster.rt2.traffic.sent)
+    cluster.node0.run_round(cluster.hood)
+    sent = cluster.rt2.traffic.sent
+    assert sent.get((0, "model"), 0) > before.get((0, "model"), 0)
+    assert sent.get((0, "cross_gradient"), 0) > before.get((0, "cross_gradient"), 0)
+    assert_same(cluster.node0.params, reference["GetModel"])
