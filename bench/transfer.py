@@ -301,7 +301,7 @@ def median(values: list[float]) -> float:
 
 
 def ratio(value: int | None, payload: int) -> str:
-    return "-" if value is None else f"{value / payload:.4f}"
+    return "-" if value is None else f"{value / payload:.5f}"
 
 
 COLUMNS = ("method", "GB/s", "min-max", "x raw TCP", "srv CPU", "cli CPU",

@@ -31,7 +31,7 @@ from peer.algorithms.base import (
     nesterov,
     register,
 )
-from peer.algorithms.qp import QPOptions, project
+from peer.algorithms.qp import QPOptions, project_many
 
 
 class DivergedError(CrossgradError):
@@ -49,12 +49,12 @@ def aggregate(inputs: StepInputs, qp: QPOptions, previous_v: dict[int, np.ndarra
         raise DivergedError(f"node {inputs.node}: its own gradient holds NaN or Inf; training "
                             "diverged: lower --lr")
     senders = sorted(inputs.received)
-    out: Params = []
     started = time.perf_counter()
-    for k, own in enumerate(inputs.self_grad):
-        g = own * inputs.weights[inputs.node]
-        rows = [inputs.received[l][k] * inputs.weights[l] for l in senders]
-        result = project(g, rows, qp, previous_v.get(k))
+    own = [g * inputs.weights[inputs.node] for g in inputs.self_grad]
+    rows = [[inputs.received[l][k] * inputs.weights[l] for l in senders]
+            for k in range(len(own))]
+    out: Params = []
+    for k, result in enumerate(project_many(own, rows, qp, previous_v)):
         if result.v is not None:
             previous_v[k] = result.v
             stats["qp_calls"] = stats.get("qp_calls", 0) + 1

@@ -277,6 +277,30 @@ def test_a_request_above_the_receive_limit_is_resource_exhausted(served: Served,
     assert peer_pb2.PeerStatus.FromString(raw(small, timeout=5)).node_id == 0
 
 
+UNDECODABLE = b"\xff\xff\xff"  # not a protobuf message: a truncated varint of field 31
+
+
+def raw_call(ch: grpc.Channel, method: str) -> Callable[..., object]:
+    """`method` of the Peer service taking and giving raw bytes (read to the end)."""
+    path = f"/{PEER}/{method}"
+    if method == "GetStatus":
+        return ch.unary_unary(path, request_serializer=None, response_deserializer=None)
+    stream = ch.unary_stream(path, request_serializer=None, response_deserializer=None)
+    return lambda request, **kwargs: list(stream(request, **kwargs))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: a request that is not a valid protobuf message gets INTERNAL ('Exception deserializing "
+    "request!', grpc's default), not the INVALID_ARGUMENT peer.proto documents for a malformed "
+    "request; it is not counted in rejected_messages, and a crossgrad client maps INTERNAL to "
+    "Unavailable. Fix in crossgrad/rpc.py make_server (e.g. a server interceptor wrapping each "
+    "handler's request_deserializer)."))
+@pytest.mark.parametrize("method", [*METHODS, "GetStatus"])
+def test_an_undecodable_request_is_invalid_argument(served: Served, method: str) -> None:
+    err = rpc_error(lambda: raw_call(served.channel, method)(UNDECODABLE, timeout=5))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_a_starting_node_is_unavailable() -> None:
     """Served but not attached (no assignment yet): UNAVAILABLE once its own wait is over."""
     runtime = start_runtime(4, timeout=0.2)
@@ -316,6 +340,8 @@ def test_the_node_survives_every_bad_request_with_its_model_unchanged(
     err = rpc_error(lambda: raw(b"\x0a" + b"\xff" * (rpc.DEFAULT_MAX_MESSAGE_BYTES + 10),
                                 timeout=10))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for method in (*METHODS, "GetStatus"):  # refused (the code is the xfail test's business)
+        rpc_error(lambda m=method: raw_call(served.channel, m)(UNDECODABLE, timeout=5))
 
     assert rejected(stub) >= before + 4  # not a neighbor (2) and too far ahead (2) at least
     chunks = ask(stub, "GetModel", 1, CURRENT_ROUND)
@@ -391,15 +417,16 @@ DOCUMENTED = {InvalidMessage: grpc.StatusCode.INVALID_ARGUMENT,
 class MaliciousPeer(peer_pb2_grpc.PeerServicer):
     """Node 1 as a real gRPC server whose streams are corrupted as `attacks` says per method.
 
-    Honest answers: its model x_1^t for GetModel; for ComputeCrossGradient a stand-in gradient
-    (finite, the right names and shapes). "stall" sends the header, then nothing until the test
-    ends."""
+    Honest answers are what node 1 would send: its model x_1^t for GetModel, and for
+    ComputeCrossGradient its real cross-gradient of the requester's model (taken out of band from
+    `requesters`). "stall" sends the header, then nothing until the test ends."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
         self.attacks: dict[str, str] = {}
         self.calls: list[tuple[str, int, int]] = []
         self.release = threading.Event()
+        self.requesters: dict[int, Node] = {}
 
     def _answer(self, method: str, round_: int, tensors: Params,
                 context: grpc.ServicerContext) -> Iterator[tensor_pb2.TensorChunk]:
@@ -419,7 +446,9 @@ class MaliciousPeer(peer_pb2_grpc.PeerServicer):
     def ComputeCrossGradient(self, request: peer_pb2.CrossGradientRequest,
                              context: grpc.ServicerContext) -> Iterator[tensor_pb2.TensorChunk]:
         self.calls.append(("ComputeCrossGradient", request.requester_id, request.round))
-        grads = [0.01 * p for p in self.node.params]
+        requester = self.requesters[request.requester_id]
+        grads = self.node.cross_gradient(request.requester_id, request.round,
+                                         requester.model(request.round))
         yield from self._answer("ComputeCrossGradient", request.round, grads, context)
 
 
@@ -450,6 +479,7 @@ def cluster(run3: Run, serve: Serve) -> Iterator[Cluster]:
     node0, node2 = run3.node(0), run3.node(2)
     node0.publish()
     node2.publish()
+    fake.requesters[0] = node0
     rt0, rt2 = start_runtime(0), start_runtime(2)
     rt0.attach(node0, {1: fake_server.address, 2: rt2.address}, epoch=1)
     rt2.attach(node2, {0: rt0.address, 1: fake_server.address}, epoch=1)
@@ -475,8 +505,9 @@ def gather(cluster: Cluster, method: str, round_: int = 0) -> dict[int, Params]:
 def test_an_honest_fake_is_accepted(cluster: Cluster, method: str) -> None:
     """The harness itself: the fake's honest streams validate, so what fails below is the attack."""
     got = fetch(cluster, method)
-    want = cluster.fake.node.params if method == "GetModel" else [
-        0.01 * p for p in cluster.fake.node.params]
+    node1 = cluster.fake.node
+    want = node1.params if method == "GetModel" else node1.cross_gradient(
+        0, 0, cluster.node0.model(0))
     assert_same(got, want)
     assert cluster.hood.misses.total == 0
 

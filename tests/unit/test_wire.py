@@ -20,6 +20,7 @@ import torch
 
 from crossgrad import rpc
 from crossgrad.errors import InvalidMessage, ProtocolError, TooLarge, TruncatedStream
+from crossgrad.rpc import DEFAULT_CHUNK_BYTES
 from crossgrad.v1 import tensor_pb2 as pb
 from peer.wire import DTYPES, Decoded, TensorSpec, decode, encode, frame_bytes, specs_of
 
@@ -314,6 +315,15 @@ def extra_bytes() -> Chunks:
     return [*good_stream(), pb.TensorChunk(data=b"\x00")]
 
 
+def extra_bytes_in_last_piece() -> Chunks:
+    chunks = good_stream()
+    return [*chunks[:-1], pb.TensorChunk(data=chunks[-1].data + b"\x00\x01")]
+
+
+def huge_piece() -> Chunks:
+    return [good_stream()[0], pb.TensorChunk(data=bytes(8 * DEFAULT_CHUNK_BYTES + 1))]
+
+
 def data_before_header() -> Chunks:
     chunks = good_stream()
     return [chunks[1], chunks[0], *chunks[2:]]
@@ -373,11 +383,16 @@ ERROR_CASES: dict[str, tuple[Callable[[], Chunks], dict[str, int], type[Protocol
     "missing last piece": (missing_last_piece, {}, TruncatedStream, [str(TOTAL)]),
     "header alone": (header_alone, {}, TruncatedStream, ["after 0 ", str(TOTAL)]),
     "extra bytes": (extra_bytes, {}, InvalidMessage, ["more than", str(TOTAL)]),
+    "extra bytes in the last piece": (extra_bytes_in_last_piece, {}, InvalidMessage,
+                                      ["more than", str(TOTAL)]),
     "data before header": (data_before_header, {}, InvalidMessage, ["header"]),
     "second header": (second_header, {}, InvalidMessage, ["second header"]),
     "message with no part mid-stream": (empty_message_mid_stream, {}, InvalidMessage, []),
     "empty stream": (lambda: [], {}, TruncatedStream, ["header"]),
     "oversized piece": (good_stream, {"max_chunk_bytes": 15}, TooLarge, ["16", "15"]),
+    "piece above the default limit": (huge_piece, {}, TooLarge,
+                                      [str(8 * DEFAULT_CHUNK_BYTES + 1),
+                                       str(8 * DEFAULT_CHUNK_BYTES)]),
     "total above max_total_bytes": (good_stream, {"max_total_bytes": TOTAL - 1}, TooLarge,
                                     [str(TOTAL), str(TOTAL - 1)]),
     "wrong sender_id": (lambda: stream_from(sender=SENDER + 1), {}, InvalidMessage,
