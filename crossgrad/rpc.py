@@ -207,6 +207,52 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
     ]
 
 
+class _Malformed:
+    """Stands in for a request that did not parse, so the handler can answer it properly."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class _RejectMalformedRequests(grpc.ServerInterceptor):
+    """A request that is not valid protobuf gets INVALID_ARGUMENT (peer.proto), not grpc's
+    default INTERNAL "Exception deserializing request!", and the method never sees it."""
+
+    def intercept_service(self, continuation: Callable[[Any], Any],
+                          details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.request_deserializer is None or handler.request_streaming:
+            return handler
+        parse = handler.request_deserializer
+        method = getattr(details, "method", "?")
+
+        def deserialize(raw: bytes) -> Any:
+            try:
+                return parse(raw)
+            except Exception as exc:  # protobuf raises DecodeError and friends
+                return _Malformed(exc)
+
+        def guard(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            def call(request: Any, context: grpc.ServicerContext) -> Any:
+                if isinstance(request, _Malformed):
+                    log.info("%s: rejected a request that is not valid protobuf (%s)", method,
+                             request.error)
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"the request to {method} is not a valid protobuf message "
+                                  f"({type(request.error).__name__}); use the crossgrad.v1 "
+                                  "messages (grpcurl: describe the method)")
+                return behavior(request, context)
+            return call
+
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                guard(handler.unary_stream), request_deserializer=deserialize,
+                response_serializer=handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(
+            guard(handler.unary_unary), request_deserializer=deserialize,
+            response_serializer=handler.response_serializer)
+
+
 def make_server(bind: str, services: Sequence[Service], *,
                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_workers: int = 16,
                 credentials: grpc.ServerCredentials | None = None) -> RunningServer:
@@ -229,7 +275,8 @@ def make_server(bind: str, services: Sequence[Service], *,
                               f"module") from None
 
     executor = futures.ThreadPoolExecutor(max_workers, thread_name_prefix="crossgrad-rpc")
-    server = grpc.server(executor, options=server_options(max_message_bytes))
+    server = grpc.server(executor, options=server_options(max_message_bytes),
+                         interceptors=[_RejectMalformedRequests()])
     for service in services:
         service.register(server)
     health_servicer = health.HealthServicer()

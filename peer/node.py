@@ -155,6 +155,10 @@ class Node:
         with self._lock:
             return (requester, round_) in self._cross
 
+    def cached_cross_gradient(self, requester: int, round_: int) -> Params | None:
+        with self._lock:
+            return self._cross.get((requester, round_))
+
     # ---- round driver -------------------------------------------------------------------
     def run_round(self, neighborhood: Neighborhood) -> RoundRecord:
         """Steps 2-5 of round self.round (publish() must have been called for it)."""

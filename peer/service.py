@@ -25,9 +25,10 @@ import torch
 
 from bootstrap.convert import assignment_from_proto, settings_from_proto
 from crossgrad.config import RunConfig
-from crossgrad.errors import ProtocolError
+from crossgrad.errors import ConfigError, ProtocolError
 from crossgrad.rpc import (
     DEFAULT_CHUNK_BYTES,
+    DEFAULT_MAX_MESSAGE_BYTES,
     RunningServer,
     Service,
     from_rpc_error,
@@ -58,6 +59,13 @@ class PeerOptions:
     timeout: float = 60.0  # deadline of every neighbor call (s)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     join_timeout: float = 300.0  # how long to wait for the run to assemble (s)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.chunk_bytes <= DEFAULT_MAX_MESSAGE_BYTES // 2:
+            raise ConfigError(f"chunk size must be in 1..{DEFAULT_MAX_MESSAGE_BYTES // 2} bytes "
+                              f"(half the message limit); got {self.chunk_bytes}")
+        if not self.timeout > 0:
+            raise ConfigError(f"--timeout must be positive; got {self.timeout}")
 
 
 class PeerRuntime:

@@ -77,11 +77,13 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         node = self._node_for(request.requester_id, request.round,
                               self._remaining(context, self.runtime.timeout))
         requester, round_ = request.requester_id, request.round
-        params = node.neighbor_model(requester, round_)
-        if params is None and not node.has_cross_gradient(requester, round_):
-            params = self.runtime.fetch_model(requester, round_,
-                                              self._remaining(context, self.runtime.timeout))
-        grads = node.cross_gradient(requester, round_, params or [])
+        grads = node.cached_cross_gradient(requester, round_)
+        if grads is None:
+            params = node.neighbor_model(requester, round_)
+            if params is None:
+                params = self.runtime.fetch_model(requester, round_,
+                                                  self._remaining(context, self.runtime.timeout))
+            grads = node.cross_gradient(requester, round_, params)
         yield from self._stream(node, grads, requester, round_, "cross_gradient")
 
     @translate_errors

@@ -14,6 +14,7 @@ ring, the embedded digits data, CGA. Node 0's neighbors are 1 and 2.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
 import socket
@@ -289,16 +290,11 @@ def raw_call(ch: grpc.Channel, method: str) -> Callable[..., object]:
     return lambda request, **kwargs: list(stream(request, **kwargs))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a request that is not a valid protobuf message gets INTERNAL ('Exception deserializing "
-    "request!', grpc's default), not the INVALID_ARGUMENT peer.proto documents for a malformed "
-    "request; it is not counted in rejected_messages, and a crossgrad client maps INTERNAL to "
-    "Unavailable. Fix in crossgrad/rpc.py make_server (e.g. a server interceptor wrapping each "
-    "handler's request_deserializer)."))
 @pytest.mark.parametrize("method", [*METHODS, "GetStatus"])
 def test_an_undecodable_request_is_invalid_argument(served: Served, method: str) -> None:
     err = rpc_error(lambda: raw_call(served.channel, method)(UNDECODABLE, timeout=5))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid protobuf message" in (err.details() or "")
 
 
 def test_a_starting_node_is_unavailable() -> None:
@@ -309,7 +305,7 @@ def test_a_starting_node_is_unavailable() -> None:
         with rpc.make_channel(runtime.server.address) as ch:
             stub = peer_pb2_grpc.PeerStub(ch)
             for method in METHODS:
-                err = rpc_error(lambda m=method: ask(stub, m, 1, 0, timeout=10))
+                err = rpc_error(functools.partial(ask, stub, method, 1, 0, timeout=10))
                 assert err.code() == grpc.StatusCode.UNAVAILABLE
                 assert "node 4" in (err.details() or "")
             status = stub.GetStatus(peer_pb2.GetStatusRequest(), timeout=5)
@@ -331,17 +327,15 @@ def test_the_node_survives_every_bad_request_with_its_model_unchanged(
         ("GetModel", 1, CURRENT_ROUND + 1, 0.3, grpc.StatusCode.DEADLINE_EXCEEDED),
     ]
     for method, requester, round_, timeout, code in bad:
-        err = rpc_error(lambda m=method, q=requester, r=round_, t=timeout: ask(stub, m, q, r, t))
+        err = rpc_error(functools.partial(ask, stub, method, requester, round_, timeout))
         assert err.code() == code, (method, requester, round_, err.details())
     assert served.runtime.server is not None
     big = channel(served.runtime.server.address, max_message_bytes=BIG)
-    raw = big.unary_unary(f"/{PEER}/GetModel", request_serializer=None,
-                          response_deserializer=None)
-    err = rpc_error(lambda: raw(b"\x0a" + b"\xff" * (rpc.DEFAULT_MAX_MESSAGE_BYTES + 10),
-                                timeout=10))
+    too_big = b"\x0a" + b"\xff" * (rpc.DEFAULT_MAX_MESSAGE_BYTES + 10)
+    err = rpc_error(functools.partial(raw_call(big, "GetModel"), too_big, timeout=10))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    for method in (*METHODS, "GetStatus"):  # refused (the code is the xfail test's business)
-        rpc_error(lambda m=method: raw_call(served.channel, m)(UNDECODABLE, timeout=5))
+    for method in (*METHODS, "GetStatus"):  # refused with INVALID_ARGUMENT
+        rpc_error(functools.partial(raw_call(served.channel, method), UNDECODABLE, timeout=5))
 
     assert rejected(stub) >= before + 4  # not a neighbor (2) and too far ahead (2) at least
     chunks = ask(stub, "GetModel", 1, CURRENT_ROUND)

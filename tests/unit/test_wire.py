@@ -212,6 +212,30 @@ def test_an_empty_data_piece_is_harmless() -> None:
 # ---- frame accounting -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 127, 128, 129, 16379, 16384, 16385, (1 << 21) - 1,
+                                         1 << 21])
+def test_wire_bytes_frames_every_message_as_serialized(chunk_bytes: int) -> None:
+    """Sizes around the varint length boundaries (128, 16384, 2**21) and the 16 KiB frame."""
+    tensors = [torch.randn(3 * chunk_bytes // 8 + 5, generator=generated(14), dtype=torch.float64)]
+    chunks = list(encode(["x"], tensors, sender_id=SENDER, round_=ROUND, chunk_bytes=chunk_bytes))
+    chunks.insert(1, pb.TensorChunk(data=b""))  # an empty piece is a message too
+    decoded = decode(chunks, specs_of(["x"], tensors), sender_id=SENDER, round_=ROUND,
+                     max_chunk_bytes=1 << 22)
+    assert decoded.wire_bytes == sum(frame_bytes(c.ByteSize()) for c in chunks)
+
+
+def test_wire_bytes_counts_unknown_fields_too() -> None:
+    """A newer sender may add fields (tensor.proto: within v1 only add fields)."""
+    tensors = [torch.randn(10, generator=generated(15))]
+    chunks = list(encode(["x"], tensors, sender_id=SENDER, round_=ROUND, chunk_bytes=16))
+    extra = b"\x78\x01" + b"\x82\x01\x03abc"  # field 15 = 1, field 16 = b"abc"
+    chunks = [pb.TensorChunk.FromString(c.SerializeToString() + extra) for c in chunks]
+    decoded = decode(chunks, specs_of(["x"], tensors), sender_id=SENDER, round_=ROUND)
+    assert_bit_exact(decoded.tensors, tensors)
+    assert decoded.wire_bytes == sum(frame_bytes(c.ByteSize()) for c in chunks)
+    assert decoded.wire_bytes == sum(frame_bytes(len(c.SerializeToString())) for c in chunks)
+
+
 @pytest.mark.parametrize("size", [0, 1, 100, 16378, 16379, 16380, 16384, 1 << 20, 5 << 20])
 def test_frame_bytes_counts_at_least_the_grpc_prefix(size: int) -> None:
     assert frame_bytes(size) >= size + 5
@@ -264,7 +288,7 @@ def set_field(index: int, **fields: object) -> Callable[[pb.StreamHeader], None]
         for key, value in fields.items():
             if key == "shape":
                 del header.tensors[index].shape[:]
-                header.tensors[index].shape.extend(value)  # type: ignore[arg-type]
+                header.tensors[index].shape.extend(value)
             else:
                 setattr(header.tensors[index], key, value)
     return edit
@@ -443,12 +467,29 @@ def test_header_errors_are_raised_before_any_data_is_read() -> None:
     assert pulled == [0]
 
 
-def test_nan_in_half_precision_and_bfloat16_is_refused() -> None:
-    for dtype in (torch.float16, torch.bfloat16):
-        tensors = [torch.tensor([1.0, math.nan, 2.0], dtype=dtype)]
-        chunks = list(encode(["h"], tensors, sender_id=SENDER, round_=ROUND))
-        with pytest.raises(InvalidMessage, match=r"'h'.*NaN"):
-            decode(chunks, specs_of(["h"], tensors), sender_id=SENDER, round_=ROUND)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [math.nan, -math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("where", [0, 37, 99])
+def test_nan_and_inf_are_refused_in_every_float_dtype(dtype: torch.dtype, bad: float,
+                                                      where: int) -> None:
+    finite = torch.randn(100, generator=generated(16)).to(dtype)
+    poisoned = finite.clone()
+    poisoned[where] = bad
+    names = ["ok", "h"]
+    chunks = list(encode(names, [finite, poisoned], sender_id=SENDER, round_=ROUND,
+                         chunk_bytes=64))
+    with pytest.raises(InvalidMessage, match=r"'h'.*NaN or Inf"):
+        decode(chunks, specs_of(names, [finite, poisoned]), sender_id=SENDER, round_=ROUND)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_extreme_finite_values_are_accepted(dtype: torch.dtype) -> None:
+    info = torch.finfo(dtype)
+    extremes = torch.tensor([info.max, -info.max, info.tiny, -info.tiny], dtype=dtype)
+    subnormal = (extremes[2:] / 4).to(dtype)  # (2,), below the smallest normal
+    tensors = [extremes, subnormal, torch.tensor([-0.0], dtype=dtype)]
+    _, decoded = roundtrip(["e", "s", "z"], tensors, chunk_bytes=3)
+    assert_bit_exact(decoded.tensors, tensors)
 
 
 def test_integer_tensors_are_not_checked_for_finiteness() -> None:
