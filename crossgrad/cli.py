@@ -141,7 +141,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 def cmd_peer(args: argparse.Namespace) -> int:
     from crossgrad.rpc import install_signal_handlers
-    from peer.service import PeerOptions, PeerRuntime
+    from peer.service import PeerOptions, PeerRuntime, Stopped
 
     options = PeerOptions(node_id=args.node_id, bootstrap=args.bootstrap, bind=args.bind,
                           advertise=args.advertise, data_dir=args.data_dir, device=args.device,
@@ -150,11 +150,16 @@ def cmd_peer(args: argparse.Namespace) -> int:
     runtime = PeerRuntime(options)
     install_signal_handlers(runtime.stop)
     try:
-        runtime.start()
+        try:
+            runtime.start()
+        except Stopped:
+            print(f"peer {args.node_id} stopped before the run assembled", flush=True)
+            return 0
         print(f"peer {args.node_id} serving on {runtime.address}", flush=True)
         summary = runtime.run()
-        print(f"peer {args.node_id} done: round {summary['round']}, test accuracy "
-              f"{summary['accuracy']:.4f}", flush=True)
+        verb = "done" if summary["round"] == summary["rounds"] else "stopped"
+        print(f"peer {args.node_id} {verb} at round {summary['round']} of {summary['rounds']}; "
+              f"last test accuracy {summary['accuracy']:.4f}", flush=True)
     finally:
         runtime.shutdown(grace=2.0)
     return 0

@@ -68,6 +68,10 @@ class PeerOptions:
             raise ConfigError(f"--timeout must be positive; got {self.timeout}")
 
 
+class Stopped(Exception):
+    """The peer was asked to stop before it started training."""
+
+
 class PeerRuntime:
     """Everything a running peer holds; the servicer reads it, the loop drives it."""
 
@@ -89,6 +93,7 @@ class PeerRuntime:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
+        self._watch: grpc.Future | None = None
         self.server: RunningServer | None = None
 
     def wait_ready(self, timeout: float) -> Node | None:
@@ -129,8 +134,12 @@ class PeerRuntime:
         return status
 
     def stop(self) -> None:
-        """Ask the loop to finish the current round and shut down cleanly."""
+        """Ask the loop to finish the current round and shut down cleanly (also interrupts the
+        wait for the run to assemble)."""
         self._stop.set()
+        watch = self._watch
+        if watch is not None:
+            watch.cancel()
 
     # ---- start-up ------------------------------------------------------------------------
     def _join(self, stub: bootstrap_pb2_grpc.BootstrapStub, samples: int) -> RunConfig:
@@ -145,12 +154,18 @@ class PeerRuntime:
     def _wait_assignment(self, stub: bootstrap_pb2_grpc.BootstrapStub) -> bootstrap_pb2.Assignment:
         request = bootstrap_pb2.GetAssignmentRequest(node_id=self.node_id)
         stream = stub.WatchAssignment(request, timeout=self.options.join_timeout)
+        self._watch = stream  # stop() cancels it: SIGTERM while waiting for the other peers
+        if self._stop.is_set():
+            stream.cancel()
         try:
             return next(iter(stream))
         except grpc.RpcError as err:
+            if self._stop.is_set():
+                raise Stopped("stopped while waiting for the run to assemble") from None
             raise from_rpc_error(err, "WatchAssignment at the bootstrap") from None
         finally:
             stream.cancel()
+            self._watch = None
 
     def start(self) -> None:
         """Serve, join, build the node; health SERVING when this returns."""
@@ -163,6 +178,8 @@ class PeerRuntime:
         self.settings = settings
         data = load_run_data(settings)
         self._join(self.bootstrap, len(data.parts[self.node_id]))
+        log.info("node %d joined with %d samples; waiting for the assignment", self.node_id,
+                 len(data.parts[self.node_id]))
         message = self._wait_assignment(self.bootstrap)
         view = assignment_from_proto(message)
         weights = {n.node_id: n.weight for n in view.neighbors}

@@ -53,3 +53,32 @@ def test_ctrl_c_stops_the_bootstrap_and_every_peer(tmp_path: Path) -> None:
         if demo.poll() is None:
             demo.kill()
             demo.wait()
+
+
+def test_sigterm_while_waiting_for_the_run_to_assemble_exits_cleanly(tmp_path: Path) -> None:
+    """A peer whose partners never come stops at once on SIGTERM, exit code 0."""
+    boot = subprocess.Popen([sys.executable, "-m", "crossgrad", "bootstrap", "--nodes", "2",
+                             "--partition", "iid", "--bind", "127.0.0.1:0"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    peer = None
+    try:
+        assert boot.stdout is not None
+        address = boot.stdout.readline().split("serving on ")[1].split()[0]
+        peer = subprocess.Popen([sys.executable, "-m", "crossgrad", "--log-level", "INFO",
+                                 "peer", "--id", "0", "--bootstrap", address, "--bind",
+                                 "127.0.0.1:0", "--out", str(tmp_path / "p0")], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert peer.stdout is not None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the second Join (with the sample count) is logged
+            line = peer.stdout.readline()
+            if not line or "waiting for the assignment" in line:
+                break
+        peer.send_signal(signal.SIGTERM)
+        assert peer.wait(timeout=30) == 0
+        assert "stopped before the run assembled" in peer.stdout.read()
+    finally:
+        for proc in (peer, boot):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -233,7 +233,7 @@ def test_sigterm_stops_the_peer_cleanly(run: Run) -> None:
     """Last in the file: it ends the module's peer (and then the bootstrap)."""
     code = run.peer.stop()
     assert code == 0, run.peer.diagnostics()
-    run.peer.wait_for_line(r"peer 0 done: round \d+", timeout=10)
+    run.peer.wait_for_line(r"peer 0 stopped at round \d+ of 100000", timeout=10)
     assert not check(run.peer_address, timeout=2.0)[0], "the peer still answers"
     reply = call(run.bootstrap_address, "crossgrad.v1.Bootstrap/ListPeers", {})
     assert [field(p, "state") for p in field(reply, "peers")] == ["LEFT"], reply
