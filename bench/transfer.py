@@ -5,7 +5,8 @@
 
 A server process (this file with --serve) holds a float32 model of about --bytes bytes shaped like
 a small transformer (an embedding, 4 blocks of attention and MLP weights, their biases and layer
-norms) and serves it three ways; the main process fetches it each way --repeats times:
+norms) and serves it three ways; the main process fetches it each way, a warm-up and then
+--repeats times:
 
   raw TCP      sendall of the payload from a preallocated buffer, recv_into a preallocated
                bytearray, one persistent connection (a 1-byte request starts each transfer);
@@ -17,15 +18,23 @@ norms) and serves it three ways; the main process fetches it each way --repeats 
   unary        the naive baseline: the same payload as ONE gRPC message (raw bytes, identity
                serializers, generic handler, message limits raised to fit it).
 
+Two more rows say where GetModel's time goes: "GetModel, no decode" is the same call with the
+chunks only parsed by grpc (TensorChunk.FromString), not decoded; "pre-serialized stream" streams
+GetModel's exact bytes, serialized once at server start, with identity serializers on both sides:
+no protobuf and no tensor work, the ceiling of a gRPC stream of these messages in Python. The
+stage rows time, in the main process with no network, encode plus the servicer's per-chunk
+ByteSize, and decode of chunks already parsed.
+
 Throughput is payload bytes / wall time of one transfer (request to last byte validated), median
-over the repetitions; the ratio is to raw TCP measured in the same run. CPU columns are the CPU
-seconds each process spent per second of transfer (2.0 = two cores busy). Wire columns, per
-transfer: "modelled" sums peer.wire.frame_bytes over every message (what peer.metrics.Traffic
-counts); "socket" is the TCP payload the client socket received (tcpi_bytes_received from `ss -ti`:
-HTTP/2 frames, no TCP/IP headers); "lo" is the change of the loopback interface's rx counter in
-/proc/net/dev (both directions, TCP/IP headers and ACKs included, and any other loopback traffic
-on the machine: an upper bound). The stage rows time encode alone and decode alone (from chunks
-already in memory) in the main process: what each side costs without a network.
+over the repetitions; each repetition runs every method once, interleaved, so that load from other
+work on the machine falls on all alike; "x raw TCP" is the ratio to raw TCP in the same run. CPU
+columns are the CPU seconds each process spent per second of transfer (1.00 = one core busy).
+Wire columns, per transfer: "modelled" sums peer.wire.frame_bytes over every message (what
+peer.metrics.Traffic counts; it assumes 16 KiB HTTP/2 frames); "socket" is the TCP payload the
+client socket received (tcpi_bytes_received from `ss -ti`: the real HTTP/2 bytes, no TCP/IP
+headers); "lo" is the change of the loopback interface's rx counter in /proc/net/dev (both
+directions, TCP/IP headers and ACKs included, and any other loopback traffic on the machine: an
+upper bound). Minimums over the repetitions.
 
 --grpc-arg NAME=INT appends a channel argument to crossgrad.rpc's server and channel options for
 this run (GetModel only), to measure a setting before changing crossgrad/rpc.py.
@@ -67,7 +76,9 @@ from peer.metrics import Traffic  # noqa: E402
 from peer.node import Assignment, Node  # noqa: E402
 from peer.servicer import PeerServicer  # noqa: E402
 
-UNARY_SERVICE, UNARY_METHOD = "bench.Transfer", "Get"
+# The baselines' service (no proto): a unary method, and a stream of GetModel's exact bytes
+# serialized once at start (identity serializers: no protobuf work on either side).
+BASELINE_SERVICE, UNARY_METHOD, STREAM_METHOD = "bench.Transfer", "Get", "Stream"
 SENDER, REQUESTER, ROUND = 0, 1, 0
 BLOCKS, VOCAB = 4, 8192  # the model's shape: VOCAB x d embedding, BLOCKS transformer blocks
 CALL_TIMEOUT_S = 300.0
@@ -127,8 +138,16 @@ def add_grpc_args(extra: list[tuple[str, int]]) -> None:
     if not extra:
         return
     server_options, channel_options = rpc.server_options, rpc.channel_options
-    rpc.server_options = lambda n=rpc.DEFAULT_MAX_MESSAGE_BYTES: [*server_options(n), *extra]
-    rpc.channel_options = lambda n=rpc.DEFAULT_MAX_MESSAGE_BYTES: [*channel_options(n), *extra]
+
+    def server_with_extra(max_message_bytes: int = rpc.DEFAULT_MAX_MESSAGE_BYTES
+                          ) -> list[tuple[str, int]]:
+        return [*server_options(max_message_bytes), *extra]
+
+    def channel_with_extra(max_message_bytes: int = rpc.DEFAULT_MAX_MESSAGE_BYTES
+                           ) -> list[tuple[str, int]]:
+        return [*channel_options(max_message_bytes), *extra]
+
+    rpc.server_options, rpc.channel_options = server_with_extra, channel_with_extra
 
 
 def serve_raw(listener: socket.socket, payload: memoryview) -> None:
@@ -147,7 +166,7 @@ def serve(args: argparse.Namespace) -> int:
                 assignment=Assignment(neighbors=(REQUESTER,), weights={SENDER: .5, REQUESTER: .5}),
                 params=tensors)
     node.publish()  # round ROUND's snapshot is what GetModel serves
-    payload = b"".join(wire._byte_view(t).tobytes() for t in tensors)
+    payload = b"".join(t.numpy().tobytes() for t in tensors)  # the bytes GetModel carries
 
     add_grpc_args(args.grpc_arg)
     servicer = PeerServicer(Runtime(node, args.chunk_bytes))  # type: ignore[arg-type]
@@ -162,9 +181,15 @@ def serve(args: argparse.Namespace) -> int:
     unary_server = grpc.server(futures.ThreadPoolExecutor(4),
                                options=[("grpc.max_send_message_length", limit),
                                         ("grpc.max_receive_message_length", limit)])
-    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: payload)
+    serialized = [chunk.SerializeToString() for chunk in wire.encode(
+        names, tensors, sender_id=SENDER, round_=ROUND, chunk_bytes=args.chunk_bytes)]
+    handlers = {
+        UNARY_METHOD: grpc.unary_unary_rpc_method_handler(lambda request, context: payload),
+        STREAM_METHOD: grpc.unary_stream_rpc_method_handler(
+            lambda request, context: iter(serialized)),
+    }
     unary_server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler(UNARY_SERVICE, {UNARY_METHOD: handler})])
+        [grpc.method_handlers_generic_handler(BASELINE_SERVICE, handlers)])
     unary_port = unary_server.add_insecure_port("127.0.0.1:0")
     unary_server.start()
 
@@ -192,9 +217,13 @@ class Sample:
 
 
 def process_cpu(pid: int) -> float:
-    """utime + stime of a process, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """CPU seconds of a process's live threads (schedstat: ns), else utime + stime (ticks)."""
+    try:
+        return sum(int((task / "schedstat").read_text().split()[0])
+                   for task in Path(f"/proc/{pid}/task").iterdir()) / 1e9
+    except (OSError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def lo_rx_bytes() -> int:
@@ -270,12 +299,43 @@ def getmodel_transfer(port: int, specs: list[wire.TensorSpec],
     return run
 
 
+def check_getmodel(port: int, names: list[str], tensors: list[torch.Tensor],
+                   max_message_bytes: int) -> None:
+    """One GetModel whose tensors are compared with the model, not only checked by CRC."""
+    channel = rpc.make_channel(f"127.0.0.1:{port}", max_message_bytes=max_message_bytes)
+    call = peer_pb2_grpc.PeerStub(channel).GetModel(
+        peer_pb2.GetModelRequest(requester_id=REQUESTER, round=ROUND), timeout=CALL_TIMEOUT_S)
+    got = wire.decode(call, wire.specs_of(names, tensors), sender_id=SENDER, round_=ROUND)
+    channel.close()
+    if not all(torch.equal(a, b) for a, b in zip(got.tensors, tensors, strict=True)):
+        raise AssertionError("GetModel delivered other tensors than the server holds")
+
+
+def drain_transfer(port: int, max_message_bytes: int) -> Callable[[], None]:
+    """GetModel from the real server, the chunks only parsed (FromString), not decoded."""
+    channel = rpc.make_channel(f"127.0.0.1:{port}", max_message_bytes=max_message_bytes)
+    stub = peer_pb2_grpc.PeerStub(channel)
+    request = peer_pb2.GetModelRequest(requester_id=REQUESTER, round=ROUND)
+    def run() -> None:
+        for _ in stub.GetModel(request, timeout=CALL_TIMEOUT_S):
+            pass
+    return run
+
+
+def ceiling_transfer(port: int, max_message_bytes: int) -> Callable[[], int]:
+    """GetModel's bytes, serialized once by the server, received as bytes (no protobuf)."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}",
+                                    options=rpc.channel_options(max_message_bytes))
+    stream = channel.unary_stream(f"/{BASELINE_SERVICE}/{STREAM_METHOD}")
+    return lambda: sum(wire.frame_bytes(len(m)) for m in stream(b"", timeout=CALL_TIMEOUT_S))
+
+
 def unary_transfer(port: int, nbytes: int) -> Callable[[], int]:
     limit = nbytes + (1 << 20)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}",
                                     options=[("grpc.max_send_message_length", limit),
                                              ("grpc.max_receive_message_length", limit)])
-    get = channel.unary_unary(f"/{UNARY_SERVICE}/{UNARY_METHOD}")
+    get = channel.unary_unary(f"/{BASELINE_SERVICE}/{UNARY_METHOD}")
 
     def run() -> int:
         reply = get(b"", timeout=CALL_TIMEOUT_S, wait_for_ready=True)
@@ -368,23 +428,21 @@ def main() -> int:
     server = subprocess.Popen(child, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None
-        ports = json.loads(server.stdout.readline())
-        add_grpc_args(args.grpc_arg)
+        line = server.stdout.readline()
+        if not line:
+            raise SystemExit("the server process exited before listening (its error is above)")
+        ports = json.loads(line)
         max_message = max(rpc.DEFAULT_MAX_MESSAGE_BYTES, args.chunk_bytes + 4096)
-        getmodel = getmodel_transfer(ports["peer"], specs, max_message)
-        getmodel()  # the first call checks the bytes, not only their CRCs
-        call = peer_pb2_grpc.PeerStub(rpc.make_channel(
-            f"127.0.0.1:{ports['peer']}", max_message_bytes=max_message)).GetModel(
-            peer_pb2.GetModelRequest(requester_id=REQUESTER, round=ROUND))
-        got = wire.decode(call, specs, sender_id=SENDER, round_=ROUND).tensors
-        if not all(torch.equal(a, b) for a, b in zip(got, tensors, strict=True)):
-            raise AssertionError("GetModel delivered other tensors than the server holds")
-        del got
-
+        ceiling = ceiling_transfer(ports["unary"], max_message)  # before --grpc-arg applies
+        add_grpc_args(args.grpc_arg)
+        check_getmodel(ports["peer"], names, tensors, max_message)
         results = measure({
             "raw TCP": (raw_transfer(ports["raw"], payload), ports["raw"]),
-            "GetModel (stream)": (getmodel, ports["peer"]),
+            "GetModel (stream)": (getmodel_transfer(ports["peer"], specs, max_message),
+                                  ports["peer"]),
             "unary (1 message)": (unary_transfer(ports["unary"], payload), ports["unary"]),
+            "GetModel, no decode": (drain_transfer(ports["peer"], max_message), ports["peer"]),
+            "pre-serialized stream": (ceiling, ports["unary"]),
         }, args.repeats, server.pid)
     finally:
         if server.stdin:
@@ -394,11 +452,11 @@ def main() -> int:
     if not args.no_stages:
         chunks = list(wire.encode(names, tensors, sender_id=SENDER, round_=ROUND,
                                   chunk_bytes=args.chunk_bytes))
-        results["stage: encode only"] = stage_samples(
+        results["stage: encode + ByteSize"] = stage_samples(
             lambda: sum(c.ByteSize() for c in wire.encode(
                 names, tensors, sender_id=SENDER, round_=ROUND, chunk_bytes=args.chunk_bytes)),
             args.repeats)
-        results["stage: decode only"] = stage_samples(
+        results["stage: decode"] = stage_samples(
             lambda: wire.decode(chunks, specs, sender_id=SENDER, round_=ROUND), args.repeats)
 
     base = median([payload / s.seconds / 1e9 for s in results["raw TCP"]])

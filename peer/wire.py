@@ -14,9 +14,8 @@ whose gRPC status codes crossgrad/rpc.py maps in one table.
 
 from __future__ import annotations
 
-import ctypes
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import google_crc32c
@@ -42,17 +41,6 @@ TORCH_DTYPES = {code: dtype for dtype, code in DTYPES.items()}
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("crossgrad's wire format is little-endian; this machine is big-endian")
 
-# madvise(MADV_HUGEPAGE) for received tensors (_empty); None where not Linux.
-_HUGE_PAGE, _HUGE_MIN_BYTES, _MADV_HUGEPAGE = 2 << 20, 4 << 20, 14
-_madvise: Callable[[int, int, int], int] | None = None
-if sys.platform == "linux":
-    try:
-        _madvise = ctypes.CDLL(None, use_errno=True).madvise
-        _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _madvise.restype = ctypes.c_int
-    except (OSError, AttributeError):  # pragma: no cover
-        _madvise = None
-
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -77,22 +65,6 @@ def _byte_view(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).view(torch.uint8).numpy()  # (nbytes,)
 
 
-def _empty(spec: TensorSpec) -> torch.Tensor:
-    """torch.empty for a tensor about to be filled from the wire, asking Linux for huge pages.
-
-    Filling fresh memory costs a page fault per 4 KiB page; with 2 MiB pages decode writes a
-    large tensor several times faster (bench/transfer.py). numpy asks the same for its arrays of
-    4 MiB and more; torch only under THP_MEM_ALLOC_ENABLE=1. A hint: nothing changes if refused.
-    """
-    t = torch.empty(spec.shape, dtype=spec.dtype)
-    if _madvise is not None and spec.nbytes >= _HUGE_MIN_BYTES:
-        start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-        end = (t.data_ptr() + spec.nbytes) // _HUGE_PAGE * _HUGE_PAGE
-        if end > start:
-            _madvise(start, end - start, _MADV_HUGEPAGE)
-    return t
-
-
 def _readonly(a: np.ndarray) -> np.ndarray:
     view = a.view()
     view.flags.writeable = False  # google_crc32c takes read-only buffers only
@@ -106,10 +78,12 @@ def _all_finite(t: torch.Tensor) -> bool:
     made it most of decode's time (bench/transfer.py). numpy has no bfloat16: a bfloat16 is NaN or
     Inf exactly when its 8 exponent bits are all ones.
     """
+    if t.dtype in (torch.float16, torch.float32, torch.float64):
+        return bool(np.isfinite(t.reshape(-1).numpy()).all())
     if t.dtype == torch.bfloat16:
         bits = t.reshape(-1).view(torch.int16).numpy()  # (numel,)
         return not bool(np.any((bits & 0x7F80) == 0x7F80))
-    return bool(np.isfinite(t.reshape(-1).numpy()).all())
+    return bool(torch.isfinite(t).all())
 
 
 def _data_message_bytes(chunk: pb.TensorChunk, data: bytes) -> int:
@@ -214,7 +188,7 @@ def decode(chunks: Iterable[pb.TensorChunk], expected: Sequence[TensorSpec], *, 
     wire_bytes = frame_bytes(first.ByteSize())
     check_header(first.header, expected, sender_id=sender_id, round_=round_,
                  max_total_bytes=max_total_bytes)
-    tensors = [_empty(s) for s in expected]
+    tensors = [torch.empty(s.shape, dtype=s.dtype) for s in expected]
     views = [_byte_view(t) for t in tensors]
     crcs = [0] * len(tensors)  # CRC-32C of each tensor's bytes so far (0: of no bytes)
     total = int(first.header.total_bytes)
