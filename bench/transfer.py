@@ -74,7 +74,8 @@ from crossgrad.v1 import peer_pb2, peer_pb2_grpc  # noqa: E402
 from peer import wire  # noqa: E402
 from peer.metrics import Traffic  # noqa: E402
 from peer.node import Assignment, Node  # noqa: E402
-from peer.servicer import PeerServicer  # noqa: E402
+from peer.service import keep_freed_memory  # noqa: E402
+from peer.servicer import PeerServicer, add_to_server  # noqa: E402
 
 # The baselines' service (no proto): a unary method, and a stream of GetModel's exact bytes
 # serialized once at start (identity serializers: no protobuf work on either side).
@@ -173,7 +174,7 @@ def serve(args: argparse.Namespace) -> int:
     peer_server = rpc.make_server(
         "127.0.0.1:0",
         [rpc.Service("crossgrad.v1.Peer",
-                     lambda s: peer_pb2_grpc.add_PeerServicer_to_server(servicer, s))],
+                     lambda s: add_to_server(servicer, s))],
         max_message_bytes=max(rpc.DEFAULT_MAX_MESSAGE_BYTES, args.chunk_bytes + 4096))
     peer_server.set_serving()
 
@@ -290,11 +291,14 @@ def raw_transfer(port: int, nbytes: int) -> Callable[[], None]:
 def getmodel_transfer(port: int, specs: list[wire.TensorSpec],
                       max_message_bytes: int) -> Callable[[], int]:
     channel = rpc.make_channel(f"127.0.0.1:{port}", max_message_bytes=max_message_bytes)
-    stub = peer_pb2_grpc.PeerStub(channel)
+    get_model = channel.unary_stream(  # as peer/client.py GrpcNeighborhood: raw answers
+        "/crossgrad.v1.Peer/GetModel",
+        request_serializer=peer_pb2.GetModelRequest.SerializeToString,
+        response_deserializer=None)
     request = peer_pb2.GetModelRequest(requester_id=REQUESTER, round=ROUND)
 
     def run() -> int:  # as peer/client.py GrpcNeighborhood._stream
-        call = stub.GetModel(request, timeout=CALL_TIMEOUT_S, wait_for_ready=True)
+        call = get_model(request, timeout=CALL_TIMEOUT_S, wait_for_ready=True)
         return wire.decode(call, specs, sender_id=SENDER, round_=ROUND).wire_bytes
     return run
 
@@ -406,6 +410,7 @@ def main() -> int:
     parser.add_argument("--no-stages", action="store_true", help="skip the in-process stage rows")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    keep_freed_memory()  # as every peer process does (peer/service.py): both ends of the bench
     if args.serve:
         return serve(args)
 

@@ -14,12 +14,13 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
 from crossgrad.errors import ProtocolError
 from crossgrad.rpc import DEFAULT_MAX_MESSAGE_BYTES, from_rpc_error, make_channel, status_of
-from crossgrad.v1 import peer_pb2, peer_pb2_grpc, tensor_pb2
+from crossgrad.v1 import peer_pb2, peer_pb2_grpc
 from peer.metrics import Traffic
 from peer.node import Node, Params
 from peer.wire import decode, specs_of
@@ -68,7 +69,7 @@ class GrpcNeighborhood:
         with self._lock:
             self._addresses = dict(addresses)
 
-    def stub(self, peer: int) -> peer_pb2_grpc.PeerStub:
+    def channel(self, peer: int) -> grpc.Channel:
         with self._lock:
             address = self._addresses.get(peer)
             if address is None:
@@ -77,7 +78,18 @@ class GrpcNeighborhood:
             if channel is None:
                 channel = make_channel(address, max_message_bytes=self.max_message_bytes)
                 self._channels[address] = channel
-        return peer_pb2_grpc.PeerStub(channel)
+        return channel
+
+    def stub(self, peer: int) -> peer_pb2_grpc.PeerStub:
+        return peer_pb2_grpc.PeerStub(self.channel(peer))
+
+    def _raw_stream(self, peer: int, method: str,
+                    serializer: Callable[[Any], bytes]) -> Callable[..., Iterator[bytes]]:
+        """A tensor-stream method whose answers stay serialized bytes: peer/wire.decode reads
+        data messages straight out of them (no protobuf object, no extra copy)."""
+        return self.channel(peer).unary_stream(f"/crossgrad.v1.Peer/{method}",
+                                               request_serializer=serializer,
+                                               response_deserializer=None)
 
     def address(self, peer: int) -> str:
         with self._lock:
@@ -85,7 +97,7 @@ class GrpcNeighborhood:
 
     # ---- single calls (raise ProtocolError) ---------------------------------------------
     def _stream(self, peer: int, kind: str, round_: int,
-                start: Callable[..., Iterator[tensor_pb2.TensorChunk]], request: object,
+                start: Callable[..., Iterator[bytes]], request: object,
                 timeout: float | None) -> Params:
         what = f"{kind} of round {round_} from node {peer} at {self.address(peer)}"
         # wait_for_ready: a neighbor still starting (or restarting) is waited for, up to the
@@ -105,18 +117,18 @@ class GrpcNeighborhood:
 
     def fetch_model(self, peer: int, round_: int, timeout: float | None = None) -> Params:
         """x_peer^round, validated against this node's model."""
-        stub = self.stub(peer)
+        start = self._raw_stream(peer, "GetModel", peer_pb2.GetModelRequest.SerializeToString)
         request = peer_pb2.GetModelRequest(requester_id=self.node.id, round=round_)
-        params = self._stream(peer, "model", round_, stub.GetModel, request, timeout)
+        params = self._stream(peer, "model", round_, start, request, timeout)
         self.node.remember_model(peer, round_, params)
         return params
 
     def fetch_cross_gradient(self, peer: int, round_: int, timeout: float | None = None) -> Params:
         """grad F_peer(x_me^round; B_peer^round), computed at the peer."""
-        stub = self.stub(peer)
+        start = self._raw_stream(peer, "ComputeCrossGradient",
+                                 peer_pb2.CrossGradientRequest.SerializeToString)
         request = peer_pb2.CrossGradientRequest(requester_id=self.node.id, round=round_)
-        return self._stream(peer, "cross_gradient", round_, stub.ComputeCrossGradient, request,
-                            timeout)
+        return self._stream(peer, "cross_gradient", round_, start, request, timeout)
 
     # ---- the Neighborhood interface ------------------------------------------------------
     def _gather(self, round_: int, neighbors: Sequence[int],

@@ -16,9 +16,9 @@ import grpc
 
 from crossgrad.errors import DeadlineExceeded, InvalidMessage, NotANeighbor, StaleRound, Unavailable
 from crossgrad.rpc import translate_errors
-from crossgrad.v1 import peer_pb2, peer_pb2_grpc, tensor_pb2
+from crossgrad.v1 import peer_pb2, peer_pb2_grpc
 from peer.node import Node, Params
-from peer.wire import encode, frame_bytes
+from peer.wire import encode_raw, frame_bytes
 
 if TYPE_CHECKING:
     from peer.service import PeerRuntime
@@ -49,11 +49,12 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         return node
 
     def _stream(self, node: Node, params: Params, requester: int, round_: int,
-                kind: str) -> Iterator[tensor_pb2.TensorChunk]:
-        for chunk in encode(node.names, params, sender_id=node.id, round_=round_,
-                            chunk_bytes=self.runtime.chunk_bytes):
-            self.runtime.traffic.add_sent(requester, kind, frame_bytes(chunk.ByteSize()))
-            yield chunk
+                kind: str) -> Iterator[bytes]:
+        """Serialized TensorChunk messages (add_to_server registers a pass-through serializer)."""
+        for raw in encode_raw(node.names, params, sender_id=node.id, round_=round_,
+                              chunk_bytes=self.runtime.chunk_bytes):
+            self.runtime.traffic.add_sent(requester, kind, frame_bytes(len(raw)))
+            yield raw
 
     @staticmethod
     def _remaining(context: grpc.ServicerContext, cap: float) -> float:
@@ -62,7 +63,7 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
 
     @translate_errors
     def GetModel(self, request: peer_pb2.GetModelRequest,
-                 context: grpc.ServicerContext) -> Iterator[tensor_pb2.TensorChunk]:
+                 context: grpc.ServicerContext) -> Iterator[bytes]:
         node = self._node_for(request.requester_id, request.round,
                               self._remaining(context, self.runtime.timeout))
         if not node.wait_published(request.round, self._remaining(context, self.runtime.timeout)):
@@ -73,7 +74,7 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
 
     @translate_errors
     def ComputeCrossGradient(self, request: peer_pb2.CrossGradientRequest,
-                             context: grpc.ServicerContext) -> Iterator[tensor_pb2.TensorChunk]:
+                             context: grpc.ServicerContext) -> Iterator[bytes]:
         node = self._node_for(request.requester_id, request.round,
                               self._remaining(context, self.runtime.timeout))
         requester, round_ = request.requester_id, request.round
@@ -90,3 +91,29 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
     def GetStatus(self, request: peer_pb2.GetStatusRequest,
                   context: grpc.ServicerContext) -> peer_pb2.PeerStatus:
         return self.runtime.status()
+
+
+def _passthrough(message: bytes | object) -> bytes:
+    """Tensor streams are serialized by peer/wire.py already; anything else the usual way."""
+    if isinstance(message, bytes):
+        return message
+    return message.SerializeToString()  # type: ignore[attr-defined]
+
+
+def add_to_server(servicer: PeerServicer, server: grpc.Server) -> None:
+    """Register crossgrad.v1.Peer like the generated add_PeerServicer_to_server, except that
+    the tensor streams go out as the bytes peer/wire.encode_raw wrote (one copy fewer)."""
+    handlers = {
+        "GetModel": grpc.unary_stream_rpc_method_handler(
+            servicer.GetModel, request_deserializer=peer_pb2.GetModelRequest.FromString,
+            response_serializer=_passthrough),
+        "ComputeCrossGradient": grpc.unary_stream_rpc_method_handler(
+            servicer.ComputeCrossGradient,
+            request_deserializer=peer_pb2.CrossGradientRequest.FromString,
+            response_serializer=_passthrough),
+        "GetStatus": grpc.unary_unary_rpc_method_handler(
+            servicer.GetStatus, request_deserializer=peer_pb2.GetStatusRequest.FromString,
+            response_serializer=peer_pb2.PeerStatus.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("crossgrad.v1.Peer",
+                                                                          handlers),))

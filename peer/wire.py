@@ -17,10 +17,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import google_crc32c
 import numpy as np
 import torch
+from google.protobuf.message import DecodeError
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from crossgrad.errors import InvalidMessage, TooLarge, TruncatedStream
@@ -96,9 +98,33 @@ def _data_message_bytes(chunk: pb.TensorChunk, data: bytes) -> int:
     return 2 + n + (n.bit_length() - 1) // 7 if n else 2
 
 
-def encode(names: Sequence[str], tensors: Sequence[torch.Tensor], *, sender_id: int, round_: int,
-           chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
-    """Header, then payload pieces of at most chunk_bytes each (pieces span tensor boundaries)."""
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+_DATA_TAG = b"\x12"  # TensorChunk field 2 (data), wire type 2 (length-delimited)
+
+
+def encode_raw(names: Sequence[str], tensors: Sequence[torch.Tensor], *, sender_id: int,
+               round_: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+    """The stream as serialized TensorChunk messages: the header, then data pieces of at most
+    chunk_bytes (pieces span tensor boundaries).
+
+    A data message is written by hand (tag, varint length, bytes): one copy from the tensors'
+    memory into the message, instead of tobytes + protobuf's copy + its serialization. The
+    bytes are exactly what TensorChunk(data=...).SerializeToString() gives (a test says so),
+    so any gRPC client (grpcurl included) reads them as TensorChunk messages.
+    """
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     cpu = [t.detach().to("cpu").contiguous() for t in tensors]
     views = [_byte_view(t) for t in cpu]
     headers = [pb.TensorHeader(name=n, shape=list(t.shape), dtype=DTYPES[t.dtype],  # type: ignore[arg-type]
@@ -107,21 +133,67 @@ def encode(names: Sequence[str], tensors: Sequence[torch.Tensor], *, sender_id: 
                for n, t, v in zip(names, cpu, views, strict=True)]
     total = sum(v.nbytes for v in views)
     yield pb.TensorChunk(header=pb.StreamHeader(tensors=headers, total_bytes=total,
-                                                sender_id=sender_id, round=round_))
-    pending: list[bytes] = []
+                                                sender_id=sender_id, round=round_)
+                         ).SerializeToString()
+    pending: list[memoryview] = []
     pending_bytes = 0
     for v in views:
+        mv = v.data  # memoryview of the tensor bytes, no copy
         offset = 0
         while offset < v.nbytes:
             take = min(chunk_bytes - pending_bytes, v.nbytes - offset)
-            pending.append(v[offset:offset + take].tobytes())
+            pending.append(mv[offset:offset + take])
             pending_bytes += take
             offset += take
             if pending_bytes == chunk_bytes:
-                yield pb.TensorChunk(data=pending[0] if len(pending) == 1 else b"".join(pending))
+                yield b"".join([_DATA_TAG, _varint(pending_bytes), *pending])
                 pending, pending_bytes = [], 0
     if pending:
-        yield pb.TensorChunk(data=b"".join(pending))
+        yield b"".join([_DATA_TAG, _varint(pending_bytes), *pending])
+
+
+def encode(names: Sequence[str], tensors: Sequence[torch.Tensor], *, sender_id: int, round_: int,
+           chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
+    """encode_raw as TensorChunk objects (for servers built on the generated stubs, and tests)."""
+    for raw in encode_raw(names, tensors, sender_id=sender_id, round_=round_,
+                          chunk_bytes=chunk_bytes):
+        yield pb.TensorChunk.FromString(raw)
+
+
+def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
+    """(value, position after it) of the varint at raw[pos]; (-1, pos) if malformed."""
+    value, shift = 0, 0
+    while pos < len(raw) and shift < 64:
+        byte = raw[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    return -1, pos
+
+
+Message: TypeAlias = pb.TensorChunk | bytes  # a parsed message, or its serialized bytes
+
+
+def _parse(message: Message) -> tuple[pb.TensorChunk | None, memoryview | bytes | None, int]:
+    """(chunk, data, serialized size) of one stream message; chunk is None for a plain data
+    message read without protobuf (no copy), data is None for anything else."""
+    if isinstance(message, bytes):
+        if message[:1] == _DATA_TAG:
+            n, pos = _read_varint(message, 1)
+            if n >= 0 and pos + n == len(message):  # exactly one field: the data
+                return None, memoryview(message)[pos:], len(message)
+        try:
+            chunk = pb.TensorChunk.FromString(message)
+        except DecodeError as exc:
+            raise InvalidMessage(f"a stream message is not a valid TensorChunk ({exc})") from None
+        data = chunk.data if chunk.WhichOneof("part") == "data" else None
+        return chunk, data, len(message)
+    if message.WhichOneof("part") == "data":
+        data = message.data
+        return message, data, _data_message_bytes(message, data)
+    return message, None, message.ByteSize()
 
 
 @dataclass(frozen=True)
@@ -170,7 +242,7 @@ def check_header(header: pb.StreamHeader, expected: Sequence[TensorSpec], *, sen
         raise TooLarge(f"stream of {total} bytes is above the limit of {max_total_bytes} bytes")
 
 
-def decode(chunks: Iterable[pb.TensorChunk], expected: Sequence[TensorSpec], *, sender_id: int,
+def decode(chunks: Iterable[Message], expected: Sequence[TensorSpec], *, sender_id: int,
            round_: int, max_total_bytes: int = 1 << 34,
            max_chunk_bytes: int = 8 * DEFAULT_CHUNK_BYTES) -> Decoded:
     """Reassemble and validate a stream into freshly allocated tensors.
@@ -180,12 +252,13 @@ def decode(chunks: Iterable[pb.TensorChunk], expected: Sequence[TensorSpec], *, 
     stream or a piece above the limits.
     """
     iterator = iter(chunks)
-    first = next(iterator, None)
-    if first is None:
+    message = next(iterator, None)
+    if message is None:
         raise TruncatedStream("the stream ended before its header")
-    if first.WhichOneof("part") != "header":
+    first, _, size = _parse(message)
+    if first is None or first.WhichOneof("part") != "header":
         raise InvalidMessage("the stream's first message must be its header")
-    wire_bytes = frame_bytes(first.ByteSize())
+    wire_bytes = frame_bytes(size)
     check_header(first.header, expected, sender_id=sender_id, round_=round_,
                  max_total_bytes=max_total_bytes)
     tensors = [torch.empty(s.shape, dtype=s.dtype) for s in expected]
@@ -193,18 +266,22 @@ def decode(chunks: Iterable[pb.TensorChunk], expected: Sequence[TensorSpec], *, 
     crcs = [0] * len(tensors)  # CRC-32C of each tensor's bytes so far (0: of no bytes)
     total = int(first.header.total_bytes)
     k, offset, received = 0, 0, 0  # current tensor, offset in it, bytes so far
-    for chunk in iterator:
-        if chunk.WhichOneof("part") != "data":
-            raise InvalidMessage("a second header arrived in the middle of the stream")
-        data = chunk.data
-        wire_bytes += frame_bytes(_data_message_bytes(chunk, data))
+    for message in iterator:
+        chunk, data, size = _parse(message)
+        if data is None:
+            part = chunk.WhichOneof("part") if chunk is not None else None
+            raise InvalidMessage("a second header arrived in the middle of the stream"
+                                 if part == "header" else
+                                 "a stream message after the header carries no data")
+        wire_bytes += frame_bytes(size)
         if len(data) > max_chunk_bytes:
             raise TooLarge(f"a piece of {len(data)} bytes is above the limit of "
                            f"{max_chunk_bytes} bytes")
         if received + len(data) > total:
             raise InvalidMessage(f"the stream carries more than the {total} bytes its header "
                                  "declares")
-        src = np.frombuffer(data, dtype=np.uint8)  # read-only, as google_crc32c wants
+        src = np.frombuffer(data, dtype=np.uint8)
+        src.flags.writeable = False  # google_crc32c takes read-only buffers only
         pos = 0
         while pos < len(src):
             while views[k].nbytes == offset:  # skip finished (or empty) tensors
