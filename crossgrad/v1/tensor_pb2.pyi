@@ -22,6 +22,12 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CODEC_UNSPECIFIED: _ClassVar[Codec]
     CODEC_NONE: _ClassVar[Codec]
+    CODEC_FP16: _ClassVar[Codec]
+    CODEC_BF16: _ClassVar[Codec]
+    CODEC_TOPK: _ClassVar[Codec]
+    CODEC_RANDK: _ClassVar[Codec]
+    CODEC_QSGD: _ClassVar[Codec]
+    CODEC_SIGN: _ClassVar[Codec]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT64: DType
@@ -32,6 +38,12 @@ DTYPE_INT32: DType
 DTYPE_INT64: DType
 CODEC_UNSPECIFIED: Codec
 CODEC_NONE: Codec
+CODEC_FP16: Codec
+CODEC_BF16: Codec
+CODEC_TOPK: Codec
+CODEC_RANDK: Codec
+CODEC_QSGD: Codec
+CODEC_SIGN: Codec
 
 class TensorHeader(_message.Message):
     __slots__ = ("name", "shape", "dtype", "codec", "codec_params", "byte_length", "crc32c")
