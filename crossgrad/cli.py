@@ -40,8 +40,11 @@ def _help(name: str) -> str:
     from peer.training.models import MODELS
     from peer.training.partitions import PARTITION_NAMES
 
+    from peer.compression import COMPRESSOR_NAMES
+
     default = getattr(RunConfig(), name)
     known = {
+        "compressor": list(COMPRESSOR_NAMES),
         "algorithm": sorted(ALGORITHMS), "dataset": sorted(DATASETS), "model": sorted(MODELS),
         "topology": list(TOPOLOGY_NAMES), "partition": list(PARTITION_NAMES),
         "device": list(DEVICES),

@@ -49,10 +49,15 @@ class RunConfig:
     seed: int = 123  # run seed: model init, partitions, batches (CGA code's seed)
     device: str = "auto"  # auto uses a GPU when there is one
     eval_every: int = 25  # rounds between evaluations on the test set (and the last round)
+    compressor: str = ""  # cross-gradient compressor ("": none for cga/ngc, sign for comp*)
+    model_compressor: str = ""  # model messages: only "" / "none" (see docs/algorithms.md)
 
     def __post_init__(self) -> None:
         if not self.model:
             object.__setattr__(self, "model", DEFAULT_MODEL.get(self.dataset, "mlp"))
+        if not self.compressor:
+            default = "sign" if self.algorithm.startswith("comp") else "none"
+            object.__setattr__(self, "compressor", default)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -90,6 +95,16 @@ def validate(config: RunConfig) -> RunConfig:
     if not 0 <= config.alpha <= 1:
         raise ConfigError(f"--alpha must be in [0, 1]; got {config.alpha}")
     build_topology(config.topology, config.nodes, config.seed)  # name, parameters and n
+    from peer.compression import make as make_compressor
+
+    make_compressor(config.compressor)  # name and parameters (k, s)
+    if config.model_compressor not in ("", "none"):
+        raise ConfigError(
+            f"--model-compressor {config.model_compressor} is refused: compressing model "
+            "messages breaks the algorithms' mixing step (a node would average its exact model "
+            "with its neighbors' lossy copies, and error feedback cannot repair a model that "
+            "was never sent); it needs CHOCO-style replicas, which crossgrad does not have "
+            "yet. Compress cross-gradients with --compressor instead")
     return config
 
 

@@ -15,6 +15,8 @@ from bootstrap.topology import Topology, build_topology, metropolis_hastings_wei
 from crossgrad.config import RunConfig
 from crossgrad.errors import ConfigError
 from peer import algorithms
+from peer.compression import ErrorFeedback
+from peer.compression import make as make_compressor
 from peer.node import Assignment, Node
 from peer.training.datasets import Dataset, load_dataset
 from peer.training.models import make_model
@@ -71,7 +73,10 @@ def make_node(config: RunConfig, data: RunData, node_id: int, assignment: Assign
     trainer = Trainer(node_id, model, ds.train_x[idx], ds.train_y[idx],
                       Schedule(config.batch_size, config.lr, config.lr_decay), config.seed, device)
     hp = algorithms.Hyperparameters(momentum=config.momentum, margin=config.margin,
-                                    gamma=config.gamma, alpha=config.alpha)
+                                    gamma=config.gamma, alpha=config.alpha,
+                                    compressor=config.compressor)
     algo = algorithms.make(config.algorithm, hp)
     params = [p.detach() for p in model.parameters()]
-    return Node(node_id, trainer, algo, assignment, params)
+    feedback = (None if config.compressor == "none"
+                else ErrorFeedback(make_compressor(config.compressor)))
+    return Node(node_id, trainer, algo, assignment, params, feedback=feedback)

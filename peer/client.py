@@ -18,9 +18,10 @@ from typing import Any
 
 import grpc
 
-from crossgrad.errors import ProtocolError
+from crossgrad.errors import InvalidMessage, ProtocolError
 from crossgrad.rpc import DEFAULT_MAX_MESSAGE_BYTES, from_rpc_error, make_channel, status_of
 from crossgrad.v1 import peer_pb2, peer_pb2_grpc
+from peer.compression import Compressor
 from peer.metrics import Traffic
 from peer.node import Node, Params
 from peer.wire import decode, specs_of
@@ -98,7 +99,7 @@ class GrpcNeighborhood:
     # ---- single calls (raise ProtocolError) ---------------------------------------------
     def _stream(self, peer: int, kind: str, round_: int,
                 start: Callable[..., Iterator[bytes]], request: object,
-                timeout: float | None) -> Params:
+                timeout: float | None, compressor: Compressor | None = None) -> Params:
         what = f"{kind} of round {round_} from node {peer} at {self.address(peer)}"
         # wait_for_ready: a neighbor still starting (or restarting) is waited for, up to the
         # deadline, instead of failing at once with "connection refused".
@@ -106,7 +107,7 @@ class GrpcNeighborhood:
                      wait_for_ready=True)
         try:
             decoded = decode(call, specs_of(self.node.names, self.node.params), sender_id=peer,
-                             round_=round_)
+                             round_=round_, compressor=compressor)
         except grpc.RpcError as err:
             raise from_rpc_error(err, what) from None
         except ProtocolError as exc:
@@ -128,7 +129,9 @@ class GrpcNeighborhood:
         start = self._raw_stream(peer, "ComputeCrossGradient",
                                  peer_pb2.CrossGradientRequest.SerializeToString)
         request = peer_pb2.CrossGradientRequest(requester_id=self.node.id, round=round_)
-        return self._stream(peer, "cross_gradient", round_, start, request, timeout)
+        feedback = self.node.feedback  # the run's cross-gradient compressor, if any
+        return self._stream(peer, "cross_gradient", round_, start, request, timeout,
+                            feedback.compressor if feedback is not None else None)
 
     # ---- the Neighborhood interface ------------------------------------------------------
     def _gather(self, round_: int, neighbors: Sequence[int],
@@ -138,7 +141,12 @@ class GrpcNeighborhood:
         for j, job in jobs.items():
             try:
                 out[j] = job.result()
-            except ProtocolError as exc:
+            except Exception as exc:  # a neighbor's answer must never end this node's round
+                if not isinstance(exc, ProtocolError):
+                    log.exception("node %d round %d: unexpected error on node %d's answer",
+                                  self.node.id, round_, j)
+                    exc = InvalidMessage(f"node {j}'s answer could not be used: "
+                                         f"{type(exc).__name__}: {exc}")
                 _, code = status_of(exc)
                 rejected = code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS,
                                     grpc.StatusCode.RESOURCE_EXHAUSTED)

@@ -29,6 +29,8 @@ import torch
 
 from crossgrad.errors import StaleRound
 from peer.algorithms.base import Algorithm, Params, StepInputs
+from peer.compression import Compressed, ErrorFeedback
+from peer.training.seeding import derive_seed
 from peer.training.trainer import Trainer
 
 
@@ -79,7 +81,8 @@ class Node:
     """One participant: state, the round driver over a Neighborhood, and what it serves."""
 
     def __init__(self, node_id: int, trainer: Trainer, algorithm: Algorithm,
-                 assignment: Assignment, params: Params, keep_rounds: int = 4) -> None:
+                 assignment: Assignment, params: Params, keep_rounds: int = 4,
+                 feedback: ErrorFeedback | None = None) -> None:
         self.id = node_id
         self.trainer = trainer
         self.algorithm = algorithm
@@ -89,6 +92,11 @@ class Node:
         self.keep_rounds = keep_rounds
         self._snapshots: dict[int, Params] = {}
         self._cross: dict[tuple[int, int], Params] = {}
+        # Sender-side compression of served cross-gradients, error feedback per (link, tensor)
+        # (ALGORITHMS.md, compcga); None sends them dense. The records are what goes on the wire;
+        # _cross holds their decompressed form, which NGC's model-variant term also uses.
+        self.feedback = feedback
+        self._cross_records: dict[tuple[int, int], list[Compressed]] = {}
         self._neighbor_models: dict[tuple[int, int], Params] = {}
         self._lock = threading.RLock()
         self._published = threading.Condition(self._lock)
@@ -109,7 +117,7 @@ class Node:
             for old in [r for r in self._snapshots if r <= self.round - self.keep_rounds]:
                 del self._snapshots[old]
             stale = self.round - self.keep_rounds
-            for cache in (self._cross, self._neighbor_models):
+            for cache in (self._cross, self._neighbor_models, self._cross_records):
                 for key in [k for k in cache if k[1] <= stale]:
                     del cache[key]
             self._published.notify_all()
@@ -148,8 +156,21 @@ class Node:
         with self._lock:
             if key not in self._cross:
                 _, grads = self.trainer.gradient(requester_params, round_, f"cross:{requester}")
+                if self.feedback is not None:
+                    records = [
+                        self.feedback.compress(requester, k, g, seed=derive_seed(
+                            self.trainer.seed, self.id, round_, "compress", requester, k))
+                        for k, g in enumerate(grads)]
+                    self._cross_records[key] = records
+                    grads = [self.feedback.compressor.decompress(r).to(g.dtype)
+                             for r, g in zip(records, grads, strict=True)]
                 self._cross[key] = grads
             return self._cross[key]
+
+    def cross_gradient_records(self, requester: int, round_: int) -> list[Compressed] | None:
+        """The compressed form of a computed cross-gradient (None when sent dense)."""
+        with self._lock:
+            return self._cross_records.get((requester, round_))
 
     def has_cross_gradient(self, requester: int, round_: int) -> bool:
         with self._lock:
@@ -179,7 +200,8 @@ class Node:
         with torch.no_grad():
             new_params = algo.step(StepInputs(
                 node=self.id, params=self.params, neighbor_params=nbr_params, weights=weights,
-                self_grad=self_grad, lr=self.trainer.lr(t), received=received, local=local))
+                self_grad=self_grad, lr=self.trainer.lr(t), received=received, local=local,
+                round=t, seed=self.trainer.seed))
         with self._lock:
             self.params = new_params
             self.round = t + 1

@@ -18,7 +18,7 @@ from crossgrad.errors import DeadlineExceeded, InvalidMessage, NotANeighbor, Sta
 from crossgrad.rpc import translate_errors
 from crossgrad.v1 import peer_pb2, peer_pb2_grpc
 from peer.node import Node, Params
-from peer.wire import encode_raw, frame_bytes
+from peer.wire import encode_compressed_raw, encode_raw, frame_bytes
 
 if TYPE_CHECKING:
     from peer.service import PeerRuntime
@@ -85,7 +85,14 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
                 params = self.runtime.fetch_model(requester, round_,
                                                   self._remaining(context, self.runtime.timeout))
             grads = node.cross_gradient(requester, round_, params)
-        yield from self._stream(node, grads, requester, round_, "cross_gradient")
+        records = node.cross_gradient_records(requester, round_)
+        if records is None:
+            yield from self._stream(node, grads, requester, round_, "cross_gradient")
+            return
+        for raw in encode_compressed_raw(node.names, records, sender_id=node.id, round_=round_,
+                                         chunk_bytes=self.runtime.chunk_bytes):
+            self.runtime.traffic.add_sent(requester, "cross_gradient", frame_bytes(len(raw)))
+            yield raw
 
     @translate_errors
     def GetStatus(self, request: peer_pb2.GetStatusRequest,

@@ -28,6 +28,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from crossgrad.errors import InvalidMessage, TooLarge, TruncatedStream
 from crossgrad.rpc import DEFAULT_CHUNK_BYTES
 from crossgrad.v1 import tensor_pb2 as pb
+from peer.compression import Compressed, Compressor
 
 DTYPES: dict[torch.dtype, int] = {
     torch.float32: pb.DTYPE_FLOAT32,
@@ -39,6 +40,13 @@ DTYPES: dict[torch.dtype, int] = {
     torch.int64: pb.DTYPE_INT64,
 }
 TORCH_DTYPES = {code: dtype for dtype, code in DTYPES.items()}
+# Compressor name (peer/compression) <-> wire codec; a test keeps it in bijection with the
+# compressor registry.
+CODECS: dict[str, int] = {
+    "none": pb.CODEC_NONE, "fp16": pb.CODEC_FP16, "bf16": pb.CODEC_BF16, "topk": pb.CODEC_TOPK,
+    "randk": pb.CODEC_RANDK, "qsgd": pb.CODEC_QSGD, "sign": pb.CODEC_SIGN,
+}
+CODEC_NAMES = {code: name for name, code in CODECS.items()}
 
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("crossgrad's wire format is little-endian; this machine is big-endian")
@@ -123,14 +131,31 @@ def encode_raw(names: Sequence[str], tensors: Sequence[torch.Tensor], *, sender_
     bytes are exactly what TensorChunk(data=...).SerializeToString() gives (a test says so),
     so any gRPC client (grpcurl included) reads them as TensorChunk messages.
     """
-    if chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     cpu = [t.detach().to("cpu").contiguous() for t in tensors]
     views = [_byte_view(t) for t in cpu]
     headers = [pb.TensorHeader(name=n, shape=list(t.shape), dtype=DTYPES[t.dtype],  # type: ignore[arg-type]
                                codec=pb.CODEC_NONE, byte_length=v.nbytes,
                                crc32c=google_crc32c.value(_readonly(v)))
                for n, t, v in zip(names, cpu, views, strict=True)]
+    yield from _stream_raw(headers, views, sender_id, round_, chunk_bytes)
+
+
+def encode_compressed_raw(names: Sequence[str], records: Sequence[Compressed], *, sender_id: int,
+                          round_: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+    """encode_raw for compressed tensors: each header names the codec and carries its scalars
+    (codec_params); the payload is the compressor's packed bytes."""
+    views = [np.frombuffer(r.payload, dtype=np.uint8) for r in records]
+    headers = [pb.TensorHeader(name=n, shape=list(r.shape), dtype=DTYPES[r.dtype],  # type: ignore[arg-type]
+                               codec=CODECS[r.codec], codec_params=r.params,  # type: ignore[arg-type]
+                               byte_length=len(r.payload), crc32c=google_crc32c.value(r.payload))
+               for n, r in zip(names, records, strict=True)]
+    yield from _stream_raw(headers, views, sender_id, round_, chunk_bytes)
+
+
+def _stream_raw(headers: list[pb.TensorHeader], views: list[np.ndarray], sender_id: int,
+                round_: int, chunk_bytes: int) -> Iterator[bytes]:
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     total = sum(v.nbytes for v in views)
     yield pb.TensorChunk(header=pb.StreamHeader(tensors=headers, total_bytes=total,
                                                 sender_id=sender_id, round=round_)
@@ -138,7 +163,7 @@ def encode_raw(names: Sequence[str], tensors: Sequence[torch.Tensor], *, sender_
     pending: list[memoryview] = []
     pending_bytes = 0
     for v in views:
-        mv = v.data  # memoryview of the tensor bytes, no copy
+        mv = v.data  # memoryview of the bytes, no copy
         offset = 0
         while offset < v.nbytes:
             take = min(chunk_bytes - pending_bytes, v.nbytes - offset)
@@ -207,7 +232,7 @@ class Decoded:
 
 
 def check_header(header: pb.StreamHeader, expected: Sequence[TensorSpec], *, sender_id: int,
-                 round_: int, max_total_bytes: int) -> None:
+                 round_: int, max_total_bytes: int, codec: str = "none") -> None:
     """Every header field against the receiver's own model; raise the precise error."""
     if header.sender_id != sender_id:
         raise InvalidMessage(f"stream says it comes from node {header.sender_id}; "
@@ -228,12 +253,16 @@ def check_header(header: pb.StreamHeader, expected: Sequence[TensorSpec], *, sen
             got = pb.DType.Name(h.dtype) if h.dtype in pb.DType.values() else str(h.dtype)
             raise InvalidMessage(f"{where}: dtype {got}, expected "
                                  f"{pb.DType.Name(DTYPES[spec.dtype])}")
-        if h.codec != pb.CODEC_NONE:
+        if h.codec != CODECS[codec]:
             got = pb.Codec.Name(h.codec) if h.codec in pb.Codec.values() else str(h.codec)
-            raise InvalidMessage(f"{where}: codec {got} is not accepted here; expected CODEC_NONE")
-        if h.byte_length != spec.nbytes:
+            raise InvalidMessage(f"{where}: codec {got} is not accepted here; expected "
+                                 f"{pb.Codec.Name(CODECS[codec])} (the run's compressor)")
+        if codec == "none" and h.byte_length != spec.nbytes:
             raise InvalidMessage(f"{where}: byte_length {h.byte_length}, expected {spec.nbytes} "
                                  f"for shape {spec.shape} of {spec.dtype}")
+        if codec != "none" and h.byte_length > 2 * spec.nbytes + 1024:
+            raise InvalidMessage(f"{where}: byte_length {h.byte_length} is more than any "
+                                 f"{codec} encoding of shape {spec.shape} of {spec.dtype} takes")
         total += h.byte_length
     if header.total_bytes != total:
         raise InvalidMessage(f"total_bytes {header.total_bytes} is not the sum of the tensors' "
@@ -244,7 +273,8 @@ def check_header(header: pb.StreamHeader, expected: Sequence[TensorSpec], *, sen
 
 def decode(chunks: Iterable[Message], expected: Sequence[TensorSpec], *, sender_id: int,
            round_: int, max_total_bytes: int = 1 << 34,
-           max_chunk_bytes: int = 8 * DEFAULT_CHUNK_BYTES) -> Decoded:
+           max_chunk_bytes: int = 8 * DEFAULT_CHUNK_BYTES,
+           compressor: Compressor | None = None) -> Decoded:
     """Reassemble and validate a stream into freshly allocated tensors.
 
     InvalidMessage: a bad header, data before the header, a second header, extra bytes, a
@@ -259,11 +289,15 @@ def decode(chunks: Iterable[Message], expected: Sequence[TensorSpec], *, sender_
     if first is None or first.WhichOneof("part") != "header":
         raise InvalidMessage("the stream's first message must be its header")
     wire_bytes = frame_bytes(size)
+    codec = "none" if compressor is None else compressor.name
     check_header(first.header, expected, sender_id=sender_id, round_=round_,
-                 max_total_bytes=max_total_bytes)
-    tensors = [torch.empty(s.shape, dtype=s.dtype) for s in expected]
-    views = [_byte_view(t) for t in tensors]
-    crcs = [0] * len(tensors)  # CRC-32C of each tensor's bytes so far (0: of no bytes)
+                 max_total_bytes=max_total_bytes, codec=codec)
+    if compressor is None:
+        tensors = [torch.empty(s.shape, dtype=s.dtype) for s in expected]
+        views = [_byte_view(t) for t in tensors]
+    else:  # the packed payloads first; decompressed (and validated) once complete
+        views = [np.empty(h.byte_length, dtype=np.uint8) for h in first.header.tensors]
+    crcs = [0] * len(views)  # CRC-32C of each tensor's bytes so far (0: of no bytes)
     total = int(first.header.total_bytes)
     k, offset, received = 0, 0, 0  # current tensor, offset in it, bytes so far
     for message in iterator:
@@ -294,9 +328,19 @@ def decode(chunks: Iterable[Message], expected: Sequence[TensorSpec], *, sender_
         received += len(data)
     if received < total:
         raise TruncatedStream(f"the stream ended after {received} of {total} bytes")
-    for h, t, crc in zip(first.header.tensors, tensors, crcs, strict=True):
+    for h, crc in zip(first.header.tensors, crcs, strict=True):
         if crc != h.crc32c:
             raise InvalidMessage(f"tensor {h.name!r}: CRC-32C mismatch (corrupted in transit)")
+    if compressor is not None:
+        tensors = []
+        for h, spec, v in zip(first.header.tensors, expected, views, strict=True):
+            record = Compressed(codec=codec, shape=spec.shape, dtype=spec.dtype,
+                                params=dict(h.codec_params), payload=v.tobytes())
+            try:
+                tensors.append(compressor.decompress(record))
+            except InvalidMessage as exc:
+                raise InvalidMessage(f"tensor {h.name!r}: {exc}") from None
+    for h, t in zip(first.header.tensors, tensors, strict=True):
         if t.is_floating_point() and not _all_finite(t):
             raise InvalidMessage(f"tensor {h.name!r} holds NaN or Inf")
     return Decoded(tensors=tensors, sender_id=sender_id, round=round_, wire_bytes=wire_bytes)

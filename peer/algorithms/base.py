@@ -42,6 +42,8 @@ class StepInputs:
     lr: float
     received: Mapping[int, Params] = field(default_factory=dict)
     local: Mapping[int, Params] = field(default_factory=dict)
+    round: int = 0  # seeds the stochastic compressors of compcga / compngc
+    seed: int = 0  # the run seed
 
 
 def mix(node: int, params: Params, neighbor_params: Mapping[int, Params],
@@ -112,6 +114,8 @@ class Hyperparameters:
     qp_eps: ridge on the scaled Gram matrix (see peer/algorithms/qp.py).
     gamma: NGC's consensus step size (0.1 in the NGC code; 1 mixes fully).
     alpha: NGC's weight on the data-variant (received) term; 0 skips the cross-gradient RPCs.
+    compressor: compcga / compngc pass the self-gradient through this compressor with its own
+        error-feedback memory, as the senders do with the cross-gradients.
     """
 
     momentum: float = 0.9
@@ -119,6 +123,7 @@ class Hyperparameters:
     qp_eps: float = 1e-12
     gamma: float = 0.1
     alpha: float = 1.0
+    compressor: str = "none"  # compcga / compngc: the self-gradient's compressor (ALGORITHMS.md)
 
 
 ALGORITHMS: dict[str, Callable[[Hyperparameters], Algorithm]] = {}

@@ -52,27 +52,32 @@ def pack_uint(values: np.ndarray, width: int) -> bytes:
     if width < 8:
         # Eight fields fill exactly `width` bytes: build one uint64 word per group of eight.
         groups = -(-n // 8)
-        v = np.zeros(groups * 8, np.uint8)
-        v[:n] = values
-        v = v.reshape(groups, 8)
+        flat = np.zeros(groups * 8, np.uint8)
+        flat[:n] = values
+        v = flat.reshape(groups, 8)
         word = np.zeros(groups, _U64)
         for j in range(8):
             word |= v[:, j].astype(_U64) << _U64(j * width)
         raw = word.astype("<u8", copy=False).view(np.uint8).reshape(groups, 8)[:, :width]
         return raw.tobytes()[: packed_nbytes(n, width)]
-    shifts = np.arange(width, dtype=_U64)
-    bits = ((values.astype(_U64)[:, None] >> shifts) & _U64(1)).astype(np.uint8)  # (n, width)
+    v = values.astype(_U64, copy=False)
+    bits = np.empty((n, width), np.uint8)  # bit j of field i
+    for j in range(width):
+        bits[:, j] = (v >> _U64(j)) & _U64(1)
     return np.packbits(bits.reshape(-1), bitorder="little").tobytes()
 
 
 def unpack_uint(buf: bytes | memoryview, n: int, width: int, what: str) -> np.ndarray:
-    """Inverse of pack_uint: n uint64 fields; checks the byte length and the padding bits."""
+    """Inverse of pack_uint: n fields (uint8 for width 1, else uint64); checks the byte length
+    and the padding bits."""
     expected = packed_nbytes(n, width)
     if len(buf) != expected:
         raise InvalidMessage(f"{what}: {len(buf)} bytes, expected {expected} "
                              f"({n} fields of {width} bits)")
     raw = np.frombuffer(buf, np.uint8)
     _check_padding(raw, n * width, what)
+    if width == 1:
+        return np.unpackbits(raw, count=n, bitorder="little")
     if width == 8:
         return raw.astype(_U64)
     if width < 8:
@@ -81,9 +86,10 @@ def unpack_uint(buf: bytes | memoryview, n: int, width: int, what: str) -> np.nd
         rows[: raw.size] = raw
         words = np.zeros((groups, 8), np.uint8)
         words[:, :width] = rows.reshape(groups, width)
-        word = words.view("<u8").reshape(groups, 1)
-        shifts = np.arange(8, dtype=_U64) * _U64(width)
-        fields = (word >> shifts) & _U64((1 << width) - 1)  # (groups, 8)
+        word = words.view("<u8").reshape(groups)
+        fields = np.empty((groups, 8), _U64)
+        for j in range(8):
+            fields[:, j] = (word >> _U64(j * width)) & _U64((1 << width) - 1)
         return fields.reshape(-1)[:n]
     bits = np.unpackbits(raw, count=n * width, bitorder="little").reshape(n, width)
     out = np.zeros(n, _U64)
@@ -114,24 +120,28 @@ def varint_lengths(values: np.ndarray) -> np.ndarray:
     """Bytes of each value as an LEB128 varint (1 for 0..127, 2 up to 2**14 - 1, ...)."""
     v = values.astype(_U64, copy=False)
     lengths = np.ones(v.size, np.int64)
-    for j in range(1, 10):
+    top = int(v.max()) if v.size else 0
+    j = 1
+    while j < 10 and top >> (7 * j):  # only the byte counts that occur
         lengths += v >= _U64(1 << (7 * j))
+        j += 1
     return lengths
 
 
 def pack_varints(values: np.ndarray) -> bytes:
     """Unsigned LEB128 varints of `values`, concatenated."""
     v = values.astype(_U64, copy=False)
+    if v.size == 0:
+        return b""
     lengths = varint_lengths(v)
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    out = np.zeros(int(ends[-1]) if v.size else 0, np.uint8)
-    for j in range(int(lengths.max()) if v.size else 0):
-        has = lengths > j
-        group = ((v[has] >> _U64(7 * j)) & _U64(0x7F)).astype(np.uint8)
-        more = (lengths[has] > j + 1).astype(np.uint8) << 7
-        out[starts[has] + j] = group | more
-    return out.tobytes()
+    longest = int(lengths.max())
+    groups = np.empty((v.size, longest), np.uint8)  # (n, L): byte j of number i
+    present = np.empty((v.size, longest), np.bool_)
+    for j in range(longest):  # column by column: numpy is slow on tiny inner dimensions
+        groups[:, j] = (v >> _U64(7 * j)) & _U64(0x7F)
+        groups[:, j] |= (lengths > j + 1).astype(np.uint8) << 7  # continuation bit
+        present[:, j] = lengths > j
+    return groups[present].tobytes()  # row-major: each number's bytes in order
 
 
 def unpack_varints(buf: bytes | memoryview, n: int, what: str) -> np.ndarray:
@@ -151,13 +161,16 @@ def unpack_varints(buf: bytes | memoryview, n: int, what: str) -> np.ndarray:
     starts[0] = 0
     starts[1:] = ends[:-1] + 1
     lengths = ends - starts + 1
-    if int(lengths.max()) > MAX_VARINT_BYTES:
-        raise InvalidMessage(f"{what}: a varint of {int(lengths.max())} bytes, at most "
+    longest = int(lengths.max())
+    if longest > MAX_VARINT_BYTES:
+        raise InvalidMessage(f"{what}: a varint of {longest} bytes, at most "
                              f"{MAX_VARINT_BYTES} allowed (63 bits)")
-    if np.any((lengths > 1) & (raw[ends] == 0)):
+    if longest > 1 and np.any((lengths > 1) & (raw[ends] == 0)):
         raise InvalidMessage(f"{what}: an overlong varint (a trailing zero byte); "
                              "the encoding must be canonical")
-    owner = np.repeat(np.arange(n), lengths)
-    shift = (np.arange(raw.size) - starts[owner]).astype(_U64) * _U64(7)
-    contrib = (raw & 0x7F).astype(_U64) << shift
-    return np.add.reduceat(contrib, starts)
+    values = (raw[starts] & 0x7F).astype(_U64)
+    for j in range(1, longest):  # add byte j of every number that has one
+        group = raw[np.minimum(starts + j, ends)] & 0x7F
+        group *= lengths > j  # numbers shorter than j + 1 bytes add nothing
+        values |= group.astype(_U64) << _U64(7 * j)
+    return values
