@@ -24,6 +24,7 @@ if sys.byteorder != "little":  # payloads are raw little-endian elements, copied
     raise ImportError("peer.compression assumes a little-endian host (x86-64, arm64)")
 
 MAX_VARINT_BYTES = 9  # 63 bits: gaps between indices of a tensor never need more
+CHUNK = 1 << 18  # elements per step of the chunked loops: in cache, few Python iterations
 _U64 = np.uint64
 
 
@@ -68,8 +69,8 @@ def pack_uint(values: np.ndarray, width: int) -> bytes:
 
 
 def unpack_uint(buf: bytes | memoryview, n: int, width: int, what: str) -> np.ndarray:
-    """Inverse of pack_uint: n fields (uint8 for width 1, else uint64); checks the byte length
-    and the padding bits."""
+    """Inverse of pack_uint: n fields (uint8 up to 8 bits wide, else uint64); checks the byte
+    length and the padding bits."""
     expected = packed_nbytes(n, width)
     if len(buf) != expected:
         raise InvalidMessage(f"{what}: {len(buf)} bytes, expected {expected} "
@@ -79,15 +80,16 @@ def unpack_uint(buf: bytes | memoryview, n: int, width: int, what: str) -> np.nd
     if width == 1:
         return np.unpackbits(raw, count=n, bitorder="little")
     if width == 8:
-        return raw.astype(_U64)
+        return raw.copy()
     if width < 8:
         groups = -(-n // 8)
-        rows = np.zeros(groups * width, np.uint8)
-        rows[: raw.size] = raw
-        words = np.zeros((groups, 8), np.uint8)
-        words[:, :width] = rows.reshape(groups, width)
+        words = np.zeros((groups, 8), np.uint8)  # group g's `width` bytes, zero-extended
+        whole = raw.size // width
+        words[:whole, :width] = raw[: whole * width].reshape(whole, width)
+        if whole < groups:
+            words[whole, : raw.size - whole * width] = raw[whole * width:]
         word = words.view("<u8").reshape(groups)
-        fields = np.empty((groups, 8), _U64)
+        fields = np.empty((groups, 8), np.uint8)
         for j in range(8):
             fields[:, j] = (word >> _U64(j * width)) & _U64((1 << width) - 1)
         return fields.reshape(-1)[:n]

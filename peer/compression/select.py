@@ -36,10 +36,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from peer.compression.bits import CHUNK
+
 ESTIMATE_ABOVE = 1 << 18  # below this, exact selection over all elements is as fast
 SAMPLE = 1 << 15  # m: sampled magnitudes (about 1 ms, whatever d)
 MARGINS = (4.0, 8.0)  # Z of the first estimate and of the retry
-CHUNK = 1 << 18  # elements per scan step: large enough that per-call overhead is small
 PART = 1 << 21  # at least this many elements per scanning thread
 
 _pool: ThreadPoolExecutor | None = None

@@ -17,7 +17,7 @@ def crossgrad(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
 
 
 CASES = [
-    (["--algorithm", "sgd"], "known algorithms: cga, dpsgd, ngc"),
+    (["--algorithm", "sgd"], "known algorithms: cga, compcga, compngc, dpsgd, ngc"),
     (["--topology", "star"], "known topologies: bipartite, erdos-renyi:p, file:PATH, full"),
     (["--partition", "random"], "known partitions: dirichlet:A, iid, modulo, shards:C, sorted"),
     (["--dataset", "imagenet"], "known datasets: cifar10, digits, fashion-mnist, mnist"),
