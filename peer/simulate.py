@@ -20,26 +20,53 @@ import torch
 
 from crossgrad.config import RunConfig
 from peer.builder import assignments, load_run_data, make_node, resolve_device
-from peer.metrics import MetricsWriter, average, consensus_distance, digest
+from peer.metrics import MetricsWriter, Traffic, average, consensus_distance, digest
 from peer.node import Node, Params, RoundRecord
 from peer.training.partitions import summarize
+from peer.wire import encode_compressed_raw, encode_raw, frame_bytes
 
 log = logging.getLogger(__name__)
 
 
-class InMemoryNeighborhood:
-    """The Neighborhood of one node when every node lives in this process."""
+def wire_bytes(node: Node, kind: str, requester: int, round_: int, tensors: Params) -> int:
+    """What the message would take on the wire: the exact streams a networked node sends."""
+    if kind == "cross_gradient":
+        records = node.cross_gradient_records(requester, round_)
+        if records is not None:
+            return sum(frame_bytes(len(raw)) for raw in encode_compressed_raw(
+                node.names, records, sender_id=node.id, round_=round_))
+    return sum(frame_bytes(len(raw)) for raw in encode_raw(node.names, tensors,
+                                                            sender_id=node.id, round_=round_))
 
-    def __init__(self, me: int, nodes: dict[int, Node]) -> None:
+
+class InMemoryNeighborhood:
+    """The Neighborhood of one node when every node lives in this process.
+
+    With `traffic`, every message is also encoded as a networked node would send it and its
+    bytes are counted (receiver side), so simulated runs report honest bytes on the wire.
+    """
+
+    def __init__(self, me: int, nodes: dict[int, Node], traffic: Traffic | None = None) -> None:
         self.me = me
         self.nodes = nodes
+        self.traffic = traffic
 
     def models(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
-        return {j: self.nodes[j].model(round_) for j in neighbors}
+        out = {j: self.nodes[j].model(round_) for j in neighbors}
+        if self.traffic is not None:
+            for j, x in out.items():
+                self.traffic.add_received(j, "model",
+                                          wire_bytes(self.nodes[j], "model", self.me, round_, x))
+        return out
 
     def cross_gradients(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
         mine = self.nodes[self.me].model(round_)
-        return {j: self.nodes[j].cross_gradient(self.me, round_, mine) for j in neighbors}
+        out = {j: self.nodes[j].cross_gradient(self.me, round_, mine) for j in neighbors}
+        if self.traffic is not None:
+            for j, g in out.items():
+                self.traffic.add_received(j, "cross_gradient", wire_bytes(
+                    self.nodes[j], "cross_gradient", self.me, round_, g))
+        return out
 
 
 @dataclass(frozen=True)
@@ -80,6 +107,7 @@ class SimulationResult:
     models: dict[int, Params]
     qp_fallbacks: dict[int, int]
     seconds: float
+    traffic: dict[int, Traffic] = dataclasses.field(default_factory=dict)  # with count_bytes
 
 
 def default_out_dir(config: RunConfig) -> Path:
@@ -88,7 +116,8 @@ def default_out_dir(config: RunConfig) -> Path:
 
 
 def run(config: RunConfig, out_dir: Path | None = None,
-        progress: Callable[[str], None] | None = None) -> SimulationResult:
+        progress: Callable[[str], None] | None = None,
+        count_bytes: bool = False) -> SimulationResult:
     """Simulate the whole run; write config.json, metrics.jsonl, summary.json and models.pt."""
     say = progress or (lambda line: None)
     started = time.perf_counter()
@@ -98,7 +127,8 @@ def run(config: RunConfig, out_dir: Path | None = None,
     say(summarize(data.dataset.train_y.numpy(), data.parts, data.dataset.num_classes))
     _, assigned = assignments(config)
     nodes = {i: make_node(config, data, i, assigned[i], device) for i in range(config.nodes)}
-    hoods = {i: InMemoryNeighborhood(i, nodes) for i in nodes}
+    traffic = {i: Traffic() for i in nodes} if count_bytes else {}
+    hoods = {i: InMemoryNeighborhood(i, nodes, traffic.get(i)) for i in nodes}
     out = out_dir or default_out_dir(config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(config.to_json())
@@ -128,12 +158,15 @@ def run(config: RunConfig, out_dir: Path | None = None,
     fallbacks = {n.id: int(n.algorithm.stats.get("qp_fallbacks", 0)) for n in ordered}
     models = {n.id: [p.detach().cpu() for p in n.params] for n in ordered}
     torch.save({i: m for i, m in models.items()}, out / "models.pt")
+    received = {i: t.snapshot()["received"] for i, t in traffic.items()}
     summary = {"final": dataclasses.asdict(final), "mean": final.mean, "min": final.min,
+               "bytes_received": received,
                "qp_fallbacks": fallbacks, "digests": {i: digest(m) for i, m in models.items()},
                "seconds": time.perf_counter() - started}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     return SimulationResult(config=config, out_dir=out, final=final, models=models,
-                            qp_fallbacks=fallbacks, seconds=time.perf_counter() - started)
+                            qp_fallbacks=fallbacks, seconds=time.perf_counter() - started,
+                            traffic=traffic)
 
 
 def table(result: SimulationResult) -> str:

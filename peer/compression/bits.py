@@ -50,15 +50,24 @@ def pack_uint(values: np.ndarray, width: int) -> bytes:
         return np.packbits(values.astype(np.bool_), bitorder="little").tobytes()
     if width == 8:
         return values.astype(np.uint8).tobytes()
+    if width in (2, 4):  # whole fields per byte: byte arithmetic, no 64-bit words
+        per = 8 // width
+        padded = np.zeros(-(-n // per) * per, np.uint8)
+        padded[:n] = values
+        rows = padded.reshape(-1, per)  # (bytes, fields per byte)
+        packed = rows[:, 0].copy()
+        for j in range(1, per):
+            packed |= rows[:, j] << np.uint8(j * width)
+        return packed.tobytes()
     if width < 8:
         # Eight fields fill exactly `width` bytes: build one uint64 word per group of eight.
         groups = -(-n // 8)
         flat = np.zeros(groups * 8, np.uint8)
         flat[:n] = values
-        v = flat.reshape(groups, 8)
+        v8 = flat.reshape(groups, 8)
         word = np.zeros(groups, _U64)
         for j in range(8):
-            word |= v[:, j].astype(_U64) << _U64(j * width)
+            word |= v8[:, j].astype(_U64) << _U64(j * width)
         raw = word.astype("<u8", copy=False).view(np.uint8).reshape(groups, 8)[:, :width]
         return raw.tobytes()[: packed_nbytes(n, width)]
     v = values.astype(_U64, copy=False)
@@ -81,6 +90,12 @@ def unpack_uint(buf: bytes | memoryview, n: int, width: int, what: str) -> np.nd
         return np.unpackbits(raw, count=n, bitorder="little")
     if width == 8:
         return raw.copy()
+    if width in (2, 4):
+        per = 8 // width
+        fields = np.empty((raw.size, per), np.uint8)
+        for j in range(per):
+            fields[:, j] = (raw >> np.uint8(j * width)) & np.uint8((1 << width) - 1)
+        return fields.reshape(-1)[:n]
     if width < 8:
         groups = -(-n // 8)
         words = np.zeros((groups, 8), np.uint8)  # group g's `width` bytes, zero-extended
