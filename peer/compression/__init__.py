@@ -7,7 +7,18 @@
 
 Compressors (ALGORITHMS.md "Compressors"): none, fp16, bf16, topk:K, randk:K, qsgd:S, sign. Each
 owns one codec of the same name (CODECS); the transport maps codec names to its proto enum and
-carries `params` as codec parameters and `payload` as the tensor's bytes.
+carries `params` as codec parameters and `payload` as the tensor's bytes. The records, for d
+elements of the original dtype (bit streams: bits.py; every field little-endian):
+
+    codec  params                  payload
+    none   -                       d elements of the dtype
+    fp16   -                       d float16 (clamped to +-65504)
+    bf16   -                       d bfloat16
+    topk   k, index_coding         k values of the dtype, then the k indices: a d-bit bitmap
+                                   (index_coding 0) or k LEB128 gaps (1), whichever is smaller
+    randk  k, seed (< 2**53)       k values of the dtype; the indices come from the seed
+    qsgd   s, norm                 d fields of b + 1 bits, b = bit length of s: level | sign << b
+    sign   scale                   d bits, 1 = negative
 """
 
 from peer.compression import dense, quantized, sparse  # noqa: F401  (register the compressors)

@@ -307,12 +307,26 @@ def tensor_from_bytes(buf: bytes | memoryview, dtype: torch.dtype, n: int,
 
 def scatter(out: torch.Tensor | None, n: int, indices: np.ndarray,
             values: torch.Tensor) -> torch.Tensor:
-    """A flat tensor of n zeros with values at indices, written into `out` when given."""
+    """A flat tensor of n zeros with values at indices, written into `out` when given.
+
+    Plain numpy on same-sized integer views (bfloat16 has no numpy type): single-threaded, so it
+    does not wait on torch's OpenMP workers, which a busy 2-core machine deschedules.
+    """
     if out is None:
         out = zeros(n, values.dtype)
-    else:
-        out.zero_()
-    return out.index_copy_(0, torch.from_numpy(indices), values)
+    elif n:
+        _bits(out).fill(0)
+    if indices.size:
+        _bits(out)[indices] = _bits(values)
+    return out
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a flat CPU tensor's elements as unsigned integers of the same size."""
+    return t.view(_UNSIGNED[t.element_size()]).numpy()
+
+
+_UNSIGNED = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def zeros(n: int, dtype: torch.dtype) -> torch.Tensor:

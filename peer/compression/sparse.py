@@ -12,7 +12,8 @@ in one of two codings, whichever is smaller for this density (params["index_codi
 Varints rather than fixed-width gaps (both measured on 1% of 10M uniform positions: 128.0 KB vs
 137.5 KB for 11-bit fields): a varint costs 1 byte for a gap below 128 and 2 below 16384, and
 one long gap (indices clustered in a few rows, as real gradients are) does not widen every field.
-The bitmap wins above a density of about 1/10. Selection is exact (select.py).
+The bitmap wins above a density of about 1/8 (once most gaps fit in one varint byte). Selection
+is exact (select.py).
 
 randk: k coordinates drawn without replacement from the seed (numpy PCG64, Generator.choice),
 sorted; only the values and the seed travel, and the receiver draws the same coordinates from
