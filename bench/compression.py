@@ -3,10 +3,10 @@
     python bench/compression.py                          # digits + real MNIST
     python bench/compression.py --datasets digits --seeds 1
 
-5 nodes, ring, `modulo` partition, the same budget for every configuration: dpsgd, cga,
-compcga with the scaled sign, top-k 1% and QSGD with 4 bits (s = 7 levels and a sign bit),
-ngc, compngc with the scaled sign. Bytes are those a networked node would put on the wire:
-every message is encoded with peer/wire.py exactly as a peer sends it (header, codec parameters, gRPC and HTTP/2
+5 nodes, ring, `modulo` partition, the same budget for every configuration: dpsgd, cga, compcga
+with the scaled sign, top-k 1% and QSGD with 4 bits (s = 7 levels and a sign bit), ngc, compngc
+with the scaled sign. Bytes are those a networked node would put on the wire: every message is
+encoded with peer/wire.py exactly as a peer sends it (header, codec parameters, gRPC and HTTP/2
 framing) and counted at the receiver; "per round" is per node, averaged over nodes and rounds.
 The last column compares cross-gradient bytes with dense cga's, measured in the same run.
 Compressor throughput on 10M floats (against torch.topk and a plain copy) is
