@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from crossgrad.config import RunConfig, validate  # noqa: E402
+from crossgrad.errors import CrossgradError  # noqa: E402
 from peer import simulate  # noqa: E402
 
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -91,7 +92,12 @@ def main() -> int:
                                  partition="modulo", model="mlp", rounds=n,
                                  batch_size=args.batch_size, eval_every=n, device="cpu",
                                  compressor=compressor)
-                row = run_config(base, seeds, Path(tmp))
+                try:
+                    row = run_config(base, seeds, Path(tmp))
+                except CrossgradError as exc:  # e.g. a diverged run: say so in the table
+                    print(f"  FAILED {dataset} {algorithm} {compressor}: {exc}", flush=True)
+                    row = Row(dataset, algorithm, compressor, float("nan"), float("nan"), 0.0,
+                              0.0)
                 rows.append(row)
                 print(f"  done {dataset} {algorithm} {compressor}: mean {row.mean:.4f}",
                       flush=True)
