@@ -7,13 +7,15 @@
 A bootstrap and --nodes peers (default 5) run the same training once per configuration (default
 `cga`, dense cross-gradients; `compcga:sign`; `compcga:topk:0.01`), each process in its own
 network namespace, through the real CLI (`ip netns exec NS python -m crossgrad ...`), with the
-same seed, ring, partition, model and number of rounds. Every namespace hangs off one bridge
-(`br0` in the namespace PREFIX-hub) by a veth pair; each peer's pair is shaped in both
-directions (tbf on the peer's end and on the bridge's end), so every peer has a full-duplex
-access link of --rates to a switch, like a host on a 100 Mbit/s Ethernet port. The bootstrap's
-link is not shaped (it carries heartbeats only). tbf's `latency` bounds the queue, it adds no
-delay: netem is not available here, so there is no propagation delay, only queueing and
-serialization at the set rate.
+same seed, ring, partition (`modulo`), model (`mlp`) and number of rounds. The data set is MNIST
+from ../shared/data/mnist when it is there (the mlp has 109,386 parameters: 438 kB per model or
+dense cross-gradient message), else scikit-learn's digits (--dataset, --data-dir). Every
+namespace hangs off one bridge (`br0` in the namespace PREFIX-hub) by a veth pair; each peer's
+pair is shaped in both directions (tbf on the peer's end and on the bridge's end), so every peer
+has a full-duplex access link of --rates to a switch, like a host on a 100 Mbit/s Ethernet port.
+The bootstrap's link is not shaped (it carries heartbeats only). tbf's `latency` bounds the
+queue, it adds no delay: netem is not available here, so there is no propagation delay, only
+queueing and serialization at the set rate.
 
 Both ends of every link are processes on this machine's 2 cores: compute is the same in every
 configuration and is not what is varied; only the link is. The CPU also serializes work that a
@@ -39,7 +41,7 @@ metrics.jsonl and summary.json:
                          loading, training, shutdown)
   s to ACC               time until the mean test accuracy over peers first reaches --target
                          (evaluated every --eval-every rounds): the slowest peer's sum of round
-                         seconds up to that evaluation; "-" if never reached
+                         seconds up to that evaluation, and @ the round; "-" if never reached
   final acc              mean over peers of the last evaluation
   xgrad kB, model kB     bytes received per round per peer, from summary.json "traffic"
                          ("j:cross_gradient", "j:model", summed over neighbors j; kB = 1000 B;
@@ -47,6 +49,9 @@ metrics.jsonl and summary.json:
   link s                 (xgrad + model bytes) * 8 / rate: the least time per round the link
                          needs to deliver one peer's incoming messages
   x dense                s/round median / that of the first configuration at the same rate
+  link share             1 - s/round median without shaping (rate "none", same configuration,
+                         same run) / s/round median at this rate: the share of a round that the
+                         link adds (only when --rates includes none)
 """
 
 from __future__ import annotations
@@ -155,13 +160,16 @@ class Testbed:
         finally:
             run("ip", "-n", self.hub, "link", "del", "tbftest0", check=False)
 
-    def shape(self, rate: str, burst: str, latency: str) -> None:
-        """tbf at `rate` on both ends of every peer's veth; rate "none" removes the qdiscs."""
+    def shape(self, rate: str, burst: str, latency: str) -> str:
+        """tbf at `rate` on both ends of every peer's veth (rate "none": no qdisc); returns what
+        `tc qdisc show` says of peer 0's two ends."""
         for ns, dev in self.shaped:
             run("tc", "-n", ns, "qdisc", "del", "dev", dev, "root", check=False)
             if rate != "none":
                 run("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
                     "burst", burst, "latency", latency)
+        return "; ".join(f"{ns} {dev}: " + run("tc", "-n", ns, "qdisc", "show", "dev", dev)
+                         .stdout.strip().splitlines()[0] for ns, dev in self.shaped[:2])
 
     def remove(self) -> None:
         """Kill what is left in our namespaces (only our children can be there); delete them."""
@@ -291,6 +299,7 @@ class Result:
     round_seconds: list[float]  # per round, mean over peers
     train_seconds: float
     time_to_target: float | None
+    round_at_target: int | None
     final_accuracy: float
     xgrad_bytes: float  # received per round per peer
     model_bytes: float
@@ -311,10 +320,10 @@ def read_result(out: Path, args: argparse.Namespace, spec: str, rate: str, wall:
         summaries.append(json.loads((out / f"node-{i}" / "summary.json").read_text()))
     n_rounds = min(len(r) for r in rounds)
     per_round = [statistics.fmean(r[k] for r in rounds) for k in range(n_rounds)]
-    reached = None
+    reached, at = None, None
     for r in sorted(evals):
         if len(evals[r]) == args.nodes and statistics.fmean(evals[r]) >= args.target:
-            reached = max(sum(p[:r]) for p in rounds)
+            reached, at = max(sum(p[:r]) for p in rounds), r
             break
 
     def per_round_received(kind: str) -> float:
@@ -324,6 +333,7 @@ def read_result(out: Path, args: argparse.Namespace, spec: str, rate: str, wall:
 
     return Result(spec=spec, rate=rate, wall=wall, round_seconds=per_round,
                   train_seconds=max(s["seconds"] for s in summaries), time_to_target=reached,
+                  round_at_target=at,
                   final_accuracy=statistics.fmean(s["accuracy"] for s in summaries),
                   xgrad_bytes=per_round_received("cross_gradient"),
                   model_bytes=per_round_received("model"))
@@ -379,19 +389,24 @@ def rate_bits(rate: str) -> float | None:
 
 def table(results: list[Result], target: float) -> str:
     head = ["config", "rate", "s/round med", "s/round mean", "train s", "wall s",
-            f"s to {target:.2f}", "final acc", "xgrad kB", "model kB", "link s", "x dense"]
+            f"s to {target:.2f}", "final acc", "xgrad kB", "model kB", "link s", "x dense",
+            "link share"]
     rows = []
     for r in results:
         base = next(b for b in results if b.rate == r.rate)
+        free = next((b for b in results if b.rate == "none" and b.spec == r.spec), None)
         median = statistics.median(r.round_seconds)
         bits = rate_bits(r.rate)
         link = "-" if bits is None else f"{(r.xgrad_bytes + r.model_bytes) * 8 / bits:.3f}"
         rows.append([r.spec, r.rate, f"{median:.3f}", f"{statistics.fmean(r.round_seconds):.3f}",
                      f"{r.train_seconds:.1f}", f"{r.wall:.1f}",
-                     "-" if r.time_to_target is None else f"{r.time_to_target:.1f}",
+                     "-" if r.time_to_target is None else
+                     f"{r.time_to_target:.1f} @{r.round_at_target}",
                      f"{r.final_accuracy:.4f}", f"{r.xgrad_bytes / 1e3:.1f}",
                      f"{r.model_bytes / 1e3:.1f}", link,
-                     f"{median / statistics.median(base.round_seconds):.2f}"])
+                     f"{median / statistics.median(base.round_seconds):.2f}",
+                     "-" if free is None or r.rate == "none" else
+                     f"{1 - statistics.median(free.round_seconds) / median:.0%}"])
     widths = [max(len(h), *(len(row[k]) for row in rows)) for k, h in enumerate(head)]
 
     def line(cells: list[str]) -> str:  # the first two columns left-aligned, numbers right
@@ -497,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         bed.create()
         bed.check_tbf()
         for rate in args.rates:
-            bed.shape(rate, args.burst, args.latency)
+            print(f"tc at {rate}: {bed.shape(rate, args.burst, args.latency)}")
             check = link_check(bed, procs, out / f"check-{rate}")
             print(f"link check at {rate}: {check}", flush=True)
             for spec in args.configs:

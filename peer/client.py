@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from crossgrad.errors import InvalidMessage, ProtocolError
+from crossgrad.errors import DeadlineExceeded, InvalidMessage, ProtocolError
 from crossgrad.rpc import DEFAULT_MAX_MESSAGE_BYTES, from_rpc_error, make_channel, status_of
 from crossgrad.v1 import peer_pb2, peer_pb2_grpc
 from peer.compression import Compressor
@@ -63,6 +63,7 @@ class GrpcNeighborhood:
         self._lock = threading.Lock()
         self._addresses: dict[int, str] = {}
         self._channels: dict[str, grpc.Channel] = {}
+        self._inflight: dict[tuple[int, int], futures.Future[Params]] = {}
         self._pool = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="neighbors")
         self.update(addresses)
 
@@ -117,7 +118,37 @@ class GrpcNeighborhood:
         return decoded.tensors
 
     def fetch_model(self, peer: int, round_: int, timeout: float | None = None) -> Params:
-        """x_peer^round, validated against this node's model."""
+        """x_peer^round, validated against this node's model; fetched once per (peer, round):
+        the round driver and a server thread answering that peer's ComputeCrossGradient may
+        both need it at the same time, and share one transfer."""
+        cached = self.node.neighbor_model(peer, round_)
+        if cached is not None:
+            return cached
+        key = (peer, round_)
+        with self._lock:
+            pending = self._inflight.get(key)
+            owner = pending is None
+            if pending is None:
+                pending = self._inflight[key] = futures.Future()
+        if not owner:
+            try:
+                return pending.result(timeout=timeout if timeout is not None else self.timeout)
+            except futures.TimeoutError:
+                raise DeadlineExceeded(f"model of round {round_} from node {peer}: the transfer "
+                                       "already under way did not finish in time") from None
+        try:
+            params = self._fetch_model_now(peer, round_, timeout)
+        except BaseException as exc:
+            pending.set_exception(exc)
+            raise
+        else:
+            pending.set_result(params)
+            return params
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+
+    def _fetch_model_now(self, peer: int, round_: int, timeout: float | None) -> Params:
         start = self._raw_stream(peer, "GetModel", peer_pb2.GetModelRequest.SerializeToString)
         request = peer_pb2.GetModelRequest(requester_id=self.node.id, round=round_)
         params = self._stream(peer, "model", round_, start, request, timeout)

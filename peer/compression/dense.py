@@ -22,9 +22,10 @@ from peer.compression.base import (
     Compressed,
     Compressor,
     check_finite,
+    copy_into,
     register,
     tensor_bytes,
-    tensor_from_bytes,
+    tensor_view,
 )
 
 
@@ -40,9 +41,9 @@ class NoCompression(Compressor):
 
     @classmethod
     def _decode(cls, c: Compressed, out: torch.Tensor | None) -> torch.Tensor:
-        out = tensor_from_bytes(c.payload, c.dtype, c.numel, "none payload")
-        check_finite(out, "none payload")
-        return out
+        view = tensor_view(c.payload, c.dtype, c.numel, "none payload")
+        check_finite(view, "none payload")
+        return copy_into(out, view)  # one copy, straight into `out` when given
 
 
 class _Cast(Compressor):
@@ -61,9 +62,11 @@ class _Cast(Compressor):
     @classmethod
     def _decode(cls, c: Compressed, out: torch.Tensor | None) -> torch.Tensor:
         what = f"{cls.name} payload"
-        cast = tensor_from_bytes(c.payload, cls.target, c.numel, what)
+        cast = tensor_view(c.payload, cls.target, c.numel, what)
         check_finite(cast, what)
-        return cast.to(c.dtype)
+        if c.dtype == cls.target:
+            return copy_into(out, cast)
+        return cast.to(c.dtype) if out is None else out.copy_(cast)
 
 
 @register

@@ -36,6 +36,7 @@ from peer.compression.base import (
     Compressed,
     Compressor,
     check_finite,
+    gather_bytes,
     int_param,
     parse_number,
     register,
@@ -176,8 +177,7 @@ class RandK(_KeepK):
         d = flat.numel()
         k = self.count(d)
         wire_seed = seed & WIRE_SEED_MASK
-        idx = random_indices(d, k, wire_seed)
-        values = tensor_bytes(flat[torch.from_numpy(idx)])
+        values = gather_bytes(flat, random_indices(d, k, wire_seed))
         return {"k": float(k), "seed": float(wire_seed)}, values
 
     @classmethod
