@@ -36,11 +36,10 @@ class Parser(argparse.ArgumentParser):
 def _help(name: str) -> str:
     from bootstrap.topology import TOPOLOGY_NAMES
     from peer.algorithms import ALGORITHMS
+    from peer.compression import COMPRESSOR_NAMES
     from peer.training.datasets import DATASETS
     from peer.training.models import MODELS
     from peer.training.partitions import PARTITION_NAMES
-
-    from peer.compression import COMPRESSOR_NAMES
 
     default = getattr(RunConfig(), name)
     known = {
