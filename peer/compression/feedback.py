@@ -56,7 +56,13 @@ class ErrorFeedback:
                     f"{tuple(x.shape)} {x.dtype} on {x.device}; reset the link when the model "
                     "changes")
             corrected = x if old is None else old + x  # e + x
-            c = self.compressor.compress(corrected, seed=seed)
+            omega = getattr(self.compressor, "omega", None)
+            # An unbiased compressor with variance omega ||x||^2 (QSGD) is not contractive, and
+            # error feedback then diverges (seen: qsgd:7 on digits). C(x) / (1 + omega) is
+            # contractive (Stich & Karimireddy 2020, remark on unbiased compressors); QSGD
+            # commutes with the scaling, so compressing the scaled input sends exactly that.
+            scaled = corrected if omega is None else corrected / (1.0 + omega(corrected.numel()))
+            c = self.compressor.compress(scaled, seed=seed)
             try:
                 sent = self.compressor.decompress(c, device=x.device)  # what the receiver gets
             except InvalidMessage as e:  # a NaN or Inf in x (or in e): nothing is updated

@@ -83,6 +83,11 @@ class QSGD(Compressor):
     def spec(self) -> str:
         return f"qsgd:{self.s}"
 
+    def omega(self, d: int) -> float:
+        """The variance bound: E||Q(x) - x||^2 <= omega ||x||^2 with omega = min(d/s^2,
+        sqrt(d)/s) (Alistarh et al. 2017, lemma 3.1); error feedback scales by 1/(1+omega)."""
+        return min(d / self.s**2, d**0.5 / self.s)
+
     @property
     def bits_per_element(self) -> int:
         return self.s.bit_length() + 1  # ceil(log2(s + 1)) level bits + 1 sign bit

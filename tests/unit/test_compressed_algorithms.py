@@ -55,3 +55,18 @@ def test_compcga_defaults_to_the_scaled_sign() -> None:
 def test_bad_compressor_settings_fail_at_start(field: str, value: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         validate(RunConfig(**{field: value}))  # type: ignore[arg-type]
+
+
+def test_qsgd_error_feedback_is_scaled_to_stay_contractive() -> None:
+    """QSGD is unbiased, not contractive: error feedback sends C(e + x) / (1 + omega)."""
+    from peer.compression import ErrorFeedback, make
+
+    qsgd = make("qsgd:7")
+    feedback = ErrorFeedback(qsgd)
+    x = torch.randn(8192, generator=torch.Generator().manual_seed(0))
+    for step in range(50):  # the residual stays bounded instead of growing without end
+        feedback.compress(0, 0, x, seed=step)
+    residual = feedback.residual(0, 0)
+    assert residual is not None and bool(torch.isfinite(residual).all())
+    omega = qsgd.omega(8192)  # type: ignore[attr-defined]
+    assert float(residual.norm()) < 2 * (1 + omega) * float(x.norm())
