@@ -35,8 +35,21 @@ def compress_self(memory: ErrorFeedback, inputs: StepInputs) -> Params:
     return out
 
 
+class SelfCompression:
+    """The receiver's half of compcga / compngc: its own gradient through the compressor."""
+
+    memory: ErrorFeedback
+
+    def step(self, inputs: StepInputs) -> Params:
+        inputs.self_grad = compress_self(self.memory, inputs)
+        return super().step(inputs)  # type: ignore[misc]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "self_memory": self.memory.state_dict()}  # type: ignore[misc]
+
+
 @register
-class CompCGA(CGA):
+class CompCGA(SelfCompression, CGA):
     name = "compcga"
 
     def __init__(self, momentum: float = 0.9, qp: QPOptions | None = None,
@@ -49,16 +62,9 @@ class CompCGA(CGA):
         return cls(momentum=hp.momentum, qp=QPOptions(margin=hp.margin, eps=hp.qp_eps),
                    compressor=hp.compressor)
 
-    def step(self, inputs: StepInputs) -> Params:
-        inputs.self_grad = compress_self(self.memory, inputs)
-        return super().step(inputs)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "self_memory": self.memory.state_dict()}
-
 
 @register
-class CompNGC(NGC):
+class CompNGC(SelfCompression, NGC):
     name = "compngc"
 
     def __init__(self, momentum: float = 0.9, gamma: float = 0.1, alpha: float = 1.0,
@@ -70,10 +76,3 @@ class CompNGC(NGC):
     def from_hyperparameters(cls, hp: Hyperparameters) -> CompNGC:
         return cls(momentum=hp.momentum, gamma=hp.gamma, alpha=hp.alpha,
                    compressor=hp.compressor)
-
-    def step(self, inputs: StepInputs) -> Params:
-        inputs.self_grad = compress_self(self.memory, inputs)
-        return super().step(inputs)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "self_memory": self.memory.state_dict()}

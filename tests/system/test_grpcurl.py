@@ -27,9 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crossgrad.healthcheck import check
+from crossgrad.rpc import make_channel
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 120.0  # s: importing torch and loading the data on a busy 2-core machine
@@ -132,15 +135,20 @@ class Run:
 
 
 def wait_serving(address: str, timeout: float = START_TIMEOUT) -> None:
-    """Poll grpc.health.v1 until SERVING, with a deadline."""
-    deadline = time.monotonic() + timeout
-    reason = ""
-    while time.monotonic() < deadline:
-        serving, reason = check(address, timeout=5.0)
-        if serving:
-            return
-        time.sleep(0.2)
-    pytest.fail(f"{address} was not SERVING within {timeout:.0f} s: {reason}")
+    """Follow grpc.health.v1 Watch (the server pushes every status change) until SERVING."""
+    channel = make_channel(address)
+    stream = health_pb2_grpc.HealthStub(channel).Watch(
+        health_pb2.HealthCheckRequest(service=""), timeout=timeout, wait_for_ready=True)
+    try:
+        for reply in stream:
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+    except grpc.RpcError as err:
+        pytest.fail(f"{address} was not SERVING within {timeout:.0f} s: {err.code().name}")
+    finally:
+        stream.cancel()
+        channel.close()
+    pytest.fail(f"{address}: the health stream ended before SERVING")
 
 
 @pytest.fixture(scope="module")
