@@ -19,6 +19,7 @@ cross-gradient is computed once per (requester, round) and cached.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -27,11 +28,14 @@ from typing import Protocol
 
 import torch
 
-from crossgrad.errors import StaleRound
+from crossgrad.errors import InvalidMessage, StaleRound
 from peer.algorithms.base import Algorithm, Params, StepInputs
 from peer.compression import Compressed, ErrorFeedback
+from peer.compression.base import check_finite
 from peer.training.seeding import derive_seed
 from peer.training.trainer import Trainer
+
+log = logging.getLogger(__name__)
 
 
 class Neighborhood(Protocol):
@@ -75,6 +79,14 @@ def effective_weights(node: int, assignment: Assignment,
     weights = {l: float(assignment.weights[l]) for l in answered}
     weights[node] = 1.0 - sum(weights.values())
     return weights
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    """InvalidMessage when t holds NaN or Inf (numpy's exponent-bit scan on the CPU)."""
+    if t.device.type == "cpu":
+        check_finite(t.detach().reshape(-1), what)
+    elif not bool(torch.isfinite(t).all()):
+        raise InvalidMessage(f"{what}: NaN or Inf among the values")
 
 
 class Node:
@@ -181,6 +193,31 @@ class Node:
             return self._cross.get((requester, round_))
 
     # ---- round driver -------------------------------------------------------------------
+    def _local_cross_gradients(self, t: int, nbr_params: dict[int, Params]) -> dict[int, Params]:
+        """NGC's model-variant term: each neighbor's model's gradient on this node's batch.
+
+        A neighbor's model passed every check on the wire (finite values) and can still give a
+        NaN or Inf gradient here (finite but huge weights). Such a neighbor is left out of the
+        round, as one that did not answer (removed from nbr_params): a peer's model must never
+        end this node's run nor reach its state.
+        """
+        local: dict[int, Params] = {}
+        for j in sorted(nbr_params):
+            try:
+                grads = self.cross_gradient(j, t, nbr_params[j])
+                for g in grads:
+                    _check_finite(g, f"the gradient of node {j}'s model on node {self.id}'s data")
+            except InvalidMessage as exc:
+                log.warning("node %d round %d: node %d's model is left out of the round: %s",
+                            self.id, t, j, exc)
+                del nbr_params[j]
+                with self._lock:
+                    self._cross.pop((j, t), None)
+                    self._cross_records.pop((j, t), None)
+                continue
+            local[j] = grads
+        return local
+
     def run_round(self, neighborhood: Neighborhood) -> RoundRecord:
         """Steps 2-5 of round self.round (publish() must have been called for it)."""
         started = time.perf_counter()
@@ -188,11 +225,10 @@ class Node:
         algo = self.algorithm
         neighbors = list(self.assignment.neighbors)
         nbr_params = neighborhood.models(t, neighbors) if neighbors else {}
+        local = self._local_cross_gradients(t, nbr_params) if algo.uses_local else {}
         weights = effective_weights(self.id, self.assignment, sorted(nbr_params))
         point = algo.self_grad_point(self.id, self.params, nbr_params, weights)
         loss, self_grad = self.trainer.gradient(point, t, "self")
-        local = ({j: self.cross_gradient(j, t, x_j) for j, x_j in nbr_params.items()}
-                 if algo.uses_local else {})
         received: dict[int, Params] = {}
         if algo.uses_received and nbr_params:
             received = neighborhood.cross_gradients(t, sorted(nbr_params))

@@ -128,3 +128,38 @@ def test_a_missing_neighbor_gives_its_weight_to_the_node() -> None:
         n.publish()
     record = nodes[0].run_round(Lossy(0, by_id))
     assert record.answered == [1] and record.missing == [2]
+
+
+@pytest.mark.parametrize("algorithm", ["ngc", "compngc"])
+def test_a_neighbor_model_with_a_non_finite_gradient_is_left_out_not_fatal(
+        algorithm: str) -> None:
+    """A finite but huge model passes every wire check, yet its gradient on this node's data is
+    NaN or Inf (NGC's model-variant term computes it locally): the neighbor is left out of the
+    round, exactly as if it had not answered, and nothing of it reaches the node's state."""
+    cfg = config(algorithm=algorithm, alpha=0.5, nodes=3, topology="full", partition="iid")
+
+    class Huge(InMemoryNeighborhood):
+        def models(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
+            got = super().models(round_, neighbors)
+            got[2] = [p * 1e30 for p in got[2]]
+            return got
+
+    class Lossy(InMemoryNeighborhood):
+        def models(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
+            return {j: m for j, m in super().models(round_, neighbors).items() if j != 2}
+
+    attacked, control = build(cfg), build(cfg)
+    for nodes in (attacked, control):
+        for n in nodes:
+            n.publish()
+    huge = [p * 1e30 for p in attacked[2].model(0)]
+    grads = attacked[0].trainer.gradient(huge, 0, "probe")[1]
+    assert not all(bool(torch.isfinite(g).all()) for g in grads)  # the premise
+    record = attacked[0].run_round(Huge(0, {n.id: n for n in attacked}))
+    expected = control[0].run_round(Lossy(0, {n.id: n for n in control}))
+    assert record.answered == [1] and record.missing == [2]
+    assert all(bool(torch.isfinite(p).all()) for p in attacked[0].params)
+    for p, q in zip(attacked[0].params, control[0].params, strict=True):
+        assert torch.equal(p, q)
+    assert record.loss == expected.loss
+    assert not attacked[0].has_cross_gradient(2, 0)
