@@ -4,8 +4,8 @@ Everything goes through the real CLI and real sockets: the bootstrap binds a fre
 which; every peer binds a free port, joins, trains and writes its results under the run
 directory. Progress comes from the bootstrap's ListPeers and each peer's GetStatus. At the end
 the demo prints the final table (per-node accuracy, mean, min, average-model accuracy,
-consensus distance, QP fallbacks, bytes on the wire) and stops everything; Ctrl-C stops
-everything too.
+consensus distance, QP fallbacks, bytes on the wire in all and per message kind) and stops
+everything; Ctrl-C stops everything too.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 
 from crossgrad.config import RunConfig
 from crossgrad.rpc import make_channel
+from crossgrad.status import byte_cells, byte_columns, kind_columns
 from crossgrad.v1 import bootstrap_pb2, bootstrap_pb2_grpc
 
 SERVING = re.compile(r"bootstrap serving on (\S+)")
@@ -88,7 +89,7 @@ def _progress(stub: bootstrap_pb2_grpc.BootstrapStub, rounds: int, started: floa
 
 def final_table(config: RunConfig, out: Path) -> str:
     from peer.builder import load_run_data
-    from peer.metrics import average, consensus_distance
+    from peer.metrics import average, consensus_distance, pair_sum
     from peer.training.models import make_model
     from peer.training.trainer import Schedule, Trainer
 
@@ -103,14 +104,23 @@ def final_table(config: RunConfig, out: Path) -> str:
                     torch.device("cpu"))
     _, avg_acc = judge.evaluate(average(models), ds.test_x, ds.test_y)
     accs = [s["accuracy"] for s in summaries]
-    lines = [f"{'node':>6}  {'test acc':>8}  {'QP fallbacks':>12}  {'sent MiB':>9}  "
-             f"{'recv MiB':>9}  {'missed':>6}"]
-    for s in summaries:
+    by_kind = [{k: (n["sent"], n["received"]) for k, n in s["bytes_by_kind"].items()}
+               for s in summaries]
+    kinds = kind_columns(k for node in by_kind for k in node)
+    heads = byte_columns(kinds)
+    width = max(9, *(len(h) for h in heads))
+    lines = [f"{'node':>6}  {'test acc':>8}  {'QP fallbacks':>12}  {'missed':>6}  "
+             + "  ".join(f"{h:>{width}}" for h in heads)]
+    for s, node in zip(summaries, by_kind, strict=True):
         lines.append(f"{s['node']:>6}  {s['accuracy']:>8.4f}  {s['qp_fallbacks']:>12}  "
-                     f"{s['bytes_sent'] / 2**20:>9.2f}  {s['bytes_received'] / 2**20:>9.2f}  "
-                     f"{s['missed_neighbor_answers']:>6}")
+                     f"{s['missed_neighbor_answers']:>6}  "
+                     + byte_cells(s["bytes_sent"], s["bytes_received"], node, kinds, width))
+    total = {k: pair_sum(node.get(k, (0, 0)) for node in by_kind) for k, _ in kinds}
     lines += [f"{'mean':>6}  {sum(accs) / len(accs):>8.4f}",
               f"{'min':>6}  {min(accs):>8.4f}",
+              f"{'all':>6}  {'':>8}  {'':>12}  {'':>6}  "
+              + byte_cells(sum(s["bytes_sent"] for s in summaries),
+                           sum(s["bytes_received"] for s in summaries), total, kinds, width),
               f"average model accuracy  {avg_acc:.4f}",
               f"consensus distance      {consensus_distance(models):.4f}",
               f"run directory {out}"]

@@ -7,6 +7,7 @@ answers ListPeers.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 
 import grpc
 
@@ -14,14 +15,48 @@ from crossgrad.errors import Unavailable
 from crossgrad.rpc import from_rpc_error, make_channel
 from crossgrad.v1 import bootstrap_pb2, bootstrap_pb2_grpc, peer_pb2, peer_pb2_grpc
 
+# Short column labels of the message kinds (peer.proto, KindBytes.kind), in the order shown;
+# a kind not listed here (from a newer peer) is shown under its own name, after these.
+KIND_LABELS = {"model": "model", "cross_gradient": "xgrad"}
+
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
+def kind_columns(kinds: Iterable[str]) -> list[tuple[str, str]]:
+    """(kind, label) for each kind, known ones first in KIND_LABELS order, then the rest sorted."""
+    present = set(kinds)
+    known = [(k, label) for k, label in KIND_LABELS.items() if k in present]
+    return known + [(k, k) for k in sorted(present - KIND_LABELS.keys())]
+
+
+def byte_columns(kinds: Sequence[tuple[str, str]]) -> list[str]:
+    """Headers of the byte columns, in MiB: totals, then sent and received per kind."""
+    heads = ["sent MiB", "recv MiB"]
+    for _, label in kinds:
+        heads += [f"{label} sent", f"{label} recv"]
+    return heads
+
+
+def byte_cells(sent: int, received: int, by_kind: Mapping[str, tuple[int, int]],
+               kinds: Sequence[tuple[str, str]], width: int) -> str:
+    """The cells under byte_columns(kinds): MiB, two decimals ("-" for a kind never counted)."""
+    cells = [f"{sent / 2**20:>{width}.2f}", f"{received / 2**20:>{width}.2f}"]
+    for kind, _ in kinds:
+        pair = by_kind.get(kind)
+        cells += ([f"{'-':>{width}}"] * 2 if pair is None
+                  else [f"{n / 2**20:>{width}.2f}" for n in pair])
+    return "  ".join(cells)
+
+
 def format_peer(s: peer_pb2.PeerStatus) -> str:
     acc = "-" if math.isnan(s.last_accuracy) else f"{s.last_accuracy:.4f}"
     loss = "-" if math.isnan(s.last_loss) else f"{s.last_loss:.4f}"
+    kinds = kind_columns([k.kind for k in s.kinds]
+                         + [k.kind for link in s.links for k in link.kinds])
+    heads = byte_columns(kinds)
+    width = max(10, *(len(h) for h in heads))
     lines = [
         f"peer {s.node_id} at {s.address}: {s.state}, round {s.round}/{s.total_rounds}, "
         f"algorithm {s.algorithm}, topology epoch {s.topology_epoch}",
@@ -29,15 +64,27 @@ def format_peer(s: peer_pb2.PeerStatus) -> str:
         f"missed answers {s.missed_neighbor_answers}, rejected messages {s.rejected_messages}",
         f"  bytes sent {_mib(s.bytes_sent)}, received {_mib(s.bytes_received)}; "
         f"self weight {s.self_weight:.4f}",
-        f"  {'neighbor':>8}  {'weight':>8}  {'sent':>12}  {'received':>12}",
+        f"  {'neighbor':>8}  {'weight':>8}  " + "  ".join(f"{h:>{width}}" for h in heads),
     ]
     links = {link.peer_id: link for link in s.links}
-    for j in s.neighbor_ids:
+    # current neighbors in assignment order, then any former neighbor bytes crossed with
+    rows = list(s.neighbor_ids) + sorted(links.keys() - set(s.neighbor_ids))
+    for j in rows:
+        weight = f"{s.weights[j]:>8.4f}" if j in s.weights else f"{'-':>8}"
         link = links.get(j)
-        sent = _mib(link.sent_bytes) if link else "-"
-        recv = _mib(link.received_bytes) if link else "-"
-        lines.append(f"  {j:>8}  {s.weights[j]:>8.4f}  {sent:>12}  {recv:>12}")
+        if link is None:
+            cells = "  ".join(f"{'-':>{width}}" for _ in heads)
+        else:
+            cells = byte_cells(link.sent_bytes, link.received_bytes, _pairs(link.kinds), kinds,
+                               width)
+        lines.append(f"  {j:>8}  {weight}  {cells}")
+    lines.append(f"  {'all':>8}  {'':>8}  "
+                 + byte_cells(s.bytes_sent, s.bytes_received, _pairs(s.kinds), kinds, width))
     return "\n".join(lines)
+
+
+def _pairs(kinds: Iterable[peer_pb2.KindBytes]) -> dict[str, tuple[int, int]]:
+    return {k.kind: (k.sent_bytes, k.received_bytes) for k in kinds}
 
 
 def format_peers(r: bootstrap_pb2.ListPeersResponse) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -53,11 +53,21 @@ class MetricsWriter:
         self._file.close()
 
 
+# The message kinds a node counts: GetModel and ComputeCrossGradient streams. Reports list
+# these always (zeros where none crossed, as for cross-gradients under dpsgd), then any other.
+KINDS = ("model", "cross_gradient")
+
+Pair = tuple[int, int]  # (sent, received) bytes
+
+
 class Traffic:
     """Bytes sent and received per (peer, message kind), counted from what crosses the wire.
 
     Each message counts its serialized size plus its gRPC and HTTP/2 framing (peer/wire.py,
     frame_bytes); TCP/IP headers are not counted. Thread safe: servers count from many threads.
+    Each view (per peer, per kind, per peer and kind) is taken under the lock, so its parts add
+    up to one moment's totals; a report that shows several should derive them from one
+    per_link() view (kind_totals, pair_sum), as GetStatus does, so that they agree.
     """
 
     def __init__(self) -> None:
@@ -77,19 +87,49 @@ class Traffic:
         with self._lock:
             return sum(self.sent.values()), sum(self.received.values())
 
-    def per_peer(self) -> dict[int, tuple[int, int]]:
+    def per_peer(self) -> dict[int, Pair]:
         """{peer: (sent, received)} over all kinds."""
+        return {p: pair_sum(kinds.values()) for p, kinds in self.per_link().items()}
+
+    def per_link(self) -> dict[int, dict[str, Pair]]:
+        """{peer: {kind: (sent, received)}}, peers and kinds sorted; every peer lists KINDS."""
         with self._lock:
-            out: dict[int, tuple[int, int]] = {}
-            for (peer, _), n in self.sent.items():
-                s, r = out.get(peer, (0, 0))
-                out[peer] = (s + n, r)
-            for (peer, _), n in self.received.items():
-                s, r = out.get(peer, (0, 0))
-                out[peer] = (s, r + n)
-            return out
+            peers = sorted({p for p, _ in self.sent} | {p for p, _ in self.received})
+            kinds = _kinds(self.sent, self.received)
+            return {p: {k: (self.sent.get((p, k), 0), self.received.get((p, k), 0))
+                        for k in kinds} for p in peers}
+
+    def per_kind(self) -> dict[str, Pair]:
+        """{kind: (sent, received)} over all peers, kinds sorted; KINDS always listed."""
+        return kind_totals(self.per_link())
 
     def snapshot(self) -> dict[str, dict[str, int]]:
+        """{"sent" | "received": {"PEER:KIND": bytes}}: every counter, for summary.json."""
         with self._lock:
             return {"sent": {f"{p}:{k}": n for (p, k), n in self.sent.items()},
                     "received": {f"{p}:{k}": n for (p, k), n in self.received.items()}}
+
+
+def kind_totals(per_link: dict[int, dict[str, Pair]]) -> dict[str, Pair]:
+    """{kind: (sent, received)} summed over the links of a Traffic.per_link() view, kinds
+    sorted, KINDS always listed: a report built from one view adds up whichever way it is read."""
+    kinds = sorted(set(KINDS).union(k for link in per_link.values() for k in link))
+    return {k: pair_sum(link.get(k, (0, 0)) for link in per_link.values()) for k in kinds}
+
+
+def kinds_json(per_kind: dict[str, Pair]) -> dict[str, dict[str, int]]:
+    """A per_kind() view as metrics.jsonl and summary.json write it:
+    {kind: {"sent": bytes, "received": bytes}}."""
+    return {k: {"sent": s, "received": r} for k, (s, r) in per_kind.items()}
+
+
+def pair_sum(pairs: Iterable[Pair]) -> Pair:
+    """(sum of sent, sum of received)."""
+    sent = received = 0
+    for s, r in pairs:
+        sent, received = sent + s, received + r
+    return sent, received
+
+
+def _kinds(*counters: dict[tuple[int, str], int]) -> list[str]:
+    return sorted(set(KINDS).union(k for counter in counters for _, k in counter))

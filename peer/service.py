@@ -39,7 +39,15 @@ from crossgrad.rpc import (
 from crossgrad.v1 import bootstrap_pb2, bootstrap_pb2_grpc, peer_pb2
 from peer.builder import load_run_data, make_node, resolve_device
 from peer.client import GrpcNeighborhood
-from peer.metrics import MetricsWriter, Traffic, digest
+from peer.metrics import (
+    MetricsWriter,
+    Pair,
+    Traffic,
+    digest,
+    kind_totals,
+    kinds_json,
+    pair_sum,
+)
 from peer.node import Assignment, Node, Params
 from peer.servicer import PeerServicer, add_to_server
 
@@ -88,6 +96,12 @@ def keep_freed_memory(limit_bytes: int = 1 << 30) -> bool:
         mallopt(m_trim_threshold, 2 * limit_bytes))
 
 
+def kind_bytes(kinds: dict[str, Pair]) -> list[peer_pb2.KindBytes]:
+    """{kind: (sent, received)} as KindBytes, in the dict's (sorted) order."""
+    return [peer_pb2.KindBytes(kind=k, sent_bytes=s, received_bytes=r)
+            for k, (s, r) in kinds.items()]
+
+
 class Stopped(Exception):
     """The peer was asked to stop before it started training."""
 
@@ -134,16 +148,23 @@ class PeerRuntime:
 
     def status(self) -> peer_pb2.PeerStatus:
         node, hood = self.node, self.hood
-        sent, received = self.traffic.totals()
-        links = [peer_pb2.LinkBytes(peer_id=p, sent_bytes=s, received_bytes=r)
-                 for p, (s, r) in sorted(self.traffic.per_peer().items())]
+        per_link = self.traffic.per_link()  # one view, so links, kinds and totals agree
+        links = []
+        for peer, kinds in per_link.items():
+            link_sent, link_received = pair_sum(kinds.values())
+            links.append(peer_pb2.LinkBytes(peer_id=peer, sent_bytes=link_sent,
+                                            received_bytes=link_received,
+                                            kinds=kind_bytes(kinds)))
+        per_kind = kind_totals(per_link)
+        sent, received = pair_sum(per_kind.values())
         status = peer_pb2.PeerStatus(
             node_id=self.node_id, address=self.address, state=self.state,
             total_rounds=self.settings.rounds if self.settings else 0,
             algorithm=self.settings.algorithm if self.settings else "",
             topology_epoch=self.epoch, last_loss=self.last_loss,
             last_accuracy=self.last_accuracy, bytes_sent=sent, bytes_received=received,
-            links=links, rejected_messages=self._rejected + (hood.misses.rejected if hood else 0),
+            links=links, kinds=kind_bytes(per_kind),
+            rejected_messages=self._rejected + (hood.misses.rejected if hood else 0),
             missed_neighbor_answers=hood.misses.total if hood else 0)
         if node is not None:
             status.round = node.round
@@ -271,8 +292,10 @@ class PeerRuntime:
                 node.publish()
                 record = node.run_round(self.hood)
                 self.last_loss = record.loss
+                per_kind = self.traffic.per_kind()
                 metrics.write({"kind": "round", **dataclasses.asdict(record),
-                               "bytes": self.traffic.totals()})
+                               "bytes": pair_sum(per_kind.values()),
+                               "bytes_by_kind": kinds_json(per_kind)})
                 self._heartbeat(node.round, record.loss)
                 if node.round % cfg.eval_every == 0 or node.round == cfg.rounds:
                     loss, acc = node.trainer.evaluate(node.params, self.test_x, self.test_y)
@@ -288,12 +311,14 @@ class PeerRuntime:
             metrics.close()
         params = [p.detach().cpu() for p in node.params]
         torch.save(params, out / "model.pt")
-        sent, received = self.traffic.totals()
+        per_kind = self.traffic.per_kind()
+        sent, received = pair_sum(per_kind.values())
         summary: dict[str, object] = {
             "node": self.node_id, "round": node.round, "rounds": cfg.rounds,
             "accuracy": self.last_accuracy, "loss": self.last_loss, "digest": digest(params),
             "qp_fallbacks": int(node.algorithm.stats.get("qp_fallbacks", 0)),
             "bytes_sent": sent, "bytes_received": received, "traffic": self.traffic.snapshot(),
+            "bytes_by_kind": kinds_json(per_kind),
             "missed_neighbor_answers": self.hood.misses.total,
             "seconds": time.perf_counter() - started}
         (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))

@@ -30,17 +30,29 @@ class GetStatusRequest(_message.Message):
     def __init__(self, requester: _Optional[str] = ...) -> None: ...
 
 class LinkBytes(_message.Message):
-    __slots__ = ("peer_id", "sent_bytes", "received_bytes")
+    __slots__ = ("peer_id", "sent_bytes", "received_bytes", "kinds")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KINDS_FIELD_NUMBER: _ClassVar[int]
     peer_id: int
     sent_bytes: int
     received_bytes: int
-    def __init__(self, peer_id: _Optional[int] = ..., sent_bytes: _Optional[int] = ..., received_bytes: _Optional[int] = ...) -> None: ...
+    kinds: _containers.RepeatedCompositeFieldContainer[KindBytes]
+    def __init__(self, peer_id: _Optional[int] = ..., sent_bytes: _Optional[int] = ..., received_bytes: _Optional[int] = ..., kinds: _Optional[_Iterable[_Union[KindBytes, _Mapping]]] = ...) -> None: ...
+
+class KindBytes(_message.Message):
+    __slots__ = ("kind", "sent_bytes", "received_bytes")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    sent_bytes: int
+    received_bytes: int
+    def __init__(self, kind: _Optional[str] = ..., sent_bytes: _Optional[int] = ..., received_bytes: _Optional[int] = ...) -> None: ...
 
 class PeerStatus(_message.Message):
-    __slots__ = ("node_id", "address", "round", "total_rounds", "algorithm", "neighbor_ids", "weights", "self_weight", "topology_epoch", "last_loss", "last_accuracy", "bytes_sent", "bytes_received", "links", "qp_fallbacks", "missed_neighbor_answers", "rejected_messages", "state")
+    __slots__ = ("node_id", "address", "round", "total_rounds", "algorithm", "neighbor_ids", "weights", "self_weight", "topology_epoch", "last_loss", "last_accuracy", "bytes_sent", "bytes_received", "links", "qp_fallbacks", "missed_neighbor_answers", "rejected_messages", "state", "kinds")
     class WeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +78,7 @@ class PeerStatus(_message.Message):
     MISSED_NEIGHBOR_ANSWERS_FIELD_NUMBER: _ClassVar[int]
     REJECTED_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    KINDS_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     address: str
     round: int
@@ -84,4 +97,5 @@ class PeerStatus(_message.Message):
     missed_neighbor_answers: int
     rejected_messages: int
     state: str
-    def __init__(self, node_id: _Optional[int] = ..., address: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., algorithm: _Optional[str] = ..., neighbor_ids: _Optional[_Iterable[int]] = ..., weights: _Optional[_Mapping[int, float]] = ..., self_weight: _Optional[float] = ..., topology_epoch: _Optional[int] = ..., last_loss: _Optional[float] = ..., last_accuracy: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkBytes, _Mapping]]] = ..., qp_fallbacks: _Optional[int] = ..., missed_neighbor_answers: _Optional[int] = ..., rejected_messages: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+    kinds: _containers.RepeatedCompositeFieldContainer[KindBytes]
+    def __init__(self, node_id: _Optional[int] = ..., address: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., algorithm: _Optional[str] = ..., neighbor_ids: _Optional[_Iterable[int]] = ..., weights: _Optional[_Mapping[int, float]] = ..., self_weight: _Optional[float] = ..., topology_epoch: _Optional[int] = ..., last_loss: _Optional[float] = ..., last_accuracy: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkBytes, _Mapping]]] = ..., qp_fallbacks: _Optional[int] = ..., missed_neighbor_answers: _Optional[int] = ..., rejected_messages: _Optional[int] = ..., state: _Optional[str] = ..., kinds: _Optional[_Iterable[_Union[KindBytes, _Mapping]]] = ...) -> None: ...

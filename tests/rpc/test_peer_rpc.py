@@ -7,6 +7,10 @@ tensor.proto documents, counted, and left out of the round, which then ends exac
 neighbor had not answered (DESIGN.md section 7: a node never crashes, hangs or corrupts its
 model because of a peer's message).
 
+Accounting: after real rounds among three runtimes, GetStatus's bytes per link and per message
+kind add up to its totals, each link's two ends agree, and the kinds are what the algorithm
+sends (no cross-gradients under dpsgd; sign-compressed ones far smaller than models).
+
 Nodes are built as a deployment builds them (peer/builder.py) from one small run: 3 nodes on a
 ring, the embedded digits data, CGA. Node 0's neighbors are 1 and 2.
 """
@@ -53,9 +57,11 @@ BIG = 4 * rpc.DEFAULT_MAX_MESSAGE_BYTES  # a limit above the default one
 CURRENT_ROUND = 5  # the served node of part (a) has published rounds 0..5 and keeps 2..5
 
 
-def run_config(nodes: int) -> RunConfig:
-    return validate(RunConfig(nodes=nodes, topology="ring", partition="iid", rounds=10,
-                              batch_size=16, device="cpu", dataset="digits"))
+def run_config(nodes: int, **overrides: str) -> RunConfig:
+    settings: dict[str, object] = dict(nodes=nodes, topology="ring", partition="iid", rounds=10,
+                                       batch_size=16, device="cpu", dataset="digits")
+    settings.update(overrides)
+    return validate(RunConfig(**settings))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -70,8 +76,8 @@ class Run:
         return make_node(self.config, self.data, i, self.assigned[i], CPU)
 
 
-def load_run(nodes: int) -> Run:
-    cfg = run_config(nodes)
+def load_run(nodes: int, **overrides: str) -> Run:
+    cfg = run_config(nodes, **overrides)
     _, assigned = assignments(cfg)
     return Run(cfg, load_run_data(cfg), assigned)
 
@@ -629,3 +635,104 @@ def test_the_malicious_neighbor_does_not_disturb_the_honest_one(
     assert sent.get((0, "model"), 0) > before.get((0, "model"), 0)
     assert sent.get((0, "cross_gradient"), 0) > before.get((0, "cross_gradient"), 0)
     assert_same(cluster.node0.params, reference["GetModel"])
+
+
+# ================================================================================================
+# (c) accounting: bytes per link and per message kind in GetStatus, after real rounds
+# ================================================================================================
+
+
+@dataclass(frozen=True)
+class Accounted:
+    algorithm: str
+    compressor: str
+    statuses: dict[int, peer_pb2.PeerStatus]  # by node id, asked over gRPC after the rounds
+
+
+ACCOUNTED_RUNS = {"dpsgd": dict(algorithm="dpsgd"), "cga": dict(algorithm="cga"),
+                  "cga+sign": dict(algorithm="cga", compressor="sign")}
+
+
+@pytest.fixture(scope="module", params=list(ACCOUNTED_RUNS))
+def accounted(request: pytest.FixtureRequest) -> Iterator[Accounted]:
+    """Three real runtimes on a ring (everyone a neighbor of everyone) after two rounds each,
+    every model and cross-gradient over gRPC; then each one's GetStatus."""
+    settings = ACCOUNTED_RUNS[request.param]
+    run = load_run(3, **settings)
+    nodes = {i: run.node(i) for i in range(3)}
+    runtimes = {i: start_runtime(i) for i in range(3)}
+    try:
+        for i, rt in runtimes.items():
+            rt.attach(nodes[i], {j: runtimes[j].address for j in run.assigned[i].neighbors},
+                      epoch=1)
+        for _ in range(2):
+            for node in nodes.values():
+                node.publish()
+            for i, node in nodes.items():
+                hood = runtimes[i].hood
+                assert hood is not None
+                record = node.run_round(hood)
+                assert record.missing == [], record
+        statuses: dict[int, peer_pb2.PeerStatus] = {}
+        for i, rt in runtimes.items():
+            with rpc.make_channel(rt.address) as ch:
+                statuses[i] = peer_pb2_grpc.PeerStub(ch).GetStatus(
+                    peer_pb2.GetStatusRequest(requester="test"), timeout=5)
+        yield Accounted(run.config.algorithm, run.config.compressor, statuses)
+    finally:
+        for rt in runtimes.values():
+            stop_runtime(rt)
+
+
+def kind_pairs(kinds: Sequence[peer_pb2.KindBytes]) -> dict[str, tuple[int, int]]:
+    return {k.kind: (k.sent_bytes, k.received_bytes) for k in kinds}
+
+
+def test_bytes_per_kind_and_per_link_add_up_to_the_totals(accounted: Accounted) -> None:
+    for i, s in accounted.statuses.items():
+        assert [k.kind for k in s.kinds] == ["cross_gradient", "model"], i  # sorted, both
+        assert [link.peer_id for link in s.links] == [j for j in range(3) if j != i]
+        assert s.bytes_sent == sum(k.sent_bytes for k in s.kinds)
+        assert s.bytes_received == sum(k.received_bytes for k in s.kinds)
+        assert s.bytes_sent == sum(link.sent_bytes for link in s.links)
+        assert s.bytes_received == sum(link.received_bytes for link in s.links)
+        for link in s.links:
+            assert [k.kind for k in link.kinds] == ["cross_gradient", "model"]
+            assert link.sent_bytes == sum(k.sent_bytes for k in link.kinds)
+            assert link.received_bytes == sum(k.received_bytes for k in link.kinds)
+        for kind, (sent, received) in kind_pairs(s.kinds).items():
+            assert sent == sum(kind_pairs(link.kinds)[kind][0] for link in s.links)
+            assert received == sum(kind_pairs(link.kinds)[kind][1] for link in s.links)
+
+
+def test_what_one_end_of_a_link_sent_the_other_received(accounted: Accounted) -> None:
+    """Both ends count the same messages the same way, kind by kind (headers included)."""
+    links = {(i, link.peer_id): kind_pairs(link.kinds)
+             for i, s in accounted.statuses.items() for link in s.links}
+    for (i, j), kinds in links.items():
+        for kind, (sent, _) in kinds.items():
+            assert sent == links[(j, i)][kind][1], (i, j, kind)
+
+
+def test_models_always_cross_and_cross_gradients_only_for_cga(accounted: Accounted) -> None:
+    for s in accounted.statuses.values():
+        per_link = {link.peer_id: kind_pairs(link.kinds) for link in s.links}
+        for kinds in per_link.values():
+            assert min(kinds["model"]) > 0
+            if accounted.algorithm == "dpsgd":
+                assert kinds["cross_gradient"] == (0, 0)
+            else:
+                assert min(kinds["cross_gradient"]) > 0
+
+
+def test_compressed_cross_gradients_cost_far_fewer_bytes_than_models(
+        accounted: Accounted) -> None:
+    if accounted.algorithm == "dpsgd":
+        pytest.skip("dpsgd sends no cross-gradients")
+    for s in accounted.statuses.values():
+        kinds = kind_pairs(s.kinds)
+        ratio = kinds["model"][1] / kinds["cross_gradient"][1]  # bytes received
+        if accounted.compressor == "sign":  # 1 bit per value instead of 32, plus headers
+            assert ratio > 20, kinds
+        else:  # a gradient is as large as the model
+            assert 0.95 < ratio < 1.05, kinds

@@ -1,13 +1,22 @@
-"""`crossgrad demo` as a person runs it: Ctrl-C stops the bootstrap and every peer."""
+"""`crossgrad demo` as a person runs it: `crossgrad status` shows a training peer's bytes per
+link and per message kind; Ctrl-C stops the bootstrap and every peer."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
+
+from crossgrad.rpc import make_channel
+from crossgrad.v1 import peer_pb2, peer_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,8 +36,17 @@ def children_of_run(run_dir: Path) -> list[str]:
     return found
 
 
-def test_ctrl_c_stops_the_bootstrap_and_every_peer(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
+@dataclass
+class Demo:
+    proc: subprocess.Popen[str]
+    run_dir: Path
+
+
+@pytest.fixture(scope="module")
+def training_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
+    """`crossgrad demo` with 2 peers (CGA, far more rounds than the tests last), once both
+    peers train. The last test of this module stops it with Ctrl-C."""
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
     demo = subprocess.Popen([sys.executable, "-m", "crossgrad", "demo", "--nodes", "2",
                              "--partition", "iid", "--rounds", "100000", "--out", str(run_dir)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -44,15 +62,56 @@ def test_ctrl_c_stops_the_bootstrap_and_every_peer(tmp_path: Path) -> None:
                 trained = True
                 break
         assert trained, "the peers never started training"
-        assert len(children_of_run(run_dir)) == 3  # bootstrap + 2 peers
-        demo.send_signal(signal.SIGINT)
-        assert demo.wait(timeout=60) == 130
-        assert demo.stderr is not None and "interrupted" in demo.stderr.read()
-        assert children_of_run(run_dir) == []
+        yield Demo(demo, run_dir)
     finally:
         if demo.poll() is None:
             demo.kill()
             demo.wait()
+
+
+def peer_address(run_dir: Path, node: int) -> str:
+    match = re.search(r"serving at (\S+);", (run_dir / f"node-{node}.log").read_text())
+    assert match, f"node {node} did not log its address"
+    return match.group(1)
+
+
+def test_status_shows_the_bytes_of_a_training_peer_per_link_and_kind(
+        training_demo: Demo) -> None:
+    address = peer_address(training_demo.run_dir, 0)
+    with make_channel(address) as channel:  # the exact numbers, all from one GetStatus
+        s = peer_pb2_grpc.PeerStub(channel).GetStatus(
+            peer_pb2.GetStatusRequest(requester="test"), timeout=10)
+    kinds = {k.kind: (k.sent_bytes, k.received_bytes) for k in s.kinds}
+    assert list(kinds) == ["cross_gradient", "model"]
+    assert min(kinds["model"]) > 0 and min(kinds["cross_gradient"]) > 0  # CGA, past round 1
+    assert (s.bytes_sent, s.bytes_received) == (sum(p[0] for p in kinds.values()),
+                                                sum(p[1] for p in kinds.values()))
+    assert [link.peer_id for link in s.links] == [1]
+    link = {k.kind: (k.sent_bytes, k.received_bytes) for k in s.links[0].kinds}
+    assert link == kinds  # one neighbor: its link carried everything
+
+    proc = subprocess.run([sys.executable, "-m", "crossgrad", "status", address], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:1] == ["neighbor"])
+    assert lines[head].split() == ["neighbor", "weight", "sent", "MiB", "recv", "MiB", "model",
+                                   "sent", "model", "recv", "xgrad", "sent", "xgrad", "recv"]
+    rows = {line.split()[0]: [float(c) for c in line.split()[-6:]] for line in lines[head + 1:]}
+    assert list(rows) == ["1", "all"], proc.stdout
+    sent, received, model_sent, model_recv, xgrad_sent, xgrad_recv = rows["all"]
+    assert model_recv > 0 and xgrad_recv > 0, proc.stdout
+    assert sent == pytest.approx(model_sent + xgrad_sent, abs=0.015), proc.stdout
+    assert received == pytest.approx(model_recv + xgrad_recv, abs=0.015), proc.stdout
+
+
+def test_ctrl_c_stops_the_bootstrap_and_every_peer(training_demo: Demo) -> None:
+    demo, run_dir = training_demo.proc, training_demo.run_dir
+    assert len(children_of_run(run_dir)) == 3  # bootstrap + 2 peers
+    demo.send_signal(signal.SIGINT)
+    assert demo.wait(timeout=60) == 130
+    assert demo.stderr is not None and "interrupted" in demo.stderr.read()
+    assert children_of_run(run_dir) == []
 
 
 def test_sigterm_while_waiting_for_the_run_to_assemble_exits_cleanly(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,24 @@ from crossgrad.config import RunConfig, validate
 from peer import simulate
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def check_bytes_by_kind(summary: dict[str, Any], algorithm: str) -> None:
+    """summary.json's bytes per kind: both kinds listed, summing to the totals and to the
+    per-(peer, kind) counters; models always cross, cross-gradients for all but dpsgd."""
+    by_kind = summary["bytes_by_kind"]
+    assert sorted(by_kind) == ["cross_gradient", "model"]
+    for side, total in (("sent", "bytes_sent"), ("received", "bytes_received")):
+        assert sum(n[side] for n in by_kind.values()) == summary[total]
+        for kind, n in by_kind.items():
+            assert n[side] == sum(v for key, v in summary["traffic"][side].items()
+                                  if key.endswith(f":{kind}"))
+    assert by_kind["model"]["sent"] > 0 and by_kind["model"]["received"] > 0
+    cross = by_kind["cross_gradient"]
+    if algorithm == "dpsgd":
+        assert cross == {"sent": 0, "received": 0}
+    else:
+        assert cross["sent"] > 0 and cross["received"] > 0
 
 
 @pytest.mark.parametrize(("algorithm", "compressor"), [
@@ -39,12 +58,18 @@ def test_networked_run_equals_simulation(algorithm: str, compressor: str,
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "average model accuracy" in proc.stdout
-    for i in range(config.nodes):
-        summary = json.loads((tmp_path / "net" / f"node-{i}" / "summary.json").read_text())
+    assert "xgrad recv" in proc.stdout  # the final table's bytes per message kind
+    summaries = [json.loads((tmp_path / "net" / f"node-{i}" / "summary.json").read_text())
+                 for i in range(config.nodes)]
+    for i, summary in enumerate(summaries):
         assert summary["round"] == config.rounds
         assert summary["missed_neighbor_answers"] == 0
         assert summary["digest"] == expected[str(i)], f"node {i} differs from the simulation"
         assert summary["bytes_sent"] > 0 and summary["bytes_received"] > 0
+        check_bytes_by_kind(summary, algorithm)
+    for kind in ("model", "cross_gradient"):  # every byte one node sent, another received
+        assert (sum(s["bytes_by_kind"][kind]["sent"] for s in summaries)
+                == sum(s["bytes_by_kind"][kind]["received"] for s in summaries)), kind
     assert simulated.final.mean == pytest.approx(
         sum(json.loads((tmp_path / "net" / f"node-{i}" / "summary.json").read_text())["accuracy"]
             for i in range(3)) / 3)
@@ -61,8 +86,8 @@ def test_compressed_cross_gradients_are_smaller_on_the_wire(tmp_path: Path) -> N
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads((tmp_path / "net" / "node-0" / "summary.json").read_text())
-    received = summary["traffic"]["received"]
-    model = sum(n for key, n in received.items() if key.endswith(":model"))
-    cross = sum(n for key, n in received.items() if key.endswith(":cross_gradient"))
+    check_bytes_by_kind(summary, "compcga")
+    model = summary["bytes_by_kind"]["model"]["received"]
+    cross = summary["bytes_by_kind"]["cross_gradient"]["received"]
     assert model > 0 and cross > 0
     assert model / cross > 20, (model, cross)  # headers make small tensors cost more than 1/32
