@@ -25,7 +25,7 @@ import grpc
 import torch
 
 from bootstrap.convert import assignment_from_proto, settings_from_proto
-from crossgrad.config import RunConfig
+from crossgrad.config import RunConfig, validate
 from crossgrad.errors import ConfigError, ProtocolError
 from crossgrad.rpc import (
     DEFAULT_CHUNK_BYTES,
@@ -215,8 +215,12 @@ class PeerRuntime:
         self._bootstrap_channel = make_channel(self.options.bootstrap)
         self.bootstrap = bootstrap_pb2_grpc.BootstrapStub(self._bootstrap_channel)
         settings = self._join(self.bootstrap, 0)
-        settings = dataclasses.replace(settings, data_dir=self.options.data_dir,
-                                       device=self.options.device)
+        try:  # what the bootstrap sent is a peer's message like any other: checked first
+            settings = validate(dataclasses.replace(settings, data_dir=self.options.data_dir,
+                                                    device=self.options.device))
+        except ConfigError as exc:
+            raise ConfigError(f"the run settings from the bootstrap at {self.options.bootstrap} "
+                              f"cannot run here: {exc}") from None
         self.settings = settings
         data = load_run_data(settings)
         self._join(self.bootstrap, len(data.parts[self.node_id]))

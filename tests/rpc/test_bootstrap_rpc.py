@@ -262,3 +262,51 @@ def test_a_restarted_bootstrap_keeps_the_run(state: Path) -> None:
         second.stop(grace=0)
     assert after == before and after.topology_epoch == 2
     assert [p.state for p in listing.peers] == ["ACTIVE", "LEFT", "ACTIVE"]
+
+
+class _BadSettingsBootstrap(bootstrap_pb2_grpc.BootstrapServicer):
+    """A bootstrap (real gRPC server) whose Join answer carries settings a peer cannot run."""
+
+    def __init__(self, settings: pb.RunSettings) -> None:
+        self.settings = settings
+        self.joins = 0
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
+        self.joins += 1
+        return pb.JoinResponse(ready=False, joined=1, expected=3, settings=self.settings)
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
+        return pb.LeaveResponse()
+
+
+@pytest.mark.parametrize(("field", "value", "named"), [
+    ("compressor", "zstd", "zstd"),
+    ("algorithm", "fedavg", "fedavg"),
+    ("rounds", 0, "rounds"),
+    ("topology", "hypercube", "hypercube"),
+])
+def test_a_peer_refuses_run_settings_it_cannot_run_before_loading_data(
+        field: str, value: object, named: str, tmp_path: Path) -> None:
+    from crossgrad.rpc import Service, make_server
+    from peer.service import PeerOptions, PeerRuntime
+
+    good = RunConfig(nodes=3, topology="ring", algorithm="cga", dataset="digits", rounds=5)
+    settings = settings_to_proto(good)
+    setattr(settings, field, value)
+    fake = _BadSettingsBootstrap(settings)
+    server = make_server("127.0.0.1:0", [Service(
+        "crossgrad.v1.Bootstrap",
+        lambda s: bootstrap_pb2_grpc.add_BootstrapServicer_to_server(fake, s))])
+    runtime = PeerRuntime(PeerOptions(node_id=0, bootstrap=server.address, out=tmp_path,
+                                      timeout=5.0, join_timeout=5.0))
+    try:
+        with pytest.raises(ConfigError) as info:
+            runtime.start()
+    finally:
+        runtime.shutdown(grace=0)
+        server.stop(0)
+    message = str(info.value)
+    assert message.startswith(f"the run settings from the bootstrap at {server.address} "
+                              "cannot run here: ")
+    assert named in message
+    assert fake.joins == 1  # refused at the first answer: no second Join, no data loaded
