@@ -63,6 +63,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import grpc
+import grpc.experimental
 import numpy as np
 import torch
 
@@ -288,9 +289,17 @@ def raw_transfer(port: int, nbytes: int) -> Callable[[], None]:
     return run
 
 
-def getmodel_transfer(port: int, specs: list[wire.TensorSpec],
-                      max_message_bytes: int) -> Callable[[], int]:
-    channel = rpc.make_channel(f"127.0.0.1:{port}", max_message_bytes=max_message_bytes)
+def getmodel_transfer(port: int, specs: list[wire.TensorSpec], max_message_bytes: int,
+                      single_thread: bool = False) -> Callable[[], int]:
+    """single_thread: grpc's experimental SingleThreadedUnaryStream channel option (the thread
+    that iterates the call polls for its messages itself, no hand-off from the channel's
+    polling thread), to measure it before turning it on in crossgrad/rpc.py."""
+    if single_thread:
+        one_thread = (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)
+        channel = grpc.insecure_channel(
+            f"127.0.0.1:{port}", options=[*rpc.channel_options(max_message_bytes), one_thread])
+    else:
+        channel = rpc.make_channel(f"127.0.0.1:{port}", max_message_bytes=max_message_bytes)
     get_model = channel.unary_stream(  # as peer/client.py GrpcNeighborhood: raw answers
         "/crossgrad.v1.Peer/GetModel",
         request_serializer=peer_pb2.GetModelRequest.SerializeToString,
@@ -445,6 +454,8 @@ def main() -> int:
             "raw TCP": (raw_transfer(ports["raw"], payload), ports["raw"]),
             "GetModel (stream)": (getmodel_transfer(ports["peer"], specs, max_message),
                                   ports["peer"]),
+            "GetModel, 1-thread client": (getmodel_transfer(ports["peer"], specs, max_message,
+                                                            single_thread=True), ports["peer"]),
             "unary (1 message)": (unary_transfer(ports["unary"], payload), ports["unary"]),
             "GetModel, no decode": (drain_transfer(ports["peer"], max_message), ports["peer"]),
             "pre-serialized stream": (ceiling, ports["unary"]),
