@@ -307,6 +307,7 @@ def getmodel_transfer(port: int, specs: list[wire.TensorSpec], max_message_bytes
     request = peer_pb2.GetModelRequest(requester_id=REQUESTER, round=ROUND)
 
     def run() -> int:  # as peer/client.py GrpcNeighborhood._stream
+        assert channel is not None  # keeps the channel alive (a closed one refuses calls)
         call = get_model(request, timeout=CALL_TIMEOUT_S, wait_for_ready=True)
         return wire.decode(call, specs, sender_id=SENDER, round_=ROUND).wire_bytes
     return run

@@ -9,6 +9,7 @@ call's deadline, UNAVAILABLE while the node is starting.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -18,7 +19,7 @@ from crossgrad.errors import DeadlineExceeded, InvalidMessage, NotANeighbor, Sta
 from crossgrad.rpc import translate_errors
 from crossgrad.v1 import peer_pb2, peer_pb2_grpc
 from peer.node import Node, Params
-from peer.wire import encode_compressed_raw, encode_raw, frame_bytes
+from peer.wire import checksums, encode_compressed_raw, encode_raw, frame_bytes
 
 if TYPE_CHECKING:
     from peer.service import PeerRuntime
@@ -27,6 +28,22 @@ if TYPE_CHECKING:
 class PeerServicer(peer_pb2_grpc.PeerServicer):
     def __init__(self, runtime: PeerRuntime) -> None:
         self.runtime = runtime
+        # The CRC-32Cs of published models, by round: each is sent to every neighbor, and
+        # its checksums would otherwise be computed again before each transfer's first byte.
+        # Keyed by the snapshot object too, so a replaced snapshot is never sent with old CRCs.
+        self._crcs: dict[int, tuple[Params, list[int]]] = {}
+        self._crcs_lock = threading.Lock()
+
+    def _model_crcs(self, node: Node, round_: int, params: Params) -> list[int]:
+        with self._crcs_lock:
+            cached = self._crcs.get(round_)
+            if cached is not None and cached[0] is params:
+                return cached[1]
+            crcs = checksums(params)
+            self._crcs[round_] = (params, crcs)
+            for old in [r for r in self._crcs if r <= round_ - node.keep_rounds]:
+                del self._crcs[old]
+            return crcs
 
     def _node_for(self, requester: int, round_: int, wait: float) -> Node:
         """The ready node (waiting up to `wait` s for it), after checking the requester and the
@@ -49,10 +66,10 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         return node
 
     def _stream(self, node: Node, params: Params, requester: int, round_: int,
-                kind: str) -> Iterator[bytes]:
+                kind: str, crcs: list[int] | None = None) -> Iterator[bytes]:
         """Serialized TensorChunk messages (add_to_server registers a pass-through serializer)."""
         for raw in encode_raw(node.names, params, sender_id=node.id, round_=round_,
-                              chunk_bytes=self.runtime.chunk_bytes):
+                              chunk_bytes=self.runtime.chunk_bytes, crcs=crcs):
             self.runtime.traffic.add_sent(requester, kind, frame_bytes(len(raw)))
             yield raw
 
@@ -70,7 +87,8 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
             raise DeadlineExceeded(f"node {node.id} had not published round {request.round} "
                                    "before the deadline")
         params = node.model(request.round)
-        yield from self._stream(node, params, request.requester_id, request.round, "model")
+        yield from self._stream(node, params, request.requester_id, request.round, "model",
+                                self._model_crcs(node, request.round, params))
 
     @translate_errors
     def ComputeCrossGradient(self, request: peer_pb2.CrossGradientRequest,

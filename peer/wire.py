@@ -96,6 +96,22 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+# How decode checks finiteness of each float dtype's bytes: numpy's float dtypes, and for
+# bfloat16 (no numpy dtype) its bits as uint16 (NaN or Inf: all 8 exponent bits set).
+_NUMPY_FLOATS: dict[torch.dtype, np.dtype] = {
+    torch.float16: np.dtype(np.float16), torch.float32: np.dtype(np.float32),
+    torch.float64: np.dtype(np.float64), torch.bfloat16: np.dtype(np.uint16),
+}
+
+
+def _finite_bytes(raw: np.ndarray, np_dtype: np.dtype) -> bool:
+    """Whether the whole elements in `raw` (uint8) are all finite (see _NUMPY_FLOATS)."""
+    values = raw.view(np_dtype)
+    if np_dtype == np.uint16:  # bfloat16
+        return not bool(np.any((values & 0x7F80) == 0x7F80))
+    return bool(np.isfinite(values).all())
+
+
 def _data_message_bytes(chunk: pb.TensorChunk, data: bytes) -> int:
     """chunk.ByteSize() of a data chunk without serializing it (upb's ByteSize serializes the
     whole message): the tag byte of field 2, the varint length, the bytes; a chunk carrying
@@ -121,8 +137,15 @@ def _varint(n: int) -> bytes:
 _DATA_TAG = b"\x12"  # TensorChunk field 2 (data), wire type 2 (length-delimited)
 
 
+def checksums(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """The CRC-32C of each tensor's bytes, as its header carries it (encode_raw's `crcs`)."""
+    return [google_crc32c.value(_readonly(_byte_view(t.detach().to("cpu").contiguous())))
+            for t in tensors]
+
+
 def encode_raw(names: Sequence[str], tensors: Sequence[torch.Tensor], *, sender_id: int,
-               round_: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+               round_: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+               crcs: Sequence[int] | None = None) -> Iterator[bytes]:
     """The stream as serialized TensorChunk messages: the header, then data pieces of at most
     chunk_bytes (pieces span tensor boundaries).
 
@@ -130,13 +153,19 @@ def encode_raw(names: Sequence[str], tensors: Sequence[torch.Tensor], *, sender_
     memory into the message, instead of tobytes + protobuf's copy + its serialization. The
     bytes are exactly what TensorChunk(data=...).SerializeToString() gives (a test says so),
     so any gRPC client (grpcurl included) reads them as TensorChunk messages.
+
+    `crcs`: checksums(tensors), when the caller keeps them (a published model is sent to every
+    neighbor: its CRCs are computed once, not once per transfer before the first byte goes out).
     """
     cpu = [t.detach().to("cpu").contiguous() for t in tensors]
     views = [_byte_view(t) for t in cpu]
+    if crcs is None:
+        crcs = [google_crc32c.value(_readonly(v)) for v in views]
+    elif len(crcs) != len(views):
+        raise ValueError(f"{len(crcs)} checksums for {len(views)} tensors")
     headers = [pb.TensorHeader(name=n, shape=list(t.shape), dtype=DTYPES[t.dtype],  # type: ignore[arg-type]
-                               codec=pb.CODEC_NONE, byte_length=v.nbytes,
-                               crc32c=google_crc32c.value(_readonly(v)))
-               for n, t, v in zip(names, cpu, views, strict=True)]
+                               codec=pb.CODEC_NONE, byte_length=v.nbytes, crc32c=crc)
+               for n, t, v, crc in zip(names, cpu, views, crcs, strict=True)]
     yield from _stream_raw(headers, views, sender_id, round_, chunk_bytes)
 
 
@@ -298,6 +327,12 @@ def decode(chunks: Iterable[Message], expected: Sequence[TensorSpec], *, sender_
     else:  # the packed payloads first; decompressed (and validated) once complete
         views = [np.empty(h.byte_length, dtype=np.uint8) for h in first.header.tensors]
     crcs = [0] * len(views)  # CRC-32C of each tensor's bytes so far (0: of no bytes)
+    # Dense floats are checked finite piece by piece, right after each copy (the bytes are in
+    # cache: a pass over every tensor at the end read them from memory again); `checked` is
+    # the bytes of each tensor checked so far, whole elements only.
+    floats = ([_NUMPY_FLOATS.get(t.dtype) if t.is_floating_point() else None for t in tensors]
+              if compressor is None else [None] * len(views))
+    checked = [0] * len(views)
     total = int(first.header.total_bytes)
     k, offset, received = 0, 0, 0  # current tensor, offset in it, bytes so far
     for message in iterator:
@@ -325,6 +360,14 @@ def decode(chunks: Iterable[Message], expected: Sequence[TensorSpec], *, sender_
             views[k][offset:offset + take] = piece
             crcs[k] = google_crc32c.extend(crcs[k], piece)  # while the piece is in cache
             pos, offset = pos + take, offset + take
+            np_dtype = floats[k]
+            if np_dtype is not None:
+                end = offset - offset % np_dtype.itemsize
+                if end > checked[k]:
+                    if not _finite_bytes(views[k][checked[k]:end], np_dtype):
+                        raise InvalidMessage(f"tensor {first.header.tensors[k].name!r} holds "
+                                             "NaN or Inf")
+                    checked[k] = end
         received += len(data)
     if received < total:
         raise TruncatedStream(f"the stream ended after {received} of {total} bytes")
@@ -340,9 +383,9 @@ def decode(chunks: Iterable[Message], expected: Sequence[TensorSpec], *, sender_
                 tensors.append(compressor.decompress(record))
             except InvalidMessage as exc:
                 raise InvalidMessage(f"tensor {h.name!r}: {exc}") from None
-    for h, t in zip(first.header.tensors, tensors, strict=True):
-        if t.is_floating_point() and not _all_finite(t):
-            raise InvalidMessage(f"tensor {h.name!r} holds NaN or Inf")
+        for h, t in zip(first.header.tensors, tensors, strict=True):
+            if t.is_floating_point() and not _all_finite(t):
+                raise InvalidMessage(f"tensor {h.name!r} holds NaN or Inf")
     return Decoded(tensors=tensors, sender_id=sender_id, round=round_, wire_bytes=wire_bytes)
 
 

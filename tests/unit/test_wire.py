@@ -22,7 +22,17 @@ from crossgrad import rpc
 from crossgrad.errors import InvalidMessage, ProtocolError, TooLarge, TruncatedStream
 from crossgrad.rpc import DEFAULT_CHUNK_BYTES
 from crossgrad.v1 import tensor_pb2 as pb
-from peer.wire import DTYPES, Decoded, TensorSpec, decode, encode, frame_bytes, specs_of
+from peer.wire import (
+    DTYPES,
+    Decoded,
+    TensorSpec,
+    checksums,
+    decode,
+    encode,
+    encode_raw,
+    frame_bytes,
+    specs_of,
+)
 
 Chunks = list[pb.TensorChunk]
 SENDER, ROUND = 3, 17
@@ -470,14 +480,15 @@ def test_header_errors_are_raised_before_any_data_is_read() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bad", [math.nan, -math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("where", [0, 37, 99])
+@pytest.mark.parametrize("chunk_bytes", [64, 3, 7])  # pieces that split elements, too
 def test_nan_and_inf_are_refused_in_every_float_dtype(dtype: torch.dtype, bad: float,
-                                                      where: int) -> None:
+                                                      where: int, chunk_bytes: int) -> None:
     finite = torch.randn(100, generator=generated(16)).to(dtype)
     poisoned = finite.clone()
     poisoned[where] = bad
     names = ["ok", "h"]
     chunks = list(encode(names, [finite, poisoned], sender_id=SENDER, round_=ROUND,
-                         chunk_bytes=64))
+                         chunk_bytes=chunk_bytes))
     with pytest.raises(InvalidMessage, match=r"'h'.*NaN or Inf"):
         decode(chunks, specs_of(names, [finite, poisoned]), sender_id=SENDER, round_=ROUND)
 
@@ -496,3 +507,15 @@ def test_integer_tensors_are_not_checked_for_finiteness() -> None:
     tensors = [torch.tensor([torch.iinfo(torch.int64).max, -1], dtype=torch.int64)]
     _, decoded = roundtrip(["i"], tensors, chunk_bytes=3)
     assert_bit_exact(decoded.tensors, tensors)
+
+
+def test_encode_raw_with_kept_checksums_sends_the_same_bytes() -> None:
+    tensors = [torch.randn(5, 3, generator=generated(21)), torch.randn(4).to(torch.bfloat16),
+               torch.zeros(0)]
+    names = ["w", "b", "empty"]
+    plain = list(encode_raw(names, tensors, sender_id=SENDER, round_=ROUND, chunk_bytes=7))
+    kept = list(encode_raw(names, tensors, sender_id=SENDER, round_=ROUND, chunk_bytes=7,
+                           crcs=checksums(tensors)))
+    assert kept == plain
+    with pytest.raises(ValueError, match="2 checksums for 3 tensors"):
+        list(encode_raw(names, tensors, sender_id=SENDER, round_=ROUND, crcs=[0, 0]))
