@@ -69,13 +69,17 @@ def run_config(base: RunConfig, seeds: list[int], workdir: Path) -> Row:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default="digits,mnist")
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=2, help="how many seeds")
+    parser.add_argument("--first-seed", type=int, default=1, help="seeds start here")
+    parser.add_argument("--configs", default=",".join(f"{a}:{c}" for a, c in CONFIGS),
+                        help="algorithm:compressor pairs, comma-separated (default: all)")
     parser.add_argument("--rounds", default="digits=500,mnist=600")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--mnist-dir", type=Path, default=SHARED_MNIST)
     args = parser.parse_args()
     rounds = dict(item.split("=") for item in args.rounds.split(","))
-    seeds = list(range(1, args.seeds + 1))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    configs = [tuple(item.split(":", 1)) for item in args.configs.split(",")]
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}")
     print("command: python " + " ".join(sys.argv))
@@ -86,7 +90,7 @@ def main() -> int:
                 print(f"skipping mnist: {args.mnist_dir} not found")
                 continue
             n = int(rounds.get(dataset, 500))
-            for algorithm, compressor in CONFIGS:
+            for algorithm, compressor in configs:
                 base = RunConfig(nodes=5, topology="ring", algorithm=algorithm, dataset=dataset,
                                  data_dir=str(args.mnist_dir) if dataset == "mnist" else None,
                                  partition="modulo", model="mlp", rounds=n,
