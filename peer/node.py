@@ -20,6 +20,7 @@ cross-gradient is computed once per (requester, round) and cached.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -79,6 +80,25 @@ def effective_weights(node: int, assignment: Assignment,
     weights = {l: float(assignment.weights[l]) for l in answered}
     weights[node] = 1.0 - sum(weights.values())
     return weights
+
+
+# A neighbor's model whose values are this many times larger than the node's own is left out
+# of the round (Node._drop_implausible).
+PLAUSIBLE_RATIO = 1e3
+
+
+def _max_abs(t: torch.Tensor) -> float:
+    """max |t| (0 for an empty tensor), NaN-propagating; two reductions, no temporary."""
+    if t.numel() == 0:
+        return 0.0
+    t = t.detach()
+    if t.device.type == "cpu" and t.dtype in (torch.float16, torch.float32, torch.float64):
+        a = t.numpy()  # numpy's reductions: single-threaded, no wait on torch's thread pool
+        lo, hi = float(a.min()), float(a.max())
+    else:
+        lo_t, hi_t = torch.aminmax(t)
+        lo, hi = float(lo_t), float(hi_t)
+    return math.nan if math.isnan(lo) or math.isnan(hi) else max(hi, -lo)
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
@@ -193,6 +213,29 @@ class Node:
             return self._cross.get((requester, round_))
 
     # ---- round driver -------------------------------------------------------------------
+    def _drop_implausible(self, t: int, nbr_params: dict[int, Params]) -> None:
+        """Leave out of the round (remove from nbr_params) any neighbor model with a tensor
+        whose largest |value| exceeds PLAUSIBLE_RATIO times this node's own (at least 1).
+
+        Such a model passed every check on the wire (finite values), but mixing it in would
+        make this node's model huge and its next gradients NaN: a peer's message must never
+        end or wreck this node's run. Honest neighbors are never near the bound: they start
+        from the same model and are pulled together every round.
+        """
+        if not nbr_params:
+            return
+        own = [_max_abs(x) for x in self.params]
+        for j in sorted(nbr_params):
+            for name, x, mine in zip(self.names, nbr_params[j], own, strict=True):
+                largest = _max_abs(x)
+                if not largest <= PLAUSIBLE_RATIO * max(1.0, mine):  # NaN fails too
+                    log.warning("node %d round %d: node %d's model is left out of the round: "
+                                "tensor %r holds values up to %.3g, where this node's largest "
+                                "is %.3g (the bound: %g x max(1, that))", self.id, t, j, name,
+                                largest, mine, PLAUSIBLE_RATIO)
+                    del nbr_params[j]
+                    break
+
     def _local_cross_gradients(self, t: int, nbr_params: dict[int, Params]) -> dict[int, Params]:
         """NGC's model-variant term: each neighbor's model's gradient on this node's batch.
 
@@ -225,6 +268,7 @@ class Node:
         algo = self.algorithm
         neighbors = list(self.assignment.neighbors)
         nbr_params = neighborhood.models(t, neighbors) if neighbors else {}
+        self._drop_implausible(t, nbr_params)
         local = self._local_cross_gradients(t, nbr_params) if algo.uses_local else {}
         weights = effective_weights(self.id, self.assignment, sorted(nbr_params))
         point = algo.self_grad_point(self.id, self.params, nbr_params, weights)
