@@ -52,9 +52,11 @@ from peer.compression import decode as decode_record
 from peer.compression.bits import pack_varints, unpack_varints
 from peer.compression.sparse import BITMAP, VARINT
 from peer.node import Assignment, Node, Params
-from peer.service import PeerOptions, PeerRuntime
+from peer.service import PeerRuntime
 from peer.simulate import InMemoryNeighborhood
 from peer.wire import decode, encode, encode_compressed_raw, specs_of
+
+from peers import assert_same, clone, start_runtime
 
 PEER = "crossgrad.v1.Peer"
 CPU = torch.device("cpu")
@@ -140,12 +142,6 @@ class CompressingFake(peer_pb2_grpc.PeerServicer):
             chunks = self.edit_chunks(chunks)
         yield from chunks
 
-
-def start_runtime(node_id: int) -> PeerRuntime:
-    runtime = PeerRuntime(PeerOptions(node_id=node_id, bootstrap="unused:1",
-                                      bind="127.0.0.1:0", timeout=5.0))
-    runtime.serve()
-    return runtime
 
 
 @dataclass
@@ -235,14 +231,6 @@ def fresh(runs: dict[str, Run]) -> Iterator[Callable[[str], Cluster]]:
         c.close()
 
 
-def clone(params: Sequence[torch.Tensor]) -> Params:
-    return [p.detach().clone() for p in params]
-
-
-def assert_same(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> None:
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        assert torch.equal(g, w)
 
 
 def state_of(node: Node) -> dict[str, Any]:

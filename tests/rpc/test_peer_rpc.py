@@ -44,9 +44,11 @@ from crossgrad.v1 import peer_pb2, peer_pb2_grpc, tensor_pb2
 from peer.builder import RunData, assignments, load_run_data, make_node
 from peer.client import GrpcNeighborhood
 from peer.node import Assignment, Node, Params
-from peer.service import PeerOptions, PeerRuntime
+from peer.service import PeerRuntime
 from peer.simulate import InMemoryNeighborhood
 from peer.wire import decode, encode, specs_of
+
+from peers import assert_same, clone, start_runtime
 
 Serve = Callable[..., rpc.RunningServer]
 Open = Callable[..., grpc.Channel]
@@ -89,12 +91,6 @@ def run3() -> Run:
     return run
 
 
-def start_runtime(node_id: int, timeout: float = 5.0) -> PeerRuntime:
-    runtime = PeerRuntime(PeerOptions(node_id=node_id, bootstrap="unused:1",
-                                      bind="127.0.0.1:0", timeout=timeout))
-    runtime.serve()
-    return runtime
-
 
 def stop_runtime(runtime: PeerRuntime) -> None:
     assert runtime.server is not None
@@ -103,14 +99,6 @@ def stop_runtime(runtime: PeerRuntime) -> None:
         runtime.hood.close()
 
 
-def clone(params: Params) -> Params:
-    return [p.detach().clone() for p in params]
-
-
-def assert_same(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> None:
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        assert torch.equal(g, w)
 
 
 def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
