@@ -81,21 +81,6 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return view
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """bool(torch.isfinite(t).all()) for a floating-point CPU tensor, at memory speed.
-
-    torch's CPU isfinite runs at ~0.3 GB/s (temporaries per element); numpy's at ~10 GB/s, which
-    made it most of decode's time (bench/transfer.py). numpy has no bfloat16: a bfloat16 is NaN or
-    Inf exactly when its 8 exponent bits are all ones.
-    """
-    if t.dtype in (torch.float16, torch.float32, torch.float64):
-        return bool(np.isfinite(t.reshape(-1).numpy()).all())
-    if t.dtype == torch.bfloat16:
-        bits = t.reshape(-1).view(torch.int16).numpy()  # (numel,)
-        return not bool(np.any((bits & 0x7F80) == 0x7F80))
-    return bool(torch.isfinite(t).all())
-
-
 # How decode checks finiteness of each float dtype's bytes: numpy's float dtypes, and for
 # bfloat16 (no numpy dtype) its bits as uint16 (NaN or Inf: all 8 exponent bits set).
 _NUMPY_FLOATS: dict[torch.dtype, np.dtype] = {
@@ -110,6 +95,18 @@ def _finite_bytes(raw: np.ndarray, np_dtype: np.dtype) -> bool:
     if np_dtype == np.uint16:  # bfloat16
         return not bool(np.any((values & 0x7F80) == 0x7F80))
     return bool(np.isfinite(values).all())
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """bool(torch.isfinite(t).all()) for a floating-point CPU tensor, at memory speed.
+
+    torch's CPU isfinite runs at ~0.3 GB/s (temporaries per element); numpy's at ~10 GB/s, which
+    made it most of decode's time (bench/transfer.py).
+    """
+    np_dtype = _NUMPY_FLOATS.get(t.dtype)
+    if np_dtype is None:
+        return bool(torch.isfinite(t).all())
+    return _finite_bytes(_byte_view(t.contiguous()), np_dtype)
 
 
 def _data_message_bytes(chunk: pb.TensorChunk, data: bytes) -> int:
@@ -160,7 +157,7 @@ def encode_raw(names: Sequence[str], tensors: Sequence[torch.Tensor], *, sender_
     cpu = [t.detach().to("cpu").contiguous() for t in tensors]
     views = [_byte_view(t) for t in cpu]
     if crcs is None:
-        crcs = [google_crc32c.value(_readonly(v)) for v in views]
+        crcs = checksums(cpu)
     elif len(crcs) != len(views):
         raise ValueError(f"{len(crcs)} checksums for {len(views)} tensors")
     headers = [pb.TensorHeader(name=n, shape=list(t.shape), dtype=DTYPES[t.dtype],  # type: ignore[arg-type]
