@@ -47,14 +47,18 @@ class RunSettings(_message.Message):
     def __init__(self, nodes: _Optional[int] = ..., topology: _Optional[str] = ..., algorithm: _Optional[str] = ..., dataset: _Optional[str] = ..., partition: _Optional[str] = ..., model: _Optional[str] = ..., rounds: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., lr_decay: _Optional[float] = ..., momentum: _Optional[float] = ..., margin: _Optional[float] = ..., gamma: _Optional[float] = ..., alpha: _Optional[float] = ..., seed: _Optional[int] = ..., eval_every: _Optional[int] = ..., compressor: _Optional[str] = ..., model_compressor: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("node_id", "address", "num_samples")
+    __slots__ = ("node_id", "address", "num_samples", "resumed", "checkpoint_round")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_ROUND_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     address: str
     num_samples: int
-    def __init__(self, node_id: _Optional[int] = ..., address: _Optional[str] = ..., num_samples: _Optional[int] = ...) -> None: ...
+    resumed: bool
+    checkpoint_round: int
+    def __init__(self, node_id: _Optional[int] = ..., address: _Optional[str] = ..., num_samples: _Optional[int] = ..., resumed: _Optional[bool] = ..., checkpoint_round: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("ready", "joined", "expected", "settings")
@@ -69,16 +73,18 @@ class JoinResponse(_message.Message):
     def __init__(self, ready: _Optional[bool] = ..., joined: _Optional[int] = ..., expected: _Optional[int] = ..., settings: _Optional[_Union[RunSettings, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "round", "loss", "health")
+    __slots__ = ("node_id", "round", "loss", "health", "unreachable_neighbors")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     round: int
     loss: float
     health: str
-    def __init__(self, node_id: _Optional[int] = ..., round: _Optional[int] = ..., loss: _Optional[float] = ..., health: _Optional[str] = ...) -> None: ...
+    unreachable_neighbors: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, node_id: _Optional[int] = ..., round: _Optional[int] = ..., loss: _Optional[float] = ..., health: _Optional[str] = ..., unreachable_neighbors: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("topology_epoch", "lease_seconds")
@@ -135,7 +141,7 @@ class ListPeersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PeerInfo(_message.Message):
-    __slots__ = ("node_id", "address", "num_samples", "state", "round", "loss", "last_seen_seconds_ago")
+    __slots__ = ("node_id", "address", "num_samples", "state", "round", "loss", "last_seen_seconds_ago", "returns", "resumes", "unreachable_reports")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +149,9 @@ class PeerInfo(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_SECONDS_AGO_FIELD_NUMBER: _ClassVar[int]
+    RETURNS_FIELD_NUMBER: _ClassVar[int]
+    RESUMES_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_REPORTS_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     address: str
     num_samples: int
@@ -150,7 +159,10 @@ class PeerInfo(_message.Message):
     round: int
     loss: float
     last_seen_seconds_ago: float
-    def __init__(self, node_id: _Optional[int] = ..., address: _Optional[str] = ..., num_samples: _Optional[int] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., loss: _Optional[float] = ..., last_seen_seconds_ago: _Optional[float] = ...) -> None: ...
+    returns: int
+    resumes: int
+    unreachable_reports: int
+    def __init__(self, node_id: _Optional[int] = ..., address: _Optional[str] = ..., num_samples: _Optional[int] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., loss: _Optional[float] = ..., last_seen_seconds_ago: _Optional[float] = ..., returns: _Optional[int] = ..., resumes: _Optional[int] = ..., unreachable_reports: _Optional[int] = ...) -> None: ...
 
 class ListPeersResponse(_message.Message):
     __slots__ = ("peers", "expected", "topology_epoch", "settings")
