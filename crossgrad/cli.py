@@ -95,7 +95,19 @@ def build_parser() -> Parser:
     peer.add_argument("--out", type=Path, default=None,
                       help="directory for metrics, model and summary (default runs/peer-ID)")
     peer.add_argument("--timeout", type=float, default=60.0,
-                      help="deadline of every call to a neighbor, in seconds (default 60)")
+                      help="deadline of every call to a neighbor, in seconds (default 60): a "
+                      "dead or stalled neighbor delays a round by at most this much")
+    peer.add_argument("--checkpoint-dir", type=Path, default=None,
+                      help="where this peer keeps its checkpoints (default OUT/checkpoints)")
+    peer.add_argument("--checkpoint-every", type=int, default=None,
+                      help="rounds between checkpoints (0: only on SIGTERM; default: under 2%% "
+                      "of round time, see docs/reliability.md)")
+    peer.add_argument("--resume", action="store_true",
+                      help="restart from the latest checkpoint of this run (an error if there "
+                      "is none); without it, a checkpoint of the same run is used when found")
+    peer.add_argument("--join-timeout", type=float, default=300.0,
+                      help="how long to wait for the bootstrap and the other peers at start, "
+                      "in seconds (default 300)")
 
     demo = sub.add_parser("demo", help="a bootstrap and N peers as processes on loopback")
     add_run_flags(demo)
@@ -145,10 +157,13 @@ def cmd_peer(args: argparse.Namespace) -> int:
     from crossgrad.rpc import install_signal_handlers
     from peer.service import PeerOptions, PeerRuntime, Stopped
 
+    out = args.out or Path(f"runs/peer-{args.node_id}")
+    every = {} if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}
     options = PeerOptions(node_id=args.node_id, bootstrap=args.bootstrap, bind=args.bind,
                           advertise=args.advertise, data_dir=args.data_dir, device=args.device,
-                          out=args.out or Path(f"runs/peer-{args.node_id}"),
-                          timeout=args.timeout)
+                          out=out, timeout=args.timeout, join_timeout=args.join_timeout,
+                          checkpoint_dir=args.checkpoint_dir or out / "checkpoints",
+                          resume=args.resume, **every)
     runtime = PeerRuntime(options)
     install_signal_handlers(runtime.stop)
     try:

@@ -18,10 +18,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import grpc
 import torch
@@ -87,40 +88,69 @@ def _progress(stub: bootstrap_pb2_grpc.BootstrapStub, rounds: int, started: floa
     return f"[{time.perf_counter() - started:6.1f} s] {cells}"
 
 
-def final_table(config: RunConfig, out: Path) -> str:
+def node_marks(summary: Mapping[str, Any] | None,
+               peer: bootstrap_pb2.PeerInfo | None) -> str:
+    """What happened to a node, for the final table: done or stopped (its own summary), dead
+    (no summary, or expired at the bootstrap), resumed (restarted from its checkpoint), returned
+    (let back in after it was dead or had left)."""
+    marks = []
+    if summary is None or (peer is not None and peer.state == "EXPIRED"):
+        marks.append("dead")
+    if summary is not None:
+        marks.append("done" if summary["round"] >= summary["rounds"] else "stopped")
+        if summary.get("resumes", 0):
+            marks.append("resumed")
+    if peer is not None and peer.returns:
+        marks.append("returned")
+    return ",".join(marks)
+
+
+def final_table(config: RunConfig, out: Path,
+                peers: Mapping[int, bootstrap_pb2.PeerInfo] | None = None) -> str:
+    """Per node: state marks, accuracy, QP fallbacks, missed answers, bytes; then the mean and
+    minimum over the nodes that wrote results, the average model and the consensus distance.
+    `peers` (the bootstrap's ListPeers rows by id) adds what only the bootstrap knows."""
     from peer.builder import load_run_data
     from peer.metrics import average, consensus_distance, pair_sum
     from peer.training.models import make_model
     from peer.training.trainer import Schedule, Trainer
 
-    summaries = [json.loads((out / f"node-{i}" / "summary.json").read_text())
-                 for i in range(config.nodes)]
-    models = [torch.load(out / f"node-{i}" / "model.pt", weights_only=True)
-              for i in range(config.nodes)]
+    peers = peers or {}
+    found = {i: out / f"node-{i}" / "summary.json" for i in range(config.nodes)}
+    summaries = {i: json.loads(path.read_text()) for i, path in found.items() if path.exists()}
+    models = [torch.load(out / f"node-{i}" / "model.pt", weights_only=True) for i in summaries]
+    by_kind = {i: {k: (n["sent"], n["received"]) for k, n in s["bytes_by_kind"].items()}
+               for i, s in summaries.items()}
+    kinds = kind_columns(k for node in by_kind.values() for k in node)
+    heads = byte_columns(kinds)
+    width = max(9, *(len(h) for h in heads))
+    lines = [f"{'node':>6}  {'state':<22}  {'test acc':>8}  {'QP fallbacks':>12}  {'missed':>6}  "
+             + "  ".join(f"{h:>{width}}" for h in heads)]
+    for i in range(config.nodes):
+        marks = node_marks(summaries.get(i), peers.get(i))
+        s = summaries.get(i)
+        if s is None:
+            lines.append(f"{i:>6}  {marks:<22}  {'-':>8}  {'-':>12}  {'-':>6}")
+            continue
+        lines.append(f"{i:>6}  {marks:<22}  {s['accuracy']:>8.4f}  {s['qp_fallbacks']:>12}  "
+                     f"{s['missed_neighbor_answers']:>6}  "
+                     + byte_cells(s["bytes_sent"], s["bytes_received"], by_kind[i], kinds, width))
+    if not summaries:
+        return "\n".join([*lines, "no node wrote results", f"run directory {out}"])
+    accs = [s["accuracy"] for s in summaries.values()]
+    total = {k: pair_sum(node.get(k, (0, 0)) for node in by_kind.values()) for k, _ in kinds}
     data = load_run_data(config)
     ds = data.dataset
     model = make_model(config.model, ds.input_shape, ds.num_classes)
     judge = Trainer(-1, model, ds.test_x[:1], ds.test_y[:1], Schedule(), config.seed,
                     torch.device("cpu"))
     _, avg_acc = judge.evaluate(average(models), ds.test_x, ds.test_y)
-    accs = [s["accuracy"] for s in summaries]
-    by_kind = [{k: (n["sent"], n["received"]) for k, n in s["bytes_by_kind"].items()}
-               for s in summaries]
-    kinds = kind_columns(k for node in by_kind for k in node)
-    heads = byte_columns(kinds)
-    width = max(9, *(len(h) for h in heads))
-    lines = [f"{'node':>6}  {'test acc':>8}  {'QP fallbacks':>12}  {'missed':>6}  "
-             + "  ".join(f"{h:>{width}}" for h in heads)]
-    for s, node in zip(summaries, by_kind, strict=True):
-        lines.append(f"{s['node']:>6}  {s['accuracy']:>8.4f}  {s['qp_fallbacks']:>12}  "
-                     f"{s['missed_neighbor_answers']:>6}  "
-                     + byte_cells(s["bytes_sent"], s["bytes_received"], node, kinds, width))
-    total = {k: pair_sum(node.get(k, (0, 0)) for node in by_kind) for k, _ in kinds}
-    lines += [f"{'mean':>6}  {sum(accs) / len(accs):>8.4f}",
-              f"{'min':>6}  {min(accs):>8.4f}",
-              f"{'all':>6}  {'':>8}  {'':>12}  {'':>6}  "
-              + byte_cells(sum(s["bytes_sent"] for s in summaries),
-                           sum(s["bytes_received"] for s in summaries), total, kinds, width),
+    lines += [f"{'mean':>6}  {'':<22}  {sum(accs) / len(accs):>8.4f}",
+              f"{'min':>6}  {'':<22}  {min(accs):>8.4f}",
+              f"{'all':>6}  {'':<22}  {'':>8}  {'':>12}  {'':>6}  "
+              + byte_cells(sum(s["bytes_sent"] for s in summaries.values()),
+                           sum(s["bytes_received"] for s in summaries.values()), total, kinds,
+                           width),
               f"average model accuracy  {avg_acc:.4f}",
               f"consensus distance      {consensus_distance(models):.4f}",
               f"run directory {out}"]
@@ -170,6 +200,11 @@ def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0) -> i
                     print(line, flush=True)
                 last = time.perf_counter()
             time.sleep(0.2)
+        try:
+            listed = {p.node_id: p for p in stub.ListPeers(bootstrap_pb2.ListPeersRequest(),
+                                                           timeout=5.0).peers}
+        except grpc.RpcError:
+            listed = {}  # the table marks what the peers' own results say
         channel.close()
         failed = [i for i, p in enumerate(peers) if p.returncode != 0]
         if failed:
@@ -179,7 +214,7 @@ def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0) -> i
                 print(f"peer {i} failed (exit {peers[i].returncode}):", *tail, sep="\n  ",
                       file=sys.stderr)
             return 1
-        print(final_table(config, out), flush=True)
+        print(final_table(config, out, listed), flush=True)
         print(f"{config.rounds} rounds in {time.perf_counter() - started:.1f} s", flush=True)
         return 0
     except KeyboardInterrupt:

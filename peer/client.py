@@ -18,7 +18,13 @@ from typing import Any
 
 import grpc
 
-from crossgrad.errors import DeadlineExceeded, InvalidMessage, ProtocolError
+from crossgrad.errors import (
+    DeadlineExceeded,
+    InvalidMessage,
+    ProtocolError,
+    StaleRound,
+    Unavailable,
+)
 from crossgrad.rpc import DEFAULT_MAX_MESSAGE_BYTES, from_rpc_error, make_channel, status_of
 from crossgrad.v1 import peer_pb2, peer_pb2_grpc
 from peer.compression import Compressor
@@ -64,12 +70,37 @@ class GrpcNeighborhood:
         self._addresses: dict[int, str] = {}
         self._channels: dict[str, grpc.Channel] = {}
         self._inflight: dict[tuple[int, int], futures.Future[Params]] = {}
+        # Neighbors whose last call failed without an answer: the next call does not wait for
+        # them to become reachable (wait_for_ready), so a dead neighbor whose host refuses
+        # connections costs nothing, and one whose host is silent costs at most a deadline.
+        self._suspects: set[int] = set()
+        self._ahead: set[int] = set()  # rounds for which a neighbor answered "stale"
         self._pool = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="neighbors")
         self.update(addresses)
 
     def update(self, addresses: Mapping[int, str]) -> None:
+        """Reach the neighbors at `addresses` from now on (a new assignment)."""
         with self._lock:
             self._addresses = dict(addresses)
+
+    def addresses(self) -> dict[int, str]:
+        with self._lock:
+            return dict(self._addresses)
+
+    def forget(self, peers: Sequence[int]) -> None:
+        """Close the channels no current neighbor uses (after `peers` left the assignment)."""
+        with self._lock:
+            used = set(self._addresses.values())
+            for address in [a for a in self._channels if a not in used]:
+                self._channels.pop(address).close()
+            self._suspects.difference_update(peers)
+
+    def behind(self, round_: int) -> bool:
+        """Whether a neighbor answered that it no longer keeps `round_` (it is ahead)."""
+        with self._lock:
+            found = round_ in self._ahead
+            self._ahead = {r for r in self._ahead if r > round_}
+            return found
 
     def channel(self, peer: int) -> grpc.Channel:
         with self._lock:
@@ -104,16 +135,26 @@ class GrpcNeighborhood:
         what = f"{kind} of round {round_} from node {peer} at {self.address(peer)}"
         # wait_for_ready: a neighbor still starting (or restarting) is waited for, up to the
         # deadline, instead of failing at once with "connection refused".
+        with self._lock:
+            patient = peer not in self._suspects
         call = start(request, timeout=timeout if timeout is not None else self.timeout,
-                     wait_for_ready=True)
+                     wait_for_ready=patient)
         try:
             decoded = decode(call, specs_of(self.node.names, self.node.params), sender_id=peer,
                              round_=round_, compressor=compressor)
         except grpc.RpcError as err:
-            raise from_rpc_error(err, what) from None
+            exc = from_rpc_error(err, what)
+            with self._lock:
+                if isinstance(exc, Unavailable | DeadlineExceeded):
+                    self._suspects.add(peer)
+                elif isinstance(exc, StaleRound):
+                    self._ahead.add(round_)
+            raise exc from None
         except ProtocolError as exc:
             call.cancel()  # type: ignore[attr-defined]  # a grpc stream is cancellable
             raise type(exc)(f"{what} rejected: {exc}") from None
+        with self._lock:
+            self._suspects.discard(peer)
         self.traffic.add_received(peer, kind, decoded.wire_bytes)
         return decoded.tensors
 

@@ -132,6 +132,7 @@ class Node:
         self._neighbor_models: dict[tuple[int, int], Params] = {}
         self._lock = threading.RLock()
         self._published = threading.Condition(self._lock)
+        self.upcoming: frozenset[int] = frozenset()  # neighbors of an announced next epoch
 
     @property
     def names(self) -> list[str]:
@@ -139,7 +140,50 @@ class Node:
         return self.trainer.names
 
     def is_neighbor(self, node_id: int) -> bool:
-        return node_id in self.assignment.neighbors
+        """A neighbor in the current assignment, or in the next one already announced (its
+        nodes may start the new epoch's round a little before this node does)."""
+        return node_id in self.assignment.neighbors or node_id in self.upcoming
+
+    def set_assignment(self, assignment: Assignment) -> list[int]:
+        """Take a new assignment between rounds (never inside one); the neighbors dropped.
+
+        What the node kept for a dropped neighbor goes: its cached models and cross-gradients,
+        and the error-feedback residuals of its link (what was owed to a model that has moved
+        on; a returning neighbor starts a fresh link).
+        """
+        with self._lock:
+            dropped = sorted(set(self.assignment.neighbors) - set(assignment.neighbors))
+            self.assignment = assignment
+            self.upcoming = frozenset()
+            for cache in (self._cross, self._neighbor_models, self._cross_records):
+                for key in [k for k in cache if k[0] in dropped]:
+                    del cache[key]
+        if self.feedback is not None:
+            for j in dropped:
+                self.feedback.reset(j)
+        return dropped
+
+    def catch_up(self, round_: int, models: Mapping[int, Params]) -> None:
+        """Jump to `round_`, the round the neighbors are at, from their models of that round.
+
+        x_i becomes the plain average of `models` (the node's own model is many rounds old and
+        is left out); the momentum buffers and the algorithm's memory of past rounds restart
+        from zero, as at round 0, because they describe a trajectory the node is no longer on.
+        The error-feedback residuals of the links are kept (they are owed to the neighbors).
+        Snapshots and caches of earlier rounds are dropped; the caller publishes round_ next.
+        """
+        ordered = [models[j] for j in sorted(models)]
+        with torch.no_grad():
+            params = [torch.stack([m[k].to(p.device, p.dtype) for m in ordered]).mean(dim=0)
+                      for k, p in enumerate(self.params)]
+        with self._lock:
+            self.params = params
+            self.round = round_
+            self.algorithm.reset_memory()
+            self._snapshots.clear()
+            for cache in (self._cross, self._neighbor_models, self._cross_records):
+                for key in [k for k in cache if k[1] < round_]:
+                    del cache[key]
 
     # ---- serving side -------------------------------------------------------------------
     def publish(self) -> None:

@@ -1,30 +1,33 @@
-"""A deployed peer: a long-lived gRPC server plus the round loop, joined to a bootstrap.
+"""A deployed peer: a long-lived gRPC server, a bootstrap session and a round loop, composed.
+
+    PeerRuntime          this module: composes the parts, answers GetStatus, starts and stops
+    PeerServicer         peer/servicer.py: the Peer service (thin)
+    BootstrapSession     peer/session.py: join, first assignment, heartbeats, new epochs, leave
+    RoundLoop            peer/loop.py: the rounds, assignments between them, catch-up, records
+    RunRecorder          peer/records.py: the run directory (the simulator writes it too)
 
 Start-up: serve the Peer service (health NOT_SERVING), Join the bootstrap (which answers the
 run's settings), load this node's partition, Join again with the sample count, wait for the
-assignment (WatchAssignment), build the Node exactly as the simulator does, then SERVING.
-Each round: publish, run_round over the GrpcNeighborhood, heartbeat, evaluate every
-`eval_every` rounds. After the last round the peer keeps serving until its neighbors are done
-too (they may still need its last model and cross-gradients), writes its results, Leaves and
-stops. SIGTERM (stop()) ends the loop after the current round, then does the same.
+assignment (WatchAssignment), build the Node exactly as the simulator does, then SERVING and
+heartbeats from the session's thread. After the last round the peer keeps serving until its
+neighbors are done too (they may still need its last model and cross-gradients), writes its
+results, Leaves and stops. SIGTERM (stop()) ends the loop after the current round, then does
+the same.
 """
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
-import json
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import torch
 
-from bootstrap.convert import assignment_from_proto, settings_from_proto
+from bootstrap.registry import AssignmentView
 from crossgrad.config import RunConfig, validate
 from crossgrad.errors import ConfigError, ProtocolError
 from crossgrad.rpc import (
@@ -32,26 +35,24 @@ from crossgrad.rpc import (
     DEFAULT_MAX_MESSAGE_BYTES,
     RunningServer,
     Service,
-    from_rpc_error,
-    make_channel,
     make_server,
 )
-from crossgrad.v1 import bootstrap_pb2, bootstrap_pb2_grpc, peer_pb2
+from crossgrad.v1 import peer_pb2
 from peer.builder import load_run_data, make_node, resolve_device
 from peer.client import GrpcNeighborhood
-from peer.metrics import (
-    MetricsWriter,
-    Pair,
-    Traffic,
-    digest,
-    kind_totals,
-    kinds_json,
-    pair_sum,
-)
-from peer.node import Assignment, Node, Params
+from peer.loop import PeerState, RoundLoop, assignment_of
+from peer.metrics import Pair, Traffic, digest, kind_totals, kinds_json, pair_sum
+from peer.node import Node, Params
+from peer.records import RunRecorder
 from peer.servicer import PeerServicer, add_to_server
+from peer.session import BootstrapSession, Progress, Stopped
 
 log = logging.getLogger(__name__)
+
+
+# Rounds between checkpoints: saving costs under 2% of round time for every default model at
+# this interval (docs/benchmarks.md, "Checkpoints").
+DEFAULT_CHECKPOINT_EVERY = 25
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ class PeerOptions:
     timeout: float = 60.0  # deadline of every neighbor call (s)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     join_timeout: float = 300.0  # how long to wait for the run to assemble (s)
+    checkpoint_dir: Path | None = None  # None: no checkpoints
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY  # rounds; 0: only when stopped
+    resume: bool = False  # require a checkpoint of this run to start from
 
     def __post_init__(self) -> None:
         if not 0 < self.chunk_bytes <= DEFAULT_MAX_MESSAGE_BYTES // 2:
@@ -75,6 +79,11 @@ class PeerOptions:
                               f"(half the message limit); got {self.chunk_bytes}")
         if not self.timeout > 0:
             raise ConfigError(f"--timeout must be positive; got {self.timeout}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every must be 0 (only on SIGTERM) or more; got "
+                              f"{self.checkpoint_every}")
+        if self.resume and self.checkpoint_dir is None:
+            raise ConfigError("--resume needs a checkpoint directory (--checkpoint-dir)")
 
 
 def keep_freed_memory(limit_bytes: int = 1 << 30) -> bool:
@@ -102,12 +111,11 @@ def kind_bytes(kinds: dict[str, Pair]) -> list[peer_pb2.KindBytes]:
             for k, (s, r) in kinds.items()]
 
 
-class Stopped(Exception):
-    """The peer was asked to stop before it started training."""
+__all__ = ["PeerOptions", "PeerRuntime", "PeerState", "Stopped"]
 
 
 class PeerRuntime:
-    """Everything a running peer holds; the servicer reads it, the loop drives it."""
+    """One running peer: the parts above, composed; the servicer reads it."""
 
     def __init__(self, options: PeerOptions) -> None:
         keep_freed_memory()
@@ -115,21 +123,27 @@ class PeerRuntime:
         self.node_id = options.node_id
         self.timeout = options.timeout
         self.chunk_bytes = options.chunk_bytes
-        self.node: Node | None = None
-        self.settings: RunConfig | None = None
         self.traffic = Traffic()
-        self.hood: GrpcNeighborhood | None = None
-        self.state = "STARTING"
-        self.epoch = 0
         self.address = ""
-        self.last_loss = math.nan
-        self.last_accuracy = math.nan
+        self.server: RunningServer | None = None
+        self.session: BootstrapSession | None = None
+        self.settings: RunConfig | None = None
+        self.node: Node | None = None
+        self.hood: GrpcNeighborhood | None = None
+        self.loop: RoundLoop | None = None
+        self.recorder: RunRecorder | None = None
+        self.test_set: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rejected = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
-        self._watch: grpc.Future | None = None
-        self.server: RunningServer | None = None
+        self._pending: AssignmentView | None = None  # announced before the loop runs
+
+    @property
+    def state(self) -> PeerState:
+        if self.loop is not None:
+            return self.loop.state
+        return PeerState.STARTING if self.node is None else PeerState.TRAINING
 
     def wait_ready(self, timeout: float) -> Node | None:
         """The node once built (neighbors may call before this peer has its assignment)."""
@@ -147,7 +161,7 @@ class PeerRuntime:
         return self.hood.fetch_model(peer, round_, timeout)
 
     def status(self) -> peer_pb2.PeerStatus:
-        node, hood = self.node, self.hood
+        node, hood, loop = self.node, self.hood, self.loop
         per_link = self.traffic.per_link()  # one view, so links, kinds and totals agree
         links = []
         for peer, kinds in per_link.items():
@@ -158,16 +172,22 @@ class PeerRuntime:
         per_kind = kind_totals(per_link)
         sent, received = pair_sum(per_kind.values())
         status = peer_pb2.PeerStatus(
-            node_id=self.node_id, address=self.address, state=self.state,
+            node_id=self.node_id, address=self.address, state=self.state.value,
             total_rounds=self.settings.rounds if self.settings else 0,
             algorithm=self.settings.algorithm if self.settings else "",
-            topology_epoch=self.epoch, last_loss=self.last_loss,
-            last_accuracy=self.last_accuracy, bytes_sent=sent, bytes_received=received,
-            links=links, kinds=kind_bytes(per_kind),
+            bytes_sent=sent, bytes_received=received, links=links, kinds=kind_bytes(per_kind),
             rejected_messages=self._rejected + (hood.misses.rejected if hood else 0),
             missed_neighbor_answers=hood.misses.total if hood else 0)
+        if loop is not None:
+            status.last_loss = loop.last_loss
+            status.last_accuracy = loop.last_accuracy
+            status.catch_ups = loop.catch_ups.count
+            status.caught_up_to_round = loop.catch_ups.last_round
+        else:
+            status.last_loss = status.last_accuracy = float("nan")
         if node is not None:
             status.round = node.round
+            status.topology_epoch = node.assignment.epoch
             status.neighbor_ids.extend(node.assignment.neighbors)
             for j in node.assignment.neighbors:
                 status.weights[j] = node.assignment.weights[j]
@@ -176,45 +196,43 @@ class PeerRuntime:
         return status
 
     def stop(self) -> None:
-        """Ask the loop to finish the current round and shut down cleanly (also interrupts the
-        wait for the run to assemble)."""
+        """Ask the loop to finish the current round and shut down cleanly (also interrupts
+        joining and the wait for the run to assemble)."""
         self._stop.set()
-        watch = self._watch
-        if watch is not None:
-            watch.cancel()
+        if self.loop is not None:
+            self.loop.stop_event.set()
+        if self.session is not None:
+            self.session.stop()
+
+    # ---- used by the bootstrap session (its thread) ---------------------------------------
+    def progress(self) -> Progress:
+        loop = self.loop
+        if loop is None:
+            return Progress(round=self.node.round if self.node else 0, loss=0.0,
+                            health=self.state.value.lower())
+        return loop.progress()
+
+    def offer(self, view: AssignmentView) -> None:
+        """A new assignment: to the loop, or kept for it until it runs."""
+        with self._lock:
+            loop = self.loop
+            if loop is None:
+                self._pending = view
+                return
+        loop.offer(view)
 
     # ---- start-up ------------------------------------------------------------------------
-    def _join(self, stub: bootstrap_pb2_grpc.BootstrapStub, samples: int) -> RunConfig:
-        request = bootstrap_pb2.JoinRequest(node_id=self.node_id, address=self.address,
-                                            num_samples=samples)
-        try:
-            reply = stub.Join(request, timeout=self.timeout)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err, f"Join at bootstrap {self.options.bootstrap}") from None
-        return settings_from_proto(reply.settings)
-
-    def _wait_assignment(self, stub: bootstrap_pb2_grpc.BootstrapStub) -> bootstrap_pb2.Assignment:
-        request = bootstrap_pb2.GetAssignmentRequest(node_id=self.node_id)
-        stream = stub.WatchAssignment(request, timeout=self.options.join_timeout)
-        self._watch = stream  # stop() cancels it: SIGTERM while waiting for the other peers
-        if self._stop.is_set():
-            stream.cancel()
-        try:
-            return next(iter(stream))
-        except grpc.RpcError as err:
-            if self._stop.is_set():
-                raise Stopped("stopped while waiting for the run to assemble") from None
-            raise from_rpc_error(err, "WatchAssignment at the bootstrap") from None
-        finally:
-            stream.cancel()
-            self._watch = None
-
     def start(self) -> None:
         """Serve, join, build the node; health SERVING when this returns."""
         self.serve()
-        self._bootstrap_channel = make_channel(self.options.bootstrap)
-        self.bootstrap = bootstrap_pb2_grpc.BootstrapStub(self._bootstrap_channel)
-        settings = self._join(self.bootstrap, 0)
+        self.session = session = BootstrapSession(self.options.bootstrap, self.node_id,
+                                                  join_timeout=self.options.join_timeout)
+        if self._stop.is_set():
+            session.stop()
+        settings = session.join(self.address, 0)
+        # Heartbeats from now on: loading data and building the model may take longer than a
+        # lease, and the bootstrap must not take this node for dead meanwhile.
+        session.start(self.progress, self.offer)
         try:  # what the bootstrap sent is a peer's message like any other: checked first
             settings = validate(dataclasses.replace(settings, data_dir=self.options.data_dir,
                                                     device=self.options.device))
@@ -223,21 +241,17 @@ class PeerRuntime:
                               f"cannot run here: {exc}") from None
         self.settings = settings
         data = load_run_data(settings)
-        self._join(self.bootstrap, len(data.parts[self.node_id]))
+        samples = len(data.parts[self.node_id])
+        session.join(self.address, samples)
         log.info("node %d joined with %d samples; waiting for the assignment", self.node_id,
-                 len(data.parts[self.node_id]))
-        message = self._wait_assignment(self.bootstrap)
-        view = assignment_from_proto(message)
-        weights = {n.node_id: n.weight for n in view.neighbors}
-        weights[self.node_id] = view.self_weight
-        assignment = Assignment(neighbors=tuple(n.node_id for n in view.neighbors),
-                                weights=weights, epoch=view.epoch)
-        self.test_x, self.test_y = data.dataset.test_x, data.dataset.test_y
+                 samples)
+        view = session.wait_assignment()
+        assignment, addresses = assignment_of(view)
+        self.test_set = (data.dataset.test_x, data.dataset.test_y)
         node = make_node(settings, data, self.node_id, assignment,
                          resolve_device(settings.device))
-        self.attach(node, {n.node_id: n.address for n in view.neighbors}, view.epoch)
-        log.info("node %d serving at %s; neighbors %s", self.node_id, self.address,
-                 {n.node_id: n.address for n in view.neighbors})
+        self.attach(node, addresses, view.epoch)
+        log.info("node %d serving at %s; neighbors %s", self.node_id, self.address, addresses)
 
     def serve(self) -> RunningServer:
         """Start the Peer server (health NOT_SERVING until attach())."""
@@ -249,93 +263,60 @@ class PeerRuntime:
 
     def attach(self, node: Node, addresses: dict[int, str], epoch: int) -> None:
         """Make `node` the one served and driven; neighbors reached at `addresses`. SERVING."""
-        self.epoch = epoch
+        node.assignment = dataclasses.replace(node.assignment, epoch=epoch)
         self.hood = GrpcNeighborhood(node, addresses, timeout=self.timeout, traffic=self.traffic)
         self.node = node
         self._ready.set()
-        self.state = "TRAINING"
         if self.server is not None:
             self.server.set_serving()
 
-    # ---- the loop ------------------------------------------------------------------------
-    def _heartbeat(self, round_: int, loss: float) -> None:
-        request = bootstrap_pb2.HeartbeatRequest(node_id=self.node_id, round=round_, loss=loss,
-                                                 health="ok")
-        try:
-            self.bootstrap.Heartbeat(request, timeout=10.0)
-        except grpc.RpcError as err:
-            log.warning("node %d: heartbeat failed: %s", self.node_id,
-                        from_rpc_error(err, "Heartbeat"))
-
-    def _wait_for_neighbors(self, rounds: int) -> None:
-        """Keep serving until every neighbor has finished too (or stops answering)."""
-        assert self.node is not None and self.hood is not None
-        deadline = time.monotonic() + self.timeout
-        pending = set(self.node.assignment.neighbors)
-        while pending and time.monotonic() < deadline and not self._stop.is_set():
-            for j in sorted(pending):
-                try:
-                    status = self.hood.status(j, timeout=5.0)
-                except ProtocolError:
-                    pending.discard(j)  # gone: nothing more it can ask of us
-                    continue
-                if status.round >= rounds or status.state in ("DONE", "DRAINING"):
-                    pending.discard(j)
-            self._stop.wait(0.1)
-
+    # ---- the run -------------------------------------------------------------------------
     def run(self) -> dict[str, object]:
         """The round loop; returns the summary written to OUT/summary.json."""
         assert self.node is not None and self.hood is not None and self.settings is not None
-        node, cfg, out = self.node, self.settings, self.options.out
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(cfg.to_json())
-        metrics = MetricsWriter(out / "metrics.jsonl")
+        node, cfg = self.node, self.settings
+        self.recorder = recorder = RunRecorder(self.options.out, cfg)
+        test_set = self.test_set if self.test_set is not None else (
+            torch.empty(0), torch.empty(0, dtype=torch.long))
+        loop = RoundLoop(node, self.hood, cfg, recorder, self.traffic,
+                                     timeout=self.timeout, test_set=test_set)
+        with self._lock:
+            self.loop = loop
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            loop.offer(pending)
+        if self._stop.is_set():
+            loop.stop_event.set()
         started = time.perf_counter()
         try:
-            while node.round < cfg.rounds and not self._stop.is_set():
-                node.publish()
-                record = node.run_round(self.hood)
-                self.last_loss = record.loss
-                per_kind = self.traffic.per_kind()
-                metrics.write({"kind": "round", **dataclasses.asdict(record),
-                               "bytes": pair_sum(per_kind.values()),
-                               "bytes_by_kind": kinds_json(per_kind)})
-                self._heartbeat(node.round, record.loss)
-                if node.round % cfg.eval_every == 0 or node.round == cfg.rounds:
-                    loss, acc = node.trainer.evaluate(node.params, self.test_x, self.test_y)
-                    self.last_accuracy = acc
-                    metrics.write({"kind": "eval", "round": node.round, "loss": loss,
-                                   "accuracy": acc})
-                    log.info("node %d round %d/%d: loss %.4f, test accuracy %.4f",
-                             self.node_id, node.round, cfg.rounds, record.loss, acc)
-            node.publish()  # the final model, for anyone who asks (status tools, the demo)
-            self.state = "DONE" if node.round >= cfg.rounds else "DRAINING"
-            self._wait_for_neighbors(cfg.rounds)
+            loop.run()
+            loop.wait_for_neighbors()
         finally:
-            metrics.close()
+            recorder.close()
         params = [p.detach().cpu() for p in node.params]
-        torch.save(params, out / "model.pt")
         per_kind = self.traffic.per_kind()
         sent, received = pair_sum(per_kind.values())
         summary: dict[str, object] = {
             "node": self.node_id, "round": node.round, "rounds": cfg.rounds,
-            "accuracy": self.last_accuracy, "loss": self.last_loss, "digest": digest(params),
+            "state": loop.state.value,
+            "accuracy": loop.last_accuracy, "loss": loop.last_loss, "digest": digest(params),
             "qp_fallbacks": int(node.algorithm.stats.get("qp_fallbacks", 0)),
             "bytes_sent": sent, "bytes_received": received, "traffic": self.traffic.snapshot(),
             "bytes_by_kind": kinds_json(per_kind),
             "missed_neighbor_answers": self.hood.misses.total,
+            "catch_ups": loop.catch_ups.count,
             "seconds": time.perf_counter() - started}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        recorder.finish(summary, params, "model.pt")
         return summary
 
     def shutdown(self, grace: float = 5.0) -> None:
         """Leave the bootstrap and stop serving (in-flight calls get `grace` seconds)."""
-        try:
-            self.bootstrap.Leave(bootstrap_pb2.LeaveRequest(node_id=self.node_id,
-                                                            reason=self.state.lower()),
-                                 timeout=5.0)
-        except (grpc.RpcError, AttributeError) as err:
-            log.warning("node %d: leave failed: %s", self.node_id, err)
+        if self.session is not None:
+            self.session.stop()
+            if self.session.joined:
+                self.session.leave(self.state.value.lower())
+            self.session.close()
         if self.server is not None:
             self.server.stop(grace)
         if self.hood is not None:

@@ -20,8 +20,9 @@ import torch
 
 from crossgrad.config import RunConfig
 from peer.builder import assignments, load_run_data, make_node, resolve_device
-from peer.metrics import MetricsWriter, Traffic, average, consensus_distance, digest
+from peer.metrics import Traffic, average, consensus_distance, digest
 from peer.node import Node, Params, RoundRecord
+from peer.records import RunRecorder
 from peer.training.partitions import summarize
 from peer.wire import encode_compressed_raw, encode_raw, frame_bytes
 
@@ -130,10 +131,8 @@ def run(config: RunConfig, out_dir: Path | None = None,
     traffic = {i: Traffic() for i in nodes} if count_bytes else {}
     hoods = {i: InMemoryNeighborhood(i, nodes, traffic.get(i)) for i in nodes}
     out = out_dir or default_out_dir(config)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(config.to_json())
+    recorder = RunRecorder(out, config)
     log.info("effective configuration: %s", json.dumps(dataclasses.asdict(config)))
-    metrics = MetricsWriter(out / "metrics.jsonl")
     test_x, test_y = data.dataset.test_x, data.dataset.test_y
     ordered = [nodes[i] for i in sorted(nodes)]
     try:
@@ -142,28 +141,27 @@ def run(config: RunConfig, out_dir: Path | None = None,
                 node.publish()
             records: list[RoundRecord] = [node.run_round(hoods[node.id]) for node in ordered]
             for rec in records:
-                metrics.write({"kind": "round", **dataclasses.asdict(rec)})
+                recorder.round(rec)
             if (t + 1) % config.eval_every == 0 or t + 1 == config.rounds:
                 ev = evaluate(ordered, test_x, test_y, t + 1)
-                metrics.write({"kind": "eval", **dataclasses.asdict(ev), "mean": ev.mean,
-                               "min": ev.min})
+                fields = {k: v for k, v in dataclasses.asdict(ev).items() if k != "round"}
+                recorder.evaluation(t + 1, **fields, mean=ev.mean, min=ev.min)
                 loss = sum(r.loss for r in records) / len(records)
                 say(f"round {t + 1:>5}/{config.rounds}  train loss {loss:.4f}  "
                     f"test acc mean {ev.mean:.4f} min {ev.min:.4f}  "
                     f"avg-model {ev.average_accuracy:.4f}  consensus {ev.consensus:.4f}  "
                     f"[{time.perf_counter() - started:.1f} s]")
     finally:
-        metrics.close()
+        recorder.close()
     final = ev
     fallbacks = {n.id: int(n.algorithm.stats.get("qp_fallbacks", 0)) for n in ordered}
     models = {n.id: [p.detach().cpu() for p in n.params] for n in ordered}
-    torch.save({i: m for i, m in models.items()}, out / "models.pt")
     received = {i: t.snapshot()["received"] for i, t in traffic.items()}
     summary = {"final": dataclasses.asdict(final), "mean": final.mean, "min": final.min,
                "bytes_received": received,
                "qp_fallbacks": fallbacks, "digests": {i: digest(m) for i, m in models.items()},
                "seconds": time.perf_counter() - started}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    recorder.finish(summary, {i: m for i, m in models.items()}, "models.pt")
     return SimulationResult(config=config, out_dir=out, final=final, models=models,
                             qp_fallbacks=fallbacks, seconds=time.perf_counter() - started,
                             traffic=traffic)

@@ -104,6 +104,11 @@ class Algorithm:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._momentum = state.get("momentum")
 
+    def reset_memory(self) -> None:
+        """Forget the trajectory (momentum and what subclasses keep of past rounds), as at
+        round 0: a node that jumps to its neighbors' round does not continue its own path."""
+        self._momentum = None
+
 
 @dataclass(frozen=True)
 class Hyperparameters:

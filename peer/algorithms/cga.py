@@ -91,3 +91,7 @@ class CGA(Algorithm):
     def load_state_dict(self, state: Any) -> None:
         super().load_state_dict(state)
         self._previous_v = dict(state.get("previous_v", {}))
+
+    def reset_memory(self) -> None:
+        super().reset_memory()
+        self._previous_v = {}

@@ -47,6 +47,10 @@ class SelfCompression:
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "self_memory": self.memory.state_dict()}  # type: ignore[misc]
 
+    def reset_memory(self) -> None:
+        super().reset_memory()  # type: ignore[misc]
+        self.memory.reset()  # the residual of a trajectory the node left
+
 
 @register
 class CompCGA(SelfCompression, CGA):

@@ -1,0 +1,228 @@
+"""A bootstrap and N peers as processes on this machine, each a real `crossgrad` CLI process.
+
+The demo's layout (OUT/bootstrap.log, OUT/bootstrap.sqlite, OUT/node-I.log, OUT/node-I/), with
+the handles a fault-injection driver needs: kill or stop any process with any signal, restart
+the bootstrap on the same port with the same state, restart a peer with --resume, ask the
+bootstrap and any peer for their status.
+
+    with LocalCluster(config, out, peer_args=["--timeout", "5"]) as cluster:
+        cluster.start_bootstrap(lease_seconds=5)
+        cluster.start_peers()
+        cluster.wait_round(2, 55)
+        cluster.signal(2, signal.SIGKILL)
+        ...
+
+Every process is started in its own session (process group), and close() ends every group on
+any way out (SIGTERM, then SIGKILL after a grace period). The signal dispositions they need
+(SIGTERM and SIGINT drain) the `crossgrad` processes install themselves, whatever they
+inherited. `prefix` runs a peer's command under another
+(e.g. `ip netns exec NS`) to put it in a network namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+
+from crossgrad.config import RunConfig
+from crossgrad.rpc import make_channel
+from crossgrad.v1 import bootstrap_pb2, bootstrap_pb2_grpc, peer_pb2, peer_pb2_grpc
+
+SERVING = re.compile(r"bootstrap serving on (\S+)")
+PEER_SERVING = re.compile(r"serving at (\S+);")
+
+
+def run_flags(config: RunConfig) -> list[str]:
+    """The run's settings as command-line flags (every one visible, as in the compose file)."""
+    flags: list[str] = []
+    for key, value in asdict(config).items():
+        if key in ("data_dir", "device") or value is None:
+            continue
+        flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "crossgrad", *args]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (for a server that must come back on the same one)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class LocalCluster:
+    """A bootstrap and config.nodes peers as processes (see the module docstring)."""
+
+    def __init__(self, config: RunConfig, out: Path, *, peer_args: Sequence[str] = (),
+                 host: str = "127.0.0.1", prefix: Callable[[int], list[str]] | None = None,
+                 log_level: str = "INFO") -> None:
+        self.config = config
+        self.out = out
+        self.peer_args = list(peer_args)
+        self.host = host
+        self.prefix = prefix or (lambda node: [])
+        self.log_level = log_level
+        self.bootstrap: subprocess.Popen[str] | None = None
+        self.bootstrap_address = ""
+        self.peers: dict[int, subprocess.Popen[str]] = {}
+        self._logs: list[IO[str]] = []
+        self._env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        out.mkdir(parents=True, exist_ok=True)
+
+    # ---- processes -----------------------------------------------------------------------
+    def _spawn(self, args: list[str], log: IO[str], stdout: Any = None) -> subprocess.Popen[str]:
+        return subprocess.Popen(args, stdout=stdout if stdout is not None else log,
+                                stderr=log if stdout is not None else subprocess.STDOUT,
+                                text=True, env=self._env, start_new_session=True)
+
+    def start_bootstrap(self, *, port: int = 0, lease_seconds: float = 15.0,
+                        timeout: float = 60.0) -> str:
+        """Start (or restart, on the same port and state file) the bootstrap; its address."""
+        if port == 0 and self.bootstrap_address:
+            port = int(self.bootstrap_address.rpartition(":")[2])
+        log = open(self.out / "bootstrap.log", "a")  # noqa: SIM115 (closed in close())
+        self._logs.append(log)
+        self.bootstrap = self._spawn(
+            command("--log-level", self.log_level, "bootstrap", *run_flags(self.config),
+                    "--bind", f"{self.host}:{port}", "--state", str(self.out / "bootstrap.sqlite"),
+                    "--lease-seconds", str(lease_seconds)), log, stdout=subprocess.PIPE)
+        self.bootstrap_address = self._read_address(self.bootstrap, timeout)
+        return self.bootstrap_address
+
+    @staticmethod
+    def _read_address(proc: subprocess.Popen[str], timeout: float) -> str:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            match = SERVING.search(line)
+            if match:
+                return match.group(1)
+        raise RuntimeError(f"the bootstrap did not start (exit code {proc.poll()}); see its log")
+
+    def peer_dir(self, node: int) -> Path:
+        return self.out / f"node-{node}"
+
+    def start_peer(self, node: int, *, resume: bool = False,
+                   extra: Sequence[str] = ()) -> subprocess.Popen[str]:
+        """Start peer `node` (again: its log is appended to; --resume when asked)."""
+        log = open(self.out / f"node-{node}.log", "a")  # noqa: SIM115 (closed in close())
+        self._logs.append(log)
+        args = [*self.prefix(node), *command(
+            "--log-level", self.log_level, "peer", "--id", str(node), "--bootstrap",
+            self.bootstrap_address, "--bind", f"{self.host}:0", "--out",
+            str(self.peer_dir(node)), "--device", self.config.device, *self.peer_args, *extra)]
+        if self.config.data_dir:
+            args += ["--data-dir", self.config.data_dir]
+        if resume:
+            args.append("--resume")
+        self.peers[node] = self._spawn(args, log)
+        return self.peers[node]
+
+    def start_peers(self) -> None:
+        for i in range(self.config.nodes):
+            self.start_peer(i)
+
+    def signal(self, target: int | str, sig: int) -> None:
+        """Send `sig` to peer `target` or to "bootstrap" (its whole process group)."""
+        proc = self.bootstrap if target == "bootstrap" else self.peers[int(target)]
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, sig)
+
+    def wait_peers(self, timeout: float, nodes: Sequence[int] | None = None) -> dict[int, int]:
+        """Wait for the peers (all, or `nodes`) to exit; their exit codes. TimeoutError if any
+        is still running after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        codes = {}
+        for i in sorted(self.peers if nodes is None else nodes):
+            try:
+                codes[i] = self.peers[i].wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise TimeoutError(f"peer {i} still running after {timeout:.0f} s; see "
+                                   f"{self.out / f'node-{i}.log'}") from None
+        return codes
+
+    def close(self, grace: float = 10.0) -> None:
+        """End every process group (SIGTERM, then SIGKILL after `grace`), on any way out."""
+        procs = [p for p in (*self.peers.values(), self.bootstrap) if p is not None]
+        for p in procs:
+            _killpg(p, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _killpg(p, signal.SIGKILL)  # also members left behind by a leader that exited
+            p.wait()
+            if p.stdout is not None:
+                p.stdout.close()
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- what they say -------------------------------------------------------------------
+    def peer_address(self, node: int) -> str | None:
+        """The address the peer's latest process logged (None before it serves)."""
+        found = PEER_SERVING.findall((self.out / f"node-{node}.log").read_text())
+        return found[-1] if found else None
+
+    def list_peers(self, timeout: float = 5.0) -> bootstrap_pb2.ListPeersResponse:
+        with make_channel(self.bootstrap_address) as channel:
+            return bootstrap_pb2_grpc.BootstrapStub(channel).ListPeers(
+                bootstrap_pb2.ListPeersRequest(), timeout=timeout)
+
+    def status(self, node: int, timeout: float = 5.0) -> peer_pb2.PeerStatus | None:
+        """GetStatus of a peer (None when it does not answer)."""
+        address = self.peer_address(node)
+        if address is None:
+            return None
+        try:
+            with make_channel(address) as channel:
+                return peer_pb2_grpc.PeerStub(channel).GetStatus(
+                    peer_pb2.GetStatusRequest(requester="cluster"), timeout=timeout)
+        except grpc.RpcError:
+            return None
+
+    def wait_round(self, node: int, round_: int, timeout: float = 300.0) -> None:
+        """Until peer `node` reports a round >= round_ (polled over GetStatus)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = self.peers[node]
+            if proc.poll() is not None:
+                raise RuntimeError(f"peer {node} exited with {proc.returncode} before round "
+                                   f"{round_}")
+            status = self.status(node, timeout=2.0)
+            if status is not None and status.round >= round_:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"peer {node} did not reach round {round_} in {timeout:.0f} s")
+
+
+def _killpg(proc: subprocess.Popen[str], sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,249 @@
+"""A peer's session with the bootstrap: join, the first assignment, heartbeats, new epochs, leave.
+
+The round loop never talks to the bootstrap itself (DESIGN.md section 7: peers do not need it
+between epochs). This session does, from its own thread:
+
+    join()              Join, retried with backoff and jitter while the bootstrap is down or the
+                        id is still held by this node's previous life (its lease has not expired)
+    wait_assignment()   the first assignment, from WatchAssignment (cancelled by stop())
+    start(progress, on_assignment)
+                        a daemon thread: Heartbeat every quarter lease with the node's round,
+                        loss and the neighbors it missed; an answer with a newer topology epoch
+                        fetches the assignment (GetAssignment) and hands it to on_assignment.
+                        A failed heartbeat is retried with exponential backoff and full jitter,
+                        so peers whose bootstrap restarts do not all call at once when it is
+                        back; a bootstrap that no longer knows this node (NOT_FOUND: it lost
+                        its state, or the node had left) gets a Join again.
+    leave(reason)       Leave, best effort, at the end
+
+Everything the bootstrap sends is validated (bootstrap/convert.py) before it reaches the node.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from bootstrap.convert import assignment_from_proto, settings_from_proto
+from bootstrap.registry import AssignmentView
+from crossgrad.config import RunConfig
+from crossgrad.errors import AlreadyExists, ProtocolError, Unavailable
+from crossgrad.rpc import from_rpc_error, make_channel
+from crossgrad.v1 import bootstrap_pb2, bootstrap_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Heartbeats: every quarter lease, but at least every HEARTBEAT_MAX_S and at most every
+# HEARTBEAT_MIN_S. Failed calls back off from BACKOFF_BASE_S doubling up to BACKOFF_CAP_S, each
+# delay drawn uniformly in [0, that] ("full jitter").
+HEARTBEAT_MIN_S = 0.2
+HEARTBEAT_MAX_S = 5.0
+BACKOFF_BASE_S = 0.25
+BACKOFF_CAP_S = 5.0
+CALL_TIMEOUT_S = 5.0
+
+
+class Stopped(Exception):
+    """The peer was asked to stop before it started training."""
+
+
+def backoff_delays(base: float = BACKOFF_BASE_S, cap: float = BACKOFF_CAP_S,
+                   rng: random.Random | None = None) -> Callable[[int], float]:
+    """delay(attempt) for attempt = 0, 1, ...: uniform in [0, min(cap, base * 2**attempt)]."""
+    draw = rng or random.Random()
+    return lambda attempt: draw.uniform(0.0, min(cap, base * 2.0 ** min(attempt, 30)))
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a heartbeat reports: the node's round and last loss, and the neighbors it missed
+    since the previous heartbeat."""
+
+    round: int
+    loss: float
+    health: str
+    unreachable: tuple[int, ...] = ()
+
+
+class BootstrapSession:
+    """This node's conversation with the bootstrap at `address`."""
+
+    def __init__(self, address: str, node_id: int, *, join_timeout: float = 300.0) -> None:
+        self.address = address
+        self.node_id = node_id
+        self.join_timeout = join_timeout
+        self.channel = make_channel(address)
+        self.stub = bootstrap_pb2_grpc.BootstrapStub(self.channel)
+        self.epoch = 0  # the newest epoch handed to on_assignment (or wait_assignment's)
+        self.lease_seconds = 15.0
+        self.failures = 0  # heartbeats failed in a row
+        self._join_request: bootstrap_pb2.JoinRequest | None = None
+        self._stop = threading.Event()
+        self._watch: grpc.Future | None = None
+        self._thread: threading.Thread | None = None
+        self._delay = backoff_delays()
+
+    # ---- start-up ------------------------------------------------------------------------
+    def join(self, advertise: str, samples: int, *, resumed: bool = False,
+             checkpoint_round: int = 0) -> RunConfig:
+        """Join (again); the run's settings. Retries while the bootstrap is unreachable or the
+        id is held by this node's previous process, up to join_timeout; Stopped on stop()."""
+        request = bootstrap_pb2.JoinRequest(node_id=self.node_id, address=advertise,
+                                            num_samples=samples, resumed=resumed,
+                                            checkpoint_round=checkpoint_round)
+        deadline = _Deadline(self.join_timeout)
+        attempt = 0
+        while True:
+            try:
+                reply = self.stub.Join(request, timeout=CALL_TIMEOUT_S)
+                self._join_request = request
+                return settings_from_proto(reply.settings)
+            except grpc.RpcError as err:
+                exc = from_rpc_error(err, f"Join at bootstrap {self.address}")
+            if not isinstance(exc, AlreadyExists | Unavailable) or deadline.passed():
+                raise exc
+            wait = min(self._delay(attempt), deadline.left())
+            log.warning("node %d: %s; trying again in %.1f s", self.node_id, exc, wait)
+            attempt += 1
+            if self._stop.wait(wait):
+                raise Stopped("stopped while joining the bootstrap")
+
+    def wait_assignment(self) -> AssignmentView:
+        """The first assignment: once every expected peer has joined (at once when the run is
+        already assembled). Stopped if stop() is called meanwhile."""
+        request = bootstrap_pb2.GetAssignmentRequest(node_id=self.node_id)
+        stream = self.stub.WatchAssignment(request, timeout=self.join_timeout)
+        self._watch = stream  # stop() cancels it: SIGTERM while waiting for the other peers
+        if self._stop.is_set():
+            stream.cancel()
+        try:
+            view = assignment_from_proto(next(iter(stream)))
+        except grpc.RpcError as err:
+            if self._stop.is_set():
+                raise Stopped("stopped while waiting for the run to assemble") from None
+            raise from_rpc_error(err, f"WatchAssignment at bootstrap {self.address}") from None
+        finally:
+            stream.cancel()
+            self._watch = None
+        self.epoch = view.epoch
+        return view
+
+    # ---- the heartbeat thread ------------------------------------------------------------
+    def start(self, progress: Callable[[], Progress],
+              on_assignment: Callable[[AssignmentView], None]) -> None:
+        """Heartbeat from a daemon thread until stop(); on_assignment(view) for each newer epoch."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._beat, args=(progress, on_assignment),
+                                        name=f"bootstrap-session-{self.node_id}", daemon=True)
+        self._thread.start()
+
+    def _beat(self, progress: Callable[[], Progress],
+              on_assignment: Callable[[AssignmentView], None]) -> None:
+        wait = 0.0
+        while not self._stop.wait(wait):
+            try:
+                self.heartbeat(progress(), on_assignment)
+            except ProtocolError as exc:
+                wait = self._delay(self.failures)
+                self.failures += 1
+                log.warning("node %d: bootstrap %s: %s (attempt %d; next in %.1f s; training "
+                            "goes on)", self.node_id, self.address, exc, self.failures, wait)
+                continue
+            except Exception:  # the thread must outlive any surprise: it is the node's lifeline
+                log.exception("node %d: heartbeat failed unexpectedly", self.node_id)
+                wait = self._delay(self.failures)
+                self.failures += 1
+                continue
+            if self.failures:
+                log.warning("node %d: bootstrap %s reachable again after %d failed heartbeats",
+                            self.node_id, self.address, self.failures)
+            self.failures = 0
+            wait = min(HEARTBEAT_MAX_S, max(HEARTBEAT_MIN_S, self.lease_seconds / 4))
+
+    def heartbeat(self, now: Progress, on_assignment: Callable[[AssignmentView], None]) -> None:
+        """One heartbeat; fetch and hand over the assignment when the epoch moved on."""
+        request = bootstrap_pb2.HeartbeatRequest(
+            node_id=self.node_id, round=now.round, loss=now.loss, health=now.health,
+            unreachable_neighbors=list(now.unreachable))
+        try:
+            reply = self.stub.Heartbeat(request, timeout=CALL_TIMEOUT_S)
+        except grpc.RpcError as err:
+            if err.code() is grpc.StatusCode.NOT_FOUND and self._join_request is not None:
+                # The bootstrap does not know this node (it left, or the bootstrap lost its
+                # state): join again with what the node joined with.
+                log.warning("node %d: the bootstrap no longer knows this node; joining again",
+                            self.node_id)
+                self._rejoin()
+                return
+            raise from_rpc_error(err, f"Heartbeat at bootstrap {self.address}") from None
+        self.lease_seconds = reply.lease_seconds if reply.lease_seconds > 0 else 15.0
+        if reply.topology_epoch != self.epoch:
+            self._fetch_assignment(on_assignment)
+
+    def _rejoin(self) -> None:
+        assert self._join_request is not None
+        try:
+            self.stub.Join(self._join_request, timeout=CALL_TIMEOUT_S)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, f"Join at bootstrap {self.address}") from None
+
+    def _fetch_assignment(self, on_assignment: Callable[[AssignmentView], None]) -> None:
+        request = bootstrap_pb2.GetAssignmentRequest(node_id=self.node_id)
+        try:
+            view = assignment_from_proto(self.stub.GetAssignment(request,
+                                                                 timeout=CALL_TIMEOUT_S))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, f"GetAssignment at bootstrap {self.address}") from None
+        if view.epoch != self.epoch:
+            log.info("node %d: topology epoch %d -> %d: neighbors %s", self.node_id, self.epoch,
+                     view.epoch, [n.node_id for n in view.neighbors])
+            self.epoch = view.epoch
+            on_assignment(view)
+
+    @property
+    def joined(self) -> bool:
+        """Whether a Join was sent (so there is something to Leave)."""
+        return self._join_request is not None
+
+    # ---- the end -------------------------------------------------------------------------
+    def stop(self) -> None:
+        """End the heartbeat thread and any wait (join, first assignment)."""
+        self._stop.set()
+        watch = self._watch
+        if watch is not None:
+            watch.cancel()
+
+    def leave(self, reason: str) -> None:
+        """Leave the run (best effort: a bootstrap that is down just logs a warning)."""
+        try:
+            self.stub.Leave(bootstrap_pb2.LeaveRequest(node_id=self.node_id, reason=reason),
+                            timeout=CALL_TIMEOUT_S)
+        except grpc.RpcError as err:
+            log.warning("node %d: leave failed: %s", self.node_id,
+                        from_rpc_error(err, f"Leave at bootstrap {self.address}"))
+
+    def close(self) -> None:
+        self.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=CALL_TIMEOUT_S + 1)
+        self.channel.close()
+
+
+class _Deadline:
+    def __init__(self, seconds: float) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self._end = self._clock() + seconds
+
+    def left(self) -> float:
+        return max(0.0, self._end - self._clock())
+
+    def passed(self) -> bool:
+        return self.left() <= 0.0

@@ -1,0 +1,101 @@
+"""Fault injection on real processes (docs/reliability.md): a bootstrap and 5 peers on loopback,
+each a `crossgrad` CLI process, faults sent as real signals.
+
+The reference for accuracy is the in-process simulator with the same settings: with no fault,
+a networked run and a simulated run end with bit-identical models (tests/system), so the
+simulator's accuracy is the unfaulted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from crossgrad.cluster import LocalCluster
+from crossgrad.config import RunConfig
+from crossgrad.demo import final_table
+from peer import simulate
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT = 5.0  # --timeout: the deadline of every neighbor call
+LEASE = 3.0  # --lease-seconds
+CONFIG = RunConfig(nodes=5, topology="ring", algorithm="cga", dataset="digits",
+                   partition="modulo", rounds=150, batch_size=32, eval_every=25, seed=123,
+                   device="cpu")
+
+
+def rounds_of(out: Path, node: int) -> list[dict[str, object]]:
+    path = out / f"node-{node}" / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in records if r["kind"] == "round"]
+
+
+def summary_of(out: Path, node: int) -> dict[str, object]:
+    return json.loads((out / f"node-{node}" / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def unfaulted(tmp_path_factory: pytest.TempPathFactory) -> float:
+    """Mean final test accuracy of the run with no fault (the simulator: bit-identical)."""
+    result = simulate.run(CONFIG, tmp_path_factory.mktemp("unfaulted"))
+    return result.final.mean
+
+
+def peers(out: Path, **extra: str) -> list[str]:
+    args = ["--timeout", str(TIMEOUT), "--checkpoint-every", "10"]
+    for key, value in extra.items():
+        args += [f"--{key.replace('_', '-')}", value]
+    return args
+
+
+def test_a_killed_peer_is_left_out_and_comes_back_with_resume(tmp_path: Path,
+                                                             unfaulted: float) -> None:
+    out = tmp_path / "run"
+    with LocalCluster(CONFIG, out, peer_args=peers(out)) as cluster:
+        cluster.start_bootstrap(lease_seconds=LEASE)
+        cluster.start_peers()
+        cluster.wait_round(2, 40, timeout=600)
+        cluster.signal(2, signal.SIGKILL)
+        killed_at = time.monotonic()
+        # The bootstrap expires it after its lease; the live nodes keep going meanwhile.
+        while time.monotonic() - killed_at < 60:
+            states = {p.node_id: p.state for p in cluster.list_peers().peers}
+            if states[2] == "EXPIRED":
+                break
+            time.sleep(0.1)
+        assert states[2] == "EXPIRED", states
+        table = cluster_table(cluster)
+        assert "dead" in table.splitlines()[_row(table, 2)], table
+        cluster.wait_round(1, 90, timeout=600)
+        cluster.start_peer(2, resume=True)
+        codes = cluster.wait_peers(timeout=900)
+        assert codes == dict.fromkeys(range(5), 0), codes
+        listed = {p.node_id: p for p in cluster.list_peers().peers}
+    assert listed[2].resumes == 1 and listed[2].returns >= 1
+    # No round of a live node waited longer than one deadline (plus its own computation).
+    for i in (0, 1, 3, 4):
+        slowest = max(float(r["seconds"]) for r in rounds_of(out, i))  # type: ignore[arg-type]
+        assert slowest < TIMEOUT + 2.0, (i, slowest)
+    summaries = [summary_of(out, i) for i in range(5)]
+    assert all(s["round"] == CONFIG.rounds for s in summaries)
+    assert summaries[2]["resumes"] == 1
+    mean = sum(float(s["accuracy"]) for s in summaries) / 5  # type: ignore[arg-type]
+    assert abs(mean - unfaulted) <= 0.01, (mean, unfaulted)
+    table = final_table(CONFIG, out, peers=listed)
+    assert "resumed" in table.splitlines()[_row(table, 2)], table
+
+
+def cluster_table(cluster: LocalCluster) -> str:
+    from crossgrad.status import format_peers
+
+    return format_peers(cluster.list_peers())
+
+
+def _row(table: str, node: int) -> int:
+    return next(i for i, line in enumerate(table.splitlines())
+                if line.split()[:1] == [str(node)])
