@@ -314,7 +314,7 @@ class Node:
                 "params": list(self.params),  # copied below, as is every tensor
                 "round": self.round,
                 "algorithm": self.algorithm.state_dict(),
-                "stats": {str(k): float(v) for k, v in self.algorithm.stats.items()},
+                "stats": {str(k): v for k, v in self.algorithm.stats.items()},
                 "feedback": None if self.feedback is None else self.feedback.state_dict(),
                 "torch_rng": torch.random.get_rng_state(),
             }
@@ -331,7 +331,7 @@ class Node:
             self.params = to_device(list(state["params"]), device)
             self.round = int(state["round"])
             self.algorithm.load_state_dict(to_device(state["algorithm"], device))
-            self.algorithm.stats = {str(k): float(v) for k, v in state["stats"].items()}
+            self.algorithm.stats = {str(k): v for k, v in state["stats"].items()}
             if self.feedback is not None:
                 self.feedback.load_state_dict(to_device(state["feedback"], device))
             torch.random.set_rng_state(state["torch_rng"].clone())

@@ -46,6 +46,10 @@ from crossgrad.errors import DataError
 
 log = logging.getLogger(__name__)
 
+# The default of --checkpoint-every: saving then costs under 2% of round time for every default
+# model (docs/benchmarks.md, "Checkpoints": at most 220 rounds were needed, by digits/mlp under
+# D-PSGD, whose round is a few ms while a save is bound by fsync; twice that, rounded up).
+DEFAULT_EVERY = 500
 MAGIC = b"CROSSGRAD-CHECKPOINT 1\n"
 MAX_HEADER = 4096  # bytes: the JSON header line is about 200
 _NAME = re.compile(r"node-(\d+)-round-(\d{9,})\.ckpt")

@@ -4,6 +4,7 @@ round trip save, load, continue == an uninterrupted run, bit for bit, on the emb
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -108,6 +109,18 @@ def test_save_load_continue_equals_an_uninterrupted_run(algorithm: str, compress
     assert any("resumed every node from round 2" in line for line in lines)
     for i in range(cfg.nodes):
         assert digest(resumed.models[i]) == digest(whole.models[i])
+    assert round_records(tmp_path / "resumed") == round_records(tmp_path / "whole")[2:]
+
+
+def round_records(run_dir: Path) -> list[dict[int, tuple[float, list[int]]]]:
+    """Per round: {node: (train loss, answered neighbors)} from metrics.jsonl."""
+    out: dict[int, dict[int, tuple[float, list[int]]]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == "round":
+            out.setdefault(record["round"], {})[record["node"]] = (record["loss"],
+                                                                   record["answered"])
+    return [out[r] for r in sorted(out)]
 
 
 def test_a_damaged_newest_checkpoint_resumes_every_node_from_the_previous(
@@ -259,11 +272,16 @@ def _flip(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
+def _directory_instead(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
 def _rewrite(path: Path, ckpt: Checkpoint) -> None:
     path.write_bytes(encode(ckpt))  # valid checksum, wrong content
 
 
-DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
+DAMAGE: dict[str, tuple[Callable[[Path], object], str]] = {
     "flipped payload byte": (lambda p: _flip(p, p.stat().st_size - 100), "checksum mismatch"),
     "flipped header byte": (lambda p: _flip(p, len(MAGIC) + 2), "header"),
     "flipped magic": (lambda p: _flip(p, 0), "not a crossgrad checkpoint"),
@@ -277,7 +295,7 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
     "another round": (lambda p: _rewrite(p, checkpoint(7)), "holds round 7"),
     "a pickled object": (lambda p: _rewrite(p, checkpoint(6, state={"round": 6, "x": Path("/")})),
                          "payload not readable"),
-    "unreadable": (lambda p: (p.unlink(), p.mkdir()), "unreadable"),
+    "unreadable": (_directory_instead, "unreadable"),
 }
 
 
