@@ -347,9 +347,11 @@ class Node:
                                "torch_rng") if k not in state]
         if missing:
             raise CheckpointError(f"node state: missing {missing} (written by another version?)")
-        if list(state["names"]) != self.names:
-            raise CheckpointError(f"node state: parameters {list(state['names'])[:4]}..., this "
-                                  f"model's {self.names[:4]}... (a checkpoint of another model?)")
+        names = state["names"]
+        if not isinstance(names, list) or names != self.names:
+            shown = names[:4] if isinstance(names, list) else names
+            raise CheckpointError(f"node state: parameters {shown!r}..., this model's "
+                                  f"{self.names[:4]}... (a checkpoint of another model?)")
         like = [p.detach().cpu() for p in self.params]
         check_tensors("params", state["params"], like)
         if not isinstance(state["round"], int) or state["round"] < 0:

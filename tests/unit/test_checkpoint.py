@@ -207,6 +207,33 @@ def test_a_state_of_another_model_is_refused_and_changes_nothing() -> None:
     assert equal(target.state_dict(), before)
 
 
+MALFORMED: dict[str, tuple[dict[str, Any], str]] = {
+    "names not a list": ({"names": 5}, "parameters 5"),
+    "params not a list": ({"params": "x"}, "params: expected a list of 6 tensors"),
+    "negative round": ({"round": -1}, "round -1"),
+    "stats not a table": ({"stats": [1]}, "stats"),
+    "feedback where none": ({"feedback": {"0.0": torch.zeros(1)}}, "no error feedback"),
+    "rng of another size": ({"torch_rng": torch.zeros(3, dtype=torch.uint8)}, "torch_rng"),
+    "momentum not tensors": ({"algorithm": {"momentum": [1] * 6}}, "momentum[0]: expected a "
+                             "tensor"),
+    "duals of no tensor": ({"algorithm": {"momentum": None, "previous_v": {99: torch.zeros(2)}}},
+                           "previous_v: key 99"),
+    "a part missing": ({"feedback": ...}, "missing ['feedback']"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_state_gets_one_line_naming_the_part(case: str) -> None:
+    cfg = config(algorithm="cga")
+    node = make_node(cfg, load_run_data(cfg), 0, assignments(cfg)[1][0], torch.device("cpu"))
+    change, reason = MALFORMED[case]
+    state = {**node.state_dict(), **change}
+    state = {k: v for k, v in state.items() if v is not ...}
+    with pytest.raises(CheckpointError) as err:
+        node.load_state_dict(state)
+    assert reason in str(err.value) and "\n" not in str(err.value)
+
+
 # ---- the store -------------------------------------------------------------------------------
 def fake_state(round_: int, value: float = 1.0) -> dict[str, Any]:
     return {"round": round_, "params": [torch.full((2, 3), value)], "note": "x"}
