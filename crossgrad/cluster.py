@@ -21,6 +21,7 @@ inherited. `prefix` runs a peer's command under another
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -165,10 +166,8 @@ class LocalCluster:
             _killpg(p, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for p in procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
             _killpg(p, signal.SIGKILL)  # also members left behind by a leader that exited
             p.wait()
             if p.stdout is not None:
@@ -222,7 +221,5 @@ class LocalCluster:
 
 
 def _killpg(proc: subprocess.Popen[str], sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

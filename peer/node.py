@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -33,6 +33,13 @@ from crossgrad.errors import InvalidMessage, StaleRound
 from peer.algorithms.base import Algorithm, Params, StepInputs
 from peer.compression import Compressed, ErrorFeedback
 from peer.compression.base import check_finite
+from peer.training.checkpoint import (
+    CheckpointError,
+    check_residuals,
+    check_tensor,
+    check_tensors,
+    to_device,
+)
 from peer.training.seeding import derive_seed
 from peer.training.trainer import Trainer
 
@@ -334,3 +341,76 @@ class Node:
                            answered=sorted(nbr_params),
                            missing=sorted(set(neighbors) - set(nbr_params)),
                            seconds=time.perf_counter() - started, stats=stats)
+
+    # ---- checkpoints (peer/training/checkpoint.py) --------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next rounds depend on, as CPU copies: x_i, the round, the algorithm's
+        memory and counters, the sender-side error-feedback residuals, the torch CPU RNG state.
+
+        The batches and every seeded draw derive from (seed, node, round, purpose), so with
+        this a node built from the same config continues bit for bit. Taken under the lock, so
+        it is consistent with a concurrent server thread; call it between rounds (the round
+        driver updates the algorithm's memory outside the lock).
+        """
+        with self._lock:
+            state: dict[str, Any] = {
+                "names": list(self.names),
+                "params": list(self.params),  # copied below, as is every tensor
+                "round": self.round,
+                "algorithm": self.algorithm.state_dict(),
+                "stats": {str(k): v for k, v in self.algorithm.stats.items()},
+                "feedback": None if self.feedback is None else self.feedback.state_dict(),
+                "torch_rng": torch.random.get_rng_state(),
+            }
+            return to_device(state, torch.device("cpu"))
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state_dict(), all or nothing: every tensor is checked against this node's
+        model first (CheckpointError naming the tensor; nothing changes), then moved to the
+        node's device. Cached snapshots and cross-gradients are dropped: they belong to the
+        rounds before."""
+        self._check_state(state)
+        device = self.trainer.device
+        with self._lock:
+            self.params = to_device(list(state["params"]), device)
+            self.round = int(state["round"])
+            self.algorithm.load_state_dict(to_device(state["algorithm"], device))
+            self.algorithm.stats = {str(k): v for k, v in state["stats"].items()}
+            if self.feedback is not None:
+                self.feedback.load_state_dict(to_device(state["feedback"], device))
+            torch.random.set_rng_state(state["torch_rng"].clone())
+            for cache in (self._snapshots, self._cross, self._cross_records,
+                          self._neighbor_models):
+                cache.clear()
+
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        """CheckpointError (one line, naming the part) unless `state` fits this node."""
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"node state: expected a table, found {type(state).__name__}")
+        missing = [k for k in ("names", "params", "round", "algorithm", "stats", "feedback",
+                               "torch_rng") if k not in state]
+        if missing:
+            raise CheckpointError(f"node state: missing {missing} (written by another version?)")
+        names = state["names"]
+        if not isinstance(names, list) or names != self.names:
+            shown = names[:4] if isinstance(names, list) else names
+            raise CheckpointError(f"node state: parameters {shown!r}..., this model's "
+                                  f"{self.names[:4]}... (a checkpoint of another model?)")
+        like = [p.detach().cpu() for p in self.params]
+        check_tensors("params", state["params"], like)
+        if not isinstance(state["round"], int) or state["round"] < 0:
+            raise CheckpointError(f"node state: round {state['round']!r}, expected an integer "
+                                  ">= 0")
+        if not isinstance(state["algorithm"], Mapping):
+            raise CheckpointError("node state: the algorithm's state is not a table")
+        self.algorithm.check_state(state["algorithm"], like)
+        if not isinstance(state["stats"], Mapping) or not all(
+                isinstance(v, (int, float)) for v in state["stats"].values()):
+            raise CheckpointError("node state: stats, expected a table of numbers")
+        if (state["feedback"] is None) != (self.feedback is None):
+            have = "no" if self.feedback is None else "sender"
+            raise CheckpointError(f"node state: this node compresses with {have} error "
+                                  "feedback, the state says otherwise (another --compressor?)")
+        if state["feedback"] is not None:
+            check_residuals("sender error-feedback memory", state["feedback"], like)
+        check_tensor("torch_rng", state["torch_rng"], torch.random.get_rng_state())

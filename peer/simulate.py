@@ -23,6 +23,14 @@ from peer.builder import assignments, load_run_data, make_node, resolve_device
 from peer.metrics import Traffic, average, consensus_distance, digest
 from peer.node import Node, Params, RoundRecord
 from peer.records import RunRecorder
+from peer.training.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointStore,
+    file_name,
+    make_checkpoint,
+    run_identity,
+)
 from peer.training.partitions import summarize
 from peer.wire import encode_compressed_raw, encode_raw, frame_bytes
 
@@ -116,10 +124,45 @@ def default_out_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{stamp}-{config.algorithm}-{config.dataset}"
 
 
+def resume(nodes: dict[int, Node], directory: Path, config: RunConfig) -> int:
+    """Load every node's latest usable checkpoint of this run from `directory`; the round they
+    continue from. The simulator runs every node in lockstep, so when one node's newest
+    checkpoint did not verify and it fell back to an older one, every node resumes from that
+    older round (keep=2 holds it)."""
+    run_id = run_identity(config)
+    stores = {i: CheckpointStore(directory, i) for i in nodes}
+    rounds: dict[int, int] = {}
+    for i, node in nodes.items():
+        def load(checkpoint: Checkpoint, node: Node = node) -> None:
+            node.load_state_dict(checkpoint.state)  # checks every tensor; all or nothing
+
+        found = stores[i].latest(run_id, accept=load)
+        if found is None:
+            raise CheckpointError(f"no usable checkpoint of node {i} for this run in "
+                                  f"{directory}; start without resuming, or point at the "
+                                  "checkpoints of a run with these settings")
+        rounds[i] = found.round
+    start = min(rounds.values())
+    for i in (i for i, r in rounds.items() if r > start):
+        older = [p for p in stores[i].paths() if p.name == file_name(i, start)]
+        if not older:
+            raise CheckpointError(f"node {i} has no checkpoint of round {start}, from which "
+                                  f"node {min(rounds, key=rounds.__getitem__)} resumes; the "
+                                  "simulator resumes every node from one round")
+        nodes[i].load_state_dict(stores[i].read(older[0]).state)
+    return start
+
+
 def run(config: RunConfig, out_dir: Path | None = None,
         progress: Callable[[str], None] | None = None,
-        count_bytes: bool = False) -> SimulationResult:
-    """Simulate the whole run; write config.json, metrics.jsonl, summary.json and models.pt."""
+        count_bytes: bool = False, checkpoint_every: int = 0,
+        resume_from: Path | None = None) -> SimulationResult:
+    """Simulate the whole run; write config.json, metrics.jsonl, summary.json and models.pt.
+
+    checkpoint_every: every that many rounds, each node's state goes to out_dir/checkpoints
+    (0: never). resume_from: a directory of such checkpoints; every node loads its latest and
+    the run continues from that round to config.rounds, bit for bit as if never stopped.
+    """
     say = progress or (lambda line: None)
     started = time.perf_counter()
     device = resolve_device(config.device)
@@ -135,13 +178,22 @@ def run(config: RunConfig, out_dir: Path | None = None,
     log.info("effective configuration: %s", json.dumps(dataclasses.asdict(config)))
     test_x, test_y = data.dataset.test_x, data.dataset.test_y
     ordered = [nodes[i] for i in sorted(nodes)]
+    start = 0 if resume_from is None else resume(nodes, Path(resume_from), config)
+    if start:
+        say(f"resumed every node from round {start} ({resume_from})")
+    stores = {i: CheckpointStore(out / "checkpoints", i) for i in nodes}
+    ev: Evaluation | None = None
     try:
-        for t in range(config.rounds):
+        for t in range(start, config.rounds):
             for node in ordered:
                 node.publish()
             records: list[RoundRecord] = [node.run_round(hoods[node.id]) for node in ordered]
             for rec in records:
                 recorder.round(rec)
+            if checkpoint_every and (t + 1) % checkpoint_every == 0:
+                for node in ordered:
+                    stores[node.id].save(make_checkpoint(config, node.id, node.assignment.epoch,
+                                                         node.state_dict()))
             if (t + 1) % config.eval_every == 0 or t + 1 == config.rounds:
                 ev = evaluate(ordered, test_x, test_y, t + 1)
                 fields = {k: v for k, v in dataclasses.asdict(ev).items() if k != "round"}
@@ -153,7 +205,7 @@ def run(config: RunConfig, out_dir: Path | None = None,
                     f"[{time.perf_counter() - started:.1f} s]")
     finally:
         recorder.close()
-    final = ev
+    final = ev or evaluate(ordered, test_x, test_y, config.rounds)  # resumed at the end
     fallbacks = {n.id: int(n.algorithm.stats.get("qp_fallbacks", 0)) for n in ordered}
     models = {n.id: [p.detach().cpu() for p in n.params] for n in ordered}
     received = {i: t.snapshot()["received"] for i, t in traffic.items()}

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from crossgrad.errors import UnknownNameError
+from peer.training.checkpoint import check_tensors
 
 Params = list[torch.Tensor]
 
@@ -98,11 +99,21 @@ class Algorithm:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        """Memory to checkpoint (momentum buffers and algorithm-specific state)."""
-        return {"momentum": self._momentum}
+        """Memory to checkpoint (momentum buffers and algorithm-specific state), as copies:
+        the step updates the momentum in place. Only tensors, dicts, lists, numbers and None
+        (peer/training/checkpoint.py stores it without pickling objects)."""
+        momentum = None if self._momentum is None else [m.clone() for m in self._momentum]
+        return {"momentum": momentum}
+
+    def check_state(self, state: Mapping[str, Any], like: Sequence[torch.Tensor]) -> None:
+        """CheckpointError naming the tensor unless `state` fits a model shaped as `like`."""
+        if state.get("momentum") is not None:
+            check_tensors("algorithm momentum", state["momentum"], like)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._momentum = state.get("momentum")
+        """Restore a state_dict() (checked by check_state first when it comes from a file)."""
+        momentum = state.get("momentum")
+        self._momentum = None if momentum is None else [m.clone() for m in momentum]
 
     def reset_memory(self) -> None:
         """Forget the trajectory (momentum and what subclasses keep of past rounds), as at

@@ -16,6 +16,7 @@ says and is counted in `stats["qp_fallbacks"]`.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from peer.algorithms.base import (
     register,
 )
 from peer.algorithms.qp import QPOptions, project_many
+from peer.training.checkpoint import CheckpointError
 
 
 class DivergedError(CrossgradError):
@@ -86,11 +88,28 @@ class CGA(Algorithm):
         return [x - inputs.lr * d for x, d in zip(mixed, direction, strict=True)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "previous_v": dict(self._previous_v)}
+        """Momentum and the last QP duals per tensor (the fallback when a QP fails), the
+        duals as float64 tensors: a checkpoint holds tensors, not numpy arrays."""
+        previous = {k: torch.from_numpy(v.copy()) for k, v in self._previous_v.items()}
+        return {**super().state_dict(), "previous_v": previous}
 
-    def load_state_dict(self, state: Any) -> None:
+    def check_state(self, state: Mapping[str, Any], like: Sequence[torch.Tensor]) -> None:
+        super().check_state(state, like)
+        previous = state.get("previous_v", {})
+        if not isinstance(previous, dict):
+            raise CheckpointError(f"cga previous_v: expected a table of duals, found "
+                                  f"{type(previous).__name__}")
+        for k, v in previous.items():
+            if not (isinstance(k, int) and 0 <= k < len(like)):
+                raise CheckpointError(f"cga previous_v: key {k!r}, expected a tensor index "
+                                      f"below {len(like)}")
+            if not (isinstance(v, torch.Tensor) and v.dim() == 1 and v.is_floating_point()):
+                raise CheckpointError(f"cga previous_v[{k}]: expected a vector of duals")
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
-        self._previous_v = dict(state.get("previous_v", {}))
+        self._previous_v = {int(k): v.detach().cpu().numpy().copy()
+                            for k, v in state.get("previous_v", {}).items()}
 
     def reset_memory(self) -> None:
         super().reset_memory()

@@ -14,7 +14,10 @@ the `none` compressor both reduce to CGA and NGC bit for bit (a test).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import torch
 
 from peer.algorithms.base import Hyperparameters, Params, StepInputs, register
 from peer.algorithms.cga import CGA
@@ -22,6 +25,7 @@ from peer.algorithms.ngc import NGC
 from peer.algorithms.qp import QPOptions
 from peer.compression import ErrorFeedback
 from peer.compression import make as make_compressor
+from peer.training.checkpoint import check_residuals
 from peer.training.seeding import derive_seed
 
 
@@ -50,6 +54,15 @@ class SelfCompression:
     def reset_memory(self) -> None:
         super().reset_memory()  # type: ignore[misc]
         self.memory.reset()  # the residual of a trajectory the node left
+
+    def check_state(self, state: Mapping[str, Any], like: Sequence[torch.Tensor]) -> None:
+        super().check_state(state, like)  # type: ignore[misc]
+        check_residuals("self-gradient error-feedback memory", state.get("self_memory", {}),
+                        like)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)  # type: ignore[misc]
+        self.memory.load_state_dict(state.get("self_memory", {}))
 
 
 @register
