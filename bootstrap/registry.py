@@ -288,7 +288,8 @@ class Registry:
             return self._epoch, self.lease_seconds
 
     def assignment(self, node_id: int) -> AssignmentView:
-        """Neighbors and MH weights of node_id over the live subgraph at the current epoch."""
+        """Neighbors and MH weights of node_id over the graph repaired around the dead peers,
+        at the current epoch."""
         self._check_id(node_id, "GetAssignment")
         with self._lock:
             self._known(node_id)
