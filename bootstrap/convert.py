@@ -77,5 +77,8 @@ def peer_to_proto(peer: PeerView, now: float) -> pb.PeerInfo:
         round=peer.round,
         loss=peer.loss,
         last_seen_seconds_ago=max(0.0, now - peer.last_seen),
+        returns=peer.returns,
+        resumes=peer.resumes,
+        unreachable_reports=peer.unreachable_reports,
     )
 

@@ -10,11 +10,19 @@ calls here, and tests/unit/test_registry.py drives it with a fake clock. A peer'
 The topology epoch is 0 until the run is assembled, 1 at assembly, and grows by one each time the
 set of live peers changes afterwards; a peer that sees a higher epoch fetches its new assignment.
 
-Assignments use the run's topology, built once from (topology, nodes, seed), restricted to the
-live peers: a dead (LEFT or EXPIRED) peer is removed from the graph, its neighbors' degrees drop
-and their Metropolis-Hastings weights are recomputed with the new degrees (not merely the dead
-neighbor's weight handed to the node), so the matrix stays symmetric and doubly stochastic. No
-rewiring: a dead cut vertex splits the graph until it returns. A dead peer is told it is alone.
+Assignments use the run's topology, built once from (topology, nodes, seed), repaired around the
+dead (LEFT or EXPIRED) peers by bootstrap.topology.repair: the live peers' induced subgraph plus
+bypass edges between the live neighbors of each dead cluster (a ring that loses a node stays a
+ring), so the live peers stay connected. The Metropolis-Hastings weights are recomputed on that
+graph with its degrees (not merely the dead neighbor's weight handed to the node), so the matrix
+stays symmetric and doubly stochastic. The repaired graph is recomputed from the original one at
+every epoch, so a peer that comes back gets its original edges and the bypasses go. A dead peer
+is told it is alone.
+
+Counters per peer, for ListPeers and `crossgrad status`: `returns` (LEFT or EXPIRED -> ACTIVE,
+by a join or a heartbeat), `resumes` (joins from a checkpoint, JoinRequest.resumed) and
+`unreachable_reports` (heartbeats of other peers naming it among the neighbors they missed).
+Reports are recorded, never acted on: only a lease decides who is dead.
 
 Leases run on the wall clock (time.time), because they are persisted and a monotonic clock means
 nothing to the next process. They start at assembly (peers waiting for the others need not
@@ -22,12 +30,14 @@ heartbeat) and, after a restart, when the registry is reopened: peers could not 
 the bootstrap was down, so each gets one full lease to reach it again.
 
 Persistence: SQLite, a row per peer and a key/value table of run metadata (settings, epoch,
-assembled flag, topology adjacency; JSON), committed before each call returns. One lock.
+assembled flag, topology adjacency; JSON), committed before each call returns. One lock. Columns
+added since the first schema (COUNTERS) are added to an older file when it is opened, with 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -42,7 +52,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from bootstrap.topology import Topology, build_topology, metropolis_hastings_weights
+from bootstrap.topology import Topology, build_topology, metropolis_hastings_weights, repair
 from crossgrad.config import RunConfig
 from crossgrad.errors import (
     AlreadyExists,
@@ -59,6 +69,7 @@ LOCAL_FIELDS = ("data_dir", "device")  # each process's own business, not part o
 MAX_UINT = 2**63 - 1  # SQLite integers are signed 64-bit; the proto's uint64 may exceed them
 MAX_NOTE = 256  # characters of a health note or leave reason kept
 
+# The first schema; COUNTERS are added to it (to an older file too) by _migrate.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS peers (
@@ -66,6 +77,9 @@ CREATE TABLE IF NOT EXISTS peers (
     state TEXT NOT NULL, round INTEGER NOT NULL, loss REAL, health TEXT NOT NULL, last_seen REAL
 );
 """
+COUNTERS = ("returns", "resumes", "unreachable_reports")  # PeerView fields, peers columns
+PEER_COLUMNS = ("node_id", "address", "num_samples", "state", "round", "loss", "health",
+                "last_seen", *COUNTERS)
 
 
 class PeerState(str, Enum):
@@ -87,6 +101,9 @@ class PeerView:
     loss: float  # last reported training loss (nan before any)
     health: str  # last health note, or "left: REASON"
     last_seen: float  # wall-clock time of the last join or heartbeat
+    returns: int = 0  # LEFT or EXPIRED -> ACTIVE transitions (a rejoin, a late heartbeat)
+    resumes: int = 0  # joins from a checkpoint (JoinRequest.resumed)
+    unreachable_reports: int = 0  # times another peer's heartbeat named it unreachable
 
     @property
     def live(self) -> bool:
@@ -143,6 +160,7 @@ class Registry:
         try:
             self._db = sqlite3.connect(self._path, check_same_thread=False)
             self._db.executescript(_SCHEMA)
+            _migrate(self._db)
             meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open the bootstrap state {self._path}: {exc}; "
@@ -182,10 +200,9 @@ class Registry:
         self._topology = Topology(len(adj), graph["spec"], adj)
         self._epoch, self._assembled = int(meta["epoch"]), meta["assembled"] == "1"
         self._assembled_at = float(meta["assembled_at"])
-        rows = self._db.execute("SELECT node_id, address, num_samples, state, round, loss, "
-                                "health, last_seen FROM peers").fetchall()
+        rows = self._db.execute(f"SELECT {', '.join(PEER_COLUMNS)} FROM peers").fetchall()
         self._peers = {r[0]: PeerView(r[0], r[1], r[2], PeerState(r[3]), r[4],
-                                      math.nan if r[5] is None else r[5], r[6], r[7])
+                                      math.nan if r[5] is None else r[5], r[6], r[7], *r[8:])
                        for r in rows}
         log.info("bootstrap resumed %s: epoch %d, %d of %d peers live", self._path, self._epoch,
                  self._live_count(), self.settings.nodes)
@@ -200,8 +217,10 @@ class Registry:
     def now(self) -> float:  # the registry's clock, for "last seen N s ago"
         return self._clock()
 
-    def join(self, node_id: int, address: str, num_samples: int) -> JoinResult:
-        """Register a peer, or re-register a restarted one; assembles the run with the last."""
+    def join(self, node_id: int, address: str, num_samples: int, resumed: bool = False,
+             checkpoint_round: int = 0) -> JoinResult:
+        """Register a peer, or re-register a restarted one; assembles the run with the last.
+        `resumed`: the peer restarted from its checkpoint of `checkpoint_round` (counted)."""
         self._check_id(node_id, "Join")
         address = address.strip()
         if not address:
@@ -209,6 +228,9 @@ class Registry:
                                  f"{node_id}; got an empty address")
         if not 0 <= num_samples <= MAX_UINT:
             raise InvalidMessage(f"num_samples must be in 0..{MAX_UINT}; got {num_samples}")
+        if not 0 <= checkpoint_round <= MAX_UINT:
+            raise InvalidMessage(f"checkpoint_round must be in 0..{MAX_UINT}; got "
+                                 f"{checkpoint_round}")
         with self._lock:
             now = self._clock()
             old = self._peers.get(node_id)
@@ -222,7 +244,10 @@ class Registry:
             revived = self._assembled and (old is None or not old.live)
             peer = PeerView(node_id, address, num_samples,
                             PeerState.ACTIVE if self._assembled else PeerState.JOINED,
-                            old.round if old else 0, old.loss if old else math.nan, "", now)
+                            old.round if old else 0, old.loss if old else math.nan, "", now,
+                            returns=(old.returns if old else 0) + (revived and old is not None),
+                            resumes=(old.resumes if old else 0) + bool(resumed),
+                            unreachable_reports=old.unreachable_reports if old else 0)
             if not self._assembled and self._live_count(extra=peer) == self.settings.nodes:
                 # The last expected peer: everyone becomes ACTIVE and epoch 1 begins.
                 everyone = [replace(p, state=PeerState.ACTIVE)
@@ -232,10 +257,16 @@ class Registry:
                 self._save([peer], bump=revived)
             log.info("node %d joined from %s (%d of %d live, epoch %d)", node_id, address,
                      self._live_count(), self.settings.nodes, self._epoch)
+            if resumed:
+                log.info("node %d round %d: resumed from its checkpoint (resume %d)", node_id,
+                         checkpoint_round, peer.resumes)
             return JoinResult(self._assembled, self._live_count(), self.settings.nodes)
 
-    def heartbeat(self, node_id: int, round: int, loss: float, health: str) -> tuple[int, float]:
-        """Renew the lease and record progress; revives an EXPIRED peer. (epoch, lease_seconds)"""
+    def heartbeat(self, node_id: int, round: int, loss: float, health: str,
+                  unreachable: Iterable[int] = ()) -> tuple[int, float]:
+        """Renew the lease and record progress; revives an EXPIRED peer. `unreachable`: the
+        neighbors whose answers the peer missed since its last heartbeat, each counted once
+        (ids that are not another peer of the run are logged and skipped). (epoch, lease)"""
         self._check_id(node_id, "Heartbeat")
         if not 0 <= round <= MAX_UINT:
             raise InvalidMessage(f"round must be in 0..{MAX_UINT}; got {round}")
@@ -245,16 +276,20 @@ class Registry:
                 raise NotFound(f"node {node_id} left the run ({old.health}); Join again to "
                                f"come back")
             revived = old.state is PeerState.EXPIRED
-            self._save([replace(old, state=PeerState.ACTIVE if revived else old.state,
-                                round=round, loss=float(loss),
-                                health=health[:MAX_NOTE], last_seen=self._clock())], bump=revived)
+            peer = replace(old, state=PeerState.ACTIVE if revived else old.state, round=round,
+                           loss=float(loss), health=health[:MAX_NOTE], last_seen=self._clock(),
+                           returns=old.returns + revived)
+            reported = [replace(p, unreachable_reports=min(p.unreachable_reports + 1, MAX_UINT))
+                        for p in self._reported(node_id, round, unreachable)]
+            self._save([peer, *reported], bump=revived)
             if revived:
                 log.warning("node %d round %d: heartbeat after its lease expired; back in the "
                             "run at epoch %d", node_id, round, self._epoch)
             return self._epoch, self.lease_seconds
 
     def assignment(self, node_id: int) -> AssignmentView:
-        """Neighbors and MH weights of node_id over the live subgraph at the current epoch."""
+        """Neighbors and MH weights of node_id over the graph repaired around the dead peers,
+        at the current epoch."""
         self._check_id(node_id, "GetAssignment")
         with self._lock:
             self._known(node_id)
@@ -358,18 +393,33 @@ class Registry:
             raise NotFound(f"node {node_id} never joined this run; Join first")
         return peer
 
+    def _reported(self, node_id: int, round: int, ids: Iterable[int]) -> list[PeerView]:
+        """The peers named in node_id's unreachable list: known, not node_id, each once. The
+        list is cut at the run's size: a longer one repeats ids or names none of the run."""
+        n = self.settings.nodes
+        ids = list(itertools.islice(ids, n + 1))
+        if len(ids) > n:
+            log.warning("node %d round %d: more unreachable neighbors reported than the run's "
+                        "%d nodes; only the first %d are counted", node_id, round, n, n)
+            ids = ids[:n]
+        bad = [j for j in ids if j == node_id or j not in self._peers]
+        if bad:
+            log.warning("node %d round %d: ignored unreachable neighbor ids %s (expected ids "
+                        "0..%d of peers that joined, other than its own)", node_id, round,
+                        sorted(set(bad)), n - 1)
+        return [self._peers[j] for j in sorted(set(ids) - set(bad))]
+
     def _live_count(self, extra: PeerView | None = None) -> int:
         peers = self._peers if extra is None else {**self._peers, extra.node_id: extra}
         return sum(p.live for p in peers.values())
 
     def _live_graph(self) -> tuple[Topology, np.ndarray]:
-        """The topology without dead peers and its MH weights, cached per epoch (every change
-        of the live set after assembly bumps the epoch)."""
+        """The topology repaired around the dead peers and its MH weights, cached per epoch
+        (every change of the live set after assembly bumps the epoch)."""
         if self._cache is None or self._cache[0] != self._epoch:
             n = self._topology.n
             live = np.array([i in self._peers and self._peers[i].live for i in range(n)])  # (n,)
-            adj = self._topology.adjacency & live[:, None] & live[None, :]  # (n, n)
-            graph = Topology(n, self._topology.spec, adj)
+            graph = repair(self._topology, live)
             self._cache = (self._epoch, graph, metropolis_hastings_weights(graph))
         return self._cache[1], self._cache[2]
 
@@ -382,16 +432,27 @@ class Registry:
         assembled = self._assembled or assembled_at is not None
         since = self._assembled_at if assembled_at is None else assembled_at
         rows = [(p.node_id, p.address, p.num_samples, p.state.value, p.round,
-                 None if math.isnan(p.loss) else p.loss, p.health, p.last_seen) for p in changed]
+                 None if math.isnan(p.loss) else p.loss, p.health, p.last_seen,
+                 *(getattr(p, c) for c in COUNTERS)) for p in changed]
         with self._db:
-            self._db.executemany("INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                 rows)
+            self._db.executemany(f"INSERT OR REPLACE INTO peers ({', '.join(PEER_COLUMNS)}) "
+                                 f"VALUES ({', '.join('?' * len(PEER_COLUMNS))})", rows)
             self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                                  _meta_rows(epoch, assembled, since))
         self._peers.update({p.node_id: p for p in changed})
         self._epoch, self._assembled, self._assembled_at = epoch, assembled, since
         if bump:
             self._changed.notify_all()
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Add the COUNTERS columns to a peers table that lacks them (a file of an older bootstrap):
+    ALTER TABLE ADD COLUMN with a default keeps every row, with zeros."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(peers)")}
+    with db:
+        for column in COUNTERS:
+            if column not in present:
+                db.execute(f"ALTER TABLE peers ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
 
 
 def _meta_rows(epoch: int, assembled: bool, assembled_at: float) -> list[tuple[str, str]]:

@@ -51,7 +51,9 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
 
     @translate_errors
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
-        result = self.registry.join(request.node_id, request.address, request.num_samples)
+        result = self.registry.join(request.node_id, request.address, request.num_samples,
+                                    resumed=request.resumed,
+                                    checkpoint_round=request.checkpoint_round)
         return pb.JoinResponse(ready=result.ready, joined=result.joined,
                                expected=result.expected, settings=self._settings)
 
@@ -60,7 +62,8 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
                   context: grpc.ServicerContext) -> pb.HeartbeatResponse:
         self.registry.expire()
         epoch, lease = self.registry.heartbeat(request.node_id, request.round, request.loss,
-                                               request.health)
+                                               request.health,
+                                               unreachable=request.unreachable_neighbors)
         return pb.HeartbeatResponse(topology_epoch=epoch, lease_seconds=lease)
 
     @translate_errors

@@ -19,6 +19,24 @@ never reaches consensus.
 n = 1 gives one isolated node with w_11 = 1 for every spec (local training); the spec's form and
 parameter syntax are still checked, but nothing that depends on n (and a file is not read).
 
+When nodes die, `repair(topology, live)` gives the graph the run uses over the live ones (the
+bootstrap computes it at every topology epoch, always from the original graph and the live set,
+so a returning node gets its original edges back and bypasses that no longer apply go away):
+
+1. the subgraph induced by the live nodes;
+2. for every cluster of dead nodes (dead nodes adjacent to each other in the original graph form
+   one cluster), the live nodes adjacent to the cluster are linked in a path, in ring order
+   (ascending ids, starting after the cluster's smallest id and wrapping around n - 1 -> 0), each
+   edge only where the two are not adjacent already. A ring that loses one node d, or a run of
+   consecutive nodes, becomes the ring of the remaining ones (d-1 is linked to d+1); a full graph
+   gains nothing; a node gains at most two edges per dead cluster it borders;
+3. if the live nodes are still not connected (only possible when the original graph was not),
+   their components, ordered by smallest id, are chained by one edge each between those ids.
+
+Any path in the original graph between two live nodes crosses dead clusters only between two
+live nodes that border the same cluster, and step 2 connects those, so the repaired graph of a
+connected topology is connected. Dead nodes have no edges.
+
 Pure numpy: no torch, no grpc, so the bootstrap and tests use it without either.
 """
 
@@ -27,6 +45,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -318,6 +337,56 @@ def build_topology(spec: str, n: int, seed: int) -> Topology:
     if n == 1:
         return Topology(1, spec, np.zeros((1, 1), dtype=bool))
     return Topology(n, spec, kind.build(n, param, int(seed)))
+
+
+def _components(adj: np.ndarray, nodes: np.ndarray) -> list[list[int]]:
+    """Connected components of the subgraph induced by `nodes` ((n,) bool), each a sorted list
+    of ids, ordered by their smallest id."""
+    sub = adj & nodes[:, None] & nodes[None, :]  # (n, n)
+    seen = ~nodes  # (n,): nodes outside the subgraph count as seen
+    found = []
+    for start in np.flatnonzero(nodes):
+        if seen[start]:
+            continue
+        member = np.zeros(adj.shape[0], dtype=bool)  # (n,)
+        member[start] = True
+        frontier = np.array([start])
+        while frontier.size:
+            reached = sub[frontier].any(axis=0) & ~member
+            member |= reached
+            frontier = np.flatnonzero(reached)
+        seen |= member
+        found.append([int(i) for i in np.flatnonzero(member)])
+    return found
+
+
+def repair(topology: Topology, live: np.ndarray) -> Topology:
+    """The graph over the live nodes ((n,) bool) that the run uses while the others are dead:
+    the induced subgraph, plus bypass edges around every dead cluster, plus (for a disconnected
+    original) one edge between consecutive components; the module docstring gives the rule.
+    With every node live it is `topology` itself."""
+    n = topology.n
+    live = np.asarray(live, dtype=bool)
+    if live.shape != (n,):
+        raise ConfigError(f"repair needs one live flag per node, shape ({n},); got {live.shape}")
+    if live.all():
+        return topology
+    original = topology.adjacency  # (n, n)
+    adj = original & live[:, None] & live[None, :]  # (n, n): step 1, the induced subgraph
+
+    def link(i: int, j: int) -> None:
+        adj[i, j] = adj[j, i] = True
+
+    for cluster in _components(original, ~live):  # step 2: bypass each dead cluster
+        border = np.flatnonzero(original[cluster].any(axis=0) & live)
+        start = cluster[0]
+        ring_order = sorted((int(j) for j in border), key=lambda j: (j - start) % n)
+        for i, j in pairwise(ring_order):
+            link(i, j)  # a no-op where i and j are adjacent already
+    parts = _components(adj, live)  # step 3: chain what is still apart
+    for a, b in pairwise(parts):
+        link(a[0], b[0])
+    return Topology(n, topology.spec, adj)
 
 
 def metropolis_hastings_weights(topo: Topology) -> np.ndarray:

@@ -87,16 +87,30 @@ def _pairs(kinds: Iterable[peer_pb2.KindBytes]) -> dict[str, tuple[int, int]]:
     return {k.kind: (k.sent_bytes, k.received_bytes) for k in kinds}
 
 
+# How the bootstrap's peer states (bootstrap.proto, PeerInfo.state) read in the table: a peer
+# whose lease expired is presumed dead until it heartbeats or joins again.
+STATE_LABELS = {"EXPIRED": "dead"}
+PEERS_LEGEND = ("  dead: lease expired; returns: back after dead or LEFT; resumes: restarts "
+                "from a checkpoint; unreachable: neighbors' missed-answer reports")
+
+
 def format_peers(r: bootstrap_pb2.ListPeersResponse) -> str:
-    lines = [f"bootstrap: {len(r.peers)} of {r.expected} peers, topology epoch "
-             f"{r.topology_epoch}, {r.settings.algorithm} on {r.settings.dataset} "
-             f"({r.settings.partition}, {r.settings.topology}), {r.settings.rounds} rounds",
+    """The bootstrap's table: one row per peer, then the legend of its states and counters."""
+    dead = sum(p.state == "EXPIRED" for p in r.peers)
+    left = sum(p.state == "LEFT" for p in r.peers)
+    lines = [f"bootstrap: {len(r.peers)} of {r.expected} peers ({dead} dead, {left} left), "
+             f"topology epoch {r.topology_epoch}, {r.settings.algorithm} on "
+             f"{r.settings.dataset} ({r.settings.partition}, {r.settings.topology}), "
+             f"{r.settings.rounds} rounds",
              f"  {'id':>4}  {'address':<22}  {'state':<8}  {'samples':>7}  {'round':>6}  "
-             f"{'loss':>8}  {'seen':>8}"]
+             f"{'loss':>8}  {'seen':>8}  {'returns':>7}  {'resumes':>7}  {'unreachable':>11}"]
     for p in sorted(r.peers, key=lambda p: p.node_id):
         loss = "-" if math.isnan(p.loss) else f"{p.loss:.4f}"
-        lines.append(f"  {p.node_id:>4}  {p.address:<22}  {p.state:<8}  {p.num_samples:>7}  "
-                     f"{p.round:>6}  {loss:>8}  {p.last_seen_seconds_ago:>6.1f} s")
+        state = STATE_LABELS.get(p.state, p.state)
+        lines.append(f"  {p.node_id:>4}  {p.address:<22}  {state:<8}  {p.num_samples:>7}  "
+                     f"{p.round:>6}  {loss:>8}  {p.last_seen_seconds_ago:>6.1f} s  "
+                     f"{p.returns:>7}  {p.resumes:>7}  {p.unreachable_reports:>11}")
+    lines.append(PEERS_LEGEND)
     return "\n".join(lines)
 
 

@@ -24,10 +24,11 @@ from bootstrap.convert import (
     settings_to_proto,
 )
 from bootstrap.registry import LOCAL_FIELDS
-from bootstrap.server import serve
+from bootstrap.server import BootstrapServer, serve
 from crossgrad.config import RunConfig
 from crossgrad.errors import ConfigError, InvalidMessage
 from crossgrad.rpc import RunningServer, make_channel
+from crossgrad.status import format_peers
 from crossgrad.v1 import bootstrap_pb2 as pb
 from crossgrad.v1 import bootstrap_pb2_grpc
 
@@ -202,6 +203,55 @@ def test_a_stopping_server_ends_watches_with_unavailable(state: Path) -> None:
         assert isinstance(end, grpc.RpcError)
         assert end.code() == grpc.StatusCode.UNAVAILABLE
         watch.close()
+
+
+def test_returns_resumes_and_reports_reach_list_peers_and_the_status_table(
+        stub: bootstrap_pb2_grpc.BootstrapStub) -> None:
+    for i in range(3):
+        join(stub, i)
+    stub.Join(pb.JoinRequest(node_id=1, address="127.0.0.1:7001", num_samples=100, resumed=True,
+                             checkpoint_round=12), timeout=TIMEOUT)
+    # Reports of ids outside the run, or of itself, are skipped: the heartbeat still succeeds.
+    beat = stub.Heartbeat(pb.HeartbeatRequest(node_id=0, round=13,
+                                              unreachable_neighbors=[2, 0, 99, 2**32 - 1]),
+                          timeout=TIMEOUT)
+    assert beat.topology_epoch == 1
+    stub.Heartbeat(pb.HeartbeatRequest(node_id=1, round=13, unreachable_neighbors=[2]),
+                   timeout=TIMEOUT)
+    stub.Leave(pb.LeaveRequest(node_id=2, reason="draining"), timeout=TIMEOUT)
+    join(stub, 2)
+    listing = stub.ListPeers(pb.ListPeersRequest(), timeout=TIMEOUT)
+    assert [(p.returns, p.resumes, p.unreachable_reports) for p in listing.peers] == [
+        (0, 0, 0), (0, 1, 0), (1, 0, 2)]
+    assert listing.topology_epoch == 3
+
+    lines = format_peers(listing).splitlines()
+    assert lines[0].startswith("bootstrap: 3 of 3 peers (0 dead, 0 left), topology epoch 3")
+    assert lines[1].split() == ["id", "address", "state", "samples", "round", "loss", "seen",
+                                "returns", "resumes", "unreachable"]
+    rows = {int(line.split()[0]): line.split() for line in lines[2:5]}
+    assert [(r[2], r[-3:]) for r in rows.values()] == [
+        ("ACTIVE", ["0", "0", "0"]), ("ACTIVE", ["0", "1", "0"]), ("ACTIVE", ["1", "0", "2"])]
+    assert lines[5].strip().startswith("dead: lease expired;") and len(lines) == 6
+
+
+def test_the_status_table_marks_expired_peers_dead(state: Path) -> None:
+    running = serve(SETTINGS, "127.0.0.1:0", str(state), lease_seconds=0.2)
+    try:
+        with make_channel(running.address) as channel:
+            stub = bootstrap_pb2_grpc.BootstrapStub(channel)
+            for i in range(3):
+                join(stub, i)
+            # The reaper expires all three within a lease; wait on the epoch it bumps.
+            assert isinstance(running, BootstrapServer)
+            running.registry.wait_for_change(1, timeout=TIMEOUT)
+            listing = stub.ListPeers(pb.ListPeersRequest(), timeout=TIMEOUT)
+    finally:
+        running.stop(grace=0)
+    assert {p.state for p in listing.peers} == {"EXPIRED"}
+    lines = format_peers(listing).splitlines()
+    assert "(3 dead, 0 left)" in lines[0]
+    assert [line.split()[2] for line in lines[2:5]] == ["dead"] * 3
 
 
 # ---- bad requests, exact codes ----

@@ -7,14 +7,16 @@ registry's own condition with a timeout.
 from __future__ import annotations
 
 import math
+import sqlite3
 import threading
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bootstrap.registry import PeerState, Registry
-from bootstrap.topology import Topology, build_topology, metropolis_hastings_weights
+from bootstrap.topology import Topology, build_topology, metropolis_hastings_weights, repair
 from crossgrad.config import RunConfig
 from crossgrad.errors import AlreadyExists, ConfigError, InvalidMessage, NotFound, NotReady
 
@@ -154,7 +156,7 @@ def test_a_single_node_run_is_alone_with_weight_one() -> None:
 # ---- leases, expiry and leaving ----
 
 
-def test_a_silent_peer_expires_and_its_neighbors_lose_it() -> None:
+def test_a_silent_peer_expires_and_the_ring_closes_around_it() -> None:
     clock = FakeClock()
     reg = assembled(nodes=5, topology="ring", clock=clock)
     clock.t += LEASE - 1
@@ -164,14 +166,36 @@ def test_a_silent_peer_expires_and_its_neighbors_lose_it() -> None:
     clock.t += 1.5  # node 2 silent for LEASE + 0.5 s; the others for 1.5 s
     assert reg.expire() == [2]
     assert reg.epoch == 2 and reg.peers()[2].state is PeerState.EXPIRED
-    assert [j for j, _, _ in reg.assignment(1).neighbors] == [0]
-    assert [j for j, _, _ in reg.assignment(3).neighbors] == [4]
+    assert [j for j, _, _ in reg.assignment(1).neighbors] == [0, 3]  # 1 and 3 bypass 2
+    assert [j for j, _, _ in reg.assignment(3).neighbors] == [1, 4]
     w = weight_matrix(reg)
     check_mixing(w)
-    # MH recomputed with the new degrees: node 1 now has degree 1, node 0 still 2.
-    assert w[1, 0] == pytest.approx(1 / 3) and w[1, 1] == pytest.approx(2 / 3)
+    # MH on the ring of the four others: every degree is 2 again.
+    assert w[1, 3] == pytest.approx(1 / 3) and w[1, 1] == pytest.approx(1 / 3)
     assert reg.assignment(2).neighbors == [] and reg.assignment(2).self_weight == 1.0
     assert reg.expire() == [] and reg.epoch == 2
+
+
+def test_a_dead_cut_vertex_is_bypassed_and_a_return_restores_the_original(
+        tmp_path: Path) -> None:
+    graph = tmp_path / "path.txt"
+    graph.write_text("0 1\n1 2\n2 3\n")  # a path: 1 and 2 are cut vertices
+    clock = FakeClock()
+    reg = make(RunConfig(nodes=4, topology=f"file:{graph}"), clock)
+    for i in range(4):
+        reg.join(i, addr(i), 1)
+    original = weight_matrix(reg)
+    clock.t += LEASE - 1
+    for i in (0, 2, 3):
+        reg.heartbeat(i, 3, 0.5, "")
+    clock.t += 2
+    assert reg.expire() == [1]
+    assert [j for j, _, _ in reg.assignment(0).neighbors] == [2]
+    check_mixing(weight_matrix(reg))
+    assert reg.heartbeat(1, 3, 0.5, "back") == (3, LEASE)
+    assert reg.peers()[1].returns == 1
+    assert [j for j, _, _ in reg.assignment(0).neighbors] == [1]
+    np.testing.assert_array_equal(weight_matrix(reg), original)
 
 
 def test_a_heartbeat_revives_an_expired_peer() -> None:
@@ -282,6 +306,54 @@ def test_a_reopened_registry_resumes_peers_epoch_and_assignments(tmp_path: Path)
     reopened.close()
 
 
+def test_counters_survive_a_restart(tmp_path: Path) -> None:
+    db = tmp_path / "bootstrap.sqlite"
+    clock = FakeClock()
+    reg = assembled(nodes=3, clock=clock, db=db)
+    reg.leave(2, "done")
+    reg.join(2, addr(2), 1, resumed=True, checkpoint_round=7)
+    reg.heartbeat(0, 8, 0.5, "", unreachable=[1])
+    reg.close()
+    reopened = make(RunConfig(nodes=3), clock, db)
+    assert counters(reopened) == [(0, 0, 0), (0, 0, 1), (1, 1, 0)]
+    reopened.close()
+
+
+# The peers table as the first bootstrap wrote it, before the counters existed.
+FIRST_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE peers (
+    node_id INTEGER PRIMARY KEY, address TEXT NOT NULL, num_samples INTEGER NOT NULL,
+    state TEXT NOT NULL, round INTEGER NOT NULL, loss REAL, health TEXT NOT NULL, last_seen REAL
+);
+"""
+
+
+def test_a_state_file_of_the_first_schema_opens_with_zero_counters(tmp_path: Path) -> None:
+    new, old = tmp_path / "new.sqlite", tmp_path / "old.sqlite"
+    clock = FakeClock()
+    reg = assembled(nodes=3, clock=clock, db=new)
+    reg.heartbeat(1, 9, 0.25, "ok")
+    reg.leave(2, "done")
+    before = reg.peers()
+    reg.close()
+    # Write the same run in the first schema: its meta as is, the peers without the counters.
+    with closing(sqlite3.connect(new)) as src, closing(sqlite3.connect(old)) as dst, dst:
+        dst.executescript(FIRST_SCHEMA)
+        dst.executemany("INSERT INTO meta VALUES (?, ?)", src.execute("SELECT * FROM meta"))
+        dst.executemany("INSERT INTO peers VALUES (?, ?, ?, ?, ?, ?, ?, ?)", src.execute(
+            "SELECT node_id, address, num_samples, state, round, loss, health, last_seen "
+            "FROM peers"))
+    reopened = make(RunConfig(nodes=3), clock, old)
+    assert reopened.peers() == before and reopened.epoch == 2
+    assert counters(reopened) == [(0, 0, 0)] * 3
+    reopened.join(2, addr(2), 1, resumed=True, checkpoint_round=9)
+    reopened.close()
+    again = make(RunConfig(nodes=3), clock, old)
+    assert counters(again)[2] == (1, 1, 0) and again.epoch == 3
+    again.close()
+
+
 def test_a_restarted_bootstrap_gives_every_peer_one_lease_to_come_back(tmp_path: Path) -> None:
     db = tmp_path / "bootstrap.sqlite"
     clock = FakeClock()
@@ -335,7 +407,7 @@ def test_the_persisted_topology_is_used_not_rebuilt(tmp_path: Path) -> None:
     reopened.close()
 
 
-def test_topology_restriction_matches_mh_on_the_live_subgraph() -> None:
+def test_a_full_graph_loses_its_dead_and_gains_nothing() -> None:
     reg = assembled(nodes=6, topology="full")
     reg.leave(0, "done")
     reg.leave(5, "done")
@@ -343,3 +415,85 @@ def test_topology_restriction_matches_mh_on_the_live_subgraph() -> None:
     live[[0, 5], :] = live[:, [0, 5]] = False
     expected = metropolis_hastings_weights(Topology(6, "full", live))
     np.testing.assert_allclose(weight_matrix(reg), expected)
+
+
+def test_assignments_are_mh_on_the_repaired_graph() -> None:
+    clock = FakeClock()
+    reg = assembled(nodes=9, topology="torus", clock=clock)
+    reg.leave(4, "done")
+    reg.leave(5, "done")
+    live = np.array([i not in (4, 5) for i in range(9)])
+    expected = metropolis_hastings_weights(repair(build_topology("torus", 9, 0), live))
+    np.testing.assert_allclose(weight_matrix(reg), expected)
+
+
+# ---- counters: returns, resumes, unreachable reports ----
+
+
+def counters(reg: Registry) -> list[tuple[int, int, int]]:
+    return [(p.returns, p.resumes, p.unreachable_reports) for p in reg.peers()]
+
+
+def test_returns_count_each_way_back_into_the_run() -> None:
+    clock = FakeClock()
+    reg = make(RunConfig(nodes=3), clock)
+    reg.join(0, addr(0), 1)
+    reg.leave(0, "changed my mind")
+    reg.join(0, addr(0), 1)  # before assembly: never was in the run, so not a return
+    reg.join(1, addr(1), 1)
+    reg.join(2, addr(2), 1)
+    reg.join(2, addr(2), 1)  # a restart while live: not a return either
+    assert counters(reg) == [(0, 0, 0)] * 3
+    clock.t += LEASE + 1
+    assert reg.expire() == [0, 1, 2]
+    reg.heartbeat(0, 5, 0.1, "")  # a heartbeat after expiry
+    assert [p.state for p in reg.peers()] == [PeerState.ACTIVE, PeerState.EXPIRED,
+                                              PeerState.EXPIRED]
+    reg.join(1, "new:1", 1)  # an expired id rejoining from elsewhere
+    reg.leave(2, "draining")
+    reg.join(2, addr(2), 1)
+    assert counters(reg) == [(1, 0, 0), (1, 0, 0), (1, 0, 0)]
+    reg.leave(2, "again")
+    reg.join(2, addr(2), 1)
+    assert reg.peers()[2].returns == 2
+
+
+def test_resumes_count_joins_from_a_checkpoint(caplog: pytest.LogCaptureFixture) -> None:
+    reg = assembled(nodes=3)
+    caplog.set_level("INFO", logger="bootstrap.registry")
+    reg.join(1, addr(1), 100, resumed=True, checkpoint_round=40)
+    reg.join(1, addr(1), 100, resumed=True, checkpoint_round=60)
+    reg.join(1, addr(1), 100)
+    assert counters(reg) == [(0, 0, 0), (0, 2, 0), (0, 0, 0)]
+    assert reg.epoch == 1  # a restart at the same address changes no assignment
+    assert "node 1 round 60: resumed from its checkpoint (resume 2)" in caplog.text
+    with pytest.raises(InvalidMessage, match="checkpoint_round"):
+        reg.join(1, addr(1), 100, resumed=True, checkpoint_round=-1)
+
+
+def test_unreachable_reports_count_valid_ids_once_per_heartbeat(
+        caplog: pytest.LogCaptureFixture) -> None:
+    reg = assembled(nodes=4)
+    reg.heartbeat(0, 3, 0.5, "", unreachable=[1, 3, 3])
+    reg.heartbeat(2, 3, 0.5, "", unreachable=[1])
+    reg.heartbeat(1, 3, 0.5, "")
+    assert [p.unreachable_reports for p in reg.peers()] == [0, 2, 0, 1]
+    assert reg.epoch == 1, "a report is not a death: only a lease decides"
+    # Its own id, ids outside the run: logged and skipped; the heartbeat itself succeeds.
+    caplog.set_level("WARNING", logger="bootstrap.registry")
+    assert reg.heartbeat(0, 4, 0.5, "", unreachable=[0, 9, 2**32 - 1, 2]) == (1, LEASE)
+    assert [p.unreachable_reports for p in reg.peers()] == [0, 2, 1, 1]
+    assert reg.peers()[0].round == 4
+    assert "ignored unreachable neighbor ids [0, 9, 4294967295]" in caplog.text
+    # A list longer than the run is cut at the run's size.
+    reg.heartbeat(1, 4, 0.5, "", unreachable=[5] * 4 + [0, 2, 3])
+    assert [p.unreachable_reports for p in reg.peers()] == [0, 2, 1, 1]
+    assert "only the first 4 are counted" in caplog.text
+
+
+def test_reports_before_assembly_name_only_peers_that_joined() -> None:
+    reg = make(RunConfig(nodes=3), FakeClock())
+    reg.join(0, addr(0), 1)
+    reg.join(1, addr(1), 1)
+    reg.heartbeat(0, 0, 0.0, "", unreachable=[1, 2])
+    assert [p.unreachable_reports for p in reg.peers()] == [0, 1]

@@ -17,6 +17,7 @@ from bootstrap.topology import (
     Topology,
     build_topology,
     metropolis_hastings_weights,
+    repair,
     torus_shape,
     uniform_weights,
 )
@@ -238,6 +239,122 @@ def test_metropolis_hastings_is_doubly_stochastic(spec: str, n: int, seed: int) 
     topo = build_topology(spec, n, seed)
     _check_invariants(topo)
     _check_weights(topo, metropolis_hastings_weights(topo))
+
+
+# ---- repair: the graph over the live nodes ----
+
+
+def alive(n: int, dead: list[int]) -> np.ndarray:
+    live = np.ones(n, dtype=bool)  # (n,)
+    live[dead] = False
+    return live
+
+
+def test_all_alive_is_the_original_graph() -> None:
+    topo = build_topology("regular:3", 10, 0)
+    assert repair(topo, alive(10, [])) == topo
+
+
+def test_a_ring_that_loses_one_node_is_the_ring_of_the_others() -> None:
+    assert repair(build_topology("ring", 5, 0), alive(5, [2])).edges() == [
+        (0, 1), (0, 4), (1, 3), (3, 4)]  # fmt: skip
+    assert repair(build_topology("ring", 5, 0), alive(5, [0])).edges() == [
+        (1, 2), (1, 4), (2, 3), (3, 4)]  # fmt: skip
+
+
+@pytest.mark.parametrize("dead", [[1, 2], [4, 0]])
+def test_a_ring_that_loses_two_adjacent_nodes_is_the_ring_of_three(dead: list[int]) -> None:
+    remaining = sorted(set(range(5)) - set(dead))
+    repaired = repair(build_topology("ring", 5, 0), alive(5, dead))
+    assert repaired.edges() == [(remaining[0], remaining[1]), (remaining[0], remaining[2]),
+                                (remaining[1], remaining[2])]
+
+
+def test_a_ring_that_loses_two_nodes_apart_stays_a_ring() -> None:
+    repaired = repair(build_topology("ring", 8, 0), alive(8, [1, 5]))
+    assert repaired.edges() == [(0, 2), (0, 7), (2, 3), (3, 4), (4, 6), (6, 7)]
+    degrees = repaired.degrees()
+    assert set(degrees[[0, 2, 3, 4, 6, 7]]) == {2} and set(degrees[[1, 5]]) == {0}
+
+
+def test_a_ring_that_loses_a_run_of_nodes_links_its_ends() -> None:
+    repaired = repair(build_topology("ring", 10, 0), alive(10, [3, 4, 5, 6]))
+    assert repaired.edges() == [(0, 1), (0, 9), (1, 2), (2, 7), (7, 8), (8, 9)]
+
+
+def test_a_dead_torus_node_is_bypassed_by_a_path_through_its_neighbors() -> None:
+    topo = build_topology("torus", 16, 0)  # 4 x 4; node 5 borders 1, 4, 6, 9
+    repaired = repair(topo, alive(16, [5]))
+    added = set(repaired.edges()) - set(topo.edges())
+    # ring order after 5: 6, 9, 1, 4 (ids 1, 4, 12, 15 steps past 5, wrapping at 16)
+    assert added == {(6, 9), (1, 9), (1, 4)}
+    assert repaired.degree(5) == 0
+    assert _connected_over(repaired, [i for i in range(16) if i != 5])
+
+
+def test_a_returning_node_gets_its_edges_back_and_the_bypass_goes() -> None:
+    topo = build_topology("ring", 6, 0)
+    assert (1, 3) in repair(topo, alive(6, [2])).edges()
+    assert repair(topo, alive(6, [])) == topo
+    assert repair(topo, alive(6, [4])).edges() == [(0, 1), (0, 5), (1, 2), (2, 3), (3, 5)]
+
+
+def test_a_disconnected_original_is_chained_by_smallest_ids() -> None:
+    adj = np.zeros((6, 6), dtype=bool)
+    for i, j in [(0, 1), (2, 3), (4, 5)]:
+        adj[i, j] = adj[j, i] = True
+    repaired = repair(Topology(6, "hand", adj), alive(6, [1]))
+    assert repaired.edges() == [(0, 2), (2, 3), (2, 4), (4, 5)]
+
+
+def test_nobody_or_one_node_left_has_no_edges() -> None:
+    ring = build_topology("ring", 4, 0)
+    assert repair(ring, alive(4, [0, 1, 2, 3])).edges() == []
+    assert repair(ring, alive(4, [0, 1, 3])).edges() == []
+    with pytest.raises(ConfigError, match=r"shape \(4,\)"):
+        repair(ring, np.ones(3, dtype=bool))
+
+
+def _connected_over(topo: Topology, nodes: list[int]) -> bool:
+    sub = topo.adjacency[np.ix_(nodes, nodes)]
+    return len(nodes) == 0 or topology._is_connected(sub)
+
+
+REPAIR_SPECS = st.sampled_from(["ring", "torus", "full", "regular:3", "regular:4",
+                                "erdos-renyi:0.3"])  # fmt: skip
+
+
+@settings(max_examples=80, deadline=None)
+@given(spec=REPAIR_SPECS, n=st.integers(min_value=2, max_value=30), seed=st.integers(0, 2**31),
+       data=st.data())
+def test_repair_keeps_the_live_nodes_connected_with_valid_weights(
+        spec: str, n: int, seed: int, data: st.DataObject) -> None:
+    if spec == "torus":
+        assume(any(n % r == 0 for r in range(2, n // 2 + 1)))
+    if spec.startswith("regular:"):
+        d = int(spec.split(":")[1])
+        assume(d < n and n * d % 2 == 0)
+    topo = build_topology(spec, n, seed)
+    live = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))  # (n,)
+    repaired = repair(topo, live)
+    _check_invariants_except_connected(repaired)
+    induced = topo.adjacency & live[:, None] & live[None, :]
+    assert (repaired.adjacency >= induced).all(), "contains the induced subgraph"
+    assert not repaired.adjacency[~live].any(), "dead nodes have no edges"
+    assert _connected_over(repaired, [int(i) for i in np.flatnonzero(live)])
+    w = metropolis_hastings_weights(repaired)
+    np.testing.assert_array_equal(w, w.T)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=0, atol=1e-12)
+    assert (w >= 0).all()
+    if live.all():
+        assert repaired == topo
+    if spec == "ring" and n >= 3:
+        assert repaired.degrees().max() <= 2
+
+
+def _check_invariants_except_connected(topo: Topology) -> None:
+    adj = topo.adjacency
+    assert np.array_equal(adj, adj.T) and not adj.diagonal().any()
 
 
 def test_topology_module_imports_neither_torch_nor_grpc() -> None:
