@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 LOCAL_FIELDS = ("data_dir", "device")  # each process's own business, not part of the run
 MAX_UINT = 2**63 - 1  # SQLite integers are signed 64-bit; the proto's uint64 may exceed them
 MAX_NOTE = 256  # characters of a health note or leave reason kept
+FINISHED = "done"  # the Leave reason of a peer that ran every round
 
 # The first schema; COUNTERS are added to it (to an older file too) by _migrate.
 _SCHEMA = """
@@ -304,7 +305,10 @@ class Registry:
                                   self._epoch, self.settings)
 
     def leave(self, node_id: int, reason: str) -> None:
-        """A peer leaves for good (drained). Idempotent; bumps the epoch if it was live."""
+        """A peer leaves (drained, or done). Idempotent; bumps the epoch if it was live,
+        except for a peer that finished its rounds (reason FINISHED): it left only once its
+        neighbors were done too, and a new epoch would change the mixing weights of nodes still
+        in their last rounds, so a run without faults would no longer equal the simulation."""
         self._check_id(node_id, "Leave")
         with self._lock:
             old = self._known(node_id)
@@ -312,7 +316,7 @@ class Registry:
                 return
             note = f"left: {reason or 'no reason given'}"[:MAX_NOTE]
             self._save([replace(old, state=PeerState.LEFT, health=note)],
-                       bump=self._assembled and old.live)
+                       bump=self._assembled and old.live and reason != FINISHED)
             log.info("node %d round %d %s (epoch %d)", node_id, old.round, note, self._epoch)
 
     def expire(self, now: float | None = None) -> list[int]:

@@ -73,6 +73,8 @@ SERVER_MIN_PING_INTERVAL_MS = 10_000
 CLIENT_KEEPALIVE_TIME_MS = 30_000
 CLIENT_KEEPALIVE_TIMEOUT_MS = 10_000
 
+MAX_RECONNECT_BACKOFF_MS = 2_000
+
 # Trailing metadata naming the ProtocolError class of a failed call (lower case: HTTP/2 header).
 ERROR_CLASS_KEY = "crossgrad-error"
 # Status details travel in a trailer; a bounded length keeps them under the metadata limits.
@@ -204,6 +206,12 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
         # The round logic decides what a failed call means (leave the neighbor out, retry next
         # round); transparent retries would hide failures and double its deadlines.
         ("grpc.enable_retries", 0),
+        # After a peer or the bootstrap was down, grpc's reconnect backoff grows to 120 s by
+        # default: a bootstrap back after 20 s could then be reached a lease too late (every
+        # peer expired), a returning neighbor rounds too late. Capped well below a lease.
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.min_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
     ]
 
 

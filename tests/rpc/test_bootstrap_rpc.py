@@ -181,7 +181,7 @@ def test_watch_delivers_the_first_assignment_and_each_change(
         first = watch.next()
         assert isinstance(first, pb.Assignment)
         assert (first.topology_epoch, neighbor_ids(first)) == (1, [1, 2])
-        stub.Leave(pb.LeaveRequest(node_id=1, reason="done"), timeout=TIMEOUT)
+        stub.Leave(pb.LeaveRequest(node_id=1, reason="draining"), timeout=TIMEOUT)
         second = watch.next()
         assert isinstance(second, pb.Assignment)
         assert (second.topology_epoch, neighbor_ids(second)) == (2, [2])
@@ -293,7 +293,7 @@ def test_a_restarted_bootstrap_keeps_the_run(state: Path) -> None:
             stub = bootstrap_pb2_grpc.BootstrapStub(channel)
             for i in range(3):
                 join(stub, i)
-            stub.Leave(pb.LeaveRequest(node_id=1, reason="done"), timeout=TIMEOUT)
+            stub.Leave(pb.LeaveRequest(node_id=1, reason="draining"), timeout=TIMEOUT)
             before = stub.GetAssignment(pb.GetAssignmentRequest(node_id=0), timeout=TIMEOUT)
     finally:
         first.stop(grace=0)

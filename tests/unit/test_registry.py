@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bootstrap.registry import PeerState, Registry
+from bootstrap.registry import FINISHED, PeerState, Registry
 from bootstrap.topology import Topology, build_topology, metropolis_hastings_weights, repair
 from crossgrad.config import RunConfig
 from crossgrad.errors import AlreadyExists, ConfigError, InvalidMessage, NotFound, NotReady
@@ -130,7 +130,7 @@ def test_ids_that_never_joined_are_not_found() -> None:
     reg = make(RunConfig(nodes=3), FakeClock())
     reg.join(0, addr(0), 1)
     for call in (lambda: reg.heartbeat(1, 0, 0.0, ""), lambda: reg.assignment(1),
-                 lambda: reg.leave(1, "done")):
+                 lambda: reg.leave(1, "draining")):
         with pytest.raises(NotFound, match="node 1 never joined"):
             call()
     with pytest.raises(InvalidMessage):
@@ -267,7 +267,7 @@ def test_wait_for_change_returns_at_once_times_out_or_wakes_on_a_change() -> Non
     seen: list[int] = []
     waiter = threading.Thread(target=lambda: seen.append(reg.wait_for_change(1, timeout=5)))
     waiter.start()
-    reg.leave(0, "done")
+    reg.leave(0, "draining")
     waiter.join(timeout=5)
     assert seen == [2]
 
@@ -293,7 +293,7 @@ def test_a_reopened_registry_resumes_peers_epoch_and_assignments(tmp_path: Path)
     reg = assembled(nodes=5, topology="ring", clock=clock, db=db)
     reg.heartbeat(0, 3, float("nan"), "ok")
     reg.heartbeat(1, 4, 0.75, "slow neighbor 2")
-    reg.leave(4, "done")
+    reg.leave(4, "draining")
     before = (reg.epoch, reg.peers(), [reg.assignment(i) for i in range(5)])
     reg.close()
 
@@ -310,7 +310,7 @@ def test_counters_survive_a_restart(tmp_path: Path) -> None:
     db = tmp_path / "bootstrap.sqlite"
     clock = FakeClock()
     reg = assembled(nodes=3, clock=clock, db=db)
-    reg.leave(2, "done")
+    reg.leave(2, "draining")
     reg.join(2, addr(2), 1, resumed=True, checkpoint_round=7)
     reg.heartbeat(0, 8, 0.5, "", unreachable=[1])
     reg.close()
@@ -334,7 +334,7 @@ def test_a_state_file_of_the_first_schema_opens_with_zero_counters(tmp_path: Pat
     clock = FakeClock()
     reg = assembled(nodes=3, clock=clock, db=new)
     reg.heartbeat(1, 9, 0.25, "ok")
-    reg.leave(2, "done")
+    reg.leave(2, "draining")
     before = reg.peers()
     reg.close()
     # Write the same run in the first schema: its meta as is, the peers without the counters.
@@ -409,8 +409,8 @@ def test_the_persisted_topology_is_used_not_rebuilt(tmp_path: Path) -> None:
 
 def test_a_full_graph_loses_its_dead_and_gains_nothing() -> None:
     reg = assembled(nodes=6, topology="full")
-    reg.leave(0, "done")
-    reg.leave(5, "done")
+    reg.leave(0, "draining")
+    reg.leave(5, "draining")
     live = np.ones((6, 6), dtype=bool) & ~np.eye(6, dtype=bool)
     live[[0, 5], :] = live[:, [0, 5]] = False
     expected = metropolis_hastings_weights(Topology(6, "full", live))
@@ -420,8 +420,8 @@ def test_a_full_graph_loses_its_dead_and_gains_nothing() -> None:
 def test_assignments_are_mh_on_the_repaired_graph() -> None:
     clock = FakeClock()
     reg = assembled(nodes=9, topology="torus", clock=clock)
-    reg.leave(4, "done")
-    reg.leave(5, "done")
+    reg.leave(4, "draining")
+    reg.leave(5, "draining")
     live = np.array([i not in (4, 5) for i in range(9)])
     expected = metropolis_hastings_weights(repair(build_topology("torus", 9, 0), live))
     np.testing.assert_allclose(weight_matrix(reg), expected)
@@ -497,3 +497,17 @@ def test_reports_before_assembly_name_only_peers_that_joined() -> None:
     reg.join(1, addr(1), 1)
     reg.heartbeat(0, 0, 0.0, "", unreachable=[1, 2])
     assert [p.unreachable_reports for p in reg.peers()] == [0, 1]
+
+
+def test_a_peer_that_finished_leaves_without_a_new_epoch(tmp_path: Path) -> None:
+    """A finished peer's neighbors are done too; a new epoch would only change the weights of
+    nodes still in their last rounds (and break networked == simulated)."""
+    reg = Registry(RunConfig(nodes=3, topology="ring"), tmp_path / "s.sqlite")
+    for i in range(3):
+        reg.join(i, f"h:{i}", 1)
+    epoch = reg.epoch
+    reg.leave(0, FINISHED)
+    assert reg.epoch == epoch and reg.peers()[0].state is PeerState.LEFT
+    reg.leave(1, "draining")
+    assert reg.epoch == epoch + 1
+    reg.close()
