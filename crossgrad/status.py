@@ -64,6 +64,11 @@ def format_peer(s: peer_pb2.PeerStatus) -> str:
         f"missed answers {s.missed_neighbor_answers}, rejected messages {s.rejected_messages}",
         f"  bytes sent {_mib(s.bytes_sent)}, received {_mib(s.bytes_received)}; "
         f"self weight {s.self_weight:.4f}",
+        *([f"  resumed from a checkpoint {s.resumes} time(s), last from round "
+           f"{s.resumed_from_round}"] if s.resumes else []),
+        *([f"  caught up with its neighbors {s.catch_ups} time(s), last to round "
+           f"{s.caught_up_to_round}"] if s.catch_ups else []),
+        *(["  training alone: no live neighbor answers"] if s.state == "ALONE" else []),
         f"  {'neighbor':>8}  {'weight':>8}  " + "  ".join(f"{h:>{width}}" for h in heads),
     ]
     links = {link.peer_id: link for link in s.links}

@@ -29,7 +29,7 @@ import torch
 
 from bootstrap.registry import AssignmentView
 from crossgrad.config import RunConfig, validate
-from crossgrad.errors import ConfigError, ProtocolError
+from crossgrad.errors import ConfigError, DataError, ProtocolError
 from crossgrad.rpc import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -46,6 +46,7 @@ from peer.node import Node, Params
 from peer.records import RunRecorder
 from peer.servicer import PeerServicer, add_to_server
 from peer.session import BootstrapSession, Progress, Stopped
+from peer.training.checkpoint import Checkpoint, CheckpointStore, make_checkpoint, run_identity
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,9 @@ class PeerRuntime:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._pending: AssignmentView | None = None  # announced before the loop runs
+        self.store: CheckpointStore | None = None
+        self.resumes = 0  # restarts from a checkpoint in this run (this one included)
+        self.resumed_from: Checkpoint | None = None
 
     @property
     def state(self) -> PeerState:
@@ -185,6 +189,9 @@ class PeerRuntime:
             status.caught_up_to_round = loop.catch_ups.last_round
         else:
             status.last_loss = status.last_accuracy = float("nan")
+        status.resumes = self.resumes
+        if self.resumed_from is not None:
+            status.resumed_from_round = self.resumed_from.round
         if node is not None:
             status.round = node.round
             status.topology_epoch = node.assignment.epoch
@@ -240,9 +247,11 @@ class PeerRuntime:
             raise ConfigError(f"the run settings from the bootstrap at {self.options.bootstrap} "
                               f"cannot run here: {exc}") from None
         self.settings = settings
+        found = self._find_checkpoint(settings)
         data = load_run_data(settings)
         samples = len(data.parts[self.node_id])
-        session.join(self.address, samples)
+        session.join(self.address, samples, resumed=found is not None,
+                     checkpoint_round=found.round if found is not None else 0)
         log.info("node %d joined with %d samples; waiting for the assignment", self.node_id,
                  samples)
         view = session.wait_assignment()
@@ -250,8 +259,49 @@ class PeerRuntime:
         self.test_set = (data.dataset.test_x, data.dataset.test_y)
         node = make_node(settings, data, self.node_id, assignment,
                          resolve_device(settings.device))
+        if found is not None:
+            try:
+                node.load_state_dict(found.state)
+            except DataError as exc:
+                raise ConfigError(f"the checkpoint of round {found.round} does not fit this "
+                                  f"node: {exc}") from None
+            self.resumes = int(found.state.get("resumes", 0)) + 1
+            self.resumed_from = found
+            log.warning("node %d resumed from its checkpoint of round %d (topology epoch %d "
+                        "then, %d now)", self.node_id, found.round, found.epoch, view.epoch)
         self.attach(node, addresses, view.epoch)
         log.info("node %d serving at %s; neighbors %s", self.node_id, self.address, addresses)
+
+    def _find_checkpoint(self, settings: RunConfig) -> Checkpoint | None:
+        """The latest usable checkpoint of this run in the checkpoint directory, if any; with
+        --resume, a ConfigError when there is none."""
+        directory = self.options.checkpoint_dir
+        if directory is None:
+            return None
+        self.store = CheckpointStore(directory, self.node_id)
+        found = self.store.latest(run_identity(settings))
+        if found is None and self.options.resume:
+            raise ConfigError(f"--resume: no usable checkpoint of this run for node "
+                              f"{self.node_id} in {directory} (see the warnings above, if any); "
+                              "start without --resume to begin from round 0")
+        return found
+
+    def checkpoint(self, reason: str) -> None:
+        """Save the node's state (every K rounds, and when stopped). A failure to write (a
+        full disk) is logged, never fatal: the run goes on, the previous checkpoints stay."""
+        if self.store is None or self.node is None or self.settings is None:
+            return
+        state = self.node.state_dict()
+        state["resumes"] = self.resumes
+        try:
+            path = self.store.save(make_checkpoint(self.settings, self.node_id,
+                                                   self.node.assignment.epoch, state))
+        except (DataError, OSError) as exc:
+            log.error("node %d round %d: %s checkpoint not written: %s", self.node_id,
+                      self.node.round, reason, exc)
+            return
+        log.info("node %d round %d: %s checkpoint %s", self.node_id, self.node.round, reason,
+                 path)
 
     def serve(self) -> RunningServer:
         """Start the Peer server (health NOT_SERVING until attach())."""
@@ -279,7 +329,12 @@ class PeerRuntime:
         test_set = self.test_set if self.test_set is not None else (
             torch.empty(0), torch.empty(0, dtype=torch.long))
         loop = RoundLoop(node, self.hood, cfg, recorder, self.traffic,
-                                     timeout=self.timeout, test_set=test_set)
+                         timeout=self.timeout, test_set=test_set,
+                         checkpoint=self.checkpoint if self.store is not None else None,
+                         checkpoint_every=self.options.checkpoint_every)
+        if self.resumed_from is not None:
+            recorder.event("resume", self.resumed_from.round, epoch=self.resumed_from.epoch,
+                           resumes=self.resumes)
         with self._lock:
             self.loop = loop
         with self._lock:
@@ -291,6 +346,8 @@ class PeerRuntime:
         started = time.perf_counter()
         try:
             loop.run()
+            if loop.state is PeerState.DRAINING:
+                self.checkpoint("stopped")  # resume goes on from here
             loop.wait_for_neighbors()
         finally:
             recorder.close()
@@ -305,7 +362,8 @@ class PeerRuntime:
             "bytes_sent": sent, "bytes_received": received, "traffic": self.traffic.snapshot(),
             "bytes_by_kind": kinds_json(per_kind),
             "missed_neighbor_answers": self.hood.misses.total,
-            "catch_ups": loop.catch_ups.count,
+            "catch_ups": loop.catch_ups.count, "resumes": self.resumes,
+            "resumed_from_round": self.resumed_from.round if self.resumed_from else None,
             "seconds": time.perf_counter() - started}
         recorder.finish(summary, params, "model.pt")
         return summary

@@ -99,3 +99,57 @@ def cluster_table(cluster: LocalCluster) -> str:
 def _row(table: str, node: int) -> int:
     return next(i for i, line in enumerate(table.splitlines())
                 if line.split()[:1] == [str(node)])
+
+
+def test_a_bootstrap_killed_mid_run_and_restarted_keeps_the_run(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with LocalCluster(CONFIG, out, peer_args=peers(out)) as cluster:
+        cluster.start_bootstrap(lease_seconds=LEASE)
+        cluster.start_peers()
+        cluster.wait_round(0, 40, timeout=600)
+        epoch = cluster.list_peers().topology_epoch
+        cluster.signal("bootstrap", signal.SIGKILL)
+        assert cluster.bootstrap is not None
+        cluster.bootstrap.wait(timeout=30)
+        before = cluster.status(0)
+        assert before is not None
+        # Down for more than two leases: the peers keep training meanwhile.
+        cluster.wait_round(0, before.round + 10, timeout=600)
+        cluster.start_bootstrap(lease_seconds=LEASE)  # same port, same --state
+        after = cluster.list_peers()
+        assert after.topology_epoch == epoch
+        assert {p.state for p in after.peers} == {"ACTIVE"}, after
+        codes = cluster.wait_peers(timeout=900)
+        assert codes == dict.fromkeys(range(5), 0), codes
+        final = cluster.list_peers()
+    assert all(p.returns == 0 for p in final.peers), final  # nobody was expired
+    assert final.topology_epoch == epoch  # no reassignment until the peers finished
+    for i in range(5):
+        assert summary_of(out, i)["round"] == CONFIG.rounds
+        assert summary_of(out, i)["missed_neighbor_answers"] == 0
+
+
+def test_sigterm_checkpoints_leaves_and_resume_goes_on(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with LocalCluster(CONFIG, out, peer_args=peers(out)) as cluster:
+        cluster.start_bootstrap(lease_seconds=LEASE)
+        cluster.start_peers()
+        cluster.wait_round(3, 30, timeout=600)
+        cluster.signal(3, signal.SIGTERM)
+        assert cluster.peers[3].wait(timeout=120) == 0
+        stopped = summary_of(out, 3)
+        assert stopped["state"] == "DRAINING" and stopped["round"] < CONFIG.rounds
+        saved = sorted((out / "node-3" / "checkpoints").glob("*.ckpt"))
+        assert saved and f"round-{stopped['round']:09d}" in saved[-1].name
+        states = {p.node_id: p.state for p in cluster.list_peers().peers}
+        assert states[3] == "LEFT"
+        cluster.start_peer(3, resume=True)
+        codes = cluster.wait_peers(timeout=900)
+        assert codes == dict.fromkeys(range(5), 0), codes
+        listed = {p.node_id: p for p in cluster.list_peers().peers}
+    resumed = summary_of(out, 3)
+    assert resumed["round"] == CONFIG.rounds and resumed["resumes"] == 1
+    assert listed[3].resumes == 1 and listed[3].returns == 1
+    events = [json.loads(line) for line in
+              (out / "node-3" / "metrics.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "resume" and e["round"] == stopped["round"] for e in events)
