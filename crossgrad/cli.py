@@ -105,6 +105,10 @@ def build_parser() -> Parser:
     peer.add_argument("--resume", action="store_true",
                       help="restart from the latest checkpoint of this run (an error if there "
                       "is none); without it, a checkpoint of the same run is used when found")
+    peer.add_argument("--max-model-bytes", type=int, default=None,
+                      help="the largest model or cross-gradient stream accepted from a "
+                      "neighbor, in bytes (default 8 GiB); larger ones are refused at their "
+                      "header")
     peer.add_argument("--join-timeout", type=float, default=300.0,
                       help="how long to wait for the bootstrap and the other peers at start, "
                       "in seconds (default 300)")
@@ -158,12 +162,13 @@ def cmd_peer(args: argparse.Namespace) -> int:
     from peer.service import PeerOptions, PeerRuntime, Stopped
 
     out = args.out or Path(f"runs/peer-{args.node_id}")
-    every = {} if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}
+    given = {"checkpoint_every": args.checkpoint_every, "max_model_bytes": args.max_model_bytes}
     options = PeerOptions(node_id=args.node_id, bootstrap=args.bootstrap, bind=args.bind,
                           advertise=args.advertise, data_dir=args.data_dir, device=args.device,
                           out=out, timeout=args.timeout, join_timeout=args.join_timeout,
                           checkpoint_dir=args.checkpoint_dir or out / "checkpoints",
-                          resume=args.resume, **every)
+                          resume=args.resume,
+                          **{k: v for k, v in given.items() if v is not None})
     runtime = PeerRuntime(options)
     install_signal_handlers(runtime.stop)
     try:

@@ -61,6 +61,14 @@ log = logging.getLogger(__name__)
 # so the limit only bounds what one malformed or hostile message can make a node allocate.
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 DEFAULT_CHUNK_BYTES = 1 << 20
+# Receive limit of one whole tensor stream (a model or a cross-gradient), checked against the
+# size its header declares, before any tensor is allocated: it bounds what a neighbor can make
+# this node allocate for one answer. A dense stream is exactly as large as the node's own model
+# (the header must match it, peer/wire.py), so the limit only has to sit above the largest model
+# a run will use: 8 GiB lets a 2 GB float32 model (500M parameters) and its cross-gradients
+# through with room to spare, and stays below what one answer should ever take of a host's
+# memory. A larger model needs a larger limit on every node (--max-model-bytes).
+DEFAULT_MAX_MODEL_BYTES = 8 << 30
 
 # Keepalive: a neighbor that vanishes without closing its connection (power loss, a network
 # partition) is noticed within time + timeout on an idle connection, not only at the next

@@ -5,6 +5,13 @@ Neighborhood): `models(round, neighbors)` and `cross_gradients(round, neighbors)
 all neighbors in parallel with a deadline. A neighbor that fails, times out or sends a stream
 that does not validate is left out of the round (the node gives its weight to itself), logged
 and counted; nothing it sent reaches the model.
+
+What a neighbor may send is bounded twice: each message by the channel's message limit, each
+whole stream by `max_model_bytes`, checked against the size the stream's header declares before
+anything is allocated for it. Received tensors leave this module on the node's device
+(`node.trainer.device`) with the node's dtypes: peer/wire decodes into CPU tensors, `_stream`
+moves them, and nothing downstream (mixing, the QP, the gradients served from a fetched model)
+needs to move them again.
 """
 
 from __future__ import annotations
@@ -17,22 +24,46 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import torch
 
 from crossgrad.errors import (
+    ConfigError,
     DeadlineExceeded,
     InvalidMessage,
     ProtocolError,
     StaleRound,
     Unavailable,
 )
-from crossgrad.rpc import DEFAULT_MAX_MESSAGE_BYTES, from_rpc_error, make_channel, status_of
+from crossgrad.rpc import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_MODEL_BYTES,
+    from_rpc_error,
+    make_channel,
+    status_of,
+)
 from crossgrad.v1 import peer_pb2, peer_pb2_grpc
 from peer.compression import Compressor
 from peer.metrics import Traffic
 from peer.node import Node, Params
-from peer.wire import decode, specs_of
+from peer.wire import decode, human_bytes, specs_of
 
 log = logging.getLogger(__name__)
+
+
+def check_model_fits(names: Sequence[str], params: Sequence[torch.Tensor],
+                     max_model_bytes: int) -> None:
+    """ConfigError when this node's own model is above its receive limit: its neighbors' models
+    (the same shapes) and dense cross-gradients would all be refused, every round. Called at
+    start-up, before the node serves."""
+    if max_model_bytes < 1:
+        raise ConfigError(f"--max-model-bytes must be positive; got {max_model_bytes}")
+    total = sum(p.numel() * p.element_size() for p in params)
+    if total > max_model_bytes:
+        raise ConfigError(
+            f"this node's model is {human_bytes(total)} ({total} bytes in {len(names)} tensors), "
+            f"above --max-model-bytes {human_bytes(max_model_bytes)} ({max_model_bytes} bytes): "
+            "every neighbor's model would be refused; raise --max-model-bytes to at least "
+            f"{total}")
 
 
 @dataclass
@@ -60,12 +91,16 @@ class GrpcNeighborhood:
 
     def __init__(self, node: Node, addresses: Mapping[int, str], *, timeout: float,
                  traffic: Traffic | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> None:
+        if max_model_bytes < 1:
+            raise ConfigError(f"--max-model-bytes must be positive; got {max_model_bytes}")
         self.node = node
         self.timeout = timeout
         self.traffic = traffic or Traffic()
         self.misses = Misses()
         self.max_message_bytes = max_message_bytes
+        self.max_model_bytes = max_model_bytes  # one model or cross-gradient stream, in bytes
         self._lock = threading.Lock()
         self._addresses: dict[int, str] = {}
         self._channels: dict[str, grpc.Channel] = {}
@@ -141,7 +176,8 @@ class GrpcNeighborhood:
                      wait_for_ready=patient)
         try:
             decoded = decode(call, specs_of(self.node.names, self.node.params), sender_id=peer,
-                             round_=round_, compressor=compressor)
+                             round_=round_, max_total_bytes=self.max_model_bytes,
+                             compressor=compressor)
         except grpc.RpcError as err:
             exc = from_rpc_error(err, what)
             with self._lock:
@@ -156,7 +192,20 @@ class GrpcNeighborhood:
         with self._lock:
             self._suspects.discard(peer)
         self.traffic.add_received(peer, kind, decoded.wire_bytes)
-        return decoded.tensors
+        return self._to_device(decoded.tensors)
+
+    def _to_device(self, tensors: list[torch.Tensor]) -> Params:
+        """The one place received tensors (models, decompressed cross-gradients) move to the
+        node's device: peer/wire decodes on the CPU, while under `--device auto` on a GPU host
+        the node's parameters live on the GPU, and mixing and the QP must not combine the two.
+
+        In place, one tensor at a time: each CPU buffer is released as soon as its copy is made,
+        and none outlives this call. On a CPU node `.to` returns the tensor itself (no copy).
+        """
+        device = self.node.trainer.device
+        for k, (t, own) in enumerate(zip(tensors, self.node.params, strict=True)):
+            tensors[k] = t.to(device=device, dtype=own.dtype)  # check_header: dtype is own's
+        return tensors
 
     def fetch_model(self, peer: int, round_: int, timeout: float | None = None) -> Params:
         """x_peer^round, validated against this node's model; fetched once per (peer, round):

@@ -33,13 +33,14 @@ from crossgrad.errors import ConfigError, DataError, ProtocolError
 from crossgrad.rpc import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_MODEL_BYTES,
     RunningServer,
     Service,
     make_server,
 )
 from crossgrad.v1 import peer_pb2
 from peer.builder import load_run_data, make_node, resolve_device
-from peer.client import GrpcNeighborhood
+from peer.client import GrpcNeighborhood, check_model_fits
 from peer.loop import PeerState, RoundLoop, assignment_of
 from peer.metrics import Pair, Traffic, digest, kind_totals, kinds_json, pair_sum
 from peer.node import Node, Params
@@ -73,6 +74,7 @@ class PeerOptions:
     checkpoint_dir: Path | None = None  # None: no checkpoints
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY  # rounds; 0: only when stopped
     resume: bool = False  # require a checkpoint of this run to start from
+    max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES  # the largest stream accepted from a peer
 
     def __post_init__(self) -> None:
         if not 0 < self.chunk_bytes <= DEFAULT_MAX_MESSAGE_BYTES // 2:
@@ -83,6 +85,8 @@ class PeerOptions:
         if self.checkpoint_every < 0:
             raise ConfigError(f"--checkpoint-every must be 0 (only on SIGTERM) or more; got "
                               f"{self.checkpoint_every}")
+        if self.max_model_bytes < 1:
+            raise ConfigError(f"--max-model-bytes must be positive; got {self.max_model_bytes}")
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("--resume needs a checkpoint directory (--checkpoint-dir)")
 
@@ -259,6 +263,7 @@ class PeerRuntime:
         self.test_set = (data.dataset.test_x, data.dataset.test_y)
         node = make_node(settings, data, self.node_id, assignment,
                          resolve_device(settings.device))
+        check_model_fits(node.names, node.params, self.options.max_model_bytes)
         if found is not None:
             try:
                 node.load_state_dict(found.state)
@@ -314,7 +319,8 @@ class PeerRuntime:
     def attach(self, node: Node, addresses: dict[int, str], epoch: int) -> None:
         """Make `node` the one served and driven; neighbors reached at `addresses`. SERVING."""
         node.assignment = dataclasses.replace(node.assignment, epoch=epoch)
-        self.hood = GrpcNeighborhood(node, addresses, timeout=self.timeout, traffic=self.traffic)
+        self.hood = GrpcNeighborhood(node, addresses, timeout=self.timeout, traffic=self.traffic,
+                                     max_model_bytes=self.options.max_model_bytes)
         self.node = node
         self._ready.set()
         if self.server is not None:

@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from crossgrad.errors import InvalidMessage, TooLarge, TruncatedStream
-from crossgrad.rpc import DEFAULT_CHUNK_BYTES
+from crossgrad.rpc import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MODEL_BYTES
 from crossgrad.v1 import tensor_pb2 as pb
 from peer.compression import Compressed, Compressor
 
@@ -257,9 +257,31 @@ class Decoded:
     wire_bytes: int  # every message received, framed as on the wire (frame_bytes)
 
 
+def human_bytes(n: int) -> str:
+    """A byte count in binary units for messages: 512 B, 1.5 KiB, 8.0 GiB."""
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        value /= 1024
+        if value < 1024 or unit == "PiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
 def check_header(header: pb.StreamHeader, expected: Sequence[TensorSpec], *, sender_id: int,
                  round_: int, max_total_bytes: int, codec: str = "none") -> None:
-    """Every header field against the receiver's own model; raise the precise error."""
+    """Every header field against the receiver's own model; raise the precise error.
+
+    The declared size goes first: a stream above the receiver's limit is refused whatever else
+    its header says, before anything is allocated for it.
+    """
+    if header.total_bytes > max_total_bytes:
+        raise TooLarge(f"the stream declares {human_bytes(header.total_bytes)} "
+                       f"({header.total_bytes} bytes), above this node's limit of "
+                       f"{human_bytes(max_total_bytes)} ({max_total_bytes} bytes) for one model "
+                       "or cross-gradient; if models that large are expected, raise "
+                       "--max-model-bytes on this node")
     if header.sender_id != sender_id:
         raise InvalidMessage(f"stream says it comes from node {header.sender_id}; "
                              f"node {sender_id} was asked")
@@ -293,12 +315,10 @@ def check_header(header: pb.StreamHeader, expected: Sequence[TensorSpec], *, sen
     if header.total_bytes != total:
         raise InvalidMessage(f"total_bytes {header.total_bytes} is not the sum of the tensors' "
                              f"byte lengths ({total})")
-    if total > max_total_bytes:
-        raise TooLarge(f"stream of {total} bytes is above the limit of {max_total_bytes} bytes")
 
 
 def decode(chunks: Iterable[Message], expected: Sequence[TensorSpec], *, sender_id: int,
-           round_: int, max_total_bytes: int = 1 << 34,
+           round_: int, max_total_bytes: int = DEFAULT_MAX_MODEL_BYTES,
            max_chunk_bytes: int = 8 * DEFAULT_CHUNK_BYTES,
            compressor: Compressor | None = None) -> Decoded:
     """Reassemble and validate a stream into freshly allocated tensors.
