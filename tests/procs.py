@@ -24,7 +24,7 @@ What the group guarantees, and why:
   SIGINT into KeyboardInterrupt when it was ignored at start: without the reset, a Ctrl-C test
   passes in a terminal and fails in a background job. Signals cannot be reset between fork and
   exec without `preexec_fn` (unsafe with the gRPC threads of the test process), so the child
-  first runs a few lines of Python (`python -I -S -c`, some 20 ms) that reset them and exec the
+  first runs a few lines of Python (`python -I -S -c`: 20-50 ms) that reset them and exec the
   command under the same pid. A signal that reaches the child before its command runs is
   therefore lost or fatal: wait for a line from the child before signalling it.
 * `cwd` defaults to the repository root, so that `python -m crossgrad` imports this checkout.
