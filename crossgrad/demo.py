@@ -5,7 +5,8 @@ which; every peer binds a free port, joins, trains and writes its results under 
 directory. Progress comes from the bootstrap's ListPeers and each peer's GetStatus. At the end
 the demo prints the final table (per-node accuracy, mean, min, average-model accuracy,
 consensus distance, QP fallbacks, bytes on the wire in all and per message kind) and stops
-everything; Ctrl-C stops everything too.
+everything; Ctrl-C or SIGTERM stops everything too, even when the demo was started with SIGINT
+ignored (as POSIX shells start `&` jobs).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from types import FrameType
+from typing import IO, Any, NoReturn
 
 import grpc
 import torch
@@ -43,6 +46,54 @@ def run_flags(config: RunConfig) -> list[str]:
             continue
         flags += [f"--{key.replace('_', '-')}", str(value)]
     return flags
+
+
+class Terminated(Exception):
+    """SIGTERM reached the demo: it stops the run as Ctrl-C does, with exit code 143."""
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM as exceptions in the demo's main thread, installed explicitly.
+
+    Python raises KeyboardInterrupt on SIGINT only if SIGINT was not ignored when it started,
+    and POSIX shells start `&` jobs with SIGINT ignored; SIGTERM would end the demo at once.
+    Either way the bootstrap and the peers would train on. The first signal raises; later ones
+    are ignored, since the demo is already stopping. Inside `deferred()` a signal waits for the
+    block to end, so that it cannot land between starting a child and recording it.
+    """
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self._deferring = False
+        self._pending: int | None = None
+        self._previous = {sig: signal.signal(sig, self._handle)
+                          for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._deferring:
+            self._pending = self._pending or signum
+        elif not self.stopping:
+            self._raise(signum)
+
+    def _raise(self, signum: int) -> NoReturn:
+        self.stopping = True
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Terminated
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        if self._pending is not None and not self.stopping:
+            self._raise(self._pending)
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
 
 
 def _command(*args: str) -> list[str]:
@@ -165,14 +216,16 @@ def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0) -> i
     procs: list[subprocess.Popen[str]] = []
     logs: list[IO[str]] = []
     started = time.perf_counter()
+    signals = _StopSignals()
     try:
         boot_log = open(out / "bootstrap.log", "w")  # noqa: SIM115 (closed in finally)
         logs.append(boot_log)
-        boot = subprocess.Popen(
-            _command("--log-level", "INFO", "bootstrap", *run_flags(config), "--bind",
-                     "127.0.0.1:0", "--state", str(out / "bootstrap.sqlite")),
-            stdout=subprocess.PIPE, stderr=boot_log, text=True, env=env)
-        procs.append(boot)
+        with signals.deferred():
+            boot = subprocess.Popen(
+                _command("--log-level", "INFO", "bootstrap", *run_flags(config), "--bind",
+                         "127.0.0.1:0", "--state", str(out / "bootstrap.sqlite")),
+                stdout=subprocess.PIPE, stderr=boot_log, text=True, env=env)
+            procs.append(boot)
         address = _wait_for_address(boot, timeout=60.0)
         print(f"bootstrap on {address}; starting {config.nodes} peers "
               f"({config.algorithm}, {config.topology}, {config.dataset}/{config.partition})",
@@ -185,8 +238,9 @@ def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0) -> i
                     config.device, "--timeout", str(timeout)]
             if config.data_dir:
                 args += ["--data-dir", config.data_dir]
-            procs.append(subprocess.Popen(_command(*args), stdout=log, stderr=subprocess.STDOUT,
-                                          text=True, env=env))
+            with signals.deferred():
+                procs.append(subprocess.Popen(_command(*args), stdout=log,
+                                              stderr=subprocess.STDOUT, text=True, env=env))
         channel = make_channel(address)
         stub = bootstrap_pb2_grpc.BootstrapStub(channel)
         peers = procs[1:]
@@ -220,7 +274,12 @@ def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0) -> i
     except KeyboardInterrupt:
         print("interrupted: stopping the bootstrap and the peers", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated: stopping the bootstrap and the peers", file=sys.stderr)
+        return 143
     finally:
+        signals.stopping = True  # a second Ctrl-C must not cut the stopping short
         _stop(procs)
         for handle in logs:
             handle.close()
+        signals.restore()

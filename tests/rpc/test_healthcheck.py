@@ -9,7 +9,6 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +16,8 @@ from crossgrad import rpc
 from crossgrad.healthcheck import main
 from crossgrad.v1 import peer_pb2_grpc
 
-REPO = Path(__file__).resolve().parents[2]
+from procs import ProcessGroup
+
 PEER = "crossgrad.v1.Peer"
 Serve = Callable[..., rpc.RunningServer]
 
@@ -28,9 +28,8 @@ def peer_service() -> rpc.Service:
         peer_pb2_grpc.PeerServicer(), s))
 
 
-def probe(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "crossgrad.healthcheck", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+def probe(procs: ProcessGroup, *args: str) -> subprocess.CompletedProcess[str]:
+    return procs.run([sys.executable, "-m", "crossgrad.healthcheck", *args], timeout=60)
 
 
 def test_not_serving_is_1_then_serving_is_0(serve: Serve,
@@ -66,13 +65,13 @@ def test_nothing_listening_is_1(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(err) == 1 and "UNAVAILABLE" in err[0]
 
 
-def test_as_a_subprocess(serve: Serve) -> None:
+def test_as_a_subprocess(serve: Serve, procs: ProcessGroup) -> None:
     server = serve([peer_service()])
-    proc = probe(server.address)
+    proc = probe(procs, server.address)
     assert proc.returncode == 1, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "NOT_SERVING" in proc.stderr
 
     server.set_serving()
-    proc = probe(server.address, "--service", PEER)
+    proc = probe(procs, server.address, "--service", PEER)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "" and proc.stdout == ""

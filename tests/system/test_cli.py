@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import json
+import os
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from procs import ProcessGroup, crossgrad
 
-
-def crossgrad(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "crossgrad", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+TIMEOUT = 120.0  # s: importing torch and training a few rounds on a busy 2-core machine
 
 
 CASES = [
@@ -34,9 +31,10 @@ CASES = [
 
 @pytest.mark.parametrize(("args", "expected"), CASES, ids=[" ".join(c[0]) for c in CASES])
 def test_bad_input_is_one_clear_line_and_exit_2(args: list[str], expected: str,
-                                                tmp_path: Path) -> None:
+                                                procs: ProcessGroup, tmp_path: Path) -> None:
     args = [a.replace("{empty}", str(tmp_path)) for a in args]
-    proc = crossgrad("simulate", *args, "--out", str(tmp_path / "run"))
+    proc = procs.run(crossgrad("simulate", *args, "--out", str(tmp_path / "run")),
+                     timeout=TIMEOUT)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -44,17 +42,18 @@ def test_bad_input_is_one_clear_line_and_exit_2(args: list[str], expected: str,
     assert "Traceback" not in proc.stderr
 
 
-def test_missing_data_files_are_named(tmp_path: Path) -> None:
-    proc = crossgrad("simulate", "--dataset", "mnist", "--data-dir", str(tmp_path))
+def test_missing_data_files_are_named(procs: ProcessGroup, tmp_path: Path) -> None:
+    proc = procs.run(crossgrad("simulate", "--dataset", "mnist", "--data-dir", str(tmp_path)),
+                     timeout=TIMEOUT)
     assert proc.returncode == 2
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte"):
         assert name in proc.stderr
 
 
-def test_simulate_runs_and_prints_the_table(tmp_path: Path) -> None:
-    proc = crossgrad("simulate", "--rounds", "4", "--eval-every", "2", "--batch-size", "16",
-                     "--out", str(tmp_path / "run"))
+def test_simulate_runs_and_prints_the_table(procs: ProcessGroup, tmp_path: Path) -> None:
+    proc = procs.run(crossgrad("simulate", "--rounds", "4", "--eval-every", "2", "--batch-size",
+                               "16", "--out", str(tmp_path / "run")), timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "samples" in out  # the per-node partition summary printed at start
@@ -65,17 +64,12 @@ def test_simulate_runs_and_prints_the_table(tmp_path: Path) -> None:
         assert (tmp_path / "run" / name).exists()
 
 
-def test_toml_config_env_and_flags_in_order(tmp_path: Path) -> None:
+def test_toml_config_env_and_flags_in_order(procs: ProcessGroup, tmp_path: Path) -> None:
     (tmp_path / "run.toml").write_text('[run]\nalgorithm = "ngc"\nrounds = 3\nbatch-size = 8\n')
-    import os
-
     env = {**os.environ, "CROSSGRAD_ROUNDS": "2"}
-    proc = subprocess.run([sys.executable, "-m", "crossgrad", "simulate", "--config",
-                           str(tmp_path / "run.toml"), "--batch-size", "16", "--quiet",
-                           "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env=env)
+    proc = procs.run(crossgrad("simulate", "--config", str(tmp_path / "run.toml"),
+                               "--batch-size", "16", "--quiet", "--out", str(tmp_path / "out")),
+                     timeout=TIMEOUT, env=env)
     assert proc.returncode == 0, proc.stderr
-    import json
-
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (saved["algorithm"], saved["rounds"], saved["batch_size"]) == ("ngc", 2, 16)

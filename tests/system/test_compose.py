@@ -13,9 +13,7 @@ import argparse
 import contextlib
 import io
 import shutil
-import subprocess
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +23,8 @@ from crossgrad.cli import build_parser
 from crossgrad.config import RunConfig, load
 from crossgrad.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[2]
+from procs import REPO, ProcessGroup
+
 COMPOSE = REPO / "docker-compose.yml"
 
 
@@ -55,12 +54,11 @@ def split(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def test_docker_compose_validates_the_file() -> None:
+def test_docker_compose_validates_the_file(procs: ProcessGroup) -> None:
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.skip("docker-compose is not installed (CI installs Debian's docker-compose)")
-    proc = subprocess.run([binary, "-f", str(COMPOSE), "config"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = procs.run([binary, "-f", str(COMPOSE), "config"], timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "condition: service_healthy" in proc.stdout  # kept, not dropped, by this format
 

@@ -1,5 +1,6 @@
 """`crossgrad demo` as a person runs it: `crossgrad status` shows a training peer's bytes per
-link and per message kind; Ctrl-C stops the bootstrap and every peer."""
+link and per message kind; Ctrl-C stops the bootstrap and every peer, also when the demo was
+started as a background job (SIGINT ignored), and so does SIGTERM."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +18,7 @@ import pytest
 from crossgrad.rpc import make_channel
 from crossgrad.v1 import peer_pb2, peer_pb2_grpc
 
-REPO = Path(__file__).resolve().parents[2]
+from procs import ProcessGroup, as_background_job, crossgrad
 
 
 def children_of_run(run_dir: Path) -> list[str]:
@@ -36,21 +36,29 @@ def children_of_run(run_dir: Path) -> list[str]:
     return found
 
 
+def demo_command(run_dir: Path) -> list[str]:
+    """A demo with 2 peers (CGA) and far more rounds than any test lasts."""
+    return crossgrad("demo", "--nodes", "2", "--partition", "iid", "--rounds", "100000",
+                     "--out", str(run_dir))
+
+
 @dataclass
 class Demo:
+    group: ProcessGroup
     proc: subprocess.Popen[str]
     run_dir: Path
 
 
 @pytest.fixture(scope="module")
 def training_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
-    """`crossgrad demo` with 2 peers (CGA, far more rounds than the tests last), once both
-    peers train. The last test of this module stops it with Ctrl-C."""
+    """`crossgrad demo` with 2 peers, once both peers train, started as `crossgrad demo &` is:
+    with SIGINT ignored, so that Python installs no KeyboardInterrupt and the demo must handle
+    Ctrl-C itself. The last test of this module stops it with Ctrl-C; whatever happens, its
+    whole process group is stopped at the end."""
     run_dir = tmp_path_factory.mktemp("demo") / "run"
-    demo = subprocess.Popen([sys.executable, "-m", "crossgrad", "demo", "--nodes", "2",
-                             "--partition", "iid", "--rounds", "100000", "--out", str(run_dir)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    group = ProcessGroup()
     try:
+        demo = group.start(as_background_job(demo_command(run_dir)))
         assert demo.stdout is not None
         deadline = time.monotonic() + 180
         trained = False
@@ -62,11 +70,9 @@ def training_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
                 trained = True
                 break
         assert trained, "the peers never started training"
-        yield Demo(demo, run_dir)
+        yield Demo(group, demo, run_dir)
     finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait()
+        group.stop_all()
 
 
 def peer_address(run_dir: Path, node: int) -> str:
@@ -76,7 +82,7 @@ def peer_address(run_dir: Path, node: int) -> str:
 
 
 def test_status_shows_the_bytes_of_a_training_peer_per_link_and_kind(
-        training_demo: Demo) -> None:
+        training_demo: Demo, procs: ProcessGroup) -> None:
     address = peer_address(training_demo.run_dir, 0)
     with make_channel(address) as channel:  # the exact numbers, all from one GetStatus
         s = peer_pb2_grpc.PeerStub(channel).GetStatus(
@@ -90,8 +96,7 @@ def test_status_shows_the_bytes_of_a_training_peer_per_link_and_kind(
     link = {k.kind: (k.sent_bytes, k.received_bytes) for k in s.links[0].kinds}
     assert link == kinds  # one neighbor: its link carried everything
 
-    proc = subprocess.run([sys.executable, "-m", "crossgrad", "status", address], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    proc = procs.run(crossgrad("status", address), timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     head = next(i for i, line in enumerate(lines) if line.split()[:1] == ["neighbor"])
@@ -106,38 +111,54 @@ def test_status_shows_the_bytes_of_a_training_peer_per_link_and_kind(
 
 
 def test_ctrl_c_stops_the_bootstrap_and_every_peer(training_demo: Demo) -> None:
+    """Also when the demo was started with SIGINT ignored (a background job), as this one was."""
     demo, run_dir = training_demo.proc, training_demo.run_dir
     assert len(children_of_run(run_dir)) == 3  # bootstrap + 2 peers
-    demo.send_signal(signal.SIGINT)
+    training_demo.group.signal(demo, signal.SIGINT)
     assert demo.wait(timeout=60) == 130
     assert demo.stderr is not None and "interrupted" in demo.stderr.read()
     assert children_of_run(run_dir) == []
 
 
-def test_sigterm_while_waiting_for_the_run_to_assemble_exits_cleanly(tmp_path: Path) -> None:
+@pytest.mark.slow  # a demo of its own: 5 s on an idle machine, 25 s on a busy one
+@pytest.mark.parametrize(("background", "sig", "code", "said"), [
+    (False, signal.SIGINT, 130, "interrupted"), (True, signal.SIGTERM, 143, "terminated")],
+    ids=["foreground-ctrl-c", "background-sigterm"])
+def test_the_demo_stops_everything_as_soon_as_its_children_run(
+        procs: ProcessGroup, tmp_path: Path, background: bool, sig: signal.Signals, code: int,
+        said: str) -> None:
+    """Ctrl-C in a foreground demo and SIGTERM in a background one (SIGINT ignored) stop the
+    bootstrap and the peers while the peers are still starting."""
+    run_dir = tmp_path / "run"
+    command = demo_command(run_dir)
+    demo = procs.start(as_background_job(command) if background else command)
+    assert demo.stdout is not None
+    for line in demo.stdout:  # the first progress line comes once every child was started
+        if line.startswith("["):
+            break
+    assert len(children_of_run(run_dir)) == 3, "the demo did not start the bootstrap and 2 peers"
+    procs.signal(demo, sig)
+    assert demo.wait(timeout=60) == code
+    assert demo.stderr is not None and said in demo.stderr.read()
+    assert children_of_run(run_dir) == []
+
+
+def test_sigterm_while_waiting_for_the_run_to_assemble_exits_cleanly(procs: ProcessGroup,
+                                                                     tmp_path: Path) -> None:
     """A peer whose partners never come stops at once on SIGTERM, exit code 0."""
-    boot = subprocess.Popen([sys.executable, "-m", "crossgrad", "bootstrap", "--nodes", "2",
-                             "--partition", "iid", "--bind", "127.0.0.1:0"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    peer = None
-    try:
-        assert boot.stdout is not None
-        address = boot.stdout.readline().split("serving on ")[1].split()[0]
-        peer = subprocess.Popen([sys.executable, "-m", "crossgrad", "--log-level", "INFO",
-                                 "peer", "--id", "0", "--bootstrap", address, "--bind",
-                                 "127.0.0.1:0", "--out", str(tmp_path / "p0")], cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert peer.stdout is not None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # the second Join (with the sample count) is logged
-            line = peer.stdout.readline()
-            if not line or "waiting for the assignment" in line:
-                break
-        peer.send_signal(signal.SIGTERM)
-        assert peer.wait(timeout=30) == 0
-        assert "stopped before the run assembled" in peer.stdout.read()
-    finally:
-        for proc in (peer, boot):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    boot = procs.start(crossgrad("bootstrap", "--nodes", "2", "--partition", "iid", "--bind",
+                                 "127.0.0.1:0"), stderr=subprocess.DEVNULL)
+    assert boot.stdout is not None
+    address = boot.stdout.readline().split("serving on ")[1].split()[0]
+    peer = procs.start(crossgrad("--log-level", "INFO", "peer", "--id", "0", "--bootstrap",
+                                 address, "--bind", "127.0.0.1:0", "--out", str(tmp_path / "p0")),
+                       stderr=subprocess.STDOUT)
+    assert peer.stdout is not None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # the second Join (with the sample count) is logged
+        line = peer.stdout.readline()
+        if not line or "waiting for the assignment" in line:
+            break
+    procs.signal(peer, signal.SIGTERM)
+    assert peer.wait(timeout=30) == 0
+    assert "stopped before the run assembled" in peer.stdout.read()

@@ -8,8 +8,6 @@ the simulated ones (compared through SHA-256 digests of the raw parameter bytes)
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ import pytest
 from crossgrad.config import RunConfig, validate
 from peer import simulate
 
-REPO = Path(__file__).resolve().parents[2]
+from procs import ProcessGroup, crossgrad
 
 
 def check_bytes_by_kind(summary: dict[str, Any], algorithm: str) -> None:
@@ -41,7 +39,7 @@ def check_bytes_by_kind(summary: dict[str, Any], algorithm: str) -> None:
 
 @pytest.mark.parametrize(("algorithm", "compressor"), [
     ("dpsgd", ""), ("cga", ""), ("ngc", ""), ("compcga", "sign"), ("compngc", "topk:0.05")])
-def test_networked_run_equals_simulation(algorithm: str, compressor: str,
+def test_networked_run_equals_simulation(algorithm: str, compressor: str, procs: ProcessGroup,
                                          tmp_path: Path) -> None:
     settings = dict(nodes=3, topology="ring", algorithm=algorithm, dataset="digits",
                     partition="sorted", rounds=6, batch_size=16, eval_every=3, seed=11,
@@ -53,9 +51,8 @@ def test_networked_run_equals_simulation(algorithm: str, compressor: str,
     expected = json.loads((tmp_path / "sim" / "summary.json").read_text())["digests"]
 
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items() if v != ""]
-    proc = subprocess.run([sys.executable, "-m", "crossgrad", "demo", *flags,
-                           "--out", str(tmp_path / "net"), "--timeout", "60"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = procs.run(crossgrad("demo", *flags, "--out", str(tmp_path / "net"), "--timeout", "60"),
+                     timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "average model accuracy" in proc.stdout
     assert "xgrad recv" in proc.stdout  # the final table's bytes per message kind
@@ -75,15 +72,14 @@ def test_networked_run_equals_simulation(algorithm: str, compressor: str,
             for i in range(3)) / 3)
 
 
-def test_compressed_cross_gradients_are_smaller_on_the_wire(tmp_path: Path) -> None:
+def test_compressed_cross_gradients_are_smaller_on_the_wire(procs: ProcessGroup,
+                                                            tmp_path: Path) -> None:
     """The bytes counted on the wire: sign-compressed cross-gradients are ~32x smaller."""
     settings = dict(nodes=3, topology="ring", algorithm="compcga", compressor="sign",
                     dataset="digits", partition="sorted", rounds=3, batch_size=16, eval_every=3,
                     seed=5, device="cpu")
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
-    proc = subprocess.run([sys.executable, "-m", "crossgrad", "demo", *flags,
-                           "--out", str(tmp_path / "net")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = procs.run(crossgrad("demo", *flags, "--out", str(tmp_path / "net")), timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads((tmp_path / "net" / "node-0" / "summary.json").read_text())
     check_bytes_by_kind(summary, "compcga")

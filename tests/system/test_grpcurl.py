@@ -19,7 +19,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -34,7 +33,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from crossgrad.healthcheck import check
 from crossgrad.rpc import make_channel
 
-REPO = Path(__file__).resolve().parents[2]
+from procs import ProcessGroup, crossgrad
+
 START_TIMEOUT = 120.0  # s: importing torch and loading the data on a busy 2-core machine
 STOP_TIMEOUT = 60.0  # s: the current round, Leave, and the server's grace period
 
@@ -52,10 +52,12 @@ def find_grpcurl() -> str | None:
     for path in candidates:
         if path and os.path.isfile(path) and os.access(path, os.X_OK):
             try:
-                subprocess.run([path, "-version"], capture_output=True, timeout=30, check=True)
+                with ProcessGroup() as group:
+                    works = group.run([path, "-version"], timeout=30).returncode == 0
             except (OSError, subprocess.SubprocessError):
-                continue  # e.g. the package's x86_64 binary on another architecture
-            return path
+                works = False  # e.g. the package's x86_64 binary on another architecture
+            if works:
+                return path
     return None
 
 
@@ -68,13 +70,13 @@ pytestmark = pytest.mark.skipif(
 class Process:
     """A crossgrad process whose stdout lines are read by a thread, so waits have deadlines."""
 
-    def __init__(self, name: str, args: list[str], log: Path) -> None:
+    def __init__(self, group: ProcessGroup, name: str, args: list[str], log: Path) -> None:
+        self.group = group
         self.name = name
         self.log = log
         with open(log, "w") as stderr:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "crossgrad", *args], cwd=REPO, stdout=subprocess.PIPE,
-                stderr=stderr, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.proc = group.start(crossgrad(*args), stderr=stderr,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, name=f"read-{name}", daemon=True)
@@ -82,9 +84,12 @@ class Process:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            self._queue.put(line)
+        try:
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                self._queue.put(line)
+        except ValueError:
+            pass  # the group's stop_all closed the pipe after stopping the process
         self._queue.put(None)  # end of output: the process exited
 
     def wait_for_line(self, pattern: str, timeout: float = START_TIMEOUT) -> re.Match[str]:
@@ -108,22 +113,16 @@ class Process:
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int:
         """SIGTERM, then wait for the exit code (SIGKILL only if it does not come in time)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        self.group.signal(self.proc, signal.SIGTERM)
         try:
             code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self.group.signal_group(self.proc, signal.SIGKILL)
             self.proc.wait()
             pytest.fail(f"{self.name} did not stop within {timeout:.0f} s of SIGTERM:\n"
                         f"{self.diagnostics()}")
         self._reader.join(timeout=10)
         return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @dataclass
@@ -154,32 +153,31 @@ def wait_serving(address: str, timeout: float = START_TIMEOUT) -> None:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     tmp = tmp_path_factory.mktemp("grpcurl")
-    procs: list[Process] = []
+    group = ProcessGroup()
     try:
-        boot = Process("bootstrap", ["--log-level", "INFO", "bootstrap", "--nodes", "1",
-                                     "--topology", "ring", "--partition", "iid",
-                                     "--rounds", "100000", "--bind", "127.0.0.1:0"],
+        boot = Process(group, "bootstrap", ["--log-level", "INFO", "bootstrap", "--nodes", "1",
+                                            "--topology", "ring", "--partition", "iid",
+                                            "--rounds", "100000", "--bind", "127.0.0.1:0"],
                        tmp / "bootstrap.log")
-        procs.append(boot)
         boot_address = boot.wait_for_line(r"bootstrap serving on (\S+)").group(1)
         wait_serving(boot_address)
-        peer = Process("peer 0", ["--log-level", "INFO", "peer", "--id", "0", "--bootstrap",
-                                  boot_address, "--bind", "127.0.0.1:0", "--out",
-                                  str(tmp / "peer0"), "--device", "cpu"], tmp / "peer0.log")
-        procs.append(peer)
+        peer = Process(group, "peer 0", ["--log-level", "INFO", "peer", "--id", "0",
+                                         "--bootstrap", boot_address, "--bind", "127.0.0.1:0",
+                                         "--out", str(tmp / "peer0"), "--device", "cpu"],
+                       tmp / "peer0.log")
         peer_address = peer.wait_for_line(r"peer 0 serving on (\S+)").group(1)
         wait_serving(peer_address)
         yield Run(boot, peer, boot_address, peer_address)
     finally:
-        for proc in reversed(procs):
-            proc.kill()
+        group.stop_all()
 
 
 def grpcurl(*args: str) -> str:
     """grpcurl -plaintext ARGS; its stdout, or a failure that shows its stderr."""
     assert GRPCURL is not None
-    proc = subprocess.run([GRPCURL, "-plaintext", "-connect-timeout", "20", "-max-time", "60",
-                           *args], capture_output=True, text=True, timeout=120)
+    with ProcessGroup() as group:
+        proc = group.run([GRPCURL, "-plaintext", "-connect-timeout", "20", "-max-time", "60",
+                          *args], timeout=120)
     assert proc.returncode == 0, f"grpcurl {' '.join(args)} failed: {proc.stderr}"
     return proc.stdout
 

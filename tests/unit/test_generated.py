@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from google.protobuf.descriptor import Descriptor, EnumDescriptor
 
-REPO = Path(__file__).resolve().parents[2]
+from procs import REPO, ProcessGroup
+
 COMMITTED = REPO / "crossgrad" / "v1"
 SCRIPT = REPO / "scripts" / "generate_proto.py"
 MAX_DIFF_LINES = 40
@@ -28,9 +28,8 @@ def generated_files(package: Path) -> dict[str, str]:
             if p.is_file() and p.suffix in (".py", ".pyi")}
 
 
-def test_committed_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
+def test_committed_stubs_match_a_fresh_generation(procs: ProcessGroup, tmp_path: Path) -> None:
+    result = procs.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], timeout=60)
     assert result.returncode == 0, f"generate_proto.py failed:\n{result.stderr}"
     fresh = generated_files(tmp_path / "crossgrad" / "v1")
     committed = generated_files(COMMITTED)
