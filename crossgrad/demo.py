@@ -21,7 +21,6 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
@@ -30,22 +29,13 @@ from typing import IO, Any, NoReturn
 import grpc
 import torch
 
+from crossgrad.cluster import command, run_flags
 from crossgrad.config import RunConfig
 from crossgrad.rpc import make_channel
 from crossgrad.status import byte_cells, byte_columns, kind_columns
 from crossgrad.v1 import bootstrap_pb2, bootstrap_pb2_grpc
 
 SERVING = re.compile(r"bootstrap serving on (\S+)")
-
-
-def run_flags(config: RunConfig) -> list[str]:
-    """The run's settings as command-line flags (every one visible, as in the compose file)."""
-    flags: list[str] = []
-    for key, value in asdict(config).items():
-        if key in ("data_dir", "device") or value is None:
-            continue
-        flags += [f"--{key.replace('_', '-')}", str(value)]
-    return flags
 
 
 class Terminated(Exception):
@@ -94,10 +84,6 @@ class _StopSignals:
     def restore(self) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, signal.SIG_DFL if previous is None else previous)
-
-
-def _command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "crossgrad", *args]
 
 
 def _wait_for_address(proc: subprocess.Popen[str], timeout: float) -> str:
@@ -222,7 +208,7 @@ def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0) -> i
         logs.append(boot_log)
         with signals.deferred():
             boot = subprocess.Popen(
-                _command("--log-level", "INFO", "bootstrap", *run_flags(config), "--bind",
+                command("--log-level", "INFO", "bootstrap", *run_flags(config), "--bind",
                          "127.0.0.1:0", "--state", str(out / "bootstrap.sqlite")),
                 stdout=subprocess.PIPE, stderr=boot_log, text=True, env=env)
             procs.append(boot)
@@ -239,7 +225,7 @@ def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0) -> i
             if config.data_dir:
                 args += ["--data-dir", config.data_dir]
             with signals.deferred():
-                procs.append(subprocess.Popen(_command(*args), stdout=log,
+                procs.append(subprocess.Popen(command(*args), stdout=log,
                                               stderr=subprocess.STDOUT, text=True, env=env))
         channel = make_channel(address)
         stub = bootstrap_pb2_grpc.BootstrapStub(channel)
