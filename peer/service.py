@@ -47,14 +47,17 @@ from peer.node import Node, Params
 from peer.records import RunRecorder
 from peer.servicer import PeerServicer, add_to_server
 from peer.session import BootstrapSession, Progress, Stopped
-from peer.training.checkpoint import Checkpoint, CheckpointStore, make_checkpoint, run_identity
+from peer.training.checkpoint import (
+    DEFAULT_EVERY,
+    Checkpoint,
+    CheckpointStore,
+    make_checkpoint,
+    run_identity,
+)
 
 log = logging.getLogger(__name__)
 
 
-# Rounds between checkpoints: saving costs under 2% of round time for every default model at
-# this interval (docs/benchmarks.md, "Checkpoints").
-DEFAULT_CHECKPOINT_EVERY = 25
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class PeerOptions:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     join_timeout: float = 300.0  # how long to wait for the run to assemble (s)
     checkpoint_dir: Path | None = None  # None: no checkpoints
-    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY  # rounds; 0: only when stopped
+    checkpoint_every: int = DEFAULT_EVERY  # rounds; 0: only when stopped
     resume: bool = False  # require a checkpoint of this run to start from
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES  # the largest stream accepted from a peer
 

@@ -46,10 +46,12 @@ from crossgrad.errors import DataError
 
 log = logging.getLogger(__name__)
 
-# The default of --checkpoint-every: saving then costs under 2% of round time for every default
-# model (docs/benchmarks.md, "Checkpoints": at most 220 rounds were needed, by digits/mlp under
-# D-PSGD, whose round is a few ms while a save is bound by fsync; twice that, rounded up).
-DEFAULT_EVERY = 500
+# The default of --checkpoint-every. A save costs 12-76 ms here (fsync-bound for small models;
+# docs/benchmarks.md, "Checkpoints"); a deployed peer's round, its exchanges with its neighbors
+# included, takes 70 ms and more (digits/mlp, 5 peers on 2 cores) and a save at this interval
+# then costs under 0.5% of round time, under 2% for every default model. Only the simulator's
+# rounds (a few ms, no network) are short enough to need K ~ 200; it saves only when asked.
+DEFAULT_EVERY = 50
 MAGIC = b"CROSSGRAD-CHECKPOINT 1\n"
 MAX_HEADER = 4096  # bytes: the JSON header line is about 200
 _NAME = re.compile(r"node-(\d+)-round-(\d{9,})\.ckpt")
