@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import grpc
 
@@ -205,19 +205,42 @@ class LocalCluster:
         except grpc.RpcError:
             return None
 
-    def wait_round(self, node: int, round_: int, timeout: float = 300.0) -> None:
-        """Until peer `node` reports a round >= round_ (polled over GetStatus)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def wait_round(self, node: int, round_: int, timeout: float = 300.0) -> int:
+        """Until peer `node` reports a round >= round_ (polled over GetStatus); that round."""
+        def reached() -> int | None:
             proc = self.peers[node]
             if proc.poll() is not None:
                 raise RuntimeError(f"peer {node} exited with {proc.returncode} before round "
                                    f"{round_}")
             status = self.status(node, timeout=2.0)
-            if status is not None and status.round >= round_:
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"peer {node} did not reach round {round_} in {timeout:.0f} s")
+            return status.round if status is not None and status.round >= round_ else None
+
+        return poll(reached, timeout, f"peer {node} reaching round {round_}")
+
+    def wait_state(self, node: int, state: str, timeout: float = 60.0) -> None:
+        """Until the bootstrap lists peer `node` in `state` (ACTIVE, EXPIRED, LEFT, ...)."""
+        def listed() -> bool | None:
+            peers = {p.node_id: p.state for p in self.list_peers().peers}
+            return True if peers.get(node) == state else None
+
+        poll(listed, timeout, f"the bootstrap listing peer {node} as {state}")
+
+
+T = TypeVar("T")
+
+
+def poll(condition: Callable[[], T | None], timeout: float, what: str,
+         interval: float = 0.05) -> T:
+    """condition()'s first answer that is not None, asked every `interval` s (a remote state
+    has no event to wait on); TimeoutError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = condition()
+        if answer is not None:
+            return answer
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what}: not after {timeout:.0f} s")
+        time.sleep(interval)
 
 
 def _killpg(proc: subprocess.Popen[str], sig: int) -> None:

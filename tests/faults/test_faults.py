@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from crossgrad.cluster import LocalCluster
+from crossgrad.cluster import LocalCluster, poll
 from crossgrad.config import RunConfig
 from crossgrad.demo import final_table
 from peer import simulate
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 TIMEOUT = 5.0  # --timeout: the deadline of every neighbor call
 LEASE = 3.0  # --lease-seconds
 CONFIG = RunConfig(nodes=5, topology="ring", algorithm="cga", dataset="digits",
-                   partition="modulo", rounds=150, batch_size=32, eval_every=25, seed=123,
+                   partition="modulo", rounds=300, batch_size=32, eval_every=25, seed=123,
                    device="cpu")
 
 
@@ -59,19 +59,12 @@ def test_a_killed_peer_is_left_out_and_comes_back_with_resume(tmp_path: Path,
     with LocalCluster(CONFIG, out, peer_args=peers(out)) as cluster:
         cluster.start_bootstrap(lease_seconds=LEASE)
         cluster.start_peers()
-        cluster.wait_round(2, 40, timeout=600)
+        cluster.wait_round(2, 60, timeout=600)
         cluster.signal(2, signal.SIGKILL)
-        killed_at = time.monotonic()
         # The bootstrap expires it after its lease; the live nodes keep going meanwhile.
-        while time.monotonic() - killed_at < 60:
-            states = {p.node_id: p.state for p in cluster.list_peers().peers}
-            if states[2] == "EXPIRED":
-                break
-            time.sleep(0.1)
-        assert states[2] == "EXPIRED", states
+        cluster.wait_state(2, "EXPIRED", timeout=60)
         table = cluster_table(cluster)
         assert "dead" in table.splitlines()[_row(table, 2)], table
-        cluster.wait_round(1, 90, timeout=600)
         cluster.start_peer(2, resume=True)
         codes = cluster.wait_peers(timeout=900)
         assert codes == dict.fromkeys(range(5), 0), codes
@@ -111,10 +104,13 @@ def test_a_bootstrap_killed_mid_run_and_restarted_keeps_the_run(tmp_path: Path) 
         cluster.signal("bootstrap", signal.SIGKILL)
         assert cluster.bootstrap is not None
         cluster.bootstrap.wait(timeout=30)
+        down = time.monotonic()
         before = cluster.status(0)
         assert before is not None
-        # Down for more than two leases: the peers keep training meanwhile.
-        cluster.wait_round(0, before.round + 10, timeout=600)
+        # Down for more than two leases, while the peers keep training.
+        poll(lambda: True if time.monotonic() - down > 2.5 * LEASE else None, 60, "downtime")
+        during = cluster.status(0)
+        assert during is not None and during.round > before.round
         cluster.start_bootstrap(lease_seconds=LEASE)  # same port, same --state
         after = cluster.list_peers()
         assert after.topology_epoch == epoch
@@ -134,7 +130,7 @@ def test_sigterm_checkpoints_leaves_and_resume_goes_on(tmp_path: Path) -> None:
     with LocalCluster(CONFIG, out, peer_args=peers(out)) as cluster:
         cluster.start_bootstrap(lease_seconds=LEASE)
         cluster.start_peers()
-        cluster.wait_round(3, 30, timeout=600)
+        cluster.wait_round(3, 60, timeout=600)
         cluster.signal(3, signal.SIGTERM)
         assert cluster.peers[3].wait(timeout=120) == 0
         stopped = summary_of(out, 3)
