@@ -1,0 +1,129 @@
+"""A peer's bootstrap session and round loop against a real bootstrap on 127.0.0.1 (issue: faults).
+
+- Join waits for a bootstrap that is not up yet, with backoff and jitter.
+- The heartbeat thread hands every new topology epoch to the peer (a neighbor that left).
+- A node whose neighbors are far ahead catches up from their models (Node.catch_up).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from bootstrap.registry import AssignmentView
+from bootstrap.server import serve
+from crossgrad.cluster import free_port
+from crossgrad.config import RunConfig
+from crossgrad.rpc import RunningServer
+from peer.builder import assignments, load_run_data, make_node
+from peer.loop import RoundLoop
+from peer.metrics import Traffic
+from peer.records import RunRecorder
+from peer.session import BootstrapSession, Progress, backoff_delays
+
+from peers import start_runtime
+
+SETTINGS = RunConfig(nodes=3, topology="ring", dataset="digits", partition="iid", rounds=40,
+                     device="cpu")
+LEASE = 2.0
+
+
+@pytest.fixture
+def bootstrap() -> Iterator[RunningServer]:
+    server = serve(SETTINGS, "127.0.0.1:0", None, LEASE)
+    yield server
+    server.stop(0)
+
+
+def test_backoff_is_jittered_and_capped() -> None:
+    delay = backoff_delays(base=0.25, cap=5.0, rng=random.Random(7))
+    draws = [delay(attempt) for attempt in range(12) for _ in range(50)]
+    assert all(0.0 <= d <= 5.0 for d in draws)
+    assert max(delay(0) for _ in range(200)) <= 0.25  # the first retries come quickly
+    assert len({round(d, 6) for d in draws}) > 500  # jittered: peers do not retry in step
+
+
+def test_join_waits_for_a_bootstrap_that_comes_up_later() -> None:
+    port = free_port()
+    session = BootstrapSession(f"127.0.0.1:{port}", 0, join_timeout=60.0)
+    joined: list[RunConfig] = []
+    thread = threading.Thread(target=lambda: joined.append(session.join("127.0.0.1:1", 0)))
+    thread.start()
+    try:
+        assert not joined  # nothing to join yet: it keeps trying
+        server = serve(SETTINGS, f"127.0.0.1:{port}", None, LEASE)
+        thread.join(timeout=30)
+        assert joined and joined[0].nodes == 3 and session.joined
+        server.stop(0)
+    finally:
+        session.close()
+        thread.join(timeout=5)
+
+
+def test_heartbeats_hand_over_each_new_epoch(bootstrap: RunningServer) -> None:
+    sessions = [BootstrapSession(bootstrap.address, i, join_timeout=30.0) for i in range(3)]
+    seen: dict[int, list[AssignmentView]] = {i: [] for i in range(3)}
+    changed = threading.Event()
+
+    def keep(i: int) -> Callable[[AssignmentView], None]:
+        def on_assignment(view: AssignmentView) -> None:
+            seen[i].append(view)
+            if i == 0 and [n.node_id for n in view.neighbors] == [1]:
+                changed.set()
+        return on_assignment
+
+    try:
+        for i, session in enumerate(sessions):
+            session.join(f"127.0.0.1:{60000 + i}", 10)
+        first = [s.wait_assignment() for s in sessions]
+        assert {v.epoch for v in first} == {1}
+        for i, session in enumerate(sessions):
+            session.start(lambda i=i: Progress(round=0, loss=0.0, health="ok"), keep(i))
+        sessions[2].stop()
+        sessions[2].leave("draining")  # node 2 drains: its neighbors get a new assignment
+        assert changed.wait(timeout=30)
+        view = seen[0][-1]
+        assert view.epoch == 2 and view.self_weight == pytest.approx(0.5)
+    finally:
+        for session in sessions:
+            session.close()
+
+
+def test_a_node_far_behind_catches_up_from_its_neighbors_models(tmp_path: Path) -> None:
+    cfg = RunConfig(nodes=2, topology="ring", dataset="digits", partition="iid", rounds=40,
+                    device="cpu", algorithm="cga")
+    data = load_run_data(cfg)
+    _, assigned = assignments(cfg)
+    ahead_rt, behind_rt = start_runtime(1), start_runtime(0)
+    try:
+        ahead = make_node(cfg, data, 1, assigned[1], torch.device("cpu"))
+        behind = make_node(cfg, data, 0, assigned[0], torch.device("cpu"))
+        ahead.round = 12  # as if it trained on while node 0 was away
+        ahead_rt.attach(ahead, {0: "127.0.0.1:1"}, epoch=1)
+        assert ahead_rt.server is not None and behind_rt.server is not None
+        behind_rt.attach(behind, {1: ahead_rt.server.address}, epoch=1)
+        ahead.publish()
+        assert behind_rt.hood is not None
+        loop = RoundLoop(behind, behind_rt.hood, cfg, RunRecorder(tmp_path, cfg), Traffic(),
+                         timeout=5.0, test_set=(data.dataset.test_x, data.dataset.test_y))
+        behind.algorithm.momentum_buffers(behind.params)  # some momentum to forget
+        assert loop.catch_up_if_behind()
+        assert behind.round == 12 and loop.catch_ups.count == 1
+        for mine, theirs in zip(behind.params, ahead.model(12), strict=True):
+            assert torch.equal(mine, theirs)  # the average of one neighbor's model
+        assert behind.algorithm.state_dict()["momentum"] is None
+        assert not loop.catch_up_if_behind()  # level now: nothing to do
+        loop.recorder.close()
+        events = (tmp_path / "metrics.jsonl").read_text()
+        assert '"event": "catch_up"' in events and '"from_round": 0' in events
+    finally:
+        for rt in (ahead_rt, behind_rt):
+            assert rt.server is not None
+            rt.server.stop(0)
+            if rt.hood is not None:
+                rt.hood.close()
