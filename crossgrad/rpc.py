@@ -82,6 +82,16 @@ CLIENT_KEEPALIVE_TIME_MS = 30_000
 CLIENT_KEEPALIVE_TIMEOUT_MS = 10_000
 
 MAX_RECONNECT_BACKOFF_MS = 2_000
+# Threads of every server's pool that streams may not take. A stream holds its thread for as
+# long as it lasts: a GetModel waiting for the next round to be published, a cross-gradient
+# being computed, a WatchAssignment or a Health/Watch for the whole run. If streams could take
+# every thread, health checks, GetStatus and heartbeats would queue behind them for seconds
+# (a node with 8 neighbors serves 16 streams each round); with this many kept, a unary call
+# always finds a thread (tests/rpc/test_liveness_rpc.py, docs/benchmarks.md "Liveness").
+RESERVED_UNARY_WORKERS = 8
+# Threads of a server's pool by default: up to 56 streams at once. Threads start only when
+# calls need them, so a generous pool costs nothing on a quiet node.
+DEFAULT_MAX_WORKERS = 64
 
 # Trailing metadata naming the ProtocolError class of a failed call (lower case: HTTP/2 header).
 ERROR_CLASS_KEY = "crossgrad-error"
@@ -195,7 +205,11 @@ def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[t
         ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", SERVER_MIN_PING_INTERVAL_MS),
+        # The name grpc reads (GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS). Under any
+        # other name grpc keeps its 5-minute default, counts each 30 s client ping as a strike
+        # and, after two, closes the connection with GOAWAY "too_many_pings": every stream that
+        # stays quiet for 90 s (a WatchAssignment while the run assembles) would die with it.
+        ("grpc.http2.min_ping_interval_without_data_ms", SERVER_MIN_PING_INTERVAL_MS),
         ("grpc.http2.max_pings_without_data", 0),
         # Off, so that a second server on a taken port fails loudly instead of sharing it.
         ("grpc.so_reuseport", 0),
@@ -269,18 +283,82 @@ class _RejectMalformedRequests(grpc.ServerInterceptor):
             response_serializer=handler.response_serializer)
 
 
+class _StreamLimit(grpc.ServerInterceptor):
+    """At most `limit` streams (request- or response-streaming calls) hold a thread at once.
+
+    The pool's other threads are then free for unary calls whatever the streams do. A stream
+    over the limit is answered UNAVAILABLE at once: queued, it would wait for a stream to end,
+    which may be the whole run, and its caller's deadline would pass anyway.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def _admit(self, context: grpc.ServicerContext, method: str) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.warning("%s: refused a stream: %d streams in flight already", method, self.limit)
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          f"{method}: this server already serves {self.limit} streams, its "
+                          "limit (threads are kept for unary calls); retry when one ends")
+
+    def intercept_service(self, continuation: Callable[[Any], Any],
+                          details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None or not (handler.request_streaming or handler.response_streaming):
+            return handler
+        method = getattr(details, "method", "?")
+
+        def streamed(behavior: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                self._admit(context, method)
+                try:  # grpc closes the generator when the call ends or is cancelled
+                    yield from behavior(request, context)
+                finally:
+                    self._slots.release()
+            return call
+
+        def unary_reply(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            def call(requests: Any, context: grpc.ServicerContext) -> Any:
+                self._admit(context, method)
+                try:
+                    return behavior(requests, context)
+                finally:
+                    self._slots.release()
+            return call
+
+        serializers = {"request_deserializer": handler.request_deserializer,
+                       "response_serializer": handler.response_serializer}
+        if not handler.request_streaming:
+            return grpc.unary_stream_rpc_method_handler(streamed(handler.unary_stream),
+                                                        **serializers)
+        if not handler.response_streaming:
+            return grpc.stream_unary_rpc_method_handler(unary_reply(handler.stream_unary),
+                                                        **serializers)
+        return grpc.stream_stream_rpc_method_handler(streamed(handler.stream_stream),
+                                                     **serializers)
+
+
 def make_server(bind: str, services: Sequence[Service], *,
-                max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_workers: int = 16,
+                max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                max_workers: int = DEFAULT_MAX_WORKERS,
                 credentials: grpc.ServerCredentials | None = None) -> RunningServer:
     """Start a server on `bind` ("127.0.0.1:0", "0.0.0.0:50051") with health and reflection.
 
-    Raises ConfigError for a malformed bind address, an unknown service name, or a port that
-    cannot be bound. `credentials` is the seam for TLS: None serves plaintext.
+    The pool has `max_workers` threads, of which streams may hold at most
+    `max_workers - RESERVED_UNARY_WORKERS`: one stream more is answered UNAVAILABLE at once
+    rather than queued, and unary calls never wait behind streams.
+
+    Raises ConfigError for a malformed bind address, an unknown service name, a pool with no
+    room for streams, or a port that cannot be bound. `credentials` is the seam for TLS: None
+    serves plaintext.
     """
     host = _host_of(bind)
-    if max_message_bytes <= 0 or max_workers <= 0:
-        raise ConfigError(f"max_message_bytes and max_workers must be positive, got "
-                          f"{max_message_bytes} and {max_workers}")
+    if max_message_bytes <= 0:
+        raise ConfigError(f"max_message_bytes must be positive, got {max_message_bytes}")
+    if max_workers <= RESERVED_UNARY_WORKERS:
+        raise ConfigError(f"max_workers must exceed the {RESERVED_UNARY_WORKERS} threads kept "
+                          f"for unary calls, so that streams get some; got {max_workers}")
     names = [service.name for service in services]
     for name in names:
         try:
@@ -292,7 +370,8 @@ def make_server(bind: str, services: Sequence[Service], *,
 
     executor = futures.ThreadPoolExecutor(max_workers, thread_name_prefix="crossgrad-rpc")
     server = grpc.server(executor, options=server_options(max_message_bytes),
-                         interceptors=[_RejectMalformedRequests()])
+                         interceptors=[_RejectMalformedRequests(),
+                                       _StreamLimit(max_workers - RESERVED_UNARY_WORKERS)])
     for service in services:
         service.register(server)
     health_servicer = health.HealthServicer()
