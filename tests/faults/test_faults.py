@@ -8,6 +8,7 @@ simulator's accuracy is the unfaulted run's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import time
@@ -39,10 +40,16 @@ def summary_of(out: Path, node: int) -> dict[str, object]:
     return json.loads((out / f"node-{node}" / "summary.json").read_text())
 
 
+# The kill test runs long enough that the outage (a lease, then a process start: 5-10 s, 70-150
+# rounds here) is a small part of the run: while node 2 is away nobody trains on its classes.
+KILL_CONFIG = dataclasses.replace(CONFIG, rounds=600, eval_every=50)
+
+
 @pytest.fixture(scope="module")
 def unfaulted(tmp_path_factory: pytest.TempPathFactory) -> float:
-    """Mean final test accuracy of the run with no fault (the simulator: bit-identical)."""
-    result = simulate.run(CONFIG, tmp_path_factory.mktemp("unfaulted"))
+    """Mean final test accuracy of the kill test's run with no fault (the simulator: a
+    networked run without faults ends bit-identical to it)."""
+    result = simulate.run(KILL_CONFIG, tmp_path_factory.mktemp("unfaulted"))
     return result.final.mean
 
 
@@ -56,10 +63,10 @@ def peers(out: Path, **extra: str) -> list[str]:
 def test_a_killed_peer_is_left_out_and_comes_back_with_resume(tmp_path: Path,
                                                              unfaulted: float) -> None:
     out = tmp_path / "run"
-    with LocalCluster(CONFIG, out, peer_args=peers(out)) as cluster:
+    with LocalCluster(KILL_CONFIG, out, peer_args=peers(out)) as cluster:
         cluster.start_bootstrap(lease_seconds=LEASE)
         cluster.start_peers()
-        cluster.wait_round(2, 60, timeout=600)
+        cluster.wait_round(2, 100, timeout=600)
         cluster.signal(2, signal.SIGKILL)
         # The bootstrap expires it after its lease; the live nodes keep going meanwhile.
         cluster.wait_state(2, "EXPIRED", timeout=60)
@@ -75,11 +82,12 @@ def test_a_killed_peer_is_left_out_and_comes_back_with_resume(tmp_path: Path,
         slowest = max(float(r["seconds"]) for r in rounds_of(out, i))  # type: ignore[arg-type]
         assert slowest < TIMEOUT + 2.0, (i, slowest)
     summaries = [summary_of(out, i) for i in range(5)]
-    assert all(s["round"] == CONFIG.rounds for s in summaries)
+    assert all(s["round"] == KILL_CONFIG.rounds for s in summaries)
     assert summaries[2]["resumes"] == 1
     mean = sum(float(s["accuracy"]) for s in summaries) / 5  # type: ignore[arg-type]
+    print(f"final mean accuracy {mean:.4f} with the fault, {unfaulted:.4f} without")
     assert abs(mean - unfaulted) <= 0.01, (mean, unfaulted)
-    table = final_table(CONFIG, out, peers=listed)
+    table = final_table(KILL_CONFIG, out, peers=listed)
     assert "resumed" in table.splitlines()[_row(table, 2)], table
 
 
