@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -110,6 +111,8 @@ class GrpcNeighborhood:
         # connections costs nothing, and one whose host is silent costs at most a deadline.
         self._suspects: set[int] = set()
         self._ahead: set[int] = set()  # rounds for which a neighbor answered "stale"
+        # (round, monotonic deadline): the one deadline of the round being fetched
+        self._round_deadline: tuple[int, float] = (-1, 0.0)
         self._pool = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="neighbors")
         self.update(addresses)
 
@@ -276,10 +279,26 @@ class GrpcNeighborhood:
         return out
 
     def models(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
+        """x_j^round from each neighbor; starts the round's deadline (see cross_gradients)."""
+        with self._lock:
+            self._round_deadline = (round_, time.monotonic() + self.timeout)
         return self._gather(round_, neighbors, self.fetch_model)
 
     def cross_gradients(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
-        return self._gather(round_, neighbors, self.fetch_cross_gradient)
+        """g_ij from each neighbor, within what is left of the round's deadline: a neighbor
+        that sent its model just in time and then stalls must not cost a second deadline."""
+        with self._lock:
+            started_round, deadline = self._round_deadline
+        left = deadline - time.monotonic() if started_round == round_ else self.timeout
+
+        def fetch(peer: int, r: int) -> Params:
+            if left <= 0:
+                raise DeadlineExceeded(f"cross-gradient of round {r} from node {peer}: the "
+                                       f"round's deadline ({self.timeout:g} s) passed while "
+                                       "its models were fetched")
+            return self.fetch_cross_gradient(peer, r, left)
+
+        return self._gather(round_, neighbors, fetch)
 
     def status(self, peer: int, timeout: float = 5.0) -> peer_pb2.PeerStatus:
         request = peer_pb2.GetStatusRequest(requester=f"node {self.node.id}")

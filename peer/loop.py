@@ -208,6 +208,8 @@ class RoundLoop:
                 self.evaluate(record)
         node.publish()  # the final model, for anyone who asks (status tools, the demo)
         self.state = PeerState.DONE if node.round >= cfg.rounds else PeerState.DRAINING
+        if self.state is PeerState.DRAINING:
+            node.stop_publishing()  # neighbors waiting for its next round: not at a deadline
 
     def evaluate(self, record: RoundRecord | None = None) -> None:
         loss, acc = self.node.trainer.evaluate(self.node.params, self.test_x, self.test_y)
@@ -220,6 +222,8 @@ class RoundLoop:
     def wait_for_neighbors(self) -> None:
         """Keep serving until every neighbor has finished too (or stops answering), at most
         one deadline: they may still need this node's last model and cross-gradients."""
+        if self.state is PeerState.DRAINING:
+            return  # it stops before its neighbors: they go on without it
         deadline = time.monotonic() + self.timeout
         pending = set(self.node.assignment.neighbors)
         while pending and time.monotonic() < deadline and not self.stop_event.is_set():

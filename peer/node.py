@@ -140,6 +140,7 @@ class Node:
         self._lock = threading.RLock()
         self._published = threading.Condition(self._lock)
         self.upcoming: frozenset[int] = frozenset()  # neighbors of an announced next epoch
+        self._stopped = False  # stop_publishing() was called
 
     @property
     def names(self) -> list[str]:
@@ -211,9 +212,19 @@ class Node:
             return max(self._snapshots, default=-1)
 
     def wait_published(self, round_: int, timeout: float | None) -> bool:
-        """Block until round_ is published (or was: then True at once), at most timeout s."""
+        """Block until round_ is published (or was: then True at once), at most timeout s;
+        False at once for a round this node will never publish (it stopped: stop_publishing)."""
         with self._published:
-            return self._published.wait_for(lambda: self.latest_published() >= round_, timeout)
+            self._published.wait_for(
+                lambda: self.latest_published() >= round_ or self._stopped, timeout)
+            return self.latest_published() >= round_
+
+    def stop_publishing(self) -> None:
+        """No round after the last published one will come (the node drains): neighbors
+        waiting for one get their answer now instead of at their deadline."""
+        with self._published:
+            self._stopped = True
+            self._published.notify_all()
 
     def remember_model(self, node_id: int, round_: int, params: Params) -> None:
         """Keep a neighbor's fetched model: serving its cross-gradient needs it again."""

@@ -119,6 +119,9 @@ def kind_bytes(kinds: dict[str, Pair]) -> list[peer_pb2.KindBytes]:
             for k, (s, r) in kinds.items()]
 
 
+# Rounds beyond this are refused when the run's own count is not known (a node in a test).
+MAX_ROUND = 2**32
+
 __all__ = ["PeerOptions", "PeerRuntime", "PeerState", "Stopped"]
 
 
@@ -155,6 +158,15 @@ class PeerRuntime:
         if self.loop is not None:
             return self.loop.state
         return PeerState.STARTING if self.node is None else PeerState.TRAINING
+
+    def last_round(self) -> int:
+        """The last round a neighbor may ask for: the run's round count (a node publishes its
+        final model under it), or MAX_ROUND before the settings are known."""
+        return self.settings.rounds if self.settings is not None else MAX_ROUND
+
+    def draining(self) -> bool:
+        """Whether the peer stopped before its last round (SIGTERM)."""
+        return self.state is PeerState.DRAINING
 
     def wait_ready(self, timeout: float) -> Node | None:
         """The node once built (neighbors may call before this peer has its assignment)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -47,7 +48,15 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
 
     def _node_for(self, requester: int, round_: int, wait: float) -> Node:
         """The ready node (waiting up to `wait` s for it), after checking the requester and the
-        round window."""
+        round window.
+
+        A requester ahead of this node (round_ more than one round past this node's) is not
+        refused: it is waited for, up to `wait` s, until this node gets one round short of it
+        (the window in which it serves that round). Refusing at once let a group of nodes one
+        slow round ahead run on without their neighbors for the rest of the run; waiting keeps
+        the run in step, and a straggler still costs its neighbors at most their deadline.
+        """
+        started = time.monotonic()
         node = self.runtime.wait_ready(wait)
         if node is None:
             raise Unavailable(f"node {self.runtime.node_id} is starting: it has no assignment yet")
@@ -55,11 +64,21 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
             self.runtime.count_rejected()
             raise NotANeighbor(f"node {requester} is not a neighbor of node {node.id} "
                                f"(neighbors: {list(node.assignment.neighbors)})")
+        last = self.runtime.last_round()
+        if round_ > last:
+            self.runtime.count_rejected()
+            raise InvalidMessage(f"round {round_} is past the last round of this run "
+                                 f"({last}); node {node.id} is at round {node.round}")
         current = node.round
         if round_ > current + 1:
-            self.runtime.count_rejected()
-            raise InvalidMessage(f"round {round_} is more than one round ahead of node {node.id}, "
-                                 f"which is at round {current}")
+            left = max(0.0, wait - (time.monotonic() - started))
+            if not node.wait_published(round_ - 1, left):
+                why = ("it is stopping" if self.runtime.draining()
+                       else f"it did not get there within {wait:.1f} s")
+                raise (Unavailable if self.runtime.draining() else DeadlineExceeded)(
+                    f"round {round_} is ahead of node {node.id}, which is at round "
+                    f"{node.round}: {why}")
+            current = node.round
         if round_ <= current - node.keep_rounds:
             raise StaleRound(f"round {round_} is stale: node {node.id} is at round {current} and "
                              f"keeps the last {node.keep_rounds} rounds")
@@ -84,6 +103,9 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         node = self._node_for(request.requester_id, request.round,
                               self._remaining(context, self.runtime.timeout))
         if not node.wait_published(request.round, self._remaining(context, self.runtime.timeout)):
+            if node.latest_published() < request.round and self.runtime.draining():
+                raise Unavailable(f"node {node.id} is stopping: it will not publish round "
+                                  f"{request.round}")
             raise DeadlineExceeded(f"node {node.id} had not published round {request.round} "
                                    "before the deadline")
         params = node.model(request.round)
