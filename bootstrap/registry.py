@@ -27,7 +27,7 @@ Reports are recorded, never acted on: only a lease decides who is dead.
 Leases run on the wall clock (time.time), because they are persisted and a monotonic clock means
 nothing to the next process. They start at assembly (peers waiting for the others need not
 heartbeat) and, after a restart, when the registry is reopened: peers could not heartbeat while
-the bootstrap was down, so each gets one full lease to reach it again.
+the bootstrap was down, so each gets RESTART_GRACE_LEASES (2) full leases to reach it again.
 
 Persistence: SQLite, a row per peer and a key/value table of run metadata (settings, epoch,
 assembled flag, topology adjacency; JSON), committed before each call returns. One lock. Columns
@@ -69,6 +69,7 @@ LOCAL_FIELDS = ("data_dir", "device")  # each process's own business, not part o
 MAX_UINT = 2**63 - 1  # SQLite integers are signed 64-bit; the proto's uint64 may exceed them
 MAX_NOTE = 256  # characters of a health note or leave reason kept
 FINISHED = "done"  # the Leave reason of a peer that ran every round
+RESTART_GRACE_LEASES = 2  # leases a peer has to come back after the bootstrap restarted
 
 # The first schema; COUNTERS are added to it (to an older file too) by _migrate.
 _SCHEMA = """
@@ -196,6 +197,9 @@ class Registry:
             raise ConfigError(f"the bootstrap state {self._path} belongs to another run "
                               f"({'; '.join(diff)}); pass a new --state path to start a new "
                               f"run, or the same settings to resume that one")
+        # Each peer gets RESTART_GRACE_LEASES leases to reach the bootstrap again: its retries
+        # back off with jitter and its channel reconnects within a second or so.
+        self._opened_at += (RESTART_GRACE_LEASES - 1) * self.lease_seconds
         graph = json.loads(meta["topology"])
         adj = np.array(graph["adjacency"], dtype=bool)  # (n, n)
         self._topology = Topology(len(adj), graph["spec"], adj)

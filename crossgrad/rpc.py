@@ -81,7 +81,7 @@ SERVER_MIN_PING_INTERVAL_MS = 10_000
 CLIENT_KEEPALIVE_TIME_MS = 30_000
 CLIENT_KEEPALIVE_TIMEOUT_MS = 10_000
 
-MAX_RECONNECT_BACKOFF_MS = 2_000
+MAX_RECONNECT_BACKOFF_MS = 1_000
 # Threads of every server's pool that streams may not take. A stream holds its thread for as
 # long as it lasts: a GetModel waiting for the next round to be published, a cross-gradient
 # being computed, a WatchAssignment or a Health/Watch for the whole run. If streams could take

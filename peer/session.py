@@ -150,7 +150,10 @@ class BootstrapSession:
             try:
                 self.heartbeat(progress(), on_assignment)
             except ProtocolError as exc:
-                wait = self._delay(self.failures)
+                # Backoff capped at a quarter lease: a bootstrap back from a restart must hear
+                # from every peer within the grace it gives them (two leases).
+                wait = min(self._delay(self.failures), max(HEARTBEAT_MIN_S,
+                                                           self.lease_seconds / 4))
                 self.failures += 1
                 log.warning("node %d: bootstrap %s: %s (attempt %d; next in %.1f s; training "
                             "goes on)", self.node_id, self.address, exc, self.failures, wait)

@@ -354,16 +354,17 @@ def test_a_state_file_of_the_first_schema_opens_with_zero_counters(tmp_path: Pat
     again.close()
 
 
-def test_a_restarted_bootstrap_gives_every_peer_one_lease_to_come_back(tmp_path: Path) -> None:
+def test_a_restarted_bootstrap_gives_every_peer_two_leases_to_come_back(tmp_path: Path) -> None:
     db = tmp_path / "bootstrap.sqlite"
     clock = FakeClock()
     assembled(nodes=3, clock=clock, db=db).close()
     clock.t += 5 * LEASE  # the bootstrap was down; nobody could heartbeat
     reg = make(RunConfig(nodes=3), clock, db)
     assert reg.expire() == []
-    clock.t += LEASE - 1
+    clock.t += 2 * LEASE - 1
+    assert reg.expire() == []
     reg.heartbeat(0, 1, 0.1, "")
-    clock.t += 2  # one lease and a second since the restart
+    clock.t += 2  # two leases and a second since the restart
     assert reg.expire() == [1, 2]
     reg.close()
 
