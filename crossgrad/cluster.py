@@ -16,18 +16,23 @@ Every process is started in its own session (process group), and close() ends ev
 any way out (SIGTERM, then SIGKILL after a grace period). The signal dispositions they need
 (SIGTERM and SIGINT drain) the `crossgrad` processes install themselves, whatever they
 inherited. `prefix` runs a peer's command under another
-(e.g. `ip netns exec NS`) to put it in a network namespace.
+(e.g. `ip netns exec NS`) to put it in a network namespace; `hosts` gives each peer its own
+bind address there, and `bootstrap_host`/`bootstrap_prefix` do the same for the bootstrap.
+Processes in other namespaces cannot be reached from this one, so `recorded_round` and
+`wait_recorded` follow a peer through its metrics.jsonl instead of GetStatus.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -70,12 +75,17 @@ class LocalCluster:
 
     def __init__(self, config: RunConfig, out: Path, *, peer_args: Sequence[str] = (),
                  host: str = "127.0.0.1", prefix: Callable[[int], list[str]] | None = None,
-                 log_level: str = "INFO") -> None:
+                 log_level: str = "INFO", hosts: Callable[[int], str] | None = None,
+                 bootstrap_host: str | None = None,
+                 bootstrap_prefix: Callable[[], list[str]] | None = None) -> None:
         self.config = config
         self.out = out
         self.peer_args = list(peer_args)
         self.host = host
         self.prefix = prefix or (lambda node: [])
+        self.hosts = hosts or (lambda node: host)  # where peer `node` binds
+        self.bootstrap_host = bootstrap_host or host
+        self.bootstrap_prefix = bootstrap_prefix or (lambda: [])
         self.log_level = log_level
         self.bootstrap: subprocess.Popen[str] | None = None
         self.bootstrap_address = ""
@@ -97,10 +107,11 @@ class LocalCluster:
             port = int(self.bootstrap_address.rpartition(":")[2])
         log = open(self.out / "bootstrap.log", "a")  # noqa: SIM115 (closed in close())
         self._logs.append(log)
-        self.bootstrap = self._spawn(
-            command("--log-level", self.log_level, "bootstrap", *run_flags(self.config),
-                    "--bind", f"{self.host}:{port}", "--state", str(self.out / "bootstrap.sqlite"),
-                    "--lease-seconds", str(lease_seconds)), log, stdout=subprocess.PIPE)
+        self.bootstrap = self._spawn([*self.bootstrap_prefix(), *command(
+            "--log-level", self.log_level, "bootstrap", *run_flags(self.config),
+            "--bind", f"{self.bootstrap_host}:{port}",
+            "--state", str(self.out / "bootstrap.sqlite"),
+            "--lease-seconds", str(lease_seconds))], log, stdout=subprocess.PIPE)
         self.bootstrap_address = self._read_address(self.bootstrap, timeout)
         return self.bootstrap_address
 
@@ -127,7 +138,7 @@ class LocalCluster:
         self._logs.append(log)
         args = [*self.prefix(node), *command(
             "--log-level", self.log_level, "peer", "--id", str(node), "--bootstrap",
-            self.bootstrap_address, "--bind", f"{self.host}:0", "--out",
+            self.bootstrap_address, "--bind", f"{self.hosts(node)}:0", "--out",
             str(self.peer_dir(node)), "--device", self.config.device, *self.peer_args, *extra)]
         if self.config.data_dir:
             args += ["--data-dir", self.config.data_dir]
@@ -226,6 +237,37 @@ class LocalCluster:
         poll(listed, timeout, f"the bootstrap listing peer {node} as {state}")
 
 
+    def recorded_round(self, node: int) -> int:
+        """The round peer `node` is at by its metrics.jsonl: one past the last round it
+        recorded (GetStatus's round), 0 before its first."""
+        path = self.peer_dir(node) / "metrics.jsonl"
+        if not path.exists():
+            return 0
+        last = 0
+        for line in path.read_text().splitlines():
+            if '"kind": "round"' not in line:
+                continue
+            try:
+                last = max(last, int(json.loads(line)["round"]) + 1)
+            except (ValueError, KeyError):
+                continue  # a line still being written
+        return last
+
+    def wait_recorded(self, node: int, round_: int, timeout: float = 300.0) -> None:
+        """Until peer `node` has recorded round_ - 1 (recorded_round >= round_), read from its
+        metrics.jsonl: for peers this process cannot reach (another network namespace)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.recorded_round(node) >= round_:
+                return
+            proc = self.peers[node]
+            if proc.poll() is not None:
+                raise RuntimeError(f"peer {node} exited with {proc.returncode} before round "
+                                   f"{round_}; see {self.out / f'node-{node}.log'}")
+            time.sleep(0.05)
+        raise TimeoutError(f"peer {node} did not record round {round_} in {timeout:.0f} s")
+
+
 T = TypeVar("T")
 
 
@@ -241,6 +283,57 @@ def poll(condition: Callable[[], T | None], timeout: float, what: str,
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{what}: not after {timeout:.0f} s")
         time.sleep(interval)
+
+
+class RoundWatch:
+    """When each peer's rounds first appeared in its metrics.jsonl, from a thread that reads the
+    new lines every `every` seconds until stop().
+
+    The wall-clock time from one round to the next includes what a round record's `seconds`
+    leaves out (evaluations, checkpoints, catch-ups, taking a new assignment), so the longest
+    gap says whether a node was ever stuck. Resolution: `every` plus the file system's."""
+
+    def __init__(self, out: Path, nodes: Sequence[int], every: float = 0.05) -> None:
+        self.out = out
+        self.every = every
+        self.seen: dict[int, dict[int, float]] = {n: {} for n in nodes}  # node -> round -> t
+        self._offsets = dict.fromkeys(nodes, 0)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="round-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.poll()
+
+    def poll(self) -> None:
+        """Read what each peer appended since the last poll (called by the thread)."""
+        now = time.monotonic()
+        for node, offset in self._offsets.items():
+            path = self.out / f"node-{node}" / "metrics.jsonl"
+            if not path.exists():
+                continue
+            with path.open("rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits
+            self._offsets[node] = offset + len(complete)
+            for line in complete.decode().splitlines():
+                record = json.loads(line)
+                if record.get("kind") == "round":
+                    with self._lock:
+                        self.seen[node].setdefault(int(record["round"]), now)
+
+    def times(self, node: int) -> dict[int, float]:
+        """Round -> when its record was first seen (time.monotonic())."""
+        with self._lock:
+            return dict(self.seen[node])
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
 
 
 def _killpg(proc: subprocess.Popen[str], sig: int) -> None:
