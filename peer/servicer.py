@@ -1,9 +1,9 @@
 """The Peer service (crossgrad.v1.Peer): thin. Validate, call the runtime, stream, translate errors.
 
 Status codes (peer.proto): PERMISSION_DENIED for a requester that is not a neighbor,
-FAILED_PRECONDITION for a round no longer kept, INVALID_ARGUMENT for a round more than one
-ahead of this node, DEADLINE_EXCEEDED when a near-future round is not published before the
-call's deadline, UNAVAILABLE while the node is starting.
+FAILED_PRECONDITION for a round no longer kept, INVALID_ARGUMENT for a round past the run's
+last, DEADLINE_EXCEEDED when a future round (the next one, or a requester's ahead of this node)
+is not reached before the call's deadline, UNAVAILABLE while the node is starting or stopping.
 """
 
 from __future__ import annotations
