@@ -63,6 +63,21 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "crossgrad", *args]
 
 
+def read_bootstrap_address(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The address a starting `crossgrad bootstrap` prints on its stdout ("bootstrap serving on
+    HOST:PORT"); RuntimeError when it exits or says nothing of the kind within `timeout` s."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        match = SERVING.search(line)
+        if match:
+            return match.group(1)
+    raise RuntimeError(f"the bootstrap did not start (exit code {proc.poll()}); see its log")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (for a server that must come back on the same one)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -112,21 +127,8 @@ class LocalCluster:
             "--bind", f"{self.bootstrap_host}:{port}",
             "--state", str(self.out / "bootstrap.sqlite"),
             "--lease-seconds", str(lease_seconds))], log, stdout=subprocess.PIPE)
-        self.bootstrap_address = self._read_address(self.bootstrap, timeout)
+        self.bootstrap_address = read_bootstrap_address(self.bootstrap, timeout)
         return self.bootstrap_address
-
-    @staticmethod
-    def _read_address(proc: subprocess.Popen[str], timeout: float) -> str:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            match = SERVING.search(line)
-            if match:
-                return match.group(1)
-        raise RuntimeError(f"the bootstrap did not start (exit code {proc.poll()}); see its log")
 
     def peer_dir(self, node: int) -> Path:
         return self.out / f"node-{node}"

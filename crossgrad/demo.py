@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -29,13 +28,11 @@ from typing import IO, Any, NoReturn
 import grpc
 import torch
 
-from crossgrad.cluster import command, run_flags
+from crossgrad.cluster import command, read_bootstrap_address, run_flags
 from crossgrad.config import RunConfig
 from crossgrad.rpc import make_channel
 from crossgrad.status import byte_cells, byte_columns, kind_columns
 from crossgrad.v1 import bootstrap_pb2, bootstrap_pb2_grpc
-
-SERVING = re.compile(r"bootstrap serving on (\S+)")
 
 
 class Terminated(Exception):
@@ -86,17 +83,6 @@ class _StopSignals:
             signal.signal(sig, signal.SIG_DFL if previous is None else previous)
 
 
-def _wait_for_address(proc: subprocess.Popen[str], timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        match = SERVING.search(line)
-        if match:
-            return match.group(1)
-    raise RuntimeError("the bootstrap did not start; see its log")
 
 
 def _stop(procs: list[subprocess.Popen[str]], grace: float = 10.0) -> None:
@@ -212,7 +198,7 @@ def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0) -> i
                          "127.0.0.1:0", "--state", str(out / "bootstrap.sqlite")),
                 stdout=subprocess.PIPE, stderr=boot_log, text=True, env=env)
             procs.append(boot)
-        address = _wait_for_address(boot, timeout=60.0)
+        address = read_bootstrap_address(boot, timeout=60.0)
         print(f"bootstrap on {address}; starting {config.nodes} peers "
               f"({config.algorithm}, {config.topology}, {config.dataset}/{config.partition})",
               flush=True)
