@@ -206,10 +206,12 @@ class RoundLoop:
                 self.checkpoint("periodic")
             if node.round % cfg.eval_every == 0 or node.round == cfg.rounds:
                 self.evaluate(record)
-        node.publish()  # the final model, for anyone who asks (status tools, the demo)
-        self.state = PeerState.DONE if node.round >= cfg.rounds else PeerState.DRAINING
-        if self.state is PeerState.DRAINING:
-            node.stop_publishing()  # neighbors waiting for its next round: not at a deadline
+        if node.round >= cfg.rounds:
+            node.publish()  # the final model, for anyone who asks (status tools, the demo)
+            self.state = PeerState.DONE
+        else:  # stopped: its next round will not come, and neighbors must not wait for it
+            self.state = PeerState.DRAINING
+            node.stop_publishing()
 
     def evaluate(self, record: RoundRecord | None = None) -> None:
         loss, acc = self.node.trainer.evaluate(self.node.params, self.test_x, self.test_y)

@@ -119,6 +119,8 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
                               self._remaining(context, self.runtime.timeout))
         requester, round_ = request.requester_id, request.round
         grads = node.cached_cross_gradient(requester, round_)
+        if grads is None and self.runtime.draining():
+            raise Unavailable(f"node {node.id} is stopping: it computes no more cross-gradients")
         if grads is None:
             params = node.neighbor_model(requester, round_)
             if params is None:
