@@ -111,8 +111,8 @@ class RoundLoop:
         with self._lock:
             missed, self._missed = tuple(sorted(self._missed)), set()
         health = "ok" if self.state is not PeerState.ALONE else "alone: no live neighbor"
-        loss = self.last_loss if math.isfinite(self.last_loss) else 0.0
-        return Progress(round=self.node.round, loss=loss, health=health, unreachable=missed)
+        return Progress(round=self.node.round, loss=self.last_loss, health=health,
+                        unreachable=missed)
 
     # ---- between rounds ------------------------------------------------------------------
     def _take_assignment(self) -> None:
@@ -169,7 +169,7 @@ class RoundLoop:
     def _note_round(self, record: RoundRecord) -> None:
         with self._lock:
             self._missed.update(record.missing)
-        alone = not record.answered
+        alone = not record.answered and self.settings.nodes > 1  # a run of one is not alone
         if alone and self.state is not PeerState.ALONE:
             why = ("it has no neighbors in this assignment" if not self.node.assignment.neighbors
                    else f"none of nodes {list(self.node.assignment.neighbors)} answered")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -234,8 +235,8 @@ class PeerRuntime:
     def progress(self) -> Progress:
         loop = self.loop
         if loop is None:
-            return Progress(round=self.node.round if self.node else 0, loss=0.0,
-                            health=self.state.value.lower())
+            return Progress(round=self.node.round if self.node else 0, loss=math.nan,
+                            health=self.state.value.lower())  # no loss before the first round
         return loop.progress()
 
     def offer(self, view: AssignmentView) -> None:
