@@ -258,16 +258,16 @@ class LocalCluster:
     def wait_recorded(self, node: int, round_: int, timeout: float = 300.0) -> None:
         """Until peer `node` has recorded round_ - 1 (recorded_round >= round_), read from its
         metrics.jsonl: for peers this process cannot reach (another network namespace)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def recorded() -> bool | None:
             if self.recorded_round(node) >= round_:
-                return
+                return True
             proc = self.peers[node]
             if proc.poll() is not None:
                 raise RuntimeError(f"peer {node} exited with {proc.returncode} before round "
                                    f"{round_}; see {self.out / f'node-{node}.log'}")
-            time.sleep(0.05)
-        raise TimeoutError(f"peer {node} did not record round {round_} in {timeout:.0f} s")
+            return None
+
+        poll(recorded, timeout, f"peer {node} recording round {round_}")
 
 
 T = TypeVar("T")
