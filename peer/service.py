@@ -21,6 +21,7 @@ import ctypes
 import dataclasses
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -112,6 +113,23 @@ def keep_freed_memory(limit_bytes: int = 1 << 30) -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     return bool(mallopt(m_mmap_threshold, limit_bytes)) and bool(
         mallopt(m_trim_threshold, 2 * limit_bytes))
+
+
+# How much lower than the server's threads the compute runs (nice levels, Linux).
+COMPUTE_NICENESS = 10
+
+
+def yield_to_serving(niceness: int = COMPUTE_NICENESS) -> bool:
+    """Lower the scheduling priority of the calling thread (the round loop), and so of every
+    thread it starts from now on (torch's intra-op pool, the neighbor-fetching pool), below the
+    server's threads, which already run: a peer that trains on every core still answers health
+    checks, GetStatus and its neighbors' calls at once (docs/benchmarks.md, "Liveness"). Linux
+    only (per-thread nice); a no-op (False) elsewhere or when not permitted."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):
+        return False
+    return True
 
 
 def kind_bytes(kinds: dict[str, Pair]) -> list[peer_pb2.KindBytes]:
@@ -252,6 +270,7 @@ class PeerRuntime:
     def start(self) -> None:
         """Serve, join, build the node; health SERVING when this returns."""
         self.serve()
+        yield_to_serving()
         self.session = session = BootstrapSession(self.options.bootstrap, self.node_id,
                                                   join_timeout=self.options.join_timeout)
         if self._stop.is_set():
