@@ -53,19 +53,23 @@ def unfaulted(tmp_path_factory: pytest.TempPathFactory) -> float:
     return result.final.mean
 
 
-def peers(out: Path, **extra: str) -> list[str]:
-    args = ["--timeout", str(TIMEOUT), "--checkpoint-every", "10"]
-    for key, value in extra.items():
-        args += [f"--{key.replace('_', '-')}", value]
-    return args
+def started(config: RunConfig, out: Path) -> LocalCluster:
+    """A bootstrap and every peer of `config` running under `out` (close it: a `with` block)."""
+    cluster = LocalCluster(config, out, peer_args=["--timeout", str(TIMEOUT),
+                                                   "--checkpoint-every", "10"])
+    try:
+        cluster.start_bootstrap(lease_seconds=LEASE)
+        cluster.start_peers()
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
 
 
 def test_a_killed_peer_is_left_out_and_comes_back_with_resume(tmp_path: Path,
                                                              unfaulted: float) -> None:
     out = tmp_path / "run"
-    with LocalCluster(KILL_CONFIG, out, peer_args=peers(out)) as cluster:
-        cluster.start_bootstrap(lease_seconds=LEASE)
-        cluster.start_peers()
+    with started(KILL_CONFIG, out) as cluster:
         cluster.wait_round(2, 100, timeout=600)
         cluster.signal(2, signal.SIGKILL)
         # The bootstrap expires it after its lease; the live nodes keep going meanwhile.
@@ -104,9 +108,7 @@ def _row(table: str, node: int) -> int:
 
 def test_a_bootstrap_killed_mid_run_and_restarted_keeps_the_run(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    with LocalCluster(CONFIG, out, peer_args=peers(out)) as cluster:
-        cluster.start_bootstrap(lease_seconds=LEASE)
-        cluster.start_peers()
+    with started(CONFIG, out) as cluster:
         cluster.wait_round(0, 40, timeout=600)
         epoch = cluster.list_peers().topology_epoch
         cluster.signal("bootstrap", signal.SIGKILL)
@@ -135,9 +137,7 @@ def test_a_bootstrap_killed_mid_run_and_restarted_keeps_the_run(tmp_path: Path) 
 
 def test_sigterm_checkpoints_leaves_and_resume_goes_on(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    with LocalCluster(CONFIG, out, peer_args=peers(out)) as cluster:
-        cluster.start_bootstrap(lease_seconds=LEASE)
-        cluster.start_peers()
+    with started(CONFIG, out) as cluster:
         cluster.wait_round(3, 60, timeout=600)
         cluster.signal(3, signal.SIGTERM)
         assert cluster.peers[3].wait(timeout=120) == 0

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import pytest
 from netns import Namespaces, listed, run, unavailable
 
+from crossgrad.cluster import poll
+
 WHY = unavailable()
 pytestmark = pytest.mark.skipif(WHY is not None, reason=WHY or "")
 
@@ -114,10 +116,8 @@ def test_remove_kills_what_runs_inside_and_deletes_every_namespace() -> None:
     assert set(names) <= set(listed())
     proc = subprocess.Popen([*net.prefix(0), "sleep", "600"], start_new_session=True)
     try:
-        deadline = time.monotonic() + 10
-        while str(proc.pid) not in run("ip", "netns", "pids", net.peer(0)).stdout.split():
-            assert time.monotonic() < deadline, "the process never entered the namespace"
-            time.sleep(0.01)
+        poll(lambda: True if str(proc.pid) in run("ip", "netns", "pids", net.peer(0)).stdout
+             .split() else None, 10, "the process entering the namespace", interval=0.01)
         net.remove()
         assert proc.wait(timeout=10) == -signal.SIGKILL
         assert not set(names) & set(listed())

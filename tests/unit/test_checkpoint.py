@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from crossgrad.config import RunConfig, validate
+from crossgrad.config import RunConfig
 from peer import simulate
-from peer.builder import assignments, load_run_data, make_node
 from peer.metrics import digest
 from peer.node import Node
 from peer.simulate import InMemoryNeighborhood
@@ -30,6 +29,8 @@ from peer.training.checkpoint import (
     run_identity,
 )
 
+from runs import build, run_config
+
 
 @pytest.fixture(autouse=True)
 def one_torch_thread() -> Iterator[None]:
@@ -41,18 +42,14 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+DEFAULTS: dict[str, object] = dict(
+    nodes=3, topology="ring", algorithm="cga", dataset="digits",
+    partition="iid", rounds=4, batch_size=8, eval_every=3,
+    device="cpu", seed=7)
+
+
 def config(**overrides: object) -> RunConfig:
-    base: dict[str, object] = dict(nodes=3, topology="ring", algorithm="cga", dataset="digits",
-                                   partition="iid", rounds=4, batch_size=8, eval_every=3,
-                                   device="cpu", seed=7)
-    base.update(overrides)
-    return validate(RunConfig(**base))  # type: ignore[arg-type]
-
-
-def build(cfg: RunConfig) -> list[Node]:
-    data = load_run_data(cfg)
-    _, assigned = assignments(cfg)
-    return [make_node(cfg, data, i, assigned[i], torch.device("cpu")) for i in range(cfg.nodes)]
+    return run_config(DEFAULTS, **overrides)
 
 
 def run_rounds(nodes: list[Node], rounds: int) -> None:
@@ -225,7 +222,7 @@ MALFORMED: dict[str, tuple[dict[str, Any], str]] = {
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_a_malformed_state_gets_one_line_naming_the_part(case: str) -> None:
     cfg = config(algorithm="cga")
-    node = make_node(cfg, load_run_data(cfg), 0, assignments(cfg)[1][0], torch.device("cpu"))
+    node = build(cfg)[0]
     change, reason = MALFORMED[case]
     state = {**node.state_dict(), **change}
     state = {k: v for k, v in state.items() if v is not ...}

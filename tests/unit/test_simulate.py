@@ -10,25 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from crossgrad.config import RunConfig, validate
+from crossgrad.config import RunConfig
 from peer import simulate
-from peer.builder import assignments, load_run_data, make_node
 from peer.node import Node, Params
 from peer.simulate import InMemoryNeighborhood
 
+from runs import build, run_config
+
+DEFAULTS: dict[str, object] = dict(
+    nodes=5, topology="ring", algorithm="cga", dataset="digits",
+    partition="modulo", rounds=6, batch_size=16, eval_every=3,
+    device="cpu", seed=7)
+
 
 def config(**overrides: object) -> RunConfig:
-    base: dict[str, object] = dict(nodes=5, topology="ring", algorithm="cga", dataset="digits",
-                                   partition="modulo", rounds=6, batch_size=16, eval_every=3,
-                                   device="cpu", seed=7)
-    base.update(overrides)
-    return validate(RunConfig(**base))  # type: ignore[arg-type]
-
-
-def build(cfg: RunConfig) -> list[Node]:
-    data = load_run_data(cfg)
-    _, assigned = assignments(cfg)
-    return [make_node(cfg, data, i, assigned[i], torch.device("cpu")) for i in range(cfg.nodes)]
+    return run_config(DEFAULTS, **overrides)
 
 
 class CountingNeighborhood(InMemoryNeighborhood):
