@@ -21,6 +21,9 @@ REPO = Path(__file__).resolve().parents[2]
 SECONDS = 12.0  # per measurement: 240 calls of each type at RATE, so p99 is the 3rd slowest
 RATE = 20.0
 P99_LIMIT_S = 0.100
+# The load is a precondition, not the subject: a CI run measured 0.899 (the two peers' rounds
+# wait on each other's transfers), so demand "mostly busy", which an idle machine is not.
+MIN_BUSY = 0.75
 STREAMS = 24  # more than the 16 threads a server had in all before streams were limited
 
 pytestmark = pytest.mark.slow  # about 45 s: a cluster start and two measurements
@@ -48,7 +51,7 @@ def training_peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def assert_live(result: bench.Probes) -> None:
-    assert result.busy > 0.9, f"the cores were not busy ({result.busy:.0%}): not under load"
+    assert result.busy > MIN_BUSY, f"the cores were not busy ({result.busy:.0%}): not under load"
     for call, probe in (("Health/Check", result.health), ("GetStatus", result.status)):
         p99 = probe.percentile(99)
         summary = (f"{call}: {len(probe.latencies)} answered, {probe.misses} missed "
