@@ -19,7 +19,9 @@ from pathlib import Path
 from bootstrap.registry import Registry
 from bootstrap.servicer import SERVICE_NAME, BootstrapServicer
 from crossgrad.config import RunConfig
+from crossgrad.guard import CallerLimits
 from crossgrad.rpc import RunningServer, Service, make_server
+from crossgrad.security import Security
 from crossgrad.v1 import bootstrap_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,8 @@ class BootstrapServer(RunningServer):
     def __init__(self, running: RunningServer, registry: Registry,
                  servicer: BootstrapServicer) -> None:
         super().__init__(running._server, running._executor, running.port, running.address,
-                         running.health, running.service_names)
+                         running.health, running.service_names, running.security,
+                         running.refusals)
         self.registry = registry
         self.servicer = servicer
 
@@ -49,10 +52,12 @@ class BootstrapServer(RunningServer):
 
 
 def serve(settings: RunConfig, bind: str, state_path: str | Path | None,
-          lease_seconds: float) -> RunningServer:
+          lease_seconds: float, *, security: Security | None = None,
+          limits: CallerLimits | None = None) -> RunningServer:
     """Open (or resume) the run's registry at state_path (None: in memory, lost on exit) and
     serve crossgrad.v1.Bootstrap on `bind`; the server is started and SERVING when this returns.
 
+    `security` and `limits` as crossgrad.rpc.make_server (None: plaintext, default limits).
     Raises ConfigError for a state file of another run, a bad topology or an unusable bind.
     """
     registry = Registry(settings, state_path, lease_seconds=lease_seconds)
@@ -64,10 +69,12 @@ def serve(settings: RunConfig, bind: str, state_path: str | Path | None,
                      lambda server: bootstrap_pb2_grpc.add_BootstrapServicer_to_server(
                          servicer, server))],
             max_workers=settings.nodes + SPARE_WORKERS,
+            security=security, limits=limits,
         )
     except BaseException:
         registry.close()
         raise
+    servicer.refusals = running.refusals.snapshot
     registry.start_reaper()
     server = BootstrapServer(running, registry, servicer)
     server.set_serving()

@@ -8,6 +8,12 @@ Leases are checked (Registry.expire) before every call that reports liveness, so
 shows a peer alive whose lease ran out; the reaper thread does the same for WatchAssignment
 subscribers when nobody calls at all.
 
+Who may call what (docs/security.md): Join, Heartbeat and Leave act only on the caller's own id.
+With mutual TLS that is the node its verified certificate names, and a request for another id
+is refused with PERMISSION_DENIED (one node cannot evict another, nor heartbeat for a dead one);
+the read-only calls (GetAssignment, WatchAssignment, ListPeers) are open to any caller the
+server's gate let in (crossgrad/guard.py). Without mutual TLS node ids are claims.
+
 WatchAssignment holds one server thread per subscriber for as long as it streams, so the server
 is sized for one watcher per node (bootstrap/server.py). It waits on the Registry in short slices
 rather than indefinitely, to notice a client that went away (context.is_active) or a server that
@@ -19,14 +25,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
 from bootstrap.convert import assignment_to_proto, peer_to_proto, settings_to_proto
 from bootstrap.registry import Registry
-from crossgrad.errors import NotReady, Unavailable
+from crossgrad.errors import NotReady, PermissionDenied, Unavailable
 from crossgrad.rpc import translate_errors
+from crossgrad.security import caller_of
 from crossgrad.v1 import bootstrap_pb2 as pb
 from crossgrad.v1 import bootstrap_pb2_grpc
 
@@ -39,11 +46,22 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
     """crossgrad.v1.Bootstrap over one Registry. `watch_poll_seconds` bounds how long a cancelled
     or stopping watch keeps its thread."""
 
-    def __init__(self, registry: Registry, *, watch_poll_seconds: float = 0.25) -> None:
+    def __init__(self, registry: Registry, *, watch_poll_seconds: float = 0.25,
+                 refusals: Callable[[], dict[str, int]] = dict) -> None:
         self.registry = registry
+        self.refusals = refusals  # the server's count of refused calls, for ListPeers
         self._settings = settings_to_proto(registry.settings)  # the same in every answer
         self._poll = watch_poll_seconds
         self._stopping = threading.Event()
+
+    @staticmethod
+    def _own(node_id: int, context: grpc.ServicerContext, what: str) -> int:
+        """`node_id`, if the caller may act under it: with mutual TLS only its own."""
+        caller = caller_of(context)
+        if caller.certified and caller.node_id != node_id:
+            raise PermissionDenied(f"{what} for node {node_id} refused: {caller} may "
+                                   f"{what.lower()} only under its own id")
+        return node_id
 
     def stop_watches(self) -> None:
         """End every WatchAssignment stream (UNAVAILABLE) within one poll slice."""
@@ -51,7 +69,8 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
 
     @translate_errors
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
-        result = self.registry.join(request.node_id, request.address, request.num_samples,
+        result = self.registry.join(self._own(request.node_id, context, "Join"),
+                                    request.address, request.num_samples,
                                     resumed=request.resumed,
                                     checkpoint_round=request.checkpoint_round)
         return pb.JoinResponse(ready=result.ready, joined=result.joined,
@@ -61,7 +80,8 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
     def Heartbeat(self, request: pb.HeartbeatRequest,
                   context: grpc.ServicerContext) -> pb.HeartbeatResponse:
         self.registry.expire()
-        epoch, lease = self.registry.heartbeat(request.node_id, request.round, request.loss,
+        epoch, lease = self.registry.heartbeat(self._own(request.node_id, context, "Heartbeat"),
+                                               request.round, request.loss,
                                                request.health,
                                                unreachable=request.unreachable_neighbors)
         return pb.HeartbeatResponse(topology_epoch=epoch, lease_seconds=lease)
@@ -96,7 +116,7 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
 
     @translate_errors
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
-        self.registry.leave(request.node_id, request.reason)
+        self.registry.leave(self._own(request.node_id, context, "Leave"), request.reason)
         return pb.LeaveResponse()
 
     @translate_errors
@@ -109,4 +129,5 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
             expected=self.registry.settings.nodes,
             topology_epoch=self.registry.epoch,
             settings=self._settings,
+            refusals=self.refusals(),
         )

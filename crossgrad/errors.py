@@ -11,7 +11,8 @@
         ├── TooLarge               RESOURCE_EXHAUSTED   above the configured size limits
         ├── StaleRound             FAILED_PRECONDITION  a round no longer kept
         ├── NotReady               FAILED_PRECONDITION  asked before the run is assembled
-        ├── NotANeighbor           PERMISSION_DENIED    the requester is not a neighbor
+        ├── PermissionDenied       PERMISSION_DENIED    the caller may not do that
+        │   └── NotANeighbor                                the requester is not a neighbor
         ├── Unauthenticated        UNAUTHENTICATED      missing or wrong credentials
         ├── NotFound               NOT_FOUND            an id that never joined
         ├── AlreadyExists          ALREADY_EXISTS       an id held by another live peer
@@ -79,7 +80,12 @@ class NotReady(ProtocolError):
     """Asked for something that does not exist yet (e.g. before the run is assembled)."""
 
 
-class NotANeighbor(ProtocolError):
+class PermissionDenied(ProtocolError):
+    """The caller is known but may not do that: it acts under another node's id than its
+    certificate names, or it is not a node of the run at all."""
+
+
+class NotANeighbor(PermissionDenied):
     """The requester is not a neighbor of this node in the current assignment."""
 
 

@@ -23,6 +23,7 @@ client trusts that name only when it agrees with the status code.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -39,6 +40,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from crossgrad import guard
 from crossgrad.errors import (
     AlreadyExists,
     ConfigError,
@@ -47,6 +49,7 @@ from crossgrad.errors import (
     NotANeighbor,
     NotFound,
     NotReady,
+    PermissionDenied,
     ProtocolError,
     StaleRound,
     TooLarge,
@@ -54,6 +57,7 @@ from crossgrad.errors import (
     Unauthenticated,
     Unavailable,
 )
+from crossgrad.security import Security
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +109,7 @@ STATUS: dict[type[ProtocolError], grpc.StatusCode] = {
     StaleRound: grpc.StatusCode.FAILED_PRECONDITION,
     NotReady: grpc.StatusCode.FAILED_PRECONDITION,
     NotANeighbor: grpc.StatusCode.PERMISSION_DENIED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     NotFound: grpc.StatusCode.NOT_FOUND,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
@@ -121,16 +126,18 @@ _CLASS_OF_CODE: dict[grpc.StatusCode, type[ProtocolError]] = {
     grpc.StatusCode.DATA_LOSS: TruncatedStream,
     grpc.StatusCode.RESOURCE_EXHAUSTED: TooLarge,
     grpc.StatusCode.FAILED_PRECONDITION: StaleRound,
-    grpc.StatusCode.PERMISSION_DENIED: NotANeighbor,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
 }
 _HINTS: dict[grpc.StatusCode, str] = {
-    grpc.StatusCode.UNAVAILABLE: " (is the node running and reachable at that address?)",
+    grpc.StatusCode.UNAVAILABLE: " (is the node running and reachable at that address? With TLS: "
+                                 "do both sides use certificates of the same CA, and does this "
+                                 "side present one where the server requires it?)",
     grpc.StatusCode.UNIMPLEMENTED: " (does the node run the same crossgrad.v1 contract?)",
-    grpc.StatusCode.RESOURCE_EXHAUSTED: " (do both sides use the same max message size?)",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: " (over a limit of the server: see its message)",
 }
 _UNSPECIFIED_HOSTS = ("0.0.0.0", "[::]", "::", "*")
 
@@ -158,13 +165,16 @@ class RunningServer:
 
     def __init__(self, server: grpc.Server, executor: futures.ThreadPoolExecutor, port: int,
                  address: str, health_servicer: health.HealthServicer,
-                 service_names: Sequence[str]) -> None:
+                 service_names: Sequence[str], security: Security,
+                 refusals: guard.Refusals) -> None:
         self._server = server
         self._executor = executor
         self.port = port
         self.address = address
         self.health = health_servicer
         self.service_names = tuple(service_names)
+        self.security = security
+        self.refusals = refusals  # calls refused (auth, limits), by status code name
 
     def set_serving(self, serving: bool = True) -> None:
         """Report SERVING (or NOT_SERVING) for the server ("") and every service at once."""
@@ -283,75 +293,52 @@ class _RejectMalformedRequests(grpc.ServerInterceptor):
             response_serializer=handler.response_serializer)
 
 
-class _StreamLimit(grpc.ServerInterceptor):
+def _stream_limit(limit: int) -> guard.GuardInterceptor:
     """At most `limit` streams (request- or response-streaming calls) hold a thread at once.
 
     The pool's other threads are then free for unary calls whatever the streams do. A stream
     over the limit is answered UNAVAILABLE at once: queued, it would wait for a stream to end,
     which may be the whole run, and its caller's deadline would pass anyway.
     """
+    slots = threading.BoundedSemaphore(limit)
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._slots = threading.BoundedSemaphore(limit)
-
-    def _admit(self, context: grpc.ServicerContext, method: str) -> None:
-        if not self._slots.acquire(blocking=False):
-            log.warning("%s: refused a stream: %d streams in flight already", method, self.limit)
+    @contextlib.contextmanager
+    def admit(context: grpc.ServicerContext, method: str, stream: bool) -> Iterator[None]:
+        if not stream:
+            yield
+            return
+        if not slots.acquire(blocking=False):
+            log.warning("%s: refused a stream: %d streams in flight already", method, limit)
             context.abort(grpc.StatusCode.UNAVAILABLE,
-                          f"{method}: this server already serves {self.limit} streams, its "
+                          f"{method}: this server already serves {limit} streams, its "
                           "limit (threads are kept for unary calls); retry when one ends")
+        try:
+            yield
+        finally:
+            slots.release()
 
-    def intercept_service(self, continuation: Callable[[Any], Any],
-                          details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(details)
-        if handler is None or not (handler.request_streaming or handler.response_streaming):
-            return handler
-        method = getattr(details, "method", "?")
-
-        def streamed(behavior: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
-            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                self._admit(context, method)
-                try:  # grpc closes the generator when the call ends or is cancelled
-                    yield from behavior(request, context)
-                finally:
-                    self._slots.release()
-            return call
-
-        def unary_reply(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            def call(requests: Any, context: grpc.ServicerContext) -> Any:
-                self._admit(context, method)
-                try:
-                    return behavior(requests, context)
-                finally:
-                    self._slots.release()
-            return call
-
-        serializers = {"request_deserializer": handler.request_deserializer,
-                       "response_serializer": handler.response_serializer}
-        if not handler.request_streaming:
-            return grpc.unary_stream_rpc_method_handler(streamed(handler.unary_stream),
-                                                        **serializers)
-        if not handler.response_streaming:
-            return grpc.stream_unary_rpc_method_handler(unary_reply(handler.stream_unary),
-                                                        **serializers)
-        return grpc.stream_stream_rpc_method_handler(streamed(handler.stream_stream),
-                                                     **serializers)
+    return guard.GuardInterceptor(admit)
 
 
 def make_server(bind: str, services: Sequence[Service], *,
                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                 max_workers: int = DEFAULT_MAX_WORKERS,
-                credentials: grpc.ServerCredentials | None = None) -> RunningServer:
+                security: Security | None = None,
+                limits: guard.CallerLimits | None = None) -> RunningServer:
     """Start a server on `bind` ("127.0.0.1:0", "0.0.0.0:50051") with health and reflection.
 
     The pool has `max_workers` threads, of which streams may hold at most
     `max_workers - RESERVED_UNARY_WORKERS`: one stream more is answered UNAVAILABLE at once
     rather than queued, and unary calls never wait behind streams.
 
+    `security` decides the transport (crossgrad/security.py): TLS or mutual TLS, the token,
+    or plaintext. None is plaintext, for in-process tests only: the commands always pass the
+    Security the user chose (`--insecure` is never implied). Every call then passes the gate of
+    crossgrad/guard.py: authentication, the per-caller `limits` (default CallerLimits()), and
+    the count of refusals in `RunningServer.refusals`.
+
     Raises ConfigError for a malformed bind address, an unknown service name, a pool with no
-    room for streams, or a port that cannot be bound. `credentials` is the seam for TLS: None
-    serves plaintext.
+    room for streams, or a port that cannot be bound.
     """
     host = _host_of(bind)
     if max_message_bytes <= 0:
@@ -368,10 +355,16 @@ def make_server(bind: str, services: Sequence[Service], *,
                               f"name (e.g. 'crossgrad.v1.Peer') and import its generated "
                               f"module") from None
 
+    security = security or Security.plaintext()
+    refusals = guard.Refusals()
+    gate = [guard.accounting(refusals, f"server at {bind}"),
+            guard.caller_limits(limits or guard.CallerLimits())]
+    if not security.insecure:
+        gate.append(guard.authentication(security))
     executor = futures.ThreadPoolExecutor(max_workers, thread_name_prefix="crossgrad-rpc")
     server = grpc.server(executor, options=server_options(max_message_bytes),
-                         interceptors=[_RejectMalformedRequests(),
-                                       _StreamLimit(max_workers - RESERVED_UNARY_WORKERS)])
+                         interceptors=[*gate, _RejectMalformedRequests(),
+                                       _stream_limit(max_workers - RESERVED_UNARY_WORKERS)])
     for service in services:
         service.register(server)
     health_servicer = health.HealthServicer()
@@ -382,6 +375,7 @@ def make_server(bind: str, services: Sequence[Service], *,
         (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
     reason = "no port bound"
+    credentials = security.server_credentials()
     try:
         port = (server.add_insecure_port(bind) if credentials is None
                 else server.add_secure_port(bind, credentials))
@@ -394,20 +388,29 @@ def make_server(bind: str, services: Sequence[Service], *,
                           f"port, or port 0 for any free one")
     server.start()
     local_host = "127.0.0.1" if host in _UNSPECIFIED_HOSTS else host
-    running = RunningServer(server, executor, port, f"{local_host}:{port}", health_servicer, names)
-    log.info("listening on %s (%s), services %s", bind, running.address, ", ".join(names) or "-")
+    running = RunningServer(server, executor, port, f"{local_host}:{port}", health_servicer, names,
+                            security, refusals)
+    log.info("listening on %s (%s), services %s; %s", bind, running.address,
+             ", ".join(names) or "-", security.describe())
     return running
 
 
 def make_channel(address: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+                 security: Security | None = None, server_name: str | None = None
+                 ) -> grpc.Channel:
     """A channel to `address` (host:port) with crossgrad's limits and keepalive.
 
-    `credentials` is the seam for TLS: None is plaintext (the caller has said --insecure).
+    With TLS (`security`, crossgrad/security.py) the server's certificate must be signed by the
+    CA and name `server_name` (a node's is node-ID.crossgrad, the bootstrap's
+    bootstrap.crossgrad, whatever address they are reached at), or, without one, the host of
+    `address`. None is plaintext, for in-process tests: commands pass what the user chose.
     """
-    options = channel_options(max_message_bytes)
+    options: list[tuple[str, int | str]] = [*channel_options(max_message_bytes)]
+    credentials = (security or Security.plaintext()).channel_credentials()
     if credentials is None:
         return grpc.insecure_channel(address, options=options)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
     return grpc.secure_channel(address, credentials, options=options)
 
 

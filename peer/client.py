@@ -42,6 +42,7 @@ from crossgrad.rpc import (
     make_channel,
     status_of,
 )
+from crossgrad.security import Security, node_server_name
 from crossgrad.v1 import peer_pb2, peer_pb2_grpc
 from peer.compression import Compressor
 from peer.metrics import Traffic
@@ -93,7 +94,8 @@ class GrpcNeighborhood:
     def __init__(self, node: Node, addresses: Mapping[int, str], *, timeout: float,
                  traffic: Traffic | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> None:
+                 max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+                 security: Security | None = None) -> None:
         if max_model_bytes < 1:
             raise ConfigError(f"--max-model-bytes must be positive; got {max_model_bytes}")
         self.node = node
@@ -102,9 +104,11 @@ class GrpcNeighborhood:
         self.misses = Misses()
         self.max_message_bytes = max_message_bytes
         self.max_model_bytes = max_model_bytes  # one model or cross-gradient stream, in bytes
+        self.security = security  # None: plaintext (in-process tests)
         self._lock = threading.Lock()
         self._addresses: dict[int, str] = {}
-        self._channels: dict[str, grpc.Channel] = {}
+        # By (neighbor, address): with TLS a channel verifies that neighbor's certificate.
+        self._channels: dict[tuple[int, str], grpc.Channel] = {}
         self._inflight: dict[tuple[int, int], futures.Future[Params]] = {}
         # Neighbors whose last call failed without an answer: the next call does not wait for
         # them to become reachable (wait_for_ready), so a dead neighbor whose host refuses
@@ -128,9 +132,9 @@ class GrpcNeighborhood:
     def forget(self, peers: Sequence[int]) -> None:
         """Close the channels no current neighbor uses (after `peers` left the assignment)."""
         with self._lock:
-            used = set(self._addresses.values())
-            for address in [a for a in self._channels if a not in used]:
-                self._channels.pop(address).close()
+            used = set(self._addresses.items())
+            for key in [k for k in self._channels if k not in used]:
+                self._channels.pop(key).close()
             self._suspects.difference_update(peers)
 
     def behind(self, round_: int) -> bool:
@@ -145,10 +149,12 @@ class GrpcNeighborhood:
             address = self._addresses.get(peer)
             if address is None:
                 raise ProtocolError(f"node {peer} is not a neighbor in the current assignment")
-            channel = self._channels.get(address)
+            channel = self._channels.get((peer, address))
             if channel is None:
-                channel = make_channel(address, max_message_bytes=self.max_message_bytes)
-                self._channels[address] = channel
+                channel = make_channel(address, max_message_bytes=self.max_message_bytes,
+                                       security=self.security,
+                                       server_name=node_server_name(peer))
+                self._channels[(peer, address)] = channel
         return channel
 
     def stub(self, peer: int) -> peer_pb2_grpc.PeerStub:

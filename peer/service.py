@@ -32,6 +32,7 @@ import torch
 from bootstrap.registry import AssignmentView
 from crossgrad.config import RunConfig, validate
 from crossgrad.errors import ConfigError, DataError, ProtocolError
+from crossgrad.guard import CallerLimits
 from crossgrad.rpc import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -40,6 +41,7 @@ from crossgrad.rpc import (
     Service,
     make_server,
 )
+from crossgrad.security import Security
 from crossgrad.v1 import peer_pb2
 from peer.builder import load_run_data, make_node, resolve_device
 from peer.client import GrpcNeighborhood, check_model_fits
@@ -62,6 +64,13 @@ log = logging.getLogger(__name__)
 
 
 
+# What one neighbor may take from this node per round, in models: a round needs two streams
+# (its model, its cross-gradient) at most the model's size each; the rest is room for a retry
+# and a catch-up fetch. FRAMING_ALLOWANCE covers the headers and chunk framing of one stream.
+MODELS_PER_ROUND = 4
+FRAMING_ALLOWANCE = 1 << 20
+
+
 @dataclass(frozen=True)
 class PeerOptions:
     """How this process runs (not what the run computes: that comes from the bootstrap)."""
@@ -80,6 +89,9 @@ class PeerOptions:
     checkpoint_every: int = DEFAULT_EVERY  # rounds; 0: only when stopped
     resume: bool = False  # require a checkpoint of this run to start from
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES  # the largest stream accepted from a peer
+    security: Security | None = None  # TLS material and token; None: plaintext (tests)
+    limits: CallerLimits | None = None  # per caller; None: crossgrad.guard's defaults
+    bytes_per_round: int = 0  # streamed to one neighbor per round; 0: MODELS_PER_ROUND models
 
     def __post_init__(self) -> None:
         if not 0 < self.chunk_bytes <= DEFAULT_MAX_MESSAGE_BYTES // 2:
@@ -92,6 +104,9 @@ class PeerOptions:
                               f"{self.checkpoint_every}")
         if self.max_model_bytes < 1:
             raise ConfigError(f"--max-model-bytes must be positive; got {self.max_model_bytes}")
+        if self.bytes_per_round < 0:
+            raise ConfigError(f"--max-bytes-per-round must be 0 (automatic) or more; got "
+                              f"{self.bytes_per_round}")
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("--resume needs a checkpoint directory (--checkpoint-dir)")
 
@@ -153,6 +168,7 @@ class PeerRuntime:
         self.node_id = options.node_id
         self.timeout = options.timeout
         self.chunk_bytes = options.chunk_bytes
+        self.bytes_per_round = options.bytes_per_round or MODELS_PER_ROUND * FRAMING_ALLOWANCE
         self.traffic = Traffic()
         self.address = ""
         self.server: RunningServer | None = None
@@ -219,7 +235,8 @@ class PeerRuntime:
             algorithm=self.settings.algorithm if self.settings else "",
             bytes_sent=sent, bytes_received=received, links=links, kinds=kind_bytes(per_kind),
             rejected_messages=self._rejected + (hood.misses.rejected if hood else 0),
-            missed_neighbor_answers=hood.misses.total if hood else 0)
+            missed_neighbor_answers=hood.misses.total if hood else 0,
+            refusals=self.server.refusals.snapshot() if self.server else {})
         if loop is not None:
             status.last_loss = loop.last_loss
             status.last_accuracy = loop.last_accuracy
@@ -272,7 +289,8 @@ class PeerRuntime:
         self.serve()
         yield_to_serving()
         self.session = session = BootstrapSession(self.options.bootstrap, self.node_id,
-                                                  join_timeout=self.options.join_timeout)
+                                                  join_timeout=self.options.join_timeout,
+                                                  security=self.options.security)
         if self._stop.is_set():
             session.stop()
         settings = session.join(self.address, 0)
@@ -347,15 +365,20 @@ class PeerRuntime:
         """Start the Peer server (health NOT_SERVING until attach())."""
         servicer = PeerServicer(self)
         self.server = make_server(self.options.bind, [Service(
-            "crossgrad.v1.Peer", lambda s: add_to_server(servicer, s))])
+            "crossgrad.v1.Peer", lambda s: add_to_server(servicer, s))],
+            security=self.options.security, limits=self.options.limits)
         self.address = self.options.advertise or self.server.address
         return self.server
 
     def attach(self, node: Node, addresses: dict[int, str], epoch: int) -> None:
         """Make `node` the one served and driven; neighbors reached at `addresses`. SERVING."""
         node.assignment = dataclasses.replace(node.assignment, epoch=epoch)
+        if not self.options.bytes_per_round:
+            model = sum(p.numel() * p.element_size() for p in node.params)
+            self.bytes_per_round = MODELS_PER_ROUND * (model + FRAMING_ALLOWANCE)
         self.hood = GrpcNeighborhood(node, addresses, timeout=self.timeout, traffic=self.traffic,
-                                     max_model_bytes=self.options.max_model_bytes)
+                                     max_model_bytes=self.options.max_model_bytes,
+                                     security=self.options.security)
         self.node = node
         self._ready.set()
         if self.server is not None:

@@ -1,6 +1,13 @@
 """The Peer service (crossgrad.v1.Peer): thin. Validate, call the runtime, stream, translate errors.
 
-Status codes (peer.proto): PERMISSION_DENIED for a requester that is not a neighbor,
+Who may call what (docs/security.md): GetModel and ComputeCrossGradient only the node's current
+neighbors, under their own id (with mutual TLS, the node its certificate names: a request whose
+requester_id disagrees is refused); GetStatus anyone the server's gate let in (crossgrad/guard.py).
+A neighbor may take at most `bytes_per_round` bytes of streams per round (by default four models:
+a round needs two), so that a caller cannot make a node serve its model in a loop.
+
+Status codes (peer.proto): PERMISSION_DENIED for a requester that is not a neighbor or not who
+its certificate says, RESOURCE_EXHAUSTED for one over its bytes of the round,
 FAILED_PRECONDITION for a round no longer kept, INVALID_ARGUMENT for a round past the run's
 last, DEADLINE_EXCEEDED when a future round (the next one, or a requester's ahead of this node)
 is not reached before the call's deadline, UNAVAILABLE while the node is starting or stopping.
@@ -16,8 +23,17 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from crossgrad.errors import DeadlineExceeded, InvalidMessage, NotANeighbor, StaleRound, Unavailable
+from crossgrad.errors import (
+    DeadlineExceeded,
+    InvalidMessage,
+    NotANeighbor,
+    PermissionDenied,
+    StaleRound,
+    TooLarge,
+    Unavailable,
+)
 from crossgrad.rpc import translate_errors
+from crossgrad.security import caller_of
 from crossgrad.v1 import peer_pb2, peer_pb2_grpc
 from peer.node import Node, Params
 from peer.wire import checksums, encode_compressed_raw, encode_raw, frame_bytes
@@ -34,6 +50,42 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         # Keyed by the snapshot object too, so a replaced snapshot is never sent with old CRCs.
         self._crcs: dict[int, tuple[Params, list[int]]] = {}
         self._crcs_lock = threading.Lock()
+        # Bytes streamed to each (requester, round), checked against bytes_per_round.
+        self._streamed: dict[tuple[int, int], int] = {}
+        self._streamed_lock = threading.Lock()
+
+    @staticmethod
+    def _requester(claimed: int, context: grpc.ServicerContext) -> int:
+        """The id the request acts under: with mutual TLS, the node the caller's verified
+        certificate names, which the request must not contradict; otherwise the claim."""
+        caller = caller_of(context)
+        if not caller.certified:
+            return claimed
+        if caller.node_id is None:
+            raise PermissionDenied(f"{caller} is not a node of this run: only its nodes fetch "
+                                   "models and cross-gradients (GetStatus is open to it)")
+        if claimed != caller.node_id:
+            raise PermissionDenied(f"requester_id {claimed} disagrees with the caller's "
+                                   f"certificate, which names node {caller.node_id}: a node "
+                                   "acts only under its own id")
+        return claimed
+
+    def _charge(self, node: Node, requester: int, round_: int) -> None:
+        """Refuse a requester that already took its bytes of this round (retry next round)."""
+        limit = self.runtime.bytes_per_round
+        with self._streamed_lock:
+            for key in [k for k in self._streamed if k[1] <= round_ - node.keep_rounds]:
+                del self._streamed[key]
+            taken = self._streamed.get((requester, round_), 0)
+        if taken >= limit:
+            raise TooLarge(f"node {requester} already took {taken} bytes of round {round_} "
+                           f"from node {node.id}, its limit per round ({limit}); a round needs "
+                           "one model and one cross-gradient: retry in the next round")
+
+    def _count(self, requester: int, round_: int, size: int) -> None:
+        with self._streamed_lock:
+            key = (requester, round_)
+            self._streamed[key] = self._streamed.get(key, 0) + size
 
     def _model_crcs(self, node: Node, round_: int, params: Params) -> list[int]:
         with self._crcs_lock:
@@ -90,6 +142,7 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         for raw in encode_raw(node.names, params, sender_id=node.id, round_=round_,
                               chunk_bytes=self.runtime.chunk_bytes, crcs=crcs):
             self.runtime.traffic.add_sent(requester, kind, frame_bytes(len(raw)))
+            self._count(requester, round_, len(raw))
             yield raw
 
     @staticmethod
@@ -100,8 +153,10 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
     @translate_errors
     def GetModel(self, request: peer_pb2.GetModelRequest,
                  context: grpc.ServicerContext) -> Iterator[bytes]:
-        node = self._node_for(request.requester_id, request.round,
+        requester = self._requester(request.requester_id, context)
+        node = self._node_for(requester, request.round,
                               self._remaining(context, self.runtime.timeout))
+        self._charge(node, requester, request.round)
         if not node.wait_published(request.round, self._remaining(context, self.runtime.timeout)):
             if node.latest_published() < request.round and self.runtime.draining():
                 raise Unavailable(f"node {node.id} is stopping: it will not publish round "
@@ -109,15 +164,15 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
             raise DeadlineExceeded(f"node {node.id} had not published round {request.round} "
                                    "before the deadline")
         params = node.model(request.round)
-        yield from self._stream(node, params, request.requester_id, request.round, "model",
+        yield from self._stream(node, params, requester, request.round, "model",
                                 self._model_crcs(node, request.round, params))
 
     @translate_errors
     def ComputeCrossGradient(self, request: peer_pb2.CrossGradientRequest,
                              context: grpc.ServicerContext) -> Iterator[bytes]:
-        node = self._node_for(request.requester_id, request.round,
-                              self._remaining(context, self.runtime.timeout))
-        requester, round_ = request.requester_id, request.round
+        requester, round_ = self._requester(request.requester_id, context), request.round
+        node = self._node_for(requester, round_, self._remaining(context, self.runtime.timeout))
+        self._charge(node, requester, round_)
         grads = node.cached_cross_gradient(requester, round_)
         if grads is None and self.runtime.draining():
             raise Unavailable(f"node {node.id} is stopping: it computes no more cross-gradients")
@@ -134,6 +189,7 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         for raw in encode_compressed_raw(node.names, records, sender_id=node.id, round_=round_,
                                          chunk_bytes=self.runtime.chunk_bytes):
             self.runtime.traffic.add_sent(requester, "cross_gradient", frame_bytes(len(raw)))
+            self._count(requester, round_, len(raw))
             yield raw
 
     @translate_errors

@@ -34,6 +34,7 @@ from bootstrap.registry import AssignmentView
 from crossgrad.config import RunConfig
 from crossgrad.errors import AlreadyExists, ProtocolError, Unavailable
 from crossgrad.rpc import from_rpc_error, make_channel
+from crossgrad.security import BOOTSTRAP_SERVER_NAME, Security
 from crossgrad.v1 import bootstrap_pb2, bootstrap_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -73,11 +74,13 @@ class Progress:
 class BootstrapSession:
     """This node's conversation with the bootstrap at `address`."""
 
-    def __init__(self, address: str, node_id: int, *, join_timeout: float = 300.0) -> None:
+    def __init__(self, address: str, node_id: int, *, join_timeout: float = 300.0,
+                 security: Security | None = None) -> None:
         self.address = address
         self.node_id = node_id
         self.join_timeout = join_timeout
-        self.channel = make_channel(address)
+        self.channel = make_channel(address, security=security,
+                                    server_name=BOOTSTRAP_SERVER_NAME)
         self.stub = bootstrap_pb2_grpc.BootstrapStub(self.channel)
         self.epoch = 0  # the newest epoch handed to on_assignment (or wait_assignment's)
         self.lease_seconds = 15.0

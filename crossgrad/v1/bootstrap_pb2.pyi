@@ -165,13 +165,22 @@ class PeerInfo(_message.Message):
     def __init__(self, node_id: _Optional[int] = ..., address: _Optional[str] = ..., num_samples: _Optional[int] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., loss: _Optional[float] = ..., last_seen_seconds_ago: _Optional[float] = ..., returns: _Optional[int] = ..., resumes: _Optional[int] = ..., unreachable_reports: _Optional[int] = ...) -> None: ...
 
 class ListPeersResponse(_message.Message):
-    __slots__ = ("peers", "expected", "topology_epoch", "settings")
+    __slots__ = ("peers", "expected", "topology_epoch", "settings", "refusals")
+    class RefusalsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     PEERS_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_FIELD_NUMBER: _ClassVar[int]
     TOPOLOGY_EPOCH_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    REFUSALS_FIELD_NUMBER: _ClassVar[int]
     peers: _containers.RepeatedCompositeFieldContainer[PeerInfo]
     expected: int
     topology_epoch: int
     settings: RunSettings
-    def __init__(self, peers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., expected: _Optional[int] = ..., topology_epoch: _Optional[int] = ..., settings: _Optional[_Union[RunSettings, _Mapping]] = ...) -> None: ...
+    refusals: _containers.ScalarMap[str, int]
+    def __init__(self, peers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., expected: _Optional[int] = ..., topology_epoch: _Optional[int] = ..., settings: _Optional[_Union[RunSettings, _Mapping]] = ..., refusals: _Optional[_Mapping[str, int]] = ...) -> None: ...

@@ -226,7 +226,7 @@ class FakeRpcError(grpc.RpcError):
     (grpc.StatusCode.DATA_LOSS, errors.TruncatedStream),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, errors.TooLarge),
     (grpc.StatusCode.FAILED_PRECONDITION, errors.StaleRound),
-    (grpc.StatusCode.PERMISSION_DENIED, errors.NotANeighbor),
+    (grpc.StatusCode.PERMISSION_DENIED, errors.PermissionDenied),
     (grpc.StatusCode.UNAUTHENTICATED, errors.Unauthenticated),
     (grpc.StatusCode.NOT_FOUND, errors.NotFound),
     (grpc.StatusCode.ALREADY_EXISTS, errors.AlreadyExists),
@@ -294,12 +294,6 @@ def test_stop_reports_not_serving_before_shutting_down(server: rpc.RunningServer
     server.set_serving()  # a late set_serving cannot flip a stopped server back
     assert server.health.Check(health_pb2.HealthCheckRequest(service=PEER), None).status \
         == NOT_SERVING
-
-
-def test_secure_channel_seam() -> None:
-    ch = rpc.make_channel("127.0.0.1:1", credentials=grpc.ssl_channel_credentials())
-    assert isinstance(ch, grpc.Channel)
-    ch.close()
 
 
 @pytest.fixture

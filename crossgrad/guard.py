@@ -1,0 +1,224 @@
+"""The gate in front of every crossgrad server: who may call, how much, and what was refused.
+
+crossgrad.rpc.make_server puts three interceptors in front of the services, outermost first:
+
+    Accounting     every refusal (UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED), wherever
+                   it was decided (here or in a servicer), gets one log line and a count in
+                   `Refusals`, which GetStatus and ListPeers report
+    CallerLimits   per caller: requests per second (a token bucket) and concurrent streams;
+                   excess is RESOURCE_EXHAUSTED with a retry hint
+    Authenticate   with TLS, a call must come with a certificate naming a crossgrad identity
+                   (mutual TLS) and/or the shared token; health and reflection stay open
+
+What a servicer may do with whom (GetModel only for the caller's neighbors, Join only under the
+caller's own id) is decided in the servicers, with the identity from crossgrad.security.caller_of.
+A TLS handshake that fails (a certificate from another CA, no client certificate where mutual TLS
+is on, a plaintext client) never becomes a call: grpc refuses the connection and logs it itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from crossgrad.security import Caller, CallerKind, Security, caller_of
+
+log = logging.getLogger(__name__)
+
+# Calls any caller who completed the handshake may make: orchestrators' probes and grpcurl.
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+           grpc.StatusCode.RESOURCE_EXHAUSTED)
+# The standard trailer telling a client how long to wait before it retries (gRPC A6).
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+# Callers not seen for this long are forgotten, so connections that come and go (each one a
+# caller without mutual TLS) do not grow the table without bound.
+IDLE_FORGET_SECONDS = 60.0
+FORGET_ABOVE = 1024
+
+
+@dataclass(frozen=True)
+class CallerLimits:
+    """What one caller may ask of a server. A neighbor needs two streams and a handful of calls
+    per round (GetModel, ComputeCrossGradient, a catch-up fetch); the defaults leave it ample room
+    at 100 rounds a second while bounding what a misbehaving caller can hold."""
+
+    streams: int = 8  # concurrent streams (GetModel, ComputeCrossGradient, WatchAssignment)
+    rate: float = 200.0  # calls per second, sustained
+    burst: int = 400  # calls at once after a quiet spell
+
+    def __post_init__(self) -> None:
+        if self.streams < 1 or self.rate <= 0 or self.burst < 1:
+            raise ValueError(f"caller limits must be positive: {self}")
+
+
+class Refusals:
+    """Counts of refused calls by status code name, thread-safe."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, code: grpc.StatusCode) -> None:
+        with self._lock:
+            self._counts[code.name] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+# guard(context, method, streaming): entered before the call, left when it ends.
+Guard = Callable[[grpc.ServicerContext, str, bool],
+                contextlib.AbstractContextManager[None]]
+
+
+class GuardInterceptor(grpc.ServerInterceptor):
+    """Runs `guard(context, method)` around every call of the methods it applies to, for unary
+    and streaming calls alike (a stream's guard ends when the stream does)."""
+
+    def __init__(self, guard: Guard, *, applies: Callable[[str], bool] = lambda m: True) -> None:
+        self.guard = guard
+        self.applies = applies
+
+    def intercept_service(self, continuation: Callable[[Any], Any],
+                          details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        method = getattr(details, "method", "?")
+        if handler is None or not self.applies(method):
+            return handler
+        guard = self.guard
+        streaming = bool(handler.request_streaming or handler.response_streaming)
+
+        def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            def call(request: Any, context: grpc.ServicerContext) -> Any:
+                with guard(context, method, streaming):
+                    return behavior(request, context)
+            return call
+
+        def streamed(behavior: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                # grpc closes the generator when the call ends or is cancelled
+                with guard(context, method, streaming):
+                    yield from behavior(request, context)
+            return call
+
+        serializers = {"request_deserializer": handler.request_deserializer,
+                       "response_serializer": handler.response_serializer}
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **serializers)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(streamed(handler.unary_stream),
+                                                        **serializers)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary),
+                                                        **serializers)
+        return grpc.stream_stream_rpc_method_handler(streamed(handler.stream_stream),
+                                                     **serializers)
+
+
+def accounting(refusals: Refusals, server: str) -> GuardInterceptor:
+    """Count and log every refused call, whoever refused it."""
+
+    @contextlib.contextmanager
+    def guard(context: grpc.ServicerContext, method: str, stream: bool) -> Iterator[None]:
+        try:
+            yield
+        except Exception:
+            code = context.code()
+            if code in REFUSED:
+                refusals.add(code)
+                log.warning("%s refused %s from %s: %s: %s", server, method, caller_of(context),
+                            code.name, context.details() or "")
+            raise
+
+    return GuardInterceptor(guard)
+
+
+def authentication(security: Security) -> GuardInterceptor:
+    """With TLS: a certificate that names a crossgrad identity (mutual TLS) and/or the token."""
+
+    @contextlib.contextmanager
+    def guard(context: grpc.ServicerContext, method: str, stream: bool) -> Iterator[None]:
+        caller = caller_of(context)
+        if security.mutual and caller.kind in (CallerKind.ANONYMOUS, CallerKind.UNNAMED):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          f"{method}: {caller} is not a crossgrad identity: this server uses "
+                          "mutual TLS and accepts certificates that name crossgrad://node/ID, "
+                          "crossgrad://bootstrap or crossgrad://client/NAME (`crossgrad certs`)")
+        if security.token is not None and not security.token_matches(
+                dict(context.invocation_metadata() or ())):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          f"{method}: missing or wrong token: send 'authorization: Bearer "
+                          "TOKEN' (crossgrad reads it from --token-file or CROSSGRAD_TOKEN)")
+        yield
+
+    return GuardInterceptor(guard, applies=lambda method: not method.startswith(OPEN_PREFIXES))
+
+
+class _Allowance:
+    """One caller's token bucket and stream count."""
+
+    def __init__(self, burst: int, now: float) -> None:
+        self.tokens = float(burst)
+        self.stamp = now
+        self.streams = 0
+
+
+def caller_limits(limits: CallerLimits,
+                  clock: Callable[[], float] = time.monotonic) -> GuardInterceptor:
+    """RESOURCE_EXHAUSTED, with a retry hint, for a caller over its rate or its streams."""
+    table: dict[str, _Allowance] = {}
+    lock = threading.Lock()
+
+    def refuse(context: grpc.ServicerContext, wait: float, why: str) -> None:
+        context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(max(1, round(wait * 1e3)))),))
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{why}; retry in {wait:.2f} s")
+
+    def forget_idle(now: float) -> None:
+        for key in [k for k, a in table.items()
+                    if a.streams == 0 and now - a.stamp > IDLE_FORGET_SECONDS]:
+            del table[key]
+
+    @contextlib.contextmanager
+    def guard(context: grpc.ServicerContext, method: str, stream: bool) -> Iterator[None]:
+        caller: Caller = caller_of(context)
+        key = caller.key()
+        now = clock()
+        with lock:
+            if len(table) > FORGET_ABOVE:
+                forget_idle(now)
+            allowance = table.get(key)
+            if allowance is None:
+                allowance = table[key] = _Allowance(limits.burst, now)
+            allowance.tokens = min(float(limits.burst),
+                                   allowance.tokens + (now - allowance.stamp) * limits.rate)
+            allowance.stamp = now
+            over_rate = allowance.tokens < 1.0
+            over_streams = stream and allowance.streams >= limits.streams
+            if not (over_rate or over_streams):
+                allowance.tokens -= 1.0
+                allowance.streams += stream
+        if over_rate:
+            refuse(context, (1.0 - allowance.tokens) / limits.rate,
+                   f"{method}: {caller} is over its {limits.rate:g} calls per second")
+        if over_streams:
+            refuse(context, 1.0, f"{method}: {caller} already holds {limits.streams} streams, "
+                   "its limit; retry when one ends")
+        try:
+            yield
+        finally:
+            if stream:
+                with lock:
+                    allowance.streams -= 1
+
+    return GuardInterceptor(guard, applies=lambda method: not method.startswith(OPEN_PREFIXES))
+
