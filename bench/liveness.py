@@ -134,11 +134,13 @@ def cluster(workload: Workload, run_dir: Path, repo: Path = REPO) -> Iterator[Cl
         return proc
 
     try:
-        boot = start("bootstrap", "bootstrap", *workload.flags(), "--bind", "127.0.0.1:0")
+        boot = start("bootstrap", "bootstrap", *workload.flags(), "--bind", "127.0.0.1:0",
+                     "--insecure")
         address = _wait_for_log(run_dir / "bootstrap.log", SERVING, boot, deadline)
         running.bootstrap = address
         peers = [start(f"node-{i}", "peer", "--id", str(i), "--bootstrap", address, "--bind",
-                       "127.0.0.1:0", "--device", "cpu", "--out", str(run_dir / f"node-{i}"))
+                       "127.0.0.1:0", "--device", "cpu", "--out", str(run_dir / f"node-{i}"),
+                       "--insecure")
                  for i in range(workload.nodes)]
         running.peers = [_wait_for_log(run_dir / f"node-{i}.log", PEER_ADDRESS, proc, deadline)
                          for i, proc in enumerate(peers)]

@@ -273,14 +273,15 @@ def train(bed: Testbed, procs: Procs, args: argparse.Namespace, spec: str, out: 
     boot_address = f"{bed.address(bed.boot)}:{BOOT_PORT}"
     started = time.perf_counter()
     procs.start("bootstrap", bed.boot, [*python, "bootstrap", *run_flags(args, spec),
-                                        "--bind", boot_address], out / "bootstrap.log")
+                                        "--bind", boot_address, "--insecure"],
+                out / "bootstrap.log")
     procs.wait_for({"bootstrap"}, "line", 60.0, "'bootstrap serving on'")
     names = {f"peer {i}" for i in range(args.nodes)}
     for i in range(args.nodes):
         address = f"{bed.address(bed.peer(i))}:{PEER_PORT}"
         peer = ["peer", "--id", str(i), "--bootstrap", boot_address, "--bind", address,
                 "--advertise", address, "--out", str(out / f"node-{i}"), "--device", "cpu",
-                "--timeout", str(args.call_timeout)]
+                "--timeout", str(args.call_timeout), "--insecure"]
         if args.data_dir:
             peer += ["--data-dir", str(args.data_dir)]
         procs.start(f"peer {i}", bed.peer(i), [*python, *peer], out / f"node-{i}.log")

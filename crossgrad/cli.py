@@ -5,6 +5,10 @@
     crossgrad peer      --id I --bootstrap HOST:PORT [--bind HOST:PORT --advertise HOST:PORT ...]
     crossgrad demo      [run flags]   a bootstrap and N peers as processes on loopback
     crossgrad status    ADDRESS       a peer's status, or the bootstrap's list of peers
+    crossgrad certs     --nodes N --out DIR   a CA and the certificates of a run
+
+Serving and calling need TLS material (--tls-ca, --tls-cert, --tls-key) or an explicit --insecure
+(docs/security.md); `crossgrad demo` makes a throw-away CA in its run directory.
 
 Bad input (unknown names, impossible settings, missing data files) ends in one line on stderr
 and exit code 2, never a traceback. Choices shown in --help come from the registries.
@@ -20,8 +24,11 @@ from dataclasses import fields
 from pathlib import Path
 from typing import NoReturn
 
+from crossgrad.certs import DEFAULT_DAYS, DEFAULT_HOSTS
 from crossgrad.config import DEVICES, RunConfig, load
 from crossgrad.errors import ConfigError, DataError, ProtocolError
+from crossgrad.guard import add_limit_flags, limits_from_args
+from crossgrad.security import Role, add_security_flags, security_from_args
 
 EXIT_USAGE = 2
 
@@ -81,6 +88,8 @@ def build_parser() -> Parser:
                       help="SQLite file that keeps the run across restarts (default: memory)")
     boot.add_argument("--lease-seconds", type=float, default=15.0,
                       help="a peer silent this long is presumed dead (default 15)")
+    add_security_flags(boot, serves=True)
+    add_limit_flags(boot)
 
     peer = sub.add_parser("peer", help="run one node: serve, join the bootstrap, train")
     peer.add_argument("--id", dest="node_id", type=int, required=True,
@@ -112,6 +121,13 @@ def build_parser() -> Parser:
     peer.add_argument("--join-timeout", type=float, default=300.0,
                       help="how long to wait for the bootstrap and the other peers at start, "
                       "in seconds (default 300)")
+    peer.add_argument("--config", default=None,
+                      help="TOML file; this command reads its [security] table")
+    add_security_flags(peer, serves=True)
+    add_limit_flags(peer)
+    peer.add_argument("--max-bytes-per-round", type=int, default=None,
+                      help="bytes one neighbor may stream from this node per round (default: "
+                      "four times the model)")
 
     demo = sub.add_parser("demo", help="a bootstrap and N peers as processes on loopback")
     add_run_flags(demo)
@@ -119,10 +135,30 @@ def build_parser() -> Parser:
                       help="run directory (default runs/<timestamp>-demo)")
     demo.add_argument("--timeout", type=float, default=60.0,
                       help="peers' deadline for neighbor calls, in seconds (default 60)")
+    demo.add_argument("--insecure", action="store_true",
+                      help="plaintext; by default the demo runs with mutual TLS, with a "
+                      "throw-away CA in its run directory")
 
     status = sub.add_parser("status", help="show a peer's status or the bootstrap's peers")
     status.add_argument("address", help="HOST:PORT of a peer or of the bootstrap")
     status.add_argument("--timeout", type=float, default=5.0)
+    status.add_argument("--server-name", default=None,
+                        help="the name to verify on the server's certificate (e.g. "
+                        "node-3.crossgrad; default: the host of ADDRESS)")
+    add_security_flags(status, serves=False)
+
+    certs = sub.add_parser("certs", help="make a CA and the certificates of a run")
+    certs.add_argument("--nodes", type=int, required=True, help="one certificate per node")
+    certs.add_argument("--out", type=Path, required=True, help="directory to write them to")
+    certs.add_argument("--hosts", default=",".join(DEFAULT_HOSTS),
+                       help="comma-separated names and addresses people reach the servers at "
+                       f"(default {','.join(DEFAULT_HOSTS)})")
+    certs.add_argument("--days", type=int, default=DEFAULT_DAYS,
+                       help=f"validity of the certificates (default {DEFAULT_DAYS})")
+    certs.add_argument("--ca-cert", type=Path, default=None,
+                       help="sign with this existing CA (with --ca-key) instead of a new one: "
+                       "to add nodes or renew certificates")
+    certs.add_argument("--ca-key", type=Path, default=None)
     return parser
 
 
@@ -147,7 +183,9 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     from crossgrad.rpc import install_signal_handlers
 
     config = load(_overrides(args), args.config)
-    server = serve(config, args.bind, args.state, args.lease_seconds)
+    security = security_from_args(args, Role.SERVER, "bootstrap")
+    server = serve(config, args.bind, args.state, args.lease_seconds, security=security,
+                   limits=limits_from_args(args))
     print(f"bootstrap serving on {server.address} (port {server.port}); waiting for "
           f"{config.nodes} peers", flush=True)
     stop = threading.Event()
@@ -162,12 +200,15 @@ def cmd_peer(args: argparse.Namespace) -> int:
     from peer.service import PeerOptions, PeerRuntime, Stopped
 
     out = args.out or Path(f"runs/peer-{args.node_id}")
-    given = {"checkpoint_every": args.checkpoint_every, "max_model_bytes": args.max_model_bytes}
+    security = security_from_args(args, Role.SERVER, "peer")
+    given = {"checkpoint_every": args.checkpoint_every, "max_model_bytes": args.max_model_bytes,
+             "bytes_per_round": args.max_bytes_per_round}
     options = PeerOptions(node_id=args.node_id, bootstrap=args.bootstrap, bind=args.bind,
                           advertise=args.advertise, data_dir=args.data_dir, device=args.device,
                           out=out, timeout=args.timeout, join_timeout=args.join_timeout,
                           checkpoint_dir=args.checkpoint_dir or out / "checkpoints",
-                          resume=args.resume,
+                          resume=args.resume, security=security,
+                          limits=limits_from_args(args),
                           **{k: v for k, v in given.items() if v is not None})
     runtime = PeerRuntime(options)
     install_signal_handlers(runtime.stop)
@@ -191,18 +232,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from crossgrad.demo import run_demo
 
     config = load(_overrides(args), args.config)
-    return run_demo(config, args.out, timeout=args.timeout)
+    return run_demo(config, args.out, timeout=args.timeout, insecure=args.insecure)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from crossgrad.status import show_status
 
-    print(show_status(args.address, timeout=args.timeout))
+    security = security_from_args(args, Role.CLIENT, "status")
+    print(show_status(args.address, timeout=args.timeout, security=security,
+                      server_name=args.server_name))
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from crossgrad.certs import make_run_certificates
+
+    if (args.ca_cert is None) != (args.ca_key is None):
+        raise ConfigError("--ca-cert and --ca-key go together")
+    made = make_run_certificates(args.out, args.nodes, hosts=args.hosts.split(","),
+                                 days=args.days,
+                                 ca=(args.ca_cert, args.ca_key) if args.ca_cert else None)
+    print(f"wrote {len(made.names)} certificates and keys, and a token, to {made.out}: "
+          f"{', '.join(made.names)}. Keep ca.key offline; give each node its node-ID.pem and "
+          "node-ID.key, and everyone ca.pem", flush=True)
     return 0
 
 
 COMMANDS = {"simulate": cmd_simulate, "bootstrap": cmd_bootstrap, "peer": cmd_peer,
-            "demo": cmd_demo, "status": cmd_status}
+            "demo": cmd_demo, "status": cmd_status, "certs": cmd_certs}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,9 @@ inherited. `prefix` runs a peer's command under another
 (e.g. `ip netns exec NS`) to put it in a network namespace; `hosts` gives each peer its own
 bind address there, and `bootstrap_host`/`bootstrap_prefix` do the same for the bootstrap.
 Processes in other namespaces cannot be reached from this one, so `recorded_round` and
-`wait_recorded` follow a peer through its metrics.jsonl instead of GetStatus.
+`wait_recorded` follow a peer through its metrics.jsonl instead of GetStatus. With `certs`
+(crossgrad/certs.py) every process runs with mutual TLS and its own certificate; without, every
+process is started with --insecure.
 """
 
 from __future__ import annotations
@@ -41,8 +43,17 @@ from typing import IO, Any, TypeVar
 
 import grpc
 
+from crossgrad.certs import Made
 from crossgrad.config import RunConfig
 from crossgrad.rpc import make_channel
+from crossgrad.security import (
+    BOOTSTRAP_SERVER_NAME,
+    Role,
+    Security,
+    SecurityFlags,
+    load_security,
+    node_server_name,
+)
 from crossgrad.v1 import bootstrap_pb2, bootstrap_pb2_grpc, peer_pb2, peer_pb2_grpc
 
 SERVING = re.compile(r"bootstrap serving on (\S+)")
@@ -57,6 +68,25 @@ def run_flags(config: RunConfig) -> list[str]:
             continue
         flags += [f"--{key.replace('_', '-')}", str(value)]
     return flags
+
+
+def tls_flags(certs: Made | None, name: str) -> list[str]:
+    """The security flags of process `name` ("bootstrap", "node-3", "client"): its certificate
+    from `certs` (crossgrad certs), or --insecure when there are none."""
+    if certs is None:
+        return ["--insecure"]
+    return ["--tls-ca", str(certs.ca), "--tls-cert", str(certs.cert(name)),
+            "--tls-key", str(certs.key(name))]
+
+
+def client_security(certs: Made | None) -> Security:
+    """What this process presents to the cluster's servers: the client certificate, or
+    plaintext when there are no certificates."""
+    if certs is None:
+        return Security.plaintext()
+    return load_security(SecurityFlags(ca=str(certs.ca), cert=str(certs.cert("client")),
+                                       key=str(certs.key("client"))),
+                         Role.CLIENT, command="cluster", environ={})
 
 
 def command(*args: str) -> list[str]:
@@ -92,8 +122,11 @@ class LocalCluster:
                  host: str = "127.0.0.1", prefix: Callable[[int], list[str]] | None = None,
                  log_level: str = "INFO", hosts: Callable[[int], str] | None = None,
                  bootstrap_host: str | None = None,
-                 bootstrap_prefix: Callable[[], list[str]] | None = None) -> None:
+                 bootstrap_prefix: Callable[[], list[str]] | None = None,
+                 certs: Made | None = None) -> None:
         self.config = config
+        self.certs = certs  # None: every process runs --insecure
+        self.security = client_security(certs)  # what list_peers and status present
         self.out = out
         self.peer_args = list(peer_args)
         self.host = host
@@ -126,7 +159,8 @@ class LocalCluster:
             "--log-level", self.log_level, "bootstrap", *run_flags(self.config),
             "--bind", f"{self.bootstrap_host}:{port}",
             "--state", str(self.out / "bootstrap.sqlite"),
-            "--lease-seconds", str(lease_seconds))], log, stdout=subprocess.PIPE)
+            "--lease-seconds", str(lease_seconds), *tls_flags(self.certs, "bootstrap"))], log,
+            stdout=subprocess.PIPE)
         self.bootstrap_address = read_bootstrap_address(self.bootstrap, timeout)
         return self.bootstrap_address
 
@@ -141,7 +175,8 @@ class LocalCluster:
         args = [*self.prefix(node), *command(
             "--log-level", self.log_level, "peer", "--id", str(node), "--bootstrap",
             self.bootstrap_address, "--bind", f"{self.hosts(node)}:0", "--out",
-            str(self.peer_dir(node)), "--device", self.config.device, *self.peer_args, *extra)]
+            str(self.peer_dir(node)), "--device", self.config.device,
+            *tls_flags(self.certs, f"node-{node}"), *self.peer_args, *extra)]
         if self.config.data_dir:
             args += ["--data-dir", self.config.data_dir]
         if resume:
@@ -202,7 +237,8 @@ class LocalCluster:
         return found[-1] if found else None
 
     def list_peers(self, timeout: float = 5.0) -> bootstrap_pb2.ListPeersResponse:
-        with make_channel(self.bootstrap_address) as channel:
+        with make_channel(self.bootstrap_address, security=self.security,
+                          server_name=BOOTSTRAP_SERVER_NAME) as channel:
             return bootstrap_pb2_grpc.BootstrapStub(channel).ListPeers(
                 bootstrap_pb2.ListPeersRequest(), timeout=timeout)
 
@@ -212,7 +248,8 @@ class LocalCluster:
         if address is None:
             return None
         try:
-            with make_channel(address) as channel:
+            with make_channel(address, security=self.security,
+                              server_name=node_server_name(node)) as channel:
                 return peer_pb2_grpc.PeerStub(channel).GetStatus(
                     peer_pb2.GetStatusRequest(requester="cluster"), timeout=timeout)
         except grpc.RpcError:

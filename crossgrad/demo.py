@@ -28,9 +28,11 @@ from typing import IO, Any, NoReturn
 import grpc
 import torch
 
-from crossgrad.cluster import command, read_bootstrap_address, run_flags
+from crossgrad.certs import make_run_certificates
+from crossgrad.cluster import client_security, command, read_bootstrap_address, run_flags, tls_flags
 from crossgrad.config import RunConfig
 from crossgrad.rpc import make_channel
+from crossgrad.security import BOOTSTRAP_SERVER_NAME
 from crossgrad.status import byte_cells, byte_columns, kind_columns
 from crossgrad.v1 import bootstrap_pb2, bootstrap_pb2_grpc
 
@@ -180,10 +182,13 @@ def final_table(config: RunConfig, out: Path,
     return "\n".join(lines)
 
 
-def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0) -> int:
+def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0,
+             insecure: bool = False) -> int:
+    """The demo; mutual TLS with a throw-away CA in OUT/certs unless `insecure`."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = out or Path("runs") / f"{stamp}-demo"
     out.mkdir(parents=True, exist_ok=True)
+    certs = None if insecure else make_run_certificates(out / "certs", config.nodes)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs: list[subprocess.Popen[str]] = []
     logs: list[IO[str]] = []
@@ -195,7 +200,8 @@ def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0) -> i
         with signals.deferred():
             boot = subprocess.Popen(
                 command("--log-level", "INFO", "bootstrap", *run_flags(config), "--bind",
-                         "127.0.0.1:0", "--state", str(out / "bootstrap.sqlite")),
+                         "127.0.0.1:0", "--state", str(out / "bootstrap.sqlite"),
+                         *tls_flags(certs, "bootstrap")),
                 stdout=subprocess.PIPE, stderr=boot_log, text=True, env=env)
             procs.append(boot)
         address = read_bootstrap_address(boot, timeout=60.0)
@@ -207,13 +213,14 @@ def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0) -> i
             logs.append(log)
             args = ["--log-level", "INFO", "peer", "--id", str(i), "--bootstrap", address,
                     "--bind", "127.0.0.1:0", "--out", str(out / f"node-{i}"), "--device",
-                    config.device, "--timeout", str(timeout)]
+                    config.device, "--timeout", str(timeout), *tls_flags(certs, f"node-{i}")]
             if config.data_dir:
                 args += ["--data-dir", config.data_dir]
             with signals.deferred():
                 procs.append(subprocess.Popen(command(*args), stdout=log,
                                               stderr=subprocess.STDOUT, text=True, env=env))
-        channel = make_channel(address)
+        channel = make_channel(address, security=client_security(certs),
+                               server_name=BOOTSTRAP_SERVER_NAME)
         stub = bootstrap_pb2_grpc.BootstrapStub(channel)
         peers = procs[1:]
         last = 0.0

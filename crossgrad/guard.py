@@ -18,6 +18,7 @@ is on, a plaintext client) never becomes a call: grpc refuses the connection and
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import threading
@@ -29,6 +30,7 @@ from typing import Any
 
 import grpc
 
+from crossgrad.errors import ConfigError
 from crossgrad.security import Caller, CallerKind, Security, caller_of
 
 log = logging.getLogger(__name__)
@@ -222,3 +224,25 @@ def caller_limits(limits: CallerLimits,
 
     return GuardInterceptor(guard, applies=lambda method: not method.startswith(OPEN_PREFIXES))
 
+
+
+def add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """The per-caller limits of a server (docs/security.md, "Limits")."""
+    defaults = CallerLimits()
+    group = parser.add_argument_group("limits per caller (docs/security.md)")
+    group.add_argument("--max-streams-per-caller", type=int, default=defaults.streams,
+                       help=f"concurrent streams one caller may hold (default {defaults.streams})")
+    group.add_argument("--max-calls-per-second", type=float, default=defaults.rate,
+                       help=f"calls per second one caller may make, sustained (default "
+                       f"{defaults.rate:g}; bursts up to twice that)")
+
+
+def limits_from_args(args: argparse.Namespace) -> CallerLimits:
+    try:
+        return CallerLimits(streams=args.max_streams_per_caller,
+                            rate=args.max_calls_per_second,
+                            burst=max(1, round(2 * args.max_calls_per_second)))
+    except ValueError:
+        raise ConfigError("--max-streams-per-caller and --max-calls-per-second must be "
+                          f"positive; got {args.max_streams_per_caller} and "
+                          f"{args.max_calls_per_second}") from None

@@ -22,6 +22,7 @@ Three modes, chosen explicitly, never by fallback:
 
 from __future__ import annotations
 
+import argparse
 import enum
 import hmac
 import logging
@@ -214,7 +215,7 @@ def load_security(flags: SecurityFlags, role: Role, *, command: str,
     material = any(v is not None for v in (given.ca, given.cert, given.key))
     if given.insecure:
         if material or token is not None:
-            raise ConfigError(f"crossgrad {command}: --insecure and TLS material or a token "
+            raise ConfigError("--insecure and TLS material or a token "
                               "were both given; drop --insecure to use TLS, or the TLS settings "
                               "to run in plaintext")
         security = Security.plaintext()
@@ -223,7 +224,7 @@ def load_security(flags: SecurityFlags, role: Role, *, command: str,
         return security
     if not material:
         raise ConfigError(
-            f"crossgrad {command}: no TLS material. Give --tls-ca, --tls-cert and --tls-key "
+            "no TLS material. Give --tls-ca, --tls-cert and --tls-key "
             "(make them with `crossgrad certs --nodes N --out DIR`), or --insecure to run in "
             "plaintext on a network you trust")
     try:
@@ -232,15 +233,15 @@ def load_security(flags: SecurityFlags, role: Role, *, command: str,
         raise ConfigError(f"--client-auth {given.client_auth!r}: expected certificate (mutual "
                           "TLS) or token") from None
     if given.ca is None:
-        raise ConfigError(f"crossgrad {command}: --tls-ca is missing: the CA that signed the "
+        raise ConfigError("--tls-ca is missing: the CA that signed the "
                           "other nodes' certificates, to verify them")
     if (given.cert is None) != (given.key is None):
-        raise ConfigError(f"crossgrad {command}: --tls-cert and --tls-key go together")
+        raise ConfigError("--tls-cert and --tls-key go together")
     if role is Role.SERVER and given.cert is None:
-        raise ConfigError(f"crossgrad {command}: a server needs its certificate and key "
+        raise ConfigError(f"crossgrad {command} serves: it needs its certificate and key "
                           "(--tls-cert, --tls-key)")
     if client_auth is ClientAuth.TOKEN and token is None:
-        raise ConfigError(f"crossgrad {command}: --client-auth token needs the token: "
+        raise ConfigError("--client-auth token needs the token: "
                           f"--token-file PATH or the {TOKEN_ENV} variable")
     return Security(
         insecure=False, client_auth=client_auth, ca=_read(given.ca, "--tls-ca"),
@@ -335,3 +336,40 @@ def caller_of(context: grpc.ServicerContext) -> Caller:
         if client:
             return Caller(CallerKind.CLIENT, f"client {client.group(1)}", address)
     return Caller(CallerKind.UNNAMED, f"a certificate naming {uris[0][:80]!r}", address)
+
+
+def add_security_flags(parser: argparse.ArgumentParser, *, serves: bool) -> None:
+    """The TLS and token flags of a command that serves (`serves`) or only calls."""
+    group = parser.add_argument_group(
+        "security", "TLS is required unless --insecure is given (docs/security.md); each flag "
+        "also reads from the TOML file's [security] table and from CROSSGRAD_TLS_CA, "
+        "CROSSGRAD_TLS_CERT, CROSSGRAD_TLS_KEY, CROSSGRAD_TOKEN_FILE (or the token itself in "
+        "CROSSGRAD_TOKEN), CROSSGRAD_CLIENT_AUTH, CROSSGRAD_INSECURE")
+    group.add_argument("--tls-ca", default=None,
+                       help="PEM file of the CA whose certificates this process trusts")
+    group.add_argument("--tls-cert", default=None,
+                       help="PEM file of this process's certificate" +
+                       ("" if serves else " (needed where servers require mutual TLS)"))
+    group.add_argument("--tls-key", default=None, help="PEM file of its private key")
+    group.add_argument("--token-file", default=None,
+                       help="file holding the shared bearer token (never the token itself on "
+                       "the command line, where `ps` shows it)")
+    if serves:
+        group.add_argument("--client-auth", default=None,
+                           choices=[c.value for c in ClientAuth],
+                           help="how callers authenticate: certificate (mutual TLS, default) "
+                           "or token")
+    group.add_argument("--insecure", action="store_true", default=None,
+                       help="plaintext: no TLS, any caller may claim any node id; only on a "
+                       "network you trust")
+
+
+def security_from_args(args: argparse.Namespace, role: Role, command: str) -> Security:
+    """load_security with the flags of add_security_flags (and --config, when the command has
+    it); ConfigError as load_security."""
+    flags = SecurityFlags(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
+                          token_file=args.token_file,
+                          client_auth=getattr(args, "client_auth", None),
+                          insecure=args.insecure)
+    return load_security(flags, role, command=command,
+                         config_file=getattr(args, "config", None))

@@ -13,6 +13,7 @@ import grpc
 
 from crossgrad.errors import Unavailable
 from crossgrad.rpc import from_rpc_error, make_channel
+from crossgrad.security import Security
 from crossgrad.v1 import bootstrap_pb2, bootstrap_pb2_grpc, peer_pb2, peer_pb2_grpc
 
 # Short column labels of the message kinds (peer.proto, KindBytes.kind), in the order shown;
@@ -119,8 +120,10 @@ def format_peers(r: bootstrap_pb2.ListPeersResponse) -> str:
     return "\n".join(lines)
 
 
-def show_status(address: str, timeout: float = 5.0) -> str:
-    channel = make_channel(address)
+def show_status(address: str, timeout: float = 5.0, *, security: Security | None = None,
+                server_name: str | None = None) -> str:
+    """A peer's status, or the bootstrap's table of peers (`security`: None is plaintext)."""
+    channel = make_channel(address, security=security, server_name=server_name)
     try:
         try:
             status = peer_pb2_grpc.PeerStub(channel).GetStatus(

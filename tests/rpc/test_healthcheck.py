@@ -29,29 +29,30 @@ def peer_service() -> rpc.Service:
 
 
 def probe(procs: ProcessGroup, *args: str) -> subprocess.CompletedProcess[str]:
-    return procs.run([sys.executable, "-m", "crossgrad.healthcheck", *args], timeout=60)
+    return procs.run([sys.executable, "-m", "crossgrad.healthcheck", "--insecure", *args],
+                     timeout=60)
 
 
 def test_not_serving_is_1_then_serving_is_0(serve: Serve,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     server = serve([peer_service()])
-    assert main([server.address]) == 1
+    assert main(["--insecure", server.address]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "NOT_SERVING" in err[0] and server.address in err[0]
 
     server.set_serving()
-    assert main([server.address]) == 0
-    assert main([server.address, "--service", PEER]) == 0
+    assert main(["--insecure", server.address]) == 0
+    assert main(["--insecure", server.address, "--service", PEER]) == 0
     assert capsys.readouterr().err == ""
 
     server.set_serving(False)
-    assert main([server.address, "--service", PEER]) == 1
+    assert main(["--insecure", server.address, "--service", PEER]) == 1
 
 
 def test_unknown_service_is_1(serve: Serve, capsys: pytest.CaptureFixture[str]) -> None:
     server = serve([peer_service()])
     server.set_serving()
-    assert main([server.address, "--service", "crossgrad.v1.Nope"]) == 1
+    assert main(["--insecure", server.address, "--service", "crossgrad.v1.Nope"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "NOT_FOUND" in err[0]
 
@@ -60,7 +61,7 @@ def test_nothing_listening_is_1(capsys: pytest.CaptureFixture[str]) -> None:
     server = rpc.make_server("127.0.0.1:0", [])
     address = server.address
     server.stop(grace=0)  # the port is free again: nobody answers there
-    assert main([address, "--timeout", "5"]) == 1
+    assert main(["--insecure", address, "--timeout", "5"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "UNAVAILABLE" in err[0]
 

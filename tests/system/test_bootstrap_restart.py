@@ -147,7 +147,7 @@ class BootstrapProcess:
                 [sys.executable, "-m", "crossgrad", "--log-level", "INFO", "bootstrap",
                  "--nodes", str(NODES), "--topology", "ring", "--partition", "iid",
                  "--bind", self.address, "--state", str(self.state),
-                 "--lease-seconds", str(LEASE)],
+                 "--lease-seconds", str(LEASE), "--insecure"],
                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         with make_channel(self.address) as channel:  # SERVING once the registry is open
             answer = health_pb2_grpc.HealthStub(channel).Check(

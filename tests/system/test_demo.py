@@ -147,11 +147,12 @@ def test_sigterm_while_waiting_for_the_run_to_assemble_exits_cleanly(procs: Proc
                                                                      tmp_path: Path) -> None:
     """A peer whose partners never come stops at once on SIGTERM, exit code 0."""
     boot = procs.start(crossgrad("bootstrap", "--nodes", "2", "--partition", "iid", "--bind",
-                                 "127.0.0.1:0"), stderr=subprocess.DEVNULL)
+                                 "127.0.0.1:0", "--insecure"), stderr=subprocess.DEVNULL)
     assert boot.stdout is not None
     address = boot.stdout.readline().split("serving on ")[1].split()[0]
     peer = procs.start(crossgrad("--log-level", "INFO", "peer", "--id", "0", "--bootstrap",
-                                 address, "--bind", "127.0.0.1:0", "--out", str(tmp_path / "p0")),
+                                 address, "--bind", "127.0.0.1:0", "--out", str(tmp_path / "p0"),
+                                 "--insecure"),
                        stderr=subprocess.STDOUT)
     assert peer.stdout is not None
     deadline = time.monotonic() + 120

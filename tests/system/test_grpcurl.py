@@ -157,13 +157,15 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     try:
         boot = Process(group, "bootstrap", ["--log-level", "INFO", "bootstrap", "--nodes", "1",
                                             "--topology", "ring", "--partition", "iid",
-                                            "--rounds", "100000", "--bind", "127.0.0.1:0"],
+                                            "--rounds", "100000", "--bind", "127.0.0.1:0",
+                                            "--insecure"],
                        tmp / "bootstrap.log")
         boot_address = boot.wait_for_line(r"bootstrap serving on (\S+)").group(1)
         wait_serving(boot_address)
         peer = Process(group, "peer 0", ["--log-level", "INFO", "peer", "--id", "0",
                                          "--bootstrap", boot_address, "--bind", "127.0.0.1:0",
-                                         "--out", str(tmp / "peer0"), "--device", "cpu"],
+                                         "--out", str(tmp / "peer0"), "--device", "cpu",
+                                         "--insecure"],
                        tmp / "peer0.log")
         peer_address = peer.wait_for_line(r"peer 0 serving on (\S+)").group(1)
         wait_serving(peer_address)
