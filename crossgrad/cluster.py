@@ -70,23 +70,28 @@ def run_flags(config: RunConfig) -> list[str]:
     return flags
 
 
-def tls_flags(certs: Made | None, name: str) -> list[str]:
+def tls_flags(certs: Made | None, name: str, *, token: bool = False) -> list[str]:
     """The security flags of process `name` ("bootstrap", "node-3", "client"): its certificate
-    from `certs` (crossgrad certs), or --insecure when there are none."""
+    from `certs` (crossgrad certs), or --insecure when there are none. With `token`, callers
+    authenticate with the run's token instead of certificates (TLS, --client-auth token)."""
     if certs is None:
         return ["--insecure"]
-    return ["--tls-ca", str(certs.ca), "--tls-cert", str(certs.cert(name)),
-            "--tls-key", str(certs.key(name))]
+    flags = ["--tls-ca", str(certs.ca), "--tls-cert", str(certs.cert(name)),
+             "--tls-key", str(certs.key(name))]
+    if token:
+        flags += ["--client-auth", "token", "--token-file", str(certs.token)]
+    return flags
 
 
-def client_security(certs: Made | None) -> Security:
-    """What this process presents to the cluster's servers: the client certificate, or
-    plaintext when there are no certificates."""
+def client_security(certs: Made | None, *, token: bool = False) -> Security:
+    """What this process presents to the cluster's servers: the client certificate (or, with
+    `token`, the token), or plaintext when there are no certificates."""
     if certs is None:
         return Security.plaintext()
-    return load_security(SecurityFlags(ca=str(certs.ca), cert=str(certs.cert("client")),
-                                       key=str(certs.key("client"))),
-                         Role.CLIENT, command="cluster", environ={})
+    flags = (SecurityFlags(ca=str(certs.ca), token_file=str(certs.token)) if token else
+             SecurityFlags(ca=str(certs.ca), cert=str(certs.cert("client")),
+                           key=str(certs.key("client"))))
+    return load_security(flags, Role.CLIENT, command="cluster", environ={})
 
 
 def command(*args: str) -> list[str]:
@@ -123,10 +128,11 @@ class LocalCluster:
                  log_level: str = "INFO", hosts: Callable[[int], str] | None = None,
                  bootstrap_host: str | None = None,
                  bootstrap_prefix: Callable[[], list[str]] | None = None,
-                 certs: Made | None = None) -> None:
+                 certs: Made | None = None, token: bool = False) -> None:
         self.config = config
         self.certs = certs  # None: every process runs --insecure
-        self.security = client_security(certs)  # what list_peers and status present
+        self.token = token  # with certs: TLS, callers authenticated by the token
+        self.security = client_security(certs, token=token)  # what list_peers and status use
         self.out = out
         self.peer_args = list(peer_args)
         self.host = host
@@ -159,8 +165,8 @@ class LocalCluster:
             "--log-level", self.log_level, "bootstrap", *run_flags(self.config),
             "--bind", f"{self.bootstrap_host}:{port}",
             "--state", str(self.out / "bootstrap.sqlite"),
-            "--lease-seconds", str(lease_seconds), *tls_flags(self.certs, "bootstrap"))], log,
-            stdout=subprocess.PIPE)
+            "--lease-seconds", str(lease_seconds),
+            *tls_flags(self.certs, "bootstrap", token=self.token))], log, stdout=subprocess.PIPE)
         self.bootstrap_address = read_bootstrap_address(self.bootstrap, timeout)
         return self.bootstrap_address
 
@@ -176,7 +182,7 @@ class LocalCluster:
             "--log-level", self.log_level, "peer", "--id", str(node), "--bootstrap",
             self.bootstrap_address, "--bind", f"{self.hosts(node)}:0", "--out",
             str(self.peer_dir(node)), "--device", self.config.device,
-            *tls_flags(self.certs, f"node-{node}"), *self.peer_args, *extra)]
+            *tls_flags(self.certs, f"node-{node}", token=self.token), *self.peer_args, *extra)]
         if self.config.data_dir:
             args += ["--data-dir", self.config.data_dir]
         if resume:
