@@ -4,7 +4,7 @@ Every test that starts a process does it through a `ProcessGroup` (the `procs` f
 tests/conftest.py, or `with ProcessGroup() as group:` inside a module-scoped fixture):
 
     def test_something(procs: ProcessGroup) -> None:
-        boot = procs.start(crossgrad("bootstrap", "--bind", "127.0.0.1:0"))
+        boot = procs.start(crossgrad("bootstrap", "--bind", "127.0.0.1:0", "--insecure"))
         address = boot.stdout.readline()...          # sync on what the child says, never sleep
         procs.signal(boot, signal.SIGTERM)           # the test's own signals, to the process...
         assert boot.wait(timeout=30) == 0
