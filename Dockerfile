@@ -38,11 +38,12 @@ COPY peer ./peer
 COPY bootstrap ./bootstrap
 RUN pip install . && rm -rf /src
 
-# A non-root user. /state (the bootstrap's SQLite) and /runs (the peers' results) belong to it,
-# so that the named volumes docker creates over them start with the same owner.
+# A non-root user. /state (the bootstrap's SQLite), /runs (the peers' results) and /certs (the
+# TLS overlay's certificates, docker-compose.tls.yml) belong to it, so that the named volumes
+# docker creates over them start with the same owner.
 RUN useradd --create-home --uid 10001 crossgrad \
-    && mkdir -p /state /runs \
-    && chown crossgrad:crossgrad /state /runs
+    && mkdir -p /state /runs /certs \
+    && chown crossgrad:crossgrad /state /runs /certs
 USER crossgrad
 WORKDIR /home/crossgrad
 

@@ -159,6 +159,9 @@ def build_parser() -> Parser:
                        help="sign with this existing CA (with --ca-key) instead of a new one: "
                        "to add nodes or renew certificates")
     certs.add_argument("--ca-key", type=Path, default=None)
+    certs.add_argument("--if-missing", action="store_true",
+                       help="do nothing when OUT already holds a CA (a compose set-up that "
+                       "runs this at every `up` keeps its certificates)")
     return parser
 
 
@@ -249,6 +252,9 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
     if (args.ca_cert is None) != (args.ca_key is None):
         raise ConfigError("--ca-cert and --ca-key go together")
+    if args.if_missing and (args.out / "ca.pem").exists():
+        print(f"{args.out} already holds a CA: nothing written (--if-missing)", flush=True)
+        return 0
     made = make_run_certificates(args.out, args.nodes, hosts=args.hosts.split(","),
                                  days=args.days,
                                  ca=(args.ca_cert, args.ca_key) if args.ca_cert else None)

@@ -1,10 +1,14 @@
-"""docker-compose.yml is documentation that must stay true (STYLE.md habit 14).
+"""docker-compose.yml and its TLS overlay are documentation that must stay true (STYLE.md
+habit 14).
 
 docker-compose itself validates the file when it is installed (CI installs Debian's); every
 service's `command:` goes through the CLI's own parser, and the addresses in them must fit the
 services: peer ids 0..N-1 once each, --bootstrap naming the bootstrap service and its port,
 --advertise naming the peer's own service, --expect the number of peers; and the run's settings
-pass the CLI's validation.
+pass the CLI's validation. The main file runs plaintext and says so (CROSSGRAD_INSECURE); the
+overlay docker-compose.tls.yml gives every process the certificate that names it, made by its
+own `certs` service: the test makes them with that very command and loads each process's TLS
+settings from its environment, as the process would.
 """
 
 from __future__ import annotations
@@ -14,22 +18,27 @@ import contextlib
 import io
 import shutil
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
 
+from crossgrad.certs import make_run_certificates
 from crossgrad.cli import build_parser
 from crossgrad.config import RunConfig, load
 from crossgrad.errors import ConfigError
+from crossgrad.security import Role, SecurityFlags, load_security
 
 from procs import REPO, ProcessGroup
 
 COMPOSE = REPO / "docker-compose.yml"
+TLS_OVERLAY = REPO / "docker-compose.tls.yml"
 
 
-def services() -> dict[str, dict[str, Any]]:
-    document = yaml.safe_load(COMPOSE.read_text())
+def services(path: Path = COMPOSE) -> dict[str, dict[str, Any]]:
+    document = yaml.safe_load(path.read_text())
     assert isinstance(document, dict) and isinstance(document.get("services"), dict)
     return document["services"]
 
@@ -54,13 +63,57 @@ def split(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def test_docker_compose_validates_the_file(procs: ProcessGroup) -> None:
+@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, TLS_OVERLAY]],
+                         ids=["plaintext", "tls-overlay"])
+def test_docker_compose_validates_the_file(files: list[Path], procs: ProcessGroup) -> None:
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.skip("docker-compose is not installed (CI installs Debian's docker-compose)")
-    proc = procs.run([binary, "-f", str(COMPOSE), "config"], timeout=120)
+    proc = procs.run([binary, *(f"-f{f}" for f in files), "config"], timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "condition: service_healthy" in proc.stdout  # kept, not dropped, by this format
+    merged = yaml.safe_load(proc.stdout)["services"]
+    tls = len(files) > 1
+    for name, service in merged.items():
+        if name == "certs":
+            continue
+        assert service["environment"]["CROSSGRAD_INSECURE"] == ("0" if tls else "1"), name
+        if tls:
+            assert "service_completed_successfully" in str(service["depends_on"]), name
+            assert any("/certs" in str(v) for v in service["volumes"]), name
+
+
+def test_the_main_file_runs_plaintext_and_says_so() -> None:
+    for name, service in services().items():
+        env = {k: str(v) for k, v in service["environment"].items()}
+        security = load_security(SecurityFlags(), Role.SERVER, command=name, environ=env)
+        assert security.insecure, name
+
+
+def test_the_overlay_gives_each_process_the_certificate_that_names_it(tmp_path: Path) -> None:
+    main, overlay = services(), services(TLS_OVERLAY)
+    assert set(overlay) == {"certs", *main}, "the overlay covers every service"
+    certs_args = parse("certs", overlay["certs"])
+    assert str(certs_args.out) == "/certs" and certs_args.if_missing
+    peers = {name: parse(name, s) for name, s in main.items() if name != "bootstrap"}
+    assert certs_args.nodes == len(peers)
+    assert set(certs_args.hosts.split(",")) >= {"127.0.0.1", *main}
+    made = make_run_certificates(tmp_path, certs_args.nodes, hosts=certs_args.hosts.split(","))
+    for name, service in overlay.items():
+        if name == "certs":
+            continue
+        env = {**{k: str(v) for k, v in main[name]["environment"].items()},
+               **{k: str(v).replace("/certs", str(made.out))
+                  for k, v in service["environment"].items()}}
+        security = load_security(SecurityFlags(), Role.SERVER, command=name, environ=env)
+        assert security.mutual, name
+        cert = x509.load_pem_x509_certificate(security.cert or b"")
+        uris = cert.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier)
+        want = ("crossgrad://bootstrap" if name == "bootstrap"
+                else f"crossgrad://node/{peers[name].node_id}")
+        assert uris == [want], f"{name} would present {uris}"
 
 
 def test_every_command_parses_and_the_addresses_fit_the_services() -> None:
