@@ -20,8 +20,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import NoReturn
 
-from crossgrad.config import DEVICES, RunConfig, load
+from crossgrad.config import DEVICES, RunConfig
 from crossgrad.errors import ConfigError, DataError, ProtocolError
+from peer.builder import load_config as load  # ranges and registry names: the whole check
 
 EXIT_USAGE = 2
 

@@ -20,8 +20,9 @@ import pytest
 import yaml
 
 from crossgrad.cli import build_parser
-from crossgrad.config import RunConfig, load
+from crossgrad.config import RunConfig
 from crossgrad.errors import ConfigError
+from peer.builder import load_config
 
 from procs import REPO, ProcessGroup
 
@@ -91,7 +92,7 @@ def test_the_bootstrap_settings_are_a_valid_run() -> None:
     args = parse("bootstrap", services()["bootstrap"])
     overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig)}
     try:
-        load(overrides, args.config, environ={})
+        load_config(overrides, args.config, environ={})
     except ConfigError as exc:
         pytest.fail(f"bootstrap: the run's settings are refused: {exc}")
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from crossgrad.config import RunConfig, validate
+from crossgrad.config import RunConfig
 from peer import simulate
+from peer.builder import validate_config
 
 from procs import ProcessGroup, crossgrad
 
@@ -46,7 +47,7 @@ def test_networked_run_equals_simulation(algorithm: str, compressor: str, procs:
                     device="cpu", compressor=compressor)
     if algorithm.endswith("ngc"):
         settings["alpha"] = 0.5  # both the received and the local cross-gradients are used
-    config = validate(RunConfig(**settings))  # type: ignore[arg-type]
+    config = validate_config(RunConfig(**settings))  # type: ignore[arg-type]
     simulated = simulate.run(config, tmp_path / "sim")
     expected = json.loads((tmp_path / "sim" / "summary.json").read_text())["digests"]
 
