@@ -27,9 +27,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from crossgrad.config import RunConfig, validate  # noqa: E402
+from crossgrad.config import RunConfig  # noqa: E402
 from crossgrad.errors import CrossgradError  # noqa: E402
 from peer import simulate  # noqa: E402
+from peer.builder import validate_config  # noqa: E402
 
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 CONFIGS = [("dpsgd", "none"), ("cga", "none"), ("compcga", "sign"), ("compcga", "topk:0.01"),
@@ -50,7 +51,7 @@ class Row:
 def run_config(base: RunConfig, seeds: list[int], workdir: Path) -> Row:
     means, mins, model, cross = [], [], 0.0, 0.0
     for seed in seeds:
-        cfg = validate(RunConfig(**{**base.__dict__, "seed": seed}))
+        cfg = validate_config(RunConfig(**{**base.__dict__, "seed": seed}))
         name = f"{cfg.dataset}-{cfg.algorithm}-{cfg.compressor.replace(':', '_')}-{seed}"
         result = simulate.run(cfg, workdir / name, count_bytes=True)
         means.append(result.final.mean)

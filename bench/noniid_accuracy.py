@@ -26,8 +26,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from crossgrad.config import RunConfig, validate  # noqa: E402
+from crossgrad.config import RunConfig  # noqa: E402
 from peer import simulate  # noqa: E402
+from peer.builder import validate_config  # noqa: E402
 
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 
@@ -49,7 +50,7 @@ class Cell:
 def run_cell(base: RunConfig, seeds: list[int], workdir: Path) -> Cell:
     means, mins, avgs, cons, falls, secs = [], [], [], [], [], []
     for seed in seeds:
-        cfg = validate(RunConfig(**{**base.__dict__, "seed": seed}))
+        cfg = validate_config(RunConfig(**{**base.__dict__, "seed": seed}))
         out = workdir / f"{cfg.dataset}-{cfg.topology}-{cfg.partition}-{cfg.algorithm}-{seed}"
         result = simulate.run(cfg, out)
         means.append(result.final.mean)

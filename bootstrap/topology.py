@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from crossgrad.errors import ConfigError, UnknownNameError
-from peer.training.seeding import numpy_rng
+from crossgrad.seeding import numpy_rng
 
 # Random graphs are redrawn with a fresh derived seed until connected, at most this many times.
 MAX_ATTEMPTS = 100

@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import NoReturn
 
 from crossgrad.certs import DEFAULT_DAYS, DEFAULT_HOSTS
-from crossgrad.config import DEVICES, RunConfig, load
+from crossgrad.config import DEVICES, RunConfig
 from crossgrad.errors import ConfigError, DataError, ProtocolError
 from crossgrad.guard import add_limit_flags, limits_from_args
 from crossgrad.security import Role, add_security_flags, security_from_args
+from peer.builder import load_config  # ranges and registry names: the whole check
 
 EXIT_USAGE = 2
 
@@ -172,7 +173,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from peer import simulate
 
-    config = load(_overrides(args), args.config)
+    config = load_config(_overrides(args), args.config)
     say = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
     result = simulate.run(config, args.out, progress=say)
     print(simulate.table(result), flush=True)
@@ -185,7 +186,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     from bootstrap.server import serve
     from crossgrad.rpc import install_signal_handlers
 
-    config = load(_overrides(args), args.config)
+    config = load_config(_overrides(args), args.config)
     security = security_from_args(args, Role.SERVER, "bootstrap")
     server = serve(config, args.bind, args.state, args.lease_seconds, security=security,
                    limits=limits_from_args(args))
@@ -234,7 +235,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from crossgrad.demo import run_demo
 
-    config = load(_overrides(args), args.config)
+    config = load_config(_overrides(args), args.config)
     return run_demo(config, args.out, timeout=args.timeout, insecure=args.insecure)
 
 

@@ -64,18 +64,13 @@ class RunConfig:
 
 
 def validate(config: RunConfig) -> RunConfig:
-    """Check names against the registries and values against their ranges; raise ConfigError."""
-    from bootstrap.topology import build_topology
-    from peer.algorithms import ALGORITHMS
-    from peer.training.datasets import DATASETS
-    from peer.training.models import MODELS
+    """Check values against their ranges; raise ConfigError.
 
-    if config.algorithm not in ALGORITHMS:
-        raise UnknownNameError("algorithm", config.algorithm, ALGORITHMS)
-    if config.dataset not in DATASETS:
-        raise UnknownNameError("dataset", config.dataset, DATASETS)
-    if config.model not in MODELS:
-        raise UnknownNameError("model", config.model, MODELS)
+    The names that registries own (algorithm, data set, model, topology, compressor) are checked
+    by peer.builder.validate_names: the registries live in peer/ and bootstrap/, which this
+    shared kernel never imports. Every composition root (the CLI, a starting peer) runs both,
+    through peer.builder.validate_config or peer.builder.load_config.
+    """
     if config.device not in DEVICES:
         raise UnknownNameError("device", config.device, DEVICES)
     for name in ("nodes", "rounds", "batch_size", "eval_every"):
@@ -94,10 +89,6 @@ def validate(config: RunConfig) -> RunConfig:
         raise ConfigError(f"--gamma must be in (0, 1]; got {config.gamma}")
     if not 0 <= config.alpha <= 1:
         raise ConfigError(f"--alpha must be in [0, 1]; got {config.alpha}")
-    build_topology(config.topology, config.nodes, config.seed)  # name, parameters and n
-    from peer.compression import make as make_compressor
-
-    make_compressor(config.compressor)  # name and parameters (k, s)
     if config.model_compressor not in ("", "none"):
         raise ConfigError(
             f"--model-compressor {config.model_compressor} is refused: compressing model "
@@ -125,7 +116,8 @@ def _coerce(field_type: Any, raw: Any, name: str) -> Any:
 
 def load(overrides: Mapping[str, Any], config_file: str | None = None,
          environ: Mapping[str, str] | None = None) -> RunConfig:
-    """defaults < TOML file < CROSSGRAD_* environment < overrides (flags given on the CLI)."""
+    """defaults < TOML file < CROSSGRAD_* environment < overrides (flags given on the CLI),
+    checked by validate (ranges; peer.builder.load_config adds the registry names)."""
     known = {f.name: f.type for f in fields(RunConfig)}
     values: dict[str, Any] = {}
     if config_file:

@@ -2,26 +2,60 @@
 
 The simulator builds all nodes in one process; a networked peer builds only its own, from the
 same config and its assignment. Both call these functions, so both start from the same state.
+
+Being the composition root that knows every registry, the builder also checks a config's
+names against them (validate_names): crossgrad.config checks ranges only, since the shared
+kernel imports neither peer/ nor bootstrap/. validate_config and load_config do both, and are
+what the CLI and a starting peer call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from bootstrap.topology import Topology, build_topology, metropolis_hastings_weights
-from crossgrad.config import RunConfig
-from crossgrad.errors import ConfigError
+from crossgrad.config import RunConfig, load, validate
+from crossgrad.errors import ConfigError, UnknownNameError
 from peer import algorithms
 from peer.compression import ErrorFeedback
 from peer.compression import make as make_compressor
 from peer.node import Assignment, Node
-from peer.training.datasets import Dataset, load_dataset
-from peer.training.models import make_model
+from peer.training.datasets import DATASETS, Dataset, load_dataset
+from peer.training.models import MODELS, make_model
 from peer.training.partitions import partition
 from peer.training.trainer import Schedule, Trainer, seeded_model
+
+
+def validate_names(config: RunConfig) -> RunConfig:
+    """Check every name of `config` against the registry that builds it: the algorithm, the data
+    set, the model, the topology (with its parameters and the node count) and the compressor
+    (with k or s). Raises ConfigError; an unknown name lists the known ones."""
+    if config.algorithm not in algorithms.ALGORITHMS:
+        raise UnknownNameError("algorithm", config.algorithm, algorithms.ALGORITHMS)
+    if config.dataset not in DATASETS:
+        raise UnknownNameError("dataset", config.dataset, DATASETS)
+    if config.model not in MODELS:
+        raise UnknownNameError("model", config.model, MODELS)
+    build_topology(config.topology, config.nodes, config.seed)
+    make_compressor(config.compressor)
+    return config
+
+
+def validate_config(config: RunConfig) -> RunConfig:
+    """crossgrad.config.validate (ranges), then validate_names: the whole check, once, early."""
+    return validate_names(validate(config))
+
+
+def load_config(overrides: Mapping[str, Any], config_file: str | None = None,
+                environ: Mapping[str, str] | None = None) -> RunConfig:
+    """crossgrad.config.load (defaults < TOML < environment < flags, ranges checked), then
+    validate_names: what the CLI runs before it starts anything."""
+    return validate_names(load(overrides, config_file, environ))
 
 
 def resolve_device(name: str) -> torch.device:

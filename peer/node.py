@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import torch
 
 from crossgrad.errors import InvalidMessage, StaleRound
+from crossgrad.seeding import derive_seed
 from peer.algorithms.base import Algorithm, Params, StepInputs
 from peer.compression import Compressed, ErrorFeedback
 from peer.compression.base import check_finite
@@ -40,7 +41,6 @@ from peer.training.checkpoint import (
     check_tensors,
     to_device,
 )
-from peer.training.seeding import derive_seed
 from peer.training.trainer import Trainer
 
 log = logging.getLogger(__name__)

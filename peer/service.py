@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from bootstrap.registry import AssignmentView
-from crossgrad.config import RunConfig, validate
+from crossgrad.config import RunConfig
 from crossgrad.errors import ConfigError, DataError, ProtocolError
 from crossgrad.guard import CallerLimits
 from crossgrad.rpc import (
@@ -43,7 +43,7 @@ from crossgrad.rpc import (
 )
 from crossgrad.security import Security
 from crossgrad.v1 import peer_pb2
-from peer.builder import load_run_data, make_node, resolve_device
+from peer.builder import load_run_data, make_node, resolve_device, validate_config
 from peer.client import GrpcNeighborhood, check_model_fits
 from peer.loop import PeerState, RoundLoop, assignment_of
 from peer.metrics import Pair, Traffic, digest, kind_totals, kinds_json, pair_sum
@@ -298,8 +298,8 @@ class PeerRuntime:
         # lease, and the bootstrap must not take this node for dead meanwhile.
         session.start(self.progress, self.offer)
         try:  # what the bootstrap sent is a peer's message like any other: checked first
-            settings = validate(dataclasses.replace(settings, data_dir=self.options.data_dir,
-                                                    device=self.options.device))
+            settings = validate_config(dataclasses.replace(
+                settings, data_dir=self.options.data_dir, device=self.options.device))
         except ConfigError as exc:
             raise ConfigError(f"the run settings from the bootstrap at {self.options.bootstrap} "
                               f"cannot run here: {exc}") from None

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from crossgrad.seeding import derive_seed
 from peer.algorithms.base import Hyperparameters, Params, StepInputs, register
 from peer.algorithms.cga import CGA
 from peer.algorithms.ngc import NGC
@@ -26,7 +27,6 @@ from peer.algorithms.qp import QPOptions
 from peer.compression import ErrorFeedback
 from peer.compression import make as make_compressor
 from peer.training.checkpoint import check_residuals
-from peer.training.seeding import derive_seed
 
 
 def compress_self(memory: ErrorFeedback, inputs: StepInputs) -> Params:

@@ -102,7 +102,7 @@ class Compressor(ABC):
         """Compress a floating tensor. Deterministic: the same (x, seed) gives the same record.
 
         `seed` feeds the compressor's randomness (randk's coordinates, qsgd's rounding, topk's
-        threshold sample); derive it per (node, round, link, tensor) with training.seeding.
+        threshold sample); derive it per (node, round, link, tensor) with crossgrad.seeding.
         """
         if x.dtype not in FLOAT_DTYPES:
             raise ConfigError(f"compressor {self.spec} handles float16, bfloat16, float32 and "

@@ -10,7 +10,7 @@ networked run agree bit for bit.
 Wire order. Every model registers its parameters in a fixed order in `__init__` (layers are built
 in the order they run, in `nn.Sequential`s), so `named_parameters()` is the same on every node; that
 order is the order tensors cross the wire and the order of the per-tensor operations in the
-algorithms. `make_model` does not seed: the caller seeds torch (see `peer.training.seeding`) right
+algorithms. `make_model` does not seed: the caller seeds torch (see `crossgrad.seeding`) right
 before calling it, and the same seed then gives the same initial parameters.
 
 Inputs are float32 (B, C, H, W); outputs are logits (B, num_classes).

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import numpy as np
 
 from crossgrad.errors import ConfigError, UnknownNameError
-from peer.training.seeding import numpy_rng
+from crossgrad.seeding import numpy_rng
 
 PARTITION_NAMES = ("iid", "modulo", "sorted", "shards", "dirichlet")
 _FORMS = ("iid", "modulo", "sorted", "shards:C", "dirichlet:A")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from peer.training.seeding import derive_seed, numpy_rng
+from crossgrad.seeding import derive_seed, numpy_rng
 
 Params = list[torch.Tensor]
 

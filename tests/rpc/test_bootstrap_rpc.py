@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from bootstrap.convert import (
     SETTINGS_FIELDS,
@@ -24,13 +24,15 @@ from bootstrap.convert import (
     settings_to_proto,
 )
 from bootstrap.registry import LOCAL_FIELDS
-from bootstrap.server import BootstrapServer, serve
+from bootstrap.server import BootstrapServer
 from crossgrad.config import RunConfig
 from crossgrad.errors import ConfigError, InvalidMessage
-from crossgrad.rpc import RunningServer, make_channel
+from crossgrad.rpc import RunningServer
 from crossgrad.status import format_peers
 from crossgrad.v1 import bootstrap_pb2 as pb
 from crossgrad.v1 import bootstrap_pb2_grpc
+
+from harness import BOOTSTRAP, Cluster, bootstrap_service, rpc_error
 
 SETTINGS = RunConfig(nodes=3, topology="ring", algorithm="ngc", rounds=40, lr=0.05, seed=7)
 TIMEOUT = 5.0  # deadline of every call, and the longest wait for a streamed message
@@ -42,16 +44,13 @@ def state(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def server(state: Path) -> Iterator[RunningServer]:
-    running = serve(SETTINGS, "127.0.0.1:0", str(state), lease_seconds=30.0)
-    yield running
-    running.stop(grace=0)
+def server(state: Path, cluster: Cluster) -> RunningServer:
+    return cluster.bootstrap(SETTINGS, state=str(state), lease_seconds=30.0)
 
 
 @pytest.fixture
-def stub(server: RunningServer) -> Iterator[bootstrap_pb2_grpc.BootstrapStub]:
-    with make_channel(server.address) as channel:
-        yield bootstrap_pb2_grpc.BootstrapStub(channel)
+def stub(server: RunningServer, cluster: Cluster) -> bootstrap_pb2_grpc.BootstrapStub:
+    return cluster.bootstrap_stub(server.address)
 
 
 def join(stub: bootstrap_pb2_grpc.BootstrapStub, node_id: int,
@@ -60,12 +59,6 @@ def join(stub: bootstrap_pb2_grpc.BootstrapStub, node_id: int,
                              num_samples=100)
     response: pb.JoinResponse = stub.Join(request, timeout=TIMEOUT)
     return response
-
-
-def status_of(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    return info.value.code(), info.value.details()
 
 
 class Watch:
@@ -118,11 +111,9 @@ def test_a_peer_rejects_an_assignment_whose_weights_do_not_sum_to_one() -> None:
 # ---- the run ----
 
 
-def test_health_is_serving(server: RunningServer) -> None:
-    with make_channel(server.address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        answer = health.Check(health_pb2.HealthCheckRequest(service="crossgrad.v1.Bootstrap"),
-                              timeout=TIMEOUT)
+def test_health_is_serving(server: RunningServer, cluster: Cluster) -> None:
+    answer = cluster.health_stub(server.address).Check(
+        health_pb2.HealthCheckRequest(service=BOOTSTRAP), timeout=TIMEOUT)
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -132,10 +123,10 @@ def test_peers_join_then_get_neighbors_heartbeat_and_list(
     assert (first.ready, first.joined, first.expected) == (False, 1, 3)
     assert first.settings == settings_to_proto(SETTINGS)
     join(stub, 1)
-    code, details = status_of(lambda: stub.GetAssignment(
-        pb.GetAssignmentRequest(node_id=0), timeout=TIMEOUT))
-    assert code == grpc.StatusCode.FAILED_PRECONDITION
-    assert "waiting for peers: 2 of 3 joined" in details
+    err = rpc_error(lambda: stub.GetAssignment(pb.GetAssignmentRequest(node_id=0),
+                                               timeout=TIMEOUT))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "waiting for peers: 2 of 3 joined" in err.details()
     assert join(stub, 2).ready
 
     assignment = stub.GetAssignment(pb.GetAssignmentRequest(node_id=0), timeout=TIMEOUT)
@@ -190,19 +181,18 @@ def test_watch_delivers_the_first_assignment_and_each_change(
         watch.close()
 
 
-def test_a_stopping_server_ends_watches_with_unavailable(state: Path) -> None:
-    running = serve(SETTINGS, "127.0.0.1:0", str(state), lease_seconds=30.0)
-    with make_channel(running.address) as channel:
-        stub = bootstrap_pb2_grpc.BootstrapStub(channel)
-        for i in range(3):
-            join(stub, i)
-        watch = Watch(stub, 2)
-        assert isinstance(watch.next(), pb.Assignment)
-        running.stop(grace=TIMEOUT)
-        end = watch.next()
-        assert isinstance(end, grpc.RpcError)
-        assert end.code() == grpc.StatusCode.UNAVAILABLE
-        watch.close()
+def test_a_stopping_server_ends_watches_with_unavailable(server: RunningServer,
+                                                         stub: bootstrap_pb2_grpc.BootstrapStub
+                                                         ) -> None:
+    for i in range(3):
+        join(stub, i)
+    watch = Watch(stub, 2)
+    assert isinstance(watch.next(), pb.Assignment)
+    server.stop(grace=TIMEOUT)
+    end = watch.next()
+    assert isinstance(end, grpc.RpcError)
+    assert end.code() == grpc.StatusCode.UNAVAILABLE
+    watch.close()
 
 
 def test_returns_resumes_and_reports_reach_list_peers_and_the_status_table(
@@ -235,19 +225,15 @@ def test_returns_resumes_and_reports_reach_list_peers_and_the_status_table(
     assert lines[5].strip().startswith("dead: lease expired;") and len(lines) == 6
 
 
-def test_the_status_table_marks_expired_peers_dead(state: Path) -> None:
-    running = serve(SETTINGS, "127.0.0.1:0", str(state), lease_seconds=0.2)
-    try:
-        with make_channel(running.address) as channel:
-            stub = bootstrap_pb2_grpc.BootstrapStub(channel)
-            for i in range(3):
-                join(stub, i)
-            # The reaper expires all three within a lease; wait on the epoch it bumps.
-            assert isinstance(running, BootstrapServer)
-            running.registry.wait_for_change(1, timeout=TIMEOUT)
-            listing = stub.ListPeers(pb.ListPeersRequest(), timeout=TIMEOUT)
-    finally:
-        running.stop(grace=0)
+def test_the_status_table_marks_expired_peers_dead(state: Path, cluster: Cluster) -> None:
+    running = cluster.bootstrap(SETTINGS, state=str(state), lease_seconds=0.2)
+    stub = cluster.bootstrap_stub(running.address)
+    for i in range(3):
+        join(stub, i)
+    # The reaper expires all three within a lease; wait on the epoch it bumps.
+    assert isinstance(running, BootstrapServer)
+    running.registry.wait_for_change(1, timeout=TIMEOUT)
+    listing = stub.ListPeers(pb.ListPeersRequest(), timeout=TIMEOUT)
     assert {p.state for p in listing.peers} == {"EXPIRED"}
     lines = format_peers(listing).splitlines()
     assert "(3 dead, 0 left)" in lines[0]
@@ -279,37 +265,31 @@ def test_bad_requests_get_their_exact_status(stub: bootstrap_pb2_grpc.BootstrapS
          grpc.StatusCode.NOT_FOUND, "never joined"),
     ]
     for call, code, fragment in cases:
-        got, details = status_of(call)
-        assert (got, fragment in details) == (code, True), details
+        err = rpc_error(call)
+        assert (err.code(), fragment in err.details()) == (code, True), err.details()
 
 
 # ---- restart ----
 
 
-def test_a_restarted_bootstrap_keeps_the_run(state: Path) -> None:
-    first = serve(SETTINGS, "127.0.0.1:0", str(state), lease_seconds=30.0)
-    try:
-        with make_channel(first.address) as channel:
-            stub = bootstrap_pb2_grpc.BootstrapStub(channel)
-            for i in range(3):
-                join(stub, i)
-            stub.Leave(pb.LeaveRequest(node_id=1, reason="draining"), timeout=TIMEOUT)
-            before = stub.GetAssignment(pb.GetAssignmentRequest(node_id=0), timeout=TIMEOUT)
-    finally:
-        first.stop(grace=0)
+def test_a_restarted_bootstrap_keeps_the_run(state: Path, cluster: Cluster) -> None:
+    first = cluster.bootstrap(SETTINGS, state=str(state), lease_seconds=30.0)
+    stub = cluster.bootstrap_stub(first.address)
+    for i in range(3):
+        join(stub, i)
+    stub.Leave(pb.LeaveRequest(node_id=1, reason="draining"), timeout=TIMEOUT)
+    before = stub.GetAssignment(pb.GetAssignmentRequest(node_id=0), timeout=TIMEOUT)
+    first.stop(grace=0)
 
     with pytest.raises(ConfigError, match="another run"):
-        serve(dataclasses.replace(SETTINGS, seed=8), "127.0.0.1:0", str(state), 30.0)
+        cluster.bootstrap(dataclasses.replace(SETTINGS, seed=8), state=str(state))
 
-    second = serve(SETTINGS, "127.0.0.1:0", str(state), lease_seconds=30.0)
-    try:
-        with make_channel(second.address) as channel:
-            stub = bootstrap_pb2_grpc.BootstrapStub(channel)
-            after = stub.GetAssignment(pb.GetAssignmentRequest(node_id=0), timeout=TIMEOUT)
-            listing = stub.ListPeers(pb.ListPeersRequest(), timeout=TIMEOUT)
-            assert join(stub, 2).ready  # a restarted peer at the same address: idempotent
-    finally:
-        second.stop(grace=0)
+    second = cluster.bootstrap(SETTINGS, state=str(state), lease_seconds=30.0)
+    stub = cluster.bootstrap_stub(second.address)
+    after = stub.GetAssignment(pb.GetAssignmentRequest(node_id=0), timeout=TIMEOUT)
+    listing = stub.ListPeers(pb.ListPeersRequest(), timeout=TIMEOUT)
+    assert join(stub, 2).ready  # a restarted peer at the same address: idempotent
+    second.stop(grace=0)
     assert after == before and after.topology_epoch == 2
     assert [p.state for p in listing.peers] == ["ACTIVE", "LEFT", "ACTIVE"]
 
@@ -336,25 +316,16 @@ class _BadSettingsBootstrap(bootstrap_pb2_grpc.BootstrapServicer):
     ("topology", "hypercube", "hypercube"),
 ])
 def test_a_peer_refuses_run_settings_it_cannot_run_before_loading_data(
-        field: str, value: object, named: str, tmp_path: Path) -> None:
-    from crossgrad.rpc import Service, make_server
-    from peer.service import PeerOptions, PeerRuntime
-
+        field: str, value: object, named: str, tmp_path: Path, cluster: Cluster) -> None:
     good = RunConfig(nodes=3, topology="ring", algorithm="cga", dataset="digits", rounds=5)
     settings = settings_to_proto(good)
     setattr(settings, field, value)
     fake = _BadSettingsBootstrap(settings)
-    server = make_server("127.0.0.1:0", [Service(
-        "crossgrad.v1.Bootstrap",
-        lambda s: bootstrap_pb2_grpc.add_BootstrapServicer_to_server(fake, s))])
-    runtime = PeerRuntime(PeerOptions(node_id=0, bootstrap=server.address, out=tmp_path,
-                                      timeout=5.0, join_timeout=5.0))
-    try:
-        with pytest.raises(ConfigError) as info:
-            runtime.start()
-    finally:
-        runtime.shutdown(grace=0)
-        server.stop(0)
+    server = cluster.serve([bootstrap_service(fake)])
+    runtime = cluster.runtime(0, serve=False, bootstrap=server.address, out=tmp_path,
+                              join_timeout=5.0)
+    with pytest.raises(ConfigError) as info:
+        runtime.start()
     message = str(info.value)
     assert message.startswith(f"the run settings from the bootstrap at {server.address} "
                               "cannot run here: ")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -39,27 +40,32 @@ import numpy as np
 import pytest
 import torch
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crossgrad import cli, rpc
-from crossgrad.config import RunConfig, validate
 from crossgrad.errors import InvalidMessage, ProtocolError, TruncatedStream
-from crossgrad.v1 import bootstrap_pb2, peer_pb2, peer_pb2_grpc, tensor_pb2
-from peer.builder import RunData, assignments, load_run_data, make_node
-from peer.client import GrpcNeighborhood, Misses
+from crossgrad.v1 import bootstrap_pb2, peer_pb2, tensor_pb2
+from peer.client import Misses
 from peer.compression import Compressed, make
 from peer.compression import decode as decode_record
 from peer.compression.bits import pack_varints, unpack_varints
 from peer.compression.sparse import BITMAP, VARINT
-from peer.node import Assignment, Node, Params
-from peer.service import PeerRuntime
-from peer.simulate import InMemoryNeighborhood
+from peer.node import Node
 from peer.wire import decode, encode, encode_compressed_raw, specs_of
 
-from peers import assert_same, clone, start_runtime
+from harness import (
+    PEER,
+    Cluster,
+    FakePeer,
+    Run,
+    Trio,
+    ask,
+    assert_same,
+    clone,
+    load_run,
+    round_in_memory,
+    rpc_error,
+)
 
-PEER = "crossgrad.v1.Peer"
-CPU = torch.device("cpu")
 CHUNK = 1024  # the fake's pieces: a compressed cross-gradient takes several
 W0, B2 = "net.1.weight", "net.5.bias"  # tensor 0 (8192 elements) and tensor 5 (10 elements)
 D0, D5 = 128 * 64, 10
@@ -73,28 +79,15 @@ K0 = round(0.05 * D0)  # topk:0.05 keeps 410 of tensor 0's elements
 # ================================================================================================
 
 
-@dataclass(frozen=True)
-class Run:
-    config: RunConfig
-    data: RunData
-    assigned: dict[int, Assignment]
-
-    def node(self, i: int) -> Node:
-        return make_node(self.config, self.data, i, self.assigned[i], CPU)
-
-
-def load_run(compressor: str) -> Run:
-    config = validate(RunConfig(nodes=3, topology="ring", partition="iid", rounds=10,
-                                batch_size=16, device="cpu", dataset="digits",
-                                algorithm=ALGORITHM[compressor], compressor=compressor))
-    _, assigned = assignments(config)
-    assert assigned[0].neighbors == (1, 2)
-    return Run(config, load_run_data(config), assigned)
+def compressed_run(compressor: str) -> Run:
+    run = load_run(3, algorithm=ALGORITHM[compressor], compressor=compressor)
+    assert run.assigned[0].neighbors == (1, 2)
+    return run
 
 
 @pytest.fixture(scope="module")
 def runs() -> dict[str, Run]:
-    return {spec: load_run(spec) for spec in ALGORITHM}
+    return {spec: compressed_run(spec) for spec in ALGORITHM}
 
 
 RecordEdit = Callable[[list[Compressed]], list[Compressed]]
@@ -108,129 +101,77 @@ def stream(names: Sequence[str], records: Sequence[Compressed],
         names, records, sender_id=1, round_=round_, chunk_bytes=CHUNK)]
 
 
-class CompressingFake(peer_pb2_grpc.PeerServicer):
+class CompressingFake(FakePeer):
     """Node 1 as a plain gRPC server. GetModel: its model (times `model_scale`).
     ComputeCrossGradient: its real compressed cross-gradient of the requester's model (taken
     out of band from `requesters`), through `edit_records`, encoded, through `edit_chunks`."""
 
     def __init__(self, node: Node) -> None:
-        self.node = node
-        self.requesters: dict[int, Node] = {}
+        super().__init__(node, chunk_bytes=64 * CHUNK)
         self.edit_records: RecordEdit | None = None
         self.edit_chunks: ChunkEdit | None = None
         self.model_scale = 1.0
 
     def honest_records(self, requester: int, round_: int) -> list[Compressed]:
-        self.node.cross_gradient(requester, round_, self.requesters[requester].model(round_))
+        self.honest_cross_gradient(requester, round_)
         records = self.node.cross_gradient_records(requester, round_)
         assert records is not None
         return records
 
-    def GetModel(self, request: peer_pb2.GetModelRequest,
-                 context: grpc.ServicerContext) -> Iterator[tensor_pb2.TensorChunk]:
+    def model_stream(self, request: peer_pb2.GetModelRequest,
+                     context: grpc.ServicerContext) -> Iterator[tensor_pb2.TensorChunk]:
         params = [p * self.model_scale for p in self.node.params]
-        yield from encode(self.node.names, params, sender_id=1, round_=request.round,
-                          chunk_bytes=64 * CHUNK)
+        return encode(self.node.names, params, sender_id=1, round_=request.round,
+                      chunk_bytes=self.chunk_bytes)
 
-    def ComputeCrossGradient(self, request: peer_pb2.CrossGradientRequest,
-                             context: grpc.ServicerContext) -> Iterator[tensor_pb2.TensorChunk]:
+    def cross_gradient_stream(self, request: peer_pb2.CrossGradientRequest,
+                              context: grpc.ServicerContext) -> list[tensor_pb2.TensorChunk]:
         records = self.honest_records(request.requester_id, request.round)
         if self.edit_records is not None:
             records = self.edit_records(list(records))
         chunks = stream(self.node.names, records, request.round)
         if self.edit_chunks is not None:
             chunks = self.edit_chunks(chunks)
-        yield from chunks
+        return chunks
 
 
-
-@dataclass
-class Cluster:
-    """Node 0 (under test) and node 2 (honest) as PeerRuntimes; node 1 is the fake."""
-
-    run: Run
-    fake: CompressingFake
-    fake_server: rpc.RunningServer
-    node0: Node
-    node2: Node
-    rt0: PeerRuntime
-    rt2: PeerRuntime
-
-    @property
-    def hood(self) -> GrpcNeighborhood:
-        assert self.rt0.hood is not None
-        return self.rt0.hood
-
-    @property
-    def prefix(self) -> str:
-        """How node 0's client starts the message of a refused answer of this round."""
-        return (f"cross_gradient of round {self.node0.round} from node 1 at "
-                f"{self.fake_server.address} rejected: ")
-
-    def reset(self) -> None:
-        self.fake.edit_records = self.fake.edit_chunks = None
-        self.fake.model_scale = 1.0
-        self.hood.misses = Misses()
-
-    def close(self) -> None:
-        for runtime in (self.rt0, self.rt2):
-            assert runtime.server is not None and runtime.hood is not None
-            runtime.server.stop(0)
-            runtime.hood.close()
-        self.fake_server.stop(0)
+Compressing = Trio[CompressingFake]
 
 
-def make_cluster(run: Run) -> Cluster:
-    fake = CompressingFake(run.node(1))
-    fake_server = rpc.make_server("127.0.0.1:0", [rpc.Service(
-        PEER, lambda s: peer_pb2_grpc.add_PeerServicer_to_server(fake, s))])
-    fake_server.set_serving()
-    node0, node2 = run.node(0), run.node(2)
-    node0.publish()
-    node2.publish()
-    fake.requesters[0] = node0
-    rt0, rt2 = start_runtime(0), start_runtime(2)
-    rt0.attach(node0, {1: fake_server.address, 2: rt2.address}, epoch=1)
-    rt2.attach(node2, {0: rt0.address, 1: fake_server.address}, epoch=1)
-    return Cluster(run, fake, fake_server, node0, node2, rt0, rt2)
+def prefix(c: Compressing) -> str:
+    """How node 0's client starts the message of a refused answer of this round."""
+    return (f"cross_gradient of round {c.node0.round} from node 1 at "
+            f"{c.fake_server.address} rejected: ")
+
+
+def reset(c: Compressing) -> None:
+    c.fake.edit_records = c.fake.edit_chunks = None
+    c.fake.model_scale = 1.0
+    c.hood.misses = Misses()
 
 
 @pytest.fixture(scope="module")
-def warm(runs: dict[str, Run]) -> Iterator[dict[str, Cluster]]:
-    """A cluster per compressor whose node 0 holds state worth corrupting: it did round 0 with
+def warm(runs: dict[str, Run]) -> Iterator[dict[str, Compressing]]:
+    """A trio per compressor whose node 0 holds state worth corrupting: it did round 0 with
     honest neighbors (momentum, its own error-feedback memory) and served node 2's compressed
     cross-gradient of round 0 (sender memories of link 2); it is now at round 1, published."""
-    clusters: dict[str, Cluster] = {}
-    try:
+    clusters: dict[str, Compressing] = {}
+    with Cluster() as cluster:
         for spec, run in runs.items():
-            c = clusters[spec] = make_cluster(run)
+            c = clusters[spec] = cluster.trio(run, CompressingFake(run.node(1)))
             record = c.node0.run_round(c.hood)
             assert (record.answered, c.hood.misses.total) == ([1, 2], 0)
             c.node0.publish()
-            with rpc.make_channel(c.rt0.address) as ch:
-                request = peer_pb2.CrossGradientRequest(requester_id=2, round=0)
-                assert list(peer_pb2_grpc.PeerStub(ch).ComputeCrossGradient(request, timeout=10))
+            assert ask(cluster.peer_stub(c.rt0.address), "ComputeCrossGradient", 2, 0,
+                       timeout=10)
             assert c.node0.feedback is not None and len(c.node0.feedback) == 6
         yield clusters
-    finally:
-        for c in clusters.values():
-            c.close()
 
 
 @pytest.fixture
-def fresh(runs: dict[str, Run]) -> Iterator[Callable[[str], Cluster]]:
-    """fresh(compressor) -> a new cluster at round 0, closed after the test."""
-    made: list[Cluster] = []
-
-    def build(spec: str) -> Cluster:
-        made.append(make_cluster(runs[spec]))
-        return made[-1]
-
-    yield build
-    for c in made:
-        c.close()
-
-
+def fresh(runs: dict[str, Run], cluster: Cluster) -> Callable[[str], Compressing]:
+    """fresh(compressor) -> a new trio at round 0, stopped after the test."""
+    return lambda spec: cluster.trio(runs[spec], CompressingFake(runs[spec].node(1)))
 
 
 def state_of(node: Node) -> dict[str, Any]:
@@ -269,20 +210,10 @@ def assert_state_unchanged(node: Node, before: dict[str, Any]) -> None:
     assert not changed, f"node {node.id}'s state changed: {changed}"
 
 
-def assert_still_serves(c: Cluster) -> None:
+def assert_still_serves(c: Compressing) -> None:
     """Node 0 answers health, GetStatus and GetModel (its current model) on a new channel."""
-    with rpc.make_channel(c.rt0.address) as ch:
-        health = health_pb2_grpc.HealthStub(ch).Check(
-            health_pb2.HealthCheckRequest(service=PEER), timeout=5)
-        stub = peer_pb2_grpc.PeerStub(ch)
-        status = stub.GetStatus(peer_pb2.GetStatusRequest(requester="test"), timeout=5)
-        request = peer_pb2.GetModelRequest(requester_id=2, round=c.node0.round)
-        chunks = list(stub.GetModel(request, timeout=5))
-    assert health.status == health_pb2.HealthCheckResponse.SERVING
-    assert (status.node_id, status.round, status.state) == (0, c.node0.round, "TRAINING")
-    decoded = decode(chunks, specs_of(c.node0.names, c.node0.params), sender_id=0,
-                     round_=c.node0.round)
-    assert_same(decoded.tensors, c.node0.params)
+    status = c.cluster.assert_still_serves(c.rt0, requester=2)
+    assert status.state == "TRAINING"
 
 
 # ================================================================================================
@@ -532,11 +463,11 @@ CASES = [
 
 
 @pytest.mark.parametrize("compressor", list(ALGORITHM))
-def test_an_honest_compressed_answer_is_accepted(warm: dict[str, Cluster],
+def test_an_honest_compressed_answer_is_accepted(warm: dict[str, Compressing],
                                                  compressor: str) -> None:
     """The harness: the fake's unedited answer validates, so what fails below is the edit."""
     c = warm[compressor]
-    c.reset()
+    reset(c)
     r = c.node0.round
     before = c.hood.traffic.received.get((1, "cross_gradient"), 0)
     got = c.hood.fetch_cross_gradient(1, r)
@@ -550,9 +481,9 @@ def test_an_honest_compressed_answer_is_accepted(warm: dict[str, Cluster],
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.compressor}-{c.name}" for c in CASES])
 def test_a_bad_compressed_answer_is_refused_and_changes_nothing(
-        warm: dict[str, Cluster], case: Case, caplog: pytest.LogCaptureFixture) -> None:
+        warm: dict[str, Compressing], case: Case, caplog: pytest.LogCaptureFixture) -> None:
     c = warm[case.compressor]
-    c.reset()
+    reset(c)
     c.fake.edit_records, c.fake.edit_chunks = case.edit_records, case.edit_chunks
     r = c.node0.round
     before = state_of(c.node0)
@@ -564,7 +495,7 @@ def test_a_bad_compressed_answer_is_refused_and_changes_nothing(
     assert type(exc) is case.error, f"{type(exc).__name__}: {exc}"
     assert rpc.status_of(exc) == (case.error, case.code)
     message = str(exc)
-    assert message.startswith(c.prefix), message
+    assert message.startswith(prefix(c)), message
     for part in case.says:
         assert part in message, message
 
@@ -574,7 +505,7 @@ def test_a_bad_compressed_answer_is_refused_and_changes_nothing(
     misses = c.hood.misses
     assert (misses.rejected, misses.unavailable, misses.by_peer) == (1, 0, {1: 1})
     warnings = [rec.getMessage() for rec in caplog.records if rec.name == "peer.client"]
-    assert len(warnings) == 1 and warnings[0].startswith(f"node 0 round {r}: {c.prefix}")
+    assert len(warnings) == 1 and warnings[0].startswith(f"node 0 round {r}: {prefix(c)}")
     assert case.says[0] in warnings[0]
     status = c.rt0.status()
     assert status.rejected_messages == rejected_before + 1
@@ -589,29 +520,15 @@ def test_a_bad_compressed_answer_is_refused_and_changes_nothing(
 # ================================================================================================
 
 
-class MuteNeighborhood(InMemoryNeighborhood):
-    """In memory, but the `mute` neighbors give no cross-gradient."""
-
-    def __init__(self, me: int, nodes: dict[int, Node], mute: Sequence[int]) -> None:
-        super().__init__(me, nodes)
-        self.mute = set(mute)
-
-    def cross_gradients(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
-        return super().cross_gradients(round_, [j for j in neighbors if j not in self.mute])
-
-
 @pytest.fixture(scope="module")
 def reference(runs: dict[str, Run]) -> dict[str, dict[str, Any]]:
     """Node 0 after round 0 of the compcga (topk) run in memory, with every answer ("honest")
     and without node 1's cross-gradient ("mute"): its parameters and algorithm state."""
     out = {}
     for name, mute in (("honest", ()), ("mute", (1,))):
-        nodes = {i: runs["topk:0.05"].node(i) for i in range(3)}
-        for n in nodes.values():
-            n.publish()
-        nodes[0].run_round(MuteNeighborhood(0, nodes, mute))
-        out[name] = {"params": clone(nodes[0].params),
-                     "algorithm": copy.deepcopy(nodes[0].algorithm.state_dict())}
+        node0 = round_in_memory(runs["topk:0.05"], mute=mute)
+        out[name] = {"params": clone(node0.params),
+                     "algorithm": copy.deepcopy(node0.algorithm.state_dict())}
     assert not equal(out["honest"]["params"], out["mute"]["params"])
     return out
 
@@ -622,7 +539,7 @@ ROUND_CASES = [c for c in CASES if c.compressor == "topk:0.05" and c.name in (
 
 
 def test_a_round_with_honest_compressed_answers_matches_the_simulator(
-        fresh: Callable[[str], Cluster], reference: dict[str, dict[str, Any]]) -> None:
+        fresh: Callable[[str], Compressing], reference: dict[str, dict[str, Any]]) -> None:
     c = fresh("topk:0.05")
     record = c.node0.run_round(c.hood)
     assert (record.answered, record.missing, c.hood.misses.total) == ([1, 2], [], 0)
@@ -632,7 +549,7 @@ def test_a_round_with_honest_compressed_answers_matches_the_simulator(
 
 @pytest.mark.parametrize("case", ROUND_CASES, ids=[c.name for c in ROUND_CASES])
 def test_a_round_with_a_bad_compressed_answer_equals_one_without_it(
-        fresh: Callable[[str], Cluster], reference: dict[str, dict[str, Any]],
+        fresh: Callable[[str], Compressing], reference: dict[str, dict[str, Any]],
         case: Case) -> None:
     c = fresh("topk:0.05")
     c.fake.edit_records, c.fake.edit_chunks = case.edit_records, case.edit_chunks
@@ -653,47 +570,40 @@ def test_a_round_with_a_bad_compressed_answer_equals_one_without_it(
 
 
 def test_refused_requests_leave_the_sender_memories_alone_and_a_retry_compresses_once(
-        fresh: Callable[[str], Cluster]) -> None:
+        fresh: Callable[[str], Compressing]) -> None:
     c = fresh("topk:0.05")
     feedback = c.node0.feedback
     assert feedback is not None and len(feedback) == 0
-    with rpc.make_channel(c.rt0.address) as ch:
-        stub = peer_pb2_grpc.PeerStub(ch)
+    stub = c.cluster.peer_stub(c.rt0.address)
 
-        def ask(requester: int, round_: int) -> list[tensor_pb2.TensorChunk]:
-            request = peer_pb2.CrossGradientRequest(requester_id=requester, round=round_)
-            return list(stub.ComputeCrossGradient(request, timeout=10))
+    def compute(requester: int, round_: int) -> list[tensor_pb2.TensorChunk]:
+        return ask(stub, "ComputeCrossGradient", requester, round_, timeout=10)
 
-        for requester, round_, code in ((7, 0, grpc.StatusCode.PERMISSION_DENIED),
-                                        (1, 2**40, grpc.StatusCode.INVALID_ARGUMENT)):
-            with pytest.raises(grpc.RpcError) as info:
-                ask(requester, round_)
-            assert info.value.code() == code
-        assert len(feedback) == 0 and not c.node0.has_cross_gradient(1, 0)
+    for requester, round_, code in ((7, 0, grpc.StatusCode.PERMISSION_DENIED),
+                                    (1, 2**40, grpc.StatusCode.INVALID_ARGUMENT)):
+        assert rpc_error(functools.partial(compute, requester, round_)).code() == code
+    assert len(feedback) == 0 and not c.node0.has_cross_gradient(1, 0)
 
-        first = ask(1, 0)
-        memories = feedback.state_dict()
-        assert sorted(memories) == [f"1.{i}" for i in range(6)]
-        assert ask(1, 0) == first  # the retry gets the same records ...
-        assert equal(feedback.state_dict(), memories)  # ... and error feedback ran once
+    first = compute(1, 0)
+    memories = feedback.state_dict()
+    assert sorted(memories) == [f"1.{i}" for i in range(6)]
+    assert compute(1, 0) == first  # the retry gets the same records ...
+    assert equal(feedback.state_dict(), memories)  # ... and error feedback ran once
     got = decode(first, specs_of(c.node0.names, c.node0.params), sender_id=0, round_=0,
                  compressor=feedback.compressor)
     assert_same(got.tensors, c.node0.cached_cross_gradient(1, 0) or [])
 
 
 def test_a_cross_gradient_that_cannot_be_compressed_is_invalid_argument(
-        fresh: Callable[[str], Cluster]) -> None:
+        fresh: Callable[[str], Compressing]) -> None:
     """Node 1's model is finite (so it passes GetModel's checks) but so large that its gradient
     on node 0's data is NaN: the compressed answer would be refused by any receiver, so node 0
     refuses the request instead, its memories untouched, and keeps serving."""
     c = fresh("topk:0.05")
     c.fake.model_scale = 1e30
     before = state_of(c.node0)
-    with rpc.make_channel(c.rt0.address) as ch:
-        request = peer_pb2.CrossGradientRequest(requester_id=1, round=0)
-        with pytest.raises(grpc.RpcError) as info:
-            list(peer_pb2_grpc.PeerStub(ch).ComputeCrossGradient(request, timeout=10))
-    err = info.value
+    stub = c.cluster.peer_stub(c.rt0.address)
+    err = rpc_error(lambda: ask(stub, "ComputeCrossGradient", 1, 0, timeout=10))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "error feedback for link 1, tensor 0: the compressed tensor would be refused: " \
            "topk values: NaN or Inf" in (err.details() or "")

@@ -8,24 +8,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable
 
 import pytest
 
-from crossgrad import rpc
 from crossgrad.healthcheck import main
-from crossgrad.v1 import peer_pb2_grpc
 
+from harness import PEER, Serve, peer_service
 from procs import ProcessGroup
-
-PEER = "crossgrad.v1.Peer"
-Serve = Callable[..., rpc.RunningServer]
-
-
-def peer_service() -> rpc.Service:
-    """The generated Peer base class: every method UNIMPLEMENTED, enough for health."""
-    return rpc.Service(PEER, lambda s: peer_pb2_grpc.add_PeerServicer_to_server(
-        peer_pb2_grpc.PeerServicer(), s))
 
 
 def probe(procs: ProcessGroup, *args: str) -> subprocess.CompletedProcess[str]:
@@ -57,8 +46,8 @@ def test_unknown_service_is_1(serve: Serve, capsys: pytest.CaptureFixture[str]) 
     assert len(err) == 1 and "NOT_FOUND" in err[0]
 
 
-def test_nothing_listening_is_1(capsys: pytest.CaptureFixture[str]) -> None:
-    server = rpc.make_server("127.0.0.1:0", [])
+def test_nothing_listening_is_1(serve: Serve, capsys: pytest.CaptureFixture[str]) -> None:
+    server = serve([])
     address = server.address
     server.stop(grace=0)  # the port is free again: nobody answers there
     assert main(["--insecure", address, "--timeout", "5"]) == 1

@@ -12,12 +12,11 @@ into is released. Without a GPU this is shown with a node on torch's "meta" devi
 device with no storage: anything left on the CPU, or any CPU buffer kept, shows); with one, a
 CGA round among three nodes on CUDA runs over real gRPC and matches the CPU run.
 
-Nodes: the 3-node ring of tests/rpc/test_peer_rpc.py (digits data, the digits MLP, CGA).
+Nodes: the 3-node ring of tests/rpc/harness.py (digits data, the digits MLP, CGA).
 """
 
 from __future__ import annotations
 
-import functools
 import gc
 import inspect
 import threading
@@ -32,45 +31,34 @@ import torch
 
 import peer.client
 from crossgrad import rpc
-from crossgrad.config import RunConfig, validate
 from crossgrad.errors import ConfigError, TooLarge
-from crossgrad.v1 import peer_pb2, peer_pb2_grpc, tensor_pb2
-from peer.builder import RunData, assignments, load_run_data, make_node
+from crossgrad.v1 import peer_pb2, tensor_pb2
 from peer.client import GrpcNeighborhood, check_model_fits
-from peer.node import Assignment, Node, Params
+from peer.node import Node, Params
 from peer.service import PeerRuntime
 from peer.simulate import InMemoryNeighborhood
-from peer.wire import Decoded, decode, encode_raw, specs_of
+from peer.wire import Decoded, decode, encode
 
-from peers import assert_same, clone, start_runtime
+from harness import (
+    CPU,
+    METHODS,
+    MIB,
+    Cluster,
+    FakePeer,
+    assert_same,
+    clone,
+    fetch,
+    gather,
+    load_run,
+)
 
-PEER = "crossgrad.v1.Peer"
-METHODS = ["GetModel", "ComputeCrossGradient"]
-MIB = 1 << 20
 TIB = 1 << 40
-PIECE = tensor_pb2.TensorChunk(data=bytes(MIB)).SerializeToString()  # one 1 MiB data message
-
-
-@functools.cache
-def run_setup(compressor: str) -> tuple[RunConfig, RunData, dict[int, Assignment]]:
-    cfg = validate(RunConfig(nodes=3, topology="ring", partition="iid", rounds=10, batch_size=16,
-                             device="cpu", dataset="digits", compressor=compressor))
-    _, assigned = assignments(cfg)
-    return cfg, load_run_data(cfg), assigned
+PIECE = tensor_pb2.TensorChunk(data=bytes(MIB))  # one 1 MiB data message
 
 
 def run_nodes(device: torch.device, compressor: str = "none") -> dict[int, Node]:
     """Nodes 0-2 of the run, fresh, as a deployment builds them (peer/builder.py)."""
-    cfg, data, assigned = run_setup(compressor)
-    return {i: make_node(cfg, data, i, assigned[i], device) for i in range(3)}
-
-
-def stop(*runtimes: PeerRuntime) -> None:
-    for runtime in runtimes:
-        assert runtime.server is not None
-        runtime.server.stop(0)
-        if runtime.hood is not None:
-            runtime.hood.close()
+    return load_run(3, compressor=compressor).nodes(device)
 
 
 def model_bytes(node: Node) -> int:
@@ -82,40 +70,40 @@ def model_bytes(node: Node) -> int:
 # ================================================================================================
 
 
-class Boaster:
+class Boaster(FakePeer):
     """A fake node 1 whose stream headers declare 1 TiB (its real header, total_bytes raised),
     then send 1 MiB data messages for as long as they are taken: it never stops on its own."""
 
     def __init__(self, node: Node) -> None:
-        self.node = node
+        super().__init__(node)
         self.pieces_sent = 0
         self.done = threading.Event()  # set once its call has ended, for whatever reason
 
-    def stream(self, request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
+    def boast(self, request: Any,
+              context: grpc.ServicerContext) -> Iterator[tensor_pb2.TensorChunk]:
         context.add_callback(self.done.set)
-        chunk = tensor_pb2.TensorChunk.FromString(next(encode_raw(
-            self.node.names, self.node.params, sender_id=self.node.id, round_=request.round)))
+        chunk = next(encode(self.node.names, self.node.params, sender_id=self.node.id,
+                            round_=request.round))
         chunk.header.total_bytes = TIB
-        yield chunk.SerializeToString()
+        yield chunk
         for _ in range(TIB // MIB):
             self.pieces_sent += 1
             yield PIECE
 
-    def service(self) -> rpc.Service:
-        handlers = {
-            "GetModel": grpc.unary_stream_rpc_method_handler(
-                self.stream, request_deserializer=peer_pb2.GetModelRequest.FromString),
-            "ComputeCrossGradient": grpc.unary_stream_rpc_method_handler(
-                self.stream, request_deserializer=peer_pb2.CrossGradientRequest.FromString),
-        }
-        return rpc.Service(PEER, lambda s: s.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(PEER, handlers),)))
+    def model_stream(self, request: peer_pb2.GetModelRequest,
+                     context: grpc.ServicerContext) -> Iterator[tensor_pb2.TensorChunk]:
+        return self.boast(request, context)
+
+    def cross_gradient_stream(self, request: peer_pb2.CrossGradientRequest,
+                              context: grpc.ServicerContext) -> Iterator[tensor_pb2.TensorChunk]:
+        return self.boast(request, context)
 
 
 @dataclass
 class Receiver:
     """Node 0 serving (a PeerRuntime) with node 1 a Boaster; node 2 is never asked."""
 
+    cluster: Cluster
     node: Node
     runtime: PeerRuntime
     boaster: Boaster
@@ -128,22 +116,14 @@ class Receiver:
 
 
 @pytest.fixture
-def receiver(serve: Any) -> Iterator[Receiver]:
-    nodes = run_nodes(torch.device("cpu"))
+def receiver(cluster: Cluster) -> Receiver:
+    nodes = run_nodes(CPU)
     boaster = Boaster(nodes[1])
-    fake = serve([boaster.service()])
-    fake.set_serving()
+    fake = cluster.fake(boaster)
     nodes[0].publish()
-    runtime = start_runtime(0)
+    runtime = cluster.runtime(0)
     runtime.attach(nodes[0], {1: fake.address, 2: "127.0.0.1:1"}, epoch=1)
-    yield Receiver(nodes[0], runtime, boaster, clone(nodes[0].params))
-    stop(runtime)
-
-
-def fetch(hood: GrpcNeighborhood, method: str, peer: int) -> Params:
-    if method == "GetModel":
-        return hood.fetch_model(peer, 0)
-    return hood.fetch_cross_gradient(peer, 0)
+    return Receiver(cluster, nodes[0], runtime, boaster, clone(nodes[0].params))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -166,46 +146,36 @@ def test_a_stream_declaring_more_than_the_limit_is_refused_at_its_header(
 
     # Nothing it sent was kept; the round leaves it out as a rejected answer.
     assert receiver.node.neighbor_model(1, 0) is None
-    gathered = (receiver.hood.models(0, [1]) if method == "GetModel"
-                else receiver.hood.cross_gradients(0, [1]))
-    assert gathered == {}
+    assert gather(receiver.hood, method, [1]) == {}
     misses = receiver.hood.misses
     assert (misses.rejected, misses.unavailable, misses.by_peer) == (1, 0, {1: 1})
     assert_same(receiver.node.params, receiver.params)
 
     # ... and node 0 keeps serving its model.
-    with rpc.make_channel(receiver.runtime.address) as ch:
-        chunks = list(peer_pb2_grpc.PeerStub(ch).GetModel(
-            peer_pb2.GetModelRequest(requester_id=2, round=0), timeout=5))
-    assert_same(decode(chunks, specs_of(receiver.node.names, receiver.params), sender_id=0,
-                       round_=0).tensors, receiver.params)
+    receiver.cluster.assert_still_serves(receiver.runtime, round_=0, params=receiver.params,
+                                         requester=2)
 
 
-def test_a_real_model_above_a_lowered_limit_is_refused_with_both_sizes() -> None:
+def test_a_real_model_above_a_lowered_limit_is_refused_with_both_sizes(cluster: Cluster) -> None:
     """An honest neighbor whose model is above this node's (lowered) limit: its real stream is
     refused the same way; at the limit itself it is accepted (the limit is inclusive)."""
-    nodes = run_nodes(torch.device("cpu"))
+    nodes = run_nodes(CPU)
     size = model_bytes(nodes[1])
     nodes[1].publish()
-    sender = start_runtime(1)
+    sender = cluster.runtime(1)
     sender.attach(nodes[1], {}, epoch=1)
-    low = GrpcNeighborhood(nodes[0], {1: sender.address}, timeout=5, max_model_bytes=size - 1)
-    exact = GrpcNeighborhood(nodes[0], {1: sender.address}, timeout=5, max_model_bytes=size)
-    try:
-        with pytest.raises(TooLarge) as info:
-            low.fetch_model(1, 0)
-        message = str(info.value)
-        assert f"({size} bytes)" in message and f"({size - 1} bytes)" in message, message
-        assert "KiB" in message and "--max-model-bytes" in message, message
-        assert_same(exact.fetch_model(1, 0), nodes[1].params)
-    finally:
-        low.close()
-        exact.close()
-        stop(sender)
+    low = cluster.neighborhood(nodes[0], {1: sender.address}, max_model_bytes=size - 1)
+    exact = cluster.neighborhood(nodes[0], {1: sender.address}, max_model_bytes=size)
+    with pytest.raises(TooLarge) as info:
+        low.fetch_model(1, 0)
+    message = str(info.value)
+    assert f"({size} bytes)" in message and f"({size - 1} bytes)" in message, message
+    assert "KiB" in message and "--max-model-bytes" in message, message
+    assert_same(exact.fetch_model(1, 0), nodes[1].params)
 
 
 def test_a_node_whose_own_model_is_above_its_limit_is_a_config_error() -> None:
-    node = run_nodes(torch.device("cpu"))[0]
+    node = run_nodes(CPU)[0]
     size = model_bytes(node)
     check_model_fits(node.names, node.params, size)  # exactly at the limit: fine
     with pytest.raises(ConfigError) as info:
@@ -252,27 +222,24 @@ def assert_placed(got: Params, node: Node, device: torch.device) -> None:
 
 @pytest.mark.parametrize("compressor", ["none", "sign"])
 def test_received_tensors_land_on_the_nodes_device_and_no_cpu_copy_stays(
-        monkeypatch: pytest.MonkeyPatch, compressor: str) -> None:
+        monkeypatch: pytest.MonkeyPatch, compressor: str, cluster: Cluster) -> None:
     """Node 0 on the meta device fetches node 1's model and node 1's cross-gradient of node 0's
     model (dense, or sign-compressed and decompressed on receipt) over real gRPC."""
     meta = torch.device("meta")
-    cpu_nodes = run_nodes(torch.device("cpu"), compressor=compressor)
+    cpu_nodes = run_nodes(CPU, compressor=compressor)
     node0 = run_nodes(meta, compressor=compressor)[0]
     node1 = cpu_nodes[1]
     node1.publish()
     # node 1 computes the cross-gradient of node 0's round-0 model (the CPU twin's: the same
     # values), as if it had fetched it: a meta node has no bytes to serve.
     node1.remember_model(0, 0, clone(cpu_nodes[0].params))
-    sender = start_runtime(1)
+    sender = cluster.runtime(1)
     sender.attach(node1, {}, epoch=1)
-    hood = GrpcNeighborhood(node0, {1: sender.address}, timeout=5)
+    hood = cluster.neighborhood(node0, {1: sender.address})
     decoded = spy_on_decode(monkeypatch)
-    try:
-        model = hood.fetch_model(1, 0)
-        grads = hood.fetch_cross_gradient(1, 0)
-    finally:
-        hood.close()
-        stop(sender)
+    model = hood.fetch_model(1, 0)
+    grads = hood.fetch_cross_gradient(1, 0)
+    hood.close()  # the transfer is over: nothing of it may stay alive
     assert node0.trainer.device == meta
     assert_placed(model, node0, meta)
     assert_placed(grads, node0, meta)
@@ -283,50 +250,40 @@ def test_received_tensors_land_on_the_nodes_device_and_no_cpu_copy_stays(
 
 
 def test_on_a_cpu_node_received_tensors_are_the_decoded_ones(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, cluster: Cluster) -> None:
     """No copy on the CPU: placement returns the decoded tensors themselves."""
-    nodes = run_nodes(torch.device("cpu"))
+    nodes = run_nodes(CPU)
     nodes[1].publish()
-    sender = start_runtime(1)
+    sender = cluster.runtime(1)
     sender.attach(nodes[1], {}, epoch=1)
-    hood = GrpcNeighborhood(nodes[0], {1: sender.address}, timeout=5)
+    hood = cluster.neighborhood(nodes[0], {1: sender.address})
     decoded = spy_on_decode(monkeypatch)
-    try:
-        model = hood.fetch_model(1, 0)
-    finally:
-        hood.close()
-        stop(sender)
+    model = hood.fetch_model(1, 0)
     assert [id(t) for t in model] == [id(ref()) for ref in decoded]
     assert_same(model, nodes[1].params)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_cga_round_on_cuda_over_grpc_matches_the_cpu_round() -> None:
+def test_a_cga_round_on_cuda_over_grpc_matches_the_cpu_round(cluster: Cluster) -> None:
     """Three nodes on the GPU (as `--device auto` puts them on a GPU host), each served by a
     PeerRuntime: node 0 fetches its neighbors' models and cross-gradients over gRPC and runs a
     CGA round; everything it received is on the GPU, and it ends where the CPU simulator does."""
     cuda = torch.device("cuda")
     nodes = run_nodes(cuda)
-    runtimes = {i: start_runtime(i) for i in nodes}
-    try:
-        for i, rt in runtimes.items():
-            rt.attach(nodes[i], {j: runtimes[j].address for j in nodes[i].assignment.neighbors},
-                      epoch=1)
-        for node in nodes.values():
-            node.publish()
-        hood = runtimes[0].hood
-        assert hood is not None
-        model = hood.fetch_model(1, 0)
-        grads = hood.fetch_cross_gradient(1, 0)
-        assert_placed(model, nodes[0], cuda)
-        assert_placed(grads, nodes[0], cuda)
-        record = nodes[0].run_round(hood)
-    finally:
-        stop(*runtimes.values())
+    runtimes = cluster.peers(nodes)
+    for node in nodes.values():
+        node.publish()
+    hood = runtimes[0].hood
+    assert hood is not None
+    model = hood.fetch_model(1, 0)
+    grads = hood.fetch_cross_gradient(1, 0)
+    assert_placed(model, nodes[0], cuda)
+    assert_placed(grads, nodes[0], cuda)
+    record = nodes[0].run_round(hood)
     assert (record.answered, record.missing) == ([1, 2], [])
     assert all(p.device.type == "cuda" for p in nodes[0].params)
 
-    cpu = run_nodes(torch.device("cpu"))
+    cpu = run_nodes(CPU)
     for node in cpu.values():
         node.publish()
     cpu[0].run_round(InMemoryNeighborhood(0, cpu))

@@ -8,7 +8,7 @@ hold their thread until the caller goes away, as a GetModel waiting for the next
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -18,8 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from crossgrad import rpc
 from crossgrad.errors import ConfigError
 
-Serve = Callable[..., rpc.RunningServer]
-Open = Callable[..., grpc.Channel]
+from harness import Open, Serve
+
 STREAMS = 2  # the stream limit of the servers below
 SERVING = health_pb2.HealthCheckResponse.SERVING
 

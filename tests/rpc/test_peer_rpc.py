@@ -22,7 +22,6 @@ import functools
 import math
 import re
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,6 @@ import pytest
 import torch
 
 from crossgrad import rpc
-from crossgrad.config import RunConfig, validate
 from crossgrad.errors import (
     DeadlineExceeded,
     InvalidMessage,
@@ -41,47 +39,32 @@ from crossgrad.errors import (
     TruncatedStream,
 )
 from crossgrad.v1 import peer_pb2, peer_pb2_grpc, tensor_pb2
-from peer.builder import RunData, assignments, load_run_data, make_node
-from peer.client import GrpcNeighborhood
-from peer.node import Assignment, Node, Params
+from peer.node import Node, Params
 from peer.service import PeerRuntime
-from peer.simulate import InMemoryNeighborhood
 from peer.wire import decode, encode, specs_of
 
-from peers import assert_same, clone, start_runtime
+from harness import (
+    METHODS,
+    MIB,
+    PEER,
+    Cluster,
+    FakePeer,
+    Open,
+    Run,
+    Trio,
+    ask,
+    assert_same,
+    clone,
+    fetch,
+    gather,
+    load_run,
+    peer_status,
+    round_in_memory,
+    rpc_error,
+)
 
-Serve = Callable[..., rpc.RunningServer]
-Open = Callable[..., grpc.Channel]
-PEER = "crossgrad.v1.Peer"
-CPU = torch.device("cpu")
-MIB = 1 << 20
 BIG = 4 * rpc.DEFAULT_MAX_MESSAGE_BYTES  # a limit above the default one
 CURRENT_ROUND = 5  # the served node of part (a) has published rounds 0..5 and keeps 2..5
-
-
-def run_config(nodes: int, **overrides: str) -> RunConfig:
-    settings: dict[str, object] = dict(nodes=nodes, topology="ring", partition="iid", rounds=10,
-                                       batch_size=16, device="cpu", dataset="digits")
-    settings.update(overrides)
-    return validate(RunConfig(**settings))  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class Run:
-    """One run's data and assignments: nodes are built fresh (and identical) on demand."""
-
-    config: RunConfig
-    data: RunData
-    assigned: dict[int, Assignment]
-
-    def node(self, i: int) -> Node:
-        return make_node(self.config, self.data, i, self.assigned[i], CPU)
-
-
-def load_run(nodes: int, **overrides: str) -> Run:
-    cfg = run_config(nodes, **overrides)
-    _, assigned = assignments(cfg)
-    return Run(cfg, load_run_data(cfg), assigned)
 
 
 @pytest.fixture(scope="module")
@@ -91,34 +74,8 @@ def run3() -> Run:
     return run
 
 
-
-def stop_runtime(runtime: PeerRuntime) -> None:
-    assert runtime.server is not None
-    runtime.server.stop(0)
-    if runtime.hood is not None:
-        runtime.hood.close()
-
-
-
-
-def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    return info.value
-
-
-def ask(stub: peer_pb2_grpc.PeerStub, method: str, requester: int, round_: int,
-        timeout: float = 5.0) -> list[tensor_pb2.TensorChunk]:
-    """GetModel or ComputeCrossGradient, read to the end."""
-    if method == "GetModel":
-        return list(stub.GetModel(peer_pb2.GetModelRequest(requester_id=requester, round=round_),
-                                  timeout=timeout))
-    request = peer_pb2.CrossGradientRequest(requester_id=requester, round=round_)
-    return list(stub.ComputeCrossGradient(request, timeout=timeout))
-
-
 def rejected(stub: peer_pb2_grpc.PeerStub) -> int:
-    return stub.GetStatus(peer_pb2.GetStatusRequest(requester="test"), timeout=5).rejected_messages
+    return peer_status(stub).rejected_messages
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +94,7 @@ def dead_address() -> Iterator[str]:
 
 @dataclass
 class Served:
+    cluster: Cluster
     runtime: PeerRuntime
     node: Node
     params: Params  # copy of the node's parameters before any request
@@ -152,16 +110,12 @@ def served(run3: Run, dead_address: str) -> Iterator[Served]:
     for r in range(CURRENT_ROUND + 1):
         node.round = r
         node.publish()
-    runtime = start_runtime(0)
-    runtime.attach(node, {1: dead_address, 2: dead_address}, epoch=1)
-    assert runtime.server is not None
-    channel = rpc.make_channel(runtime.server.address)
-    yield Served(runtime, node, clone(node.params), peer_pb2_grpc.PeerStub(channel), channel)
-    channel.close()
-    stop_runtime(runtime)
-
-
-METHODS = ["GetModel", "ComputeCrossGradient"]
+    with Cluster() as cluster:
+        runtime = cluster.runtime(0)
+        runtime.attach(node, {1: dead_address, 2: dead_address}, epoch=1)
+        channel = cluster.channel(runtime.address)
+        yield Served(cluster, runtime, node, clone(node.params), peer_pb2_grpc.PeerStub(channel),
+                     channel)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -179,27 +133,23 @@ def test_a_requester_that_is_not_a_neighbor_is_permission_denied(
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_node_of_the_run_that_is_not_a_neighbor_is_permission_denied(
-        method: str, dead_address: str, channel: Open) -> None:
+        method: str, dead_address: str, cluster: Cluster) -> None:
     """4-node ring: node 0's neighbors are 1 and 3; node 2 is in the run, not a neighbor."""
     run = load_run(4)
     assert run.assigned[0].neighbors == (1, 3)
     node = run.node(0)
     node.publish()
-    runtime = start_runtime(0)
-    try:
-        runtime.attach(node, {1: dead_address, 3: dead_address}, epoch=1)
-        assert runtime.server is not None
-        stub = peer_pb2_grpc.PeerStub(channel(runtime.server.address))
-        err = rpc_error(lambda: ask(stub, method, 2, 0))
-        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "node 2" in (err.details() or "")
-        assert re.search(r"neighbors\D*1\D+3\b", err.details() or "")
-        assert type(rpc.from_rpc_error(err, method)).__name__ == "NotANeighbor"
-        chunks = ask(stub, "GetModel", 3, 0)  # a neighbor is served
-        assert_same(decode(chunks, specs_of(node.names, node.params), sender_id=0,
-                           round_=0).tensors, node.params)
-    finally:
-        stop_runtime(runtime)
+    runtime = cluster.runtime(0)
+    runtime.attach(node, {1: dead_address, 3: dead_address}, epoch=1)
+    stub = cluster.peer_stub(runtime.address)
+    err = rpc_error(lambda: ask(stub, method, 2, 0))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "node 2" in (err.details() or "")
+    assert re.search(r"neighbors\D*1\D+3\b", err.details() or "")
+    assert type(rpc.from_rpc_error(err, method)).__name__ == "NotANeighbor"
+    chunks = ask(stub, "GetModel", 3, 0)  # a neighbor is served
+    assert_same(decode(chunks, specs_of(node.names, node.params), sender_id=0,
+                       round_=0).tensors, node.params)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -255,7 +205,7 @@ def test_the_next_round_not_yet_published_is_deadline_exceeded(served: Served,
 
 
 def test_get_status_describes_the_node(served: Served) -> None:
-    status = served.stub.GetStatus(peer_pb2.GetStatusRequest(requester="grpcurl"), timeout=5)
+    status = peer_status(served.stub, requester="grpcurl")
     assert status.node_id == 0
     assert status.round == CURRENT_ROUND
     assert list(status.neighbor_ids) == [1, 2]
@@ -301,21 +251,16 @@ def test_an_undecodable_request_is_invalid_argument(served: Served, method: str)
     assert "not a valid protobuf message" in (err.details() or "")
 
 
-def test_a_starting_node_is_unavailable() -> None:
+def test_a_starting_node_is_unavailable(cluster: Cluster) -> None:
     """Served but not attached (no assignment yet): UNAVAILABLE once its own wait is over."""
-    runtime = start_runtime(4, timeout=0.2)
-    try:
-        assert runtime.server is not None
-        with rpc.make_channel(runtime.server.address) as ch:
-            stub = peer_pb2_grpc.PeerStub(ch)
-            for method in METHODS:
-                err = rpc_error(functools.partial(ask, stub, method, 1, 0, timeout=10))
-                assert err.code() == grpc.StatusCode.UNAVAILABLE
-                assert "node 4" in (err.details() or "")
-            status = stub.GetStatus(peer_pb2.GetStatusRequest(), timeout=5)
-            assert status.node_id == 4 and status.state == "STARTING"
-    finally:
-        stop_runtime(runtime)
+    runtime = cluster.runtime(4, timeout=0.2)
+    stub = cluster.peer_stub(runtime.address)
+    for method in METHODS:
+        err = rpc_error(functools.partial(ask, stub, method, 1, 0, timeout=10))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+        assert "node 4" in (err.details() or "")
+    status = stub.GetStatus(peer_pb2.GetStatusRequest(), timeout=5)
+    assert status.node_id == 4 and status.state == "STARTING"
 
 
 def test_the_node_survives_every_bad_request_with_its_model_unchanged(
@@ -342,10 +287,8 @@ def test_the_node_survives_every_bad_request_with_its_model_unchanged(
         rpc_error(functools.partial(raw_call(served.channel, method), UNDECODABLE, timeout=5))
 
     assert rejected(stub) >= before + 4  # not a neighbor (2) and past any run (2) at least
-    chunks = ask(stub, "GetModel", 1, CURRENT_ROUND)
-    decoded = decode(chunks, specs_of(served.node.names, served.params), sender_id=0,
-                     round_=CURRENT_ROUND)
-    assert_same(decoded.tensors, served.params)
+    served.cluster.assert_still_serves(served.runtime, round_=CURRENT_ROUND,
+                                       params=served.params, requester=1)
     assert_same(served.node.params, served.params)
     assert served.node.round == CURRENT_ROUND
     assert served.node.latest_published() == CURRENT_ROUND
@@ -412,152 +355,87 @@ DOCUMENTED = {InvalidMessage: grpc.StatusCode.INVALID_ARGUMENT,
               TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
-class MaliciousPeer(peer_pb2_grpc.PeerServicer):
+class MaliciousPeer(FakePeer):
     """Node 1 as a real gRPC server whose streams are corrupted as `attacks` says per method.
 
-    Honest answers are what node 1 would send: its model x_1^t for GetModel, and for
-    ComputeCrossGradient its real cross-gradient of the requester's model (taken out of band from
-    `requesters`). "stall" sends the header, then nothing until the test ends."""
+    Honest answers are what node 1 would send (FakePeer's). "stall" sends the header, then
+    nothing until the test ends."""
 
     def __init__(self, node: Node) -> None:
-        self.node = node
+        super().__init__(node)
         self.attacks: dict[str, str] = {}
-        self.calls: list[tuple[str, int, int]] = []
-        self.release = threading.Event()
-        self.requesters: dict[int, Node] = {}
 
-    def _answer(self, method: str, round_: int, tensors: Params,
-                context: grpc.ServicerContext) -> Iterator[tensor_pb2.TensorChunk]:
+    def _answer(self, method: str, round_: int,
+                tensors: Params) -> Iterator[tensor_pb2.TensorChunk]:
         kind = self.attacks.get(method, "honest")
         chunks = corrupt(kind, self.node.names, tensors, self.node.id, round_)
         if kind == "stall":
             yield chunks[0]
-            self.release.wait(30)
+            self.released.wait(30)
             return
         yield from chunks
 
-    def GetModel(self, request: peer_pb2.GetModelRequest,
-                 context: grpc.ServicerContext) -> Iterator[tensor_pb2.TensorChunk]:
-        self.calls.append(("GetModel", request.requester_id, request.round))
-        yield from self._answer("GetModel", request.round, self.node.params, context)
+    def model_stream(self, request: peer_pb2.GetModelRequest,
+                     context: grpc.ServicerContext) -> Iterator[tensor_pb2.TensorChunk]:
+        return self._answer("GetModel", request.round, self.node.params)
 
-    def ComputeCrossGradient(self, request: peer_pb2.CrossGradientRequest,
-                             context: grpc.ServicerContext) -> Iterator[tensor_pb2.TensorChunk]:
-        self.calls.append(("ComputeCrossGradient", request.requester_id, request.round))
-        requester = self.requesters[request.requester_id]
-        grads = self.node.cross_gradient(request.requester_id, request.round,
-                                         requester.model(request.round))
-        yield from self._answer("ComputeCrossGradient", request.round, grads, context)
-
-
-@dataclass
-class Cluster:
-    """Node 0 (honest, under test) and node 2 (honest) as PeerRuntimes; node 1 is the fake."""
-
-    fake: MaliciousPeer
-    fake_address: str
-    node0: Node
-    node2: Node
-    rt0: PeerRuntime
-    rt2: PeerRuntime
-
-    @property
-    def hood(self) -> GrpcNeighborhood:
-        assert self.rt0.hood is not None
-        return self.rt0.hood
+    def cross_gradient_stream(self, request: peer_pb2.CrossGradientRequest,
+                              context: grpc.ServicerContext) -> Iterator[tensor_pb2.TensorChunk]:
+        grads = self.honest_cross_gradient(request.requester_id, request.round)
+        return self._answer("ComputeCrossGradient", request.round, grads)
 
 
 @pytest.fixture
-def cluster(run3: Run, serve: Serve) -> Iterator[Cluster]:
-    fake = MaliciousPeer(run3.node(1))
-    fake_server = serve([rpc.Service(
-        PEER, lambda s: peer_pb2_grpc.add_PeerServicer_to_server(fake, s))],
-        max_message_bytes=BIG)  # so it can send oversized pieces
-    fake_server.set_serving()
-    node0, node2 = run3.node(0), run3.node(2)
-    node0.publish()
-    node2.publish()
-    fake.requesters[0] = node0
-    rt0, rt2 = start_runtime(0), start_runtime(2)
-    rt0.attach(node0, {1: fake_server.address, 2: rt2.address}, epoch=1)
-    rt2.attach(node2, {0: rt0.address, 1: fake_server.address}, epoch=1)
-    yield Cluster(fake, fake_server.address, node0, node2, rt0, rt2)
-    fake.release.set()
-    stop_runtime(rt0)
-    stop_runtime(rt2)
-
-
-def fetch(cluster: Cluster, method: str, round_: int = 0, timeout: float | None = None) -> Params:
-    if method == "GetModel":
-        return cluster.hood.fetch_model(1, round_, timeout)
-    return cluster.hood.fetch_cross_gradient(1, round_, timeout)
-
-
-def gather(cluster: Cluster, method: str, round_: int = 0) -> dict[int, Params]:
-    if method == "GetModel":
-        return cluster.hood.models(round_, [1])
-    return cluster.hood.cross_gradients(round_, [1])
+def trio(run3: Run, cluster: Cluster) -> Trio[MaliciousPeer]:
+    """Node 0 under test; node 1 the malicious fake, served with a message limit above the
+    default so it can send oversized pieces; node 2 honest."""
+    return cluster.trio(run3, MaliciousPeer(run3.node(1)), max_message_bytes=BIG)
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_an_honest_fake_is_accepted(cluster: Cluster, method: str) -> None:
+def test_an_honest_fake_is_accepted(trio: Trio[MaliciousPeer], method: str) -> None:
     """The harness itself: the fake's honest streams validate, so what fails below is the attack."""
-    got = fetch(cluster, method)
-    node1 = cluster.fake.node
+    got = fetch(trio.hood, method, 1)
+    node1 = trio.fake.node
     want = node1.params if method == "GetModel" else node1.cross_gradient(
-        0, 0, cluster.node0.model(0))
+        0, 0, trio.node0.model(0))
     assert_same(got, want)
-    assert cluster.hood.misses.total == 0
+    assert trio.hood.misses.total == 0
 
 
 @pytest.mark.parametrize("kind", list(ATTACKS))
 @pytest.mark.parametrize("method", METHODS)
-def test_a_bad_stream_is_refused_with_the_documented_status(cluster: Cluster, method: str,
-                                                            kind: str) -> None:
-    cluster.fake.attacks[method] = kind
+def test_a_bad_stream_is_refused_with_the_documented_status(trio: Trio[MaliciousPeer],
+                                                            method: str, kind: str) -> None:
+    trio.fake.attacks[method] = kind
     cls = ATTACKS[kind]
     with pytest.raises(ProtocolError) as info:
-        fetch(cluster, method)
+        fetch(trio.hood, method, 1)
     assert type(info.value) is cls, f"{type(info.value).__name__}: {info.value}"
     assert rpc.STATUS[cls] == DOCUMENTED[cls]
     message = str(info.value)
     assert "node 1" in message and "round 0" in message, message
-    assert cluster.node0.neighbor_model(1, 0) is None  # nothing it sent was kept
+    assert trio.node0.neighbor_model(1, 0) is None  # nothing it sent was kept
 
-    assert gather(cluster, method) == {}
-    misses = cluster.hood.misses
+    assert gather(trio.hood, method, [1]) == {}
+    misses = trio.hood.misses
     assert (misses.rejected, misses.unavailable, misses.by_peer) == (1, 0, {1: 1})
-    status = cluster.rt0.status()
+    status = trio.rt0.status()
     assert status.rejected_messages >= 1 and status.missed_neighbor_answers == 1
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_stalled_stream_ends_at_the_deadline_and_counts_as_unavailable(
-        cluster: Cluster, method: str) -> None:
-    cluster.fake.attacks[method] = "stall"
+        trio: Trio[MaliciousPeer], method: str) -> None:
+    trio.fake.attacks[method] = "stall"
     started = time.monotonic()
     with pytest.raises(DeadlineExceeded):
-        fetch(cluster, method, timeout=0.3)
-    cluster.hood.timeout = 0.3
-    assert gather(cluster, method) == {}
+        fetch(trio.hood, method, 1, timeout=0.3)
+    trio.hood.timeout = 0.3
+    assert gather(trio.hood, method, [1]) == {}
     assert time.monotonic() - started < 5.0
-    misses = cluster.hood.misses
+    misses = trio.hood.misses
     assert (misses.rejected, misses.unavailable, misses.by_peer) == (0, 1, {1: 1})
-
-
-class PartialNeighborhood(InMemoryNeighborhood):
-    """In memory, but `silent` neighbors give no model and `mute` ones no cross-gradient."""
-
-    def __init__(self, me: int, nodes: dict[int, Node], silent: Sequence[int] = (),
-                 mute: Sequence[int] = ()) -> None:
-        super().__init__(me, nodes)
-        self.silent, self.mute = set(silent), set(mute)
-
-    def models(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
-        return super().models(round_, [j for j in neighbors if j not in self.silent])
-
-    def cross_gradients(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
-        return super().cross_gradients(round_, [j for j in neighbors if j not in self.mute])
 
 
 @pytest.fixture(scope="module")
@@ -568,11 +446,7 @@ def reference(run3: Run) -> dict[str, Params]:
     out: dict[str, Params] = {}
     for name, silent, mute in (("honest", (), ()), ("GetModel", (1,), ()),
                                ("ComputeCrossGradient", (), (1,))):
-        nodes = {i: run3.node(i) for i in range(3)}
-        for n in nodes.values():
-            n.publish()
-        nodes[0].run_round(PartialNeighborhood(0, nodes, silent, mute))
-        out[name] = clone(nodes[0].params)
+        out[name] = clone(round_in_memory(run3, silent, mute).params)
     # the comparison below can tell the three apart
     for a, b in (("honest", "GetModel"), ("honest", "ComputeCrossGradient"),
                  ("GetModel", "ComputeCrossGradient")):
@@ -580,59 +454,49 @@ def reference(run3: Run) -> dict[str, Params]:
     return out
 
 
-def assert_still_serves(cluster: Cluster, round_: int, params: Params) -> None:
-    with rpc.make_channel(cluster.rt0.address) as ch:
-        stub = peer_pb2_grpc.PeerStub(ch)
-        chunks = ask(stub, "GetModel", 2, round_)
-        status = stub.GetStatus(peer_pb2.GetStatusRequest(requester="test"), timeout=5)
-    decoded = decode(chunks, specs_of(cluster.node0.names, params), sender_id=0, round_=round_)
-    assert_same(decoded.tensors, params)
-    assert status.round == cluster.node0.round
-
-
 def test_a_round_with_an_honest_fake_matches_the_simulator(
-        cluster: Cluster, reference: dict[str, Params]) -> None:
-    record = cluster.node0.run_round(cluster.hood)
+        trio: Trio[MaliciousPeer], reference: dict[str, Params]) -> None:
+    record = trio.node0.run_round(trio.hood)
     assert (record.answered, record.missing) == ([1, 2], [])
-    assert_same(cluster.node0.params, reference["honest"])
+    assert_same(trio.node0.params, reference["honest"])
 
 
 @pytest.mark.parametrize("kind", list(ATTACKS))
 @pytest.mark.parametrize("method", METHODS)
 def test_a_round_with_a_malicious_neighbor_equals_one_where_it_did_not_answer(
-        cluster: Cluster, reference: dict[str, Params], method: str, kind: str) -> None:
-    start = clone(cluster.node0.params)
-    cluster.fake.attacks[method] = kind
-    record = cluster.node0.run_round(cluster.hood)
+        trio: Trio[MaliciousPeer], reference: dict[str, Params], method: str, kind: str) -> None:
+    start = clone(trio.node0.params)
+    trio.fake.attacks[method] = kind
+    record = trio.node0.run_round(trio.hood)
 
-    assert record.round == 0 and cluster.node0.round == 1
+    assert record.round == 0 and trio.node0.round == 1
     if method == "GetModel":  # left out of the whole round
         assert (record.answered, record.missing) == ([2], [1])
-        assert ("ComputeCrossGradient", 0, 0) not in cluster.fake.calls
+        assert ("ComputeCrossGradient", 0, 0) not in trio.fake.calls
     else:  # its model was used; its cross-gradient was not
         assert (record.answered, record.missing) == ([1, 2], [])
-        assert ("ComputeCrossGradient", 0, 0) in cluster.fake.calls
-    misses = cluster.hood.misses
+        assert ("ComputeCrossGradient", 0, 0) in trio.fake.calls
+    misses = trio.hood.misses
     assert (misses.rejected, misses.unavailable, misses.by_peer) == (1, 0, {1: 1})
-    assert all(bool(torch.isfinite(p).all()) for p in cluster.node0.params)
-    assert_same(cluster.node0.params, reference[method])
+    assert all(bool(torch.isfinite(p).all()) for p in trio.node0.params)
+    assert_same(trio.node0.params, reference[method])
 
     # the honest node keeps serving: the round it did and the one it goes on with
-    assert_still_serves(cluster, 0, start)
-    cluster.node0.publish()
-    assert_still_serves(cluster, 1, cluster.node0.params)
+    trio.cluster.assert_still_serves(trio.rt0, round_=0, params=start, requester=2)
+    trio.node0.publish()
+    trio.cluster.assert_still_serves(trio.rt0, round_=1, requester=2)
 
 
 def test_the_malicious_neighbor_does_not_disturb_the_honest_one(
-        cluster: Cluster, reference: dict[str, Params]) -> None:
+        trio: Trio[MaliciousPeer], reference: dict[str, Params]) -> None:
     """Node 2 (honest) served node 0 its model and its cross-gradient through the same round."""
-    cluster.fake.attacks.update({"GetModel": "NaN", "ComputeCrossGradient": "NaN"})
-    before = copy.deepcopy(cluster.rt2.traffic.sent)
-    cluster.node0.run_round(cluster.hood)
-    sent = cluster.rt2.traffic.sent
+    trio.fake.attacks.update({"GetModel": "NaN", "ComputeCrossGradient": "NaN"})
+    before = copy.deepcopy(trio.rt2.traffic.sent)
+    trio.node0.run_round(trio.hood)
+    sent = trio.rt2.traffic.sent
     assert sent.get((0, "model"), 0) > before.get((0, "model"), 0)
     assert sent.get((0, "cross_gradient"), 0) > before.get((0, "cross_gradient"), 0)
-    assert_same(cluster.node0.params, reference["GetModel"])
+    assert_same(trio.node0.params, reference["GetModel"])
 
 
 # ================================================================================================
@@ -657,12 +521,9 @@ def accounted(request: pytest.FixtureRequest) -> Iterator[Accounted]:
     every model and cross-gradient over gRPC; then each one's GetStatus."""
     settings = ACCOUNTED_RUNS[request.param]
     run = load_run(3, **settings)
-    nodes = {i: run.node(i) for i in range(3)}
-    runtimes = {i: start_runtime(i) for i in range(3)}
-    try:
-        for i, rt in runtimes.items():
-            rt.attach(nodes[i], {j: runtimes[j].address for j in run.assigned[i].neighbors},
-                      epoch=1)
+    nodes = run.nodes()
+    with Cluster() as cluster:
+        runtimes = cluster.peers(nodes)
         for _ in range(2):
             for node in nodes.values():
                 node.publish()
@@ -671,15 +532,8 @@ def accounted(request: pytest.FixtureRequest) -> Iterator[Accounted]:
                 assert hood is not None
                 record = node.run_round(hood)
                 assert record.missing == [], record
-        statuses: dict[int, peer_pb2.PeerStatus] = {}
-        for i, rt in runtimes.items():
-            with rpc.make_channel(rt.address) as ch:
-                statuses[i] = peer_pb2_grpc.PeerStub(ch).GetStatus(
-                    peer_pb2.GetStatusRequest(requester="test"), timeout=5)
+        statuses = {i: peer_status(cluster.peer_stub(rt.address)) for i, rt in runtimes.items()}
         yield Accounted(run.config.algorithm, run.config.compressor, statuses)
-    finally:
-        for rt in runtimes.values():
-            stop_runtime(rt)
 
 
 def kind_pairs(kinds: Sequence[peer_pb2.KindBytes]) -> dict[str, tuple[int, int]]:

@@ -11,7 +11,7 @@ import logging
 import re
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -25,9 +25,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from crossgrad import errors, rpc
 from crossgrad.v1 import peer_pb2, peer_pb2_grpc, tensor_pb2
 
-Serve = Callable[..., rpc.RunningServer]
-Open = Callable[..., grpc.Channel]
-PEER = "crossgrad.v1.Peer"
+from harness import PEER, Open, Serve, peer_service, rpc_error
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 ERRORS = list(rpc.STATUS)  # GetModel(round=i) raises ERRORS[i] after one chunk
@@ -71,14 +70,9 @@ class CannedPeer(peer_pb2_grpc.PeerServicer):
         yield tensor_pb2.TensorChunk(data=b"\x00" * 16)
 
 
-def peer_service(servicer: peer_pb2_grpc.PeerServicer | None = None) -> rpc.Service:
-    impl = servicer or CannedPeer()
-    return rpc.Service(PEER, lambda s: peer_pb2_grpc.add_PeerServicer_to_server(impl, s))
-
-
 @pytest.fixture
 def server(serve: Serve) -> rpc.RunningServer:
-    running = serve([peer_service()])
+    running = serve([peer_service(CannedPeer())])
     running.set_serving()
     return running
 
@@ -88,12 +82,6 @@ def stub(server: rpc.RunningServer, channel: Open) -> peer_pb2_grpc.PeerStub:
     return peer_pb2_grpc.PeerStub(channel(server.address))
 
 
-def status_error(call: Callable[[], Any]) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    return info.value
-
-
 def test_port_zero_binds_a_real_port(server: rpc.RunningServer,
                                      stub: peer_pb2_grpc.PeerStub) -> None:
     assert 0 < server.port < 65536
@@ -101,16 +89,13 @@ def test_port_zero_binds_a_real_port(server: rpc.RunningServer,
     assert stub.GetStatus(peer_pb2.GetStatusRequest(requester="t"), timeout=5).node_id == 7
 
 
-def test_unspecified_host_gives_a_loopback_address() -> None:
-    running = rpc.make_server("0.0.0.0:0", [peer_service()])
-    try:
-        assert running.address == f"127.0.0.1:{running.port}"
-    finally:
-        running.stop(grace=0)
+def test_unspecified_host_gives_a_loopback_address(serve: Serve) -> None:
+    running = serve([peer_service(CannedPeer())], bind="0.0.0.0:0")
+    assert running.address == f"127.0.0.1:{running.port}"
 
 
 def test_health_is_not_serving_until_set_serving(serve: Serve, channel: Open) -> None:
-    running = serve([peer_service()])
+    running = serve([peer_service(CannedPeer())])
     health = health_pb2_grpc.HealthStub(channel(running.address))
 
     def status(service: str) -> int:
@@ -135,7 +120,7 @@ def test_reflection_lists_and_describes_every_service(server: rpc.RunningServer,
 @pytest.mark.parametrize("cls", ERRORS, ids=lambda c: c.__name__)
 def test_each_protocol_error_reaches_the_client_with_its_code(
         stub: peer_pb2_grpc.PeerStub, cls: type[errors.ProtocolError]) -> None:
-    unary = status_error(lambda: stub.GetStatus(
+    unary = rpc_error(lambda: stub.GetStatus(
         peer_pb2.GetStatusRequest(requester=f"raise:{cls.__name__}"), timeout=5))
     assert unary.code() == rpc.STATUS[cls]
     assert unary.details() == message_of(cls)
@@ -145,7 +130,7 @@ def test_each_protocol_error_reaches_the_client_with_its_code(
                           f"{message_of(cls)}{rpc._HINTS.get(rpc.STATUS[cls], '')}"
 
     chunks: list[tensor_pb2.TensorChunk] = []
-    streamed = status_error(lambda: chunks.extend(stub.GetModel(
+    streamed = rpc_error(lambda: chunks.extend(stub.GetModel(
         peer_pb2.GetModelRequest(requester_id=1, round=ERRORS.index(cls)), timeout=5)))
     assert len(chunks) == 1 and chunks[0].HasField("header")  # what came before the error
     assert streamed.code() == rpc.STATUS[cls]
@@ -154,14 +139,14 @@ def test_each_protocol_error_reaches_the_client_with_its_code(
 
 
 def test_config_error_is_invalid_argument(stub: peer_pb2_grpc.PeerStub) -> None:
-    err = status_error(lambda: stub.GetStatus(peer_pb2.GetStatusRequest(requester="config:"),
+    err = rpc_error(lambda: stub.GetStatus(peer_pb2.GetStatusRequest(requester="config:"),
                                               timeout=5))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details() == "bad setting: margin must be positive"
 
 
 def test_a_direct_context_abort_keeps_its_code(stub: peer_pb2_grpc.PeerStub) -> None:
-    err = status_error(lambda: stub.GetStatus(peer_pb2.GetStatusRequest(requester="abort:"),
+    err = rpc_error(lambda: stub.GetStatus(peer_pb2.GetStatusRequest(requester="abort:"),
                                               timeout=5))
     assert err.code() == grpc.StatusCode.NOT_FOUND
     assert err.details() == "aborted by the method itself"
@@ -170,9 +155,9 @@ def test_a_direct_context_abort_keeps_its_code(stub: peer_pb2_grpc.PeerStub) -> 
 def test_unexpected_error_is_internal_logged_and_the_server_keeps_serving(
         stub: peer_pb2_grpc.PeerStub, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, logger="crossgrad.rpc")
-    unary = status_error(lambda: stub.GetStatus(peer_pb2.GetStatusRequest(requester="boom:"),
+    unary = rpc_error(lambda: stub.GetStatus(peer_pb2.GetStatusRequest(requester="boom:"),
                                                 timeout=5))
-    streamed = status_error(lambda: list(stub.GetModel(
+    streamed = rpc_error(lambda: list(stub.GetModel(
         peer_pb2.GetModelRequest(round=UNEXPECTED_ROUND), timeout=5)))
     for err, exc_type in ((unary, RuntimeError), (streamed, ZeroDivisionError)):
         assert err.code() == grpc.StatusCode.INTERNAL
@@ -188,9 +173,9 @@ def test_unexpected_error_is_internal_logged_and_the_server_keeps_serving(
 
 def test_request_above_the_server_limit_is_resource_exhausted(serve: Serve,
                                                               channel: Open) -> None:
-    running = serve([peer_service()], max_message_bytes=1024)
+    running = serve([peer_service(CannedPeer())], max_message_bytes=1024)
     stub = peer_pb2_grpc.PeerStub(channel(running.address))
-    err = status_error(lambda: stub.GetStatus(peer_pb2.GetStatusRequest(requester="x" * 2048),
+    err = rpc_error(lambda: stub.GetStatus(peer_pb2.GetStatusRequest(requester="x" * 2048),
                                               timeout=5))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert type(rpc.from_rpc_error(err, "GetStatus")) is errors.TooLarge
@@ -200,7 +185,7 @@ def test_request_above_the_server_limit_is_resource_exhausted(serve: Serve,
 def test_answer_above_the_client_limit_is_resource_exhausted(server: rpc.RunningServer,
                                                              channel: Open) -> None:
     stub = peer_pb2_grpc.PeerStub(channel(server.address, max_message_bytes=1024))
-    err = status_error(lambda: stub.GetStatus(peer_pb2.GetStatusRequest(requester="big:2048"),
+    err = rpc_error(lambda: stub.GetStatus(peer_pb2.GetStatusRequest(requester="big:2048"),
                                               timeout=5))  # the request fits, the answer not
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -254,10 +239,10 @@ def test_from_rpc_error_trusts_the_class_name_only_when_it_agrees_with_the_code(
 
 
 def test_an_unreachable_node_is_unavailable(serve: Serve, channel: Open) -> None:
-    gone = serve([peer_service()])
+    gone = serve([peer_service(CannedPeer())])
     gone.stop(grace=0)
     stub = peer_pb2_grpc.PeerStub(channel(gone.address))
-    err = status_error(lambda: stub.GetStatus(peer_pb2.GetStatusRequest(), timeout=5))
+    err = rpc_error(lambda: stub.GetStatus(peer_pb2.GetStatusRequest(), timeout=5))
     mapped = rpc.from_rpc_error(err, f"GetStatus at {gone.address}")
     assert type(mapped) is errors.Unavailable
     assert gone.address in str(mapped) and "UNAVAILABLE" in str(mapped)
@@ -265,13 +250,13 @@ def test_an_unreachable_node_is_unavailable(serve: Serve, channel: Open) -> None
 
 def test_a_taken_port_is_a_config_error(server: rpc.RunningServer) -> None:
     with pytest.raises(errors.ConfigError, match=re.escape(f"127.0.0.1:{server.port}")):
-        rpc.make_server(f"127.0.0.1:{server.port}", [peer_service()])
+        rpc.make_server(f"127.0.0.1:{server.port}", [peer_service(CannedPeer())])
 
 
 @pytest.mark.parametrize("bind", ["50051", "127.0.0.1", ":50051", "127.0.0.1:port", "h:70000"])
 def test_a_malformed_bind_address_is_a_config_error(bind: str) -> None:
     with pytest.raises(errors.ConfigError, match="HOST:PORT"):
-        rpc.make_server(bind, [peer_service()])
+        rpc.make_server(bind, [peer_service(CannedPeer())])
 
 
 def test_an_unknown_service_name_is_a_config_error() -> None:

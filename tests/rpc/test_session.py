@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from bootstrap.registry import AssignmentView
-from bootstrap.server import serve
 from crossgrad.cluster import free_port
 from crossgrad.config import RunConfig
 from crossgrad.rpc import RunningServer
@@ -26,7 +25,7 @@ from peer.metrics import Traffic
 from peer.records import RunRecorder
 from peer.session import BootstrapSession, Progress, backoff_delays
 
-from peers import start_runtime
+from harness import CPU, Cluster
 
 SETTINGS = RunConfig(nodes=3, topology="ring", dataset="digits", partition="iid", rounds=40,
                      device="cpu")
@@ -34,10 +33,8 @@ LEASE = 5.0
 
 
 @pytest.fixture
-def bootstrap() -> Iterator[RunningServer]:
-    server = serve(SETTINGS, "127.0.0.1:0", None, LEASE)
-    yield server
-    server.stop(0)
+def bootstrap(cluster: Cluster) -> RunningServer:
+    return cluster.bootstrap(SETTINGS, lease_seconds=LEASE)
 
 
 def test_backoff_is_jittered_and_capped() -> None:
@@ -48,7 +45,7 @@ def test_backoff_is_jittered_and_capped() -> None:
     assert len({round(d, 6) for d in draws}) > 500  # jittered: peers do not retry in step
 
 
-def test_join_waits_for_a_bootstrap_that_comes_up_later() -> None:
+def test_join_waits_for_a_bootstrap_that_comes_up_later(cluster: Cluster) -> None:
     port = free_port()
     session = BootstrapSession(f"127.0.0.1:{port}", 0, join_timeout=60.0)
     joined: list[RunConfig] = []
@@ -56,7 +53,7 @@ def test_join_waits_for_a_bootstrap_that_comes_up_later() -> None:
     thread.start()
     try:
         assert not joined  # nothing to join yet: it keeps trying
-        server = serve(SETTINGS, f"127.0.0.1:{port}", None, LEASE)
+        server = cluster.bootstrap(SETTINGS, lease_seconds=LEASE, bind=f"127.0.0.1:{port}")
         thread.join(timeout=30)
         assert joined and joined[0].nodes == 3 and session.joined
         server.stop(0)
@@ -94,36 +91,29 @@ def test_heartbeats_hand_over_each_new_epoch(bootstrap: RunningServer) -> None:
             session.close()
 
 
-def test_a_node_far_behind_catches_up_from_its_neighbors_models(tmp_path: Path) -> None:
+def test_a_node_far_behind_catches_up_from_its_neighbors_models(tmp_path: Path,
+                                                                cluster: Cluster) -> None:
     cfg = RunConfig(nodes=2, topology="ring", dataset="digits", partition="iid", rounds=40,
                     device="cpu", algorithm="cga")
     data = load_run_data(cfg)
     _, assigned = assignments(cfg)
-    ahead_rt, behind_rt = start_runtime(1), start_runtime(0)
-    try:
-        ahead = make_node(cfg, data, 1, assigned[1], torch.device("cpu"))
-        behind = make_node(cfg, data, 0, assigned[0], torch.device("cpu"))
-        ahead.round = 12  # as if it trained on while node 0 was away
-        ahead_rt.attach(ahead, {0: "127.0.0.1:1"}, epoch=1)
-        assert ahead_rt.server is not None and behind_rt.server is not None
-        behind_rt.attach(behind, {1: ahead_rt.server.address}, epoch=1)
-        ahead.publish()
-        assert behind_rt.hood is not None
-        loop = RoundLoop(behind, behind_rt.hood, cfg, RunRecorder(tmp_path, cfg), Traffic(),
-                         timeout=5.0, test_set=(data.dataset.test_x, data.dataset.test_y))
-        behind.algorithm.momentum_buffers(behind.params)  # some momentum to forget
-        assert loop.catch_up_if_behind()
-        assert behind.round == 12 and loop.catch_ups.count == 1
-        for mine, theirs in zip(behind.params, ahead.model(12), strict=True):
-            assert torch.equal(mine, theirs)  # the average of one neighbor's model
-        assert behind.algorithm.state_dict()["momentum"] is None
-        assert not loop.catch_up_if_behind()  # level now: nothing to do
-        loop.recorder.close()
-        events = (tmp_path / "metrics.jsonl").read_text()
-        assert '"event": "catch_up"' in events and '"from_round": 0' in events
-    finally:
-        for rt in (ahead_rt, behind_rt):
-            assert rt.server is not None
-            rt.server.stop(0)
-            if rt.hood is not None:
-                rt.hood.close()
+    ahead_rt, behind_rt = cluster.runtime(1), cluster.runtime(0)
+    ahead = make_node(cfg, data, 1, assigned[1], CPU)
+    behind = make_node(cfg, data, 0, assigned[0], CPU)
+    ahead.round = 12  # as if it trained on while node 0 was away
+    ahead_rt.attach(ahead, {0: "127.0.0.1:1"}, epoch=1)
+    behind_rt.attach(behind, {1: ahead_rt.address}, epoch=1)
+    ahead.publish()
+    assert behind_rt.hood is not None
+    loop = RoundLoop(behind, behind_rt.hood, cfg, RunRecorder(tmp_path, cfg), Traffic(),
+                     timeout=5.0, test_set=(data.dataset.test_x, data.dataset.test_y))
+    behind.algorithm.momentum_buffers(behind.params)  # some momentum to forget
+    assert loop.catch_up_if_behind()
+    assert behind.round == 12 and loop.catch_ups.count == 1
+    for mine, theirs in zip(behind.params, ahead.model(12), strict=True):
+        assert torch.equal(mine, theirs)  # the average of one neighbor's model
+    assert behind.algorithm.state_dict()["momentum"] is None
+    assert not loop.catch_up_if_behind()  # level now: nothing to do
+    loop.recorder.close()
+    events = (tmp_path / "metrics.jsonl").read_text()
+    assert '"event": "catch_up"' in events and '"from_round": 0' in events

@@ -27,9 +27,10 @@ from cryptography import x509
 
 from crossgrad.certs import make_run_certificates
 from crossgrad.cli import build_parser
-from crossgrad.config import RunConfig, load
+from crossgrad.config import RunConfig
 from crossgrad.errors import ConfigError
 from crossgrad.security import Role, SecurityFlags, load_security
+from peer.builder import load_config
 
 from procs import REPO, ProcessGroup
 
@@ -144,7 +145,7 @@ def test_the_bootstrap_settings_are_a_valid_run() -> None:
     args = parse("bootstrap", services()["bootstrap"])
     overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig)}
     try:
-        load(overrides, args.config, environ={})
+        load_config(overrides, args.config, environ={})
     except ConfigError as exc:
         pytest.fail(f"bootstrap: the run's settings are refused: {exc}")
 

@@ -19,8 +19,9 @@ import pytest
 
 from crossgrad.certs import make_run_certificates
 from crossgrad.cluster import LocalCluster
-from crossgrad.config import RunConfig, validate
+from crossgrad.config import RunConfig
 from peer import simulate
+from peer.builder import validate_config
 
 from procs import ProcessGroup, crossgrad
 
@@ -52,7 +53,7 @@ def test_networked_run_equals_simulation(algorithm: str, compressor: str, procs:
                     device="cpu", compressor=compressor)
     if algorithm.endswith("ngc"):
         settings["alpha"] = 0.5  # both the received and the local cross-gradients are used
-    config = validate(RunConfig(**settings))  # type: ignore[arg-type]
+    config = validate_config(RunConfig(**settings))  # type: ignore[arg-type]
     simulated = simulate.run(config, tmp_path / "sim")
     expected = json.loads((tmp_path / "sim" / "summary.json").read_text())["digests"]
 
@@ -97,7 +98,7 @@ def test_compressed_cross_gradients_are_smaller_on_the_wire(procs: ProcessGroup,
 
 @pytest.mark.parametrize("mode", ["insecure", "token"])
 def test_plaintext_and_token_runs_equal_the_simulation(mode: str, tmp_path: Path) -> None:
-    config = validate(RunConfig(nodes=3, topology="ring", algorithm="cga", dataset="digits",
+    config = validate_config(RunConfig(nodes=3, topology="ring", algorithm="cga", dataset="digits",
                                 partition="sorted", rounds=6, batch_size=16, eval_every=3,
                                 seed=11, device="cpu"))
     simulate.run(config, tmp_path / "sim")

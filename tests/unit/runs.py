@@ -7,14 +7,14 @@ from collections.abc import Mapping
 
 import torch
 
-from crossgrad.config import RunConfig, validate
-from peer.builder import assignments, load_run_data, make_node
+from crossgrad.config import RunConfig
+from peer.builder import assignments, load_run_data, make_node, validate_config
 from peer.node import Node
 
 
 def run_config(defaults: Mapping[str, object], **overrides: object) -> RunConfig:
     """RunConfig(**defaults, **overrides), validated as the CLI validates it."""
-    return validate(RunConfig(**{**defaults, **overrides}))  # type: ignore[arg-type]
+    return validate_config(RunConfig(**{**defaults, **overrides}))  # type: ignore[arg-type]
 
 
 def build(cfg: RunConfig) -> list[Node]:

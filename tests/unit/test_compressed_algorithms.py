@@ -7,16 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from crossgrad.config import RunConfig, validate
+from crossgrad.config import RunConfig
 from crossgrad.errors import ConfigError
 from peer import simulate
+from peer.builder import validate_config
 
 
 def run(tmp_path: Path, name: str, **overrides: object) -> dict[int, list[torch.Tensor]]:
     base: dict[str, object] = dict(nodes=5, topology="ring", dataset="digits", partition="modulo",
                                    rounds=5, batch_size=16, eval_every=5, device="cpu", seed=3)
     base.update(overrides)
-    config = validate(RunConfig(**base))  # type: ignore[arg-type]
+    config = validate_config(RunConfig(**base))  # type: ignore[arg-type]
     return simulate.run(config, tmp_path / name).models
 
 
@@ -54,7 +55,7 @@ def test_compcga_defaults_to_the_scaled_sign() -> None:
 ])
 def test_bad_compressor_settings_fail_at_start(field: str, value: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        validate(RunConfig(**{field: value}))  # type: ignore[arg-type]
+        validate_config(RunConfig(**{field: value}))  # type: ignore[arg-type]
 
 
 def test_qsgd_error_feedback_is_scaled_to_stay_contractive() -> None:

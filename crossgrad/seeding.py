@@ -3,6 +3,10 @@
 Everything random in crossgrad draws from a generator seeded here, so the in-process simulator
 and a networked run produce bit-identical models. Python's hash() is salted per process, so the
 derivation uses BLAKE2b over a canonical string instead.
+
+It lives in the shared kernel because both components draw from it: the bootstrap (random
+topologies) and the peer (models, partitions, batches, compressors), and the bootstrap never
+imports the peer.
 """
 
 from __future__ import annotations
