@@ -36,6 +36,7 @@ from crossgrad.rpc import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_MODEL_BYTES,
+    RESERVED_UNARY_WORKERS,
     RunningServer,
     Service,
     make_server,
@@ -59,6 +60,13 @@ from peer.training.checkpoint import (
 
 log = logging.getLogger(__name__)
 
+# Streams the Peer server serves at once by default (GetModel, ComputeCrossGradient, a health
+# Watch): 64 neighbors, each fetching this node's model and asking for its cross-gradient in
+# the same round. Each stream holds a server thread and a piece (--chunk-bytes) of memory, not
+# a copy of the model (peer/wire.py); threads start only when calls need them. One stream over
+# the limit is refused UNAVAILABLE at once, and RESERVED_UNARY_WORKERS more threads are kept for
+# unary calls whatever the streams do (crossgrad/rpc.py; docs/benchmarks.md, "Load").
+DEFAULT_MAX_STREAMS = 128
 
 
 
@@ -80,6 +88,7 @@ class PeerOptions:
     checkpoint_every: int = DEFAULT_EVERY  # rounds; 0: only when stopped
     resume: bool = False  # require a checkpoint of this run to start from
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES  # the largest stream accepted from a peer
+    max_streams: int = DEFAULT_MAX_STREAMS  # streams served at once; one more: UNAVAILABLE
 
     def __post_init__(self) -> None:
         if not 0 < self.chunk_bytes <= DEFAULT_MAX_MESSAGE_BYTES // 2:
@@ -92,6 +101,9 @@ class PeerOptions:
                               f"{self.checkpoint_every}")
         if self.max_model_bytes < 1:
             raise ConfigError(f"--max-model-bytes must be positive; got {self.max_model_bytes}")
+        if self.max_streams < 1:
+            raise ConfigError(f"--max-streams must be positive (two per neighbor serve a "
+                              f"round at once); got {self.max_streams}")
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("--resume needs a checkpoint directory (--checkpoint-dir)")
 
@@ -344,10 +356,16 @@ class PeerRuntime:
                  path)
 
     def serve(self) -> RunningServer:
-        """Start the Peer server (health NOT_SERVING until attach())."""
+        """Start the Peer server (health NOT_SERVING until attach()).
+
+        The one place a peer's server limits are set: streams at once (`max_streams`; the pool
+        also keeps RESERVED_UNARY_WORKERS threads for unary calls) and make_server's own.
+        """
         servicer = PeerServicer(self)
-        self.server = make_server(self.options.bind, [Service(
-            "crossgrad.v1.Peer", lambda s: add_to_server(servicer, s))])
+        self.server = make_server(
+            self.options.bind, [Service("crossgrad.v1.Peer",
+                                        lambda s: add_to_server(servicer, s))],
+            max_workers=self.options.max_streams + RESERVED_UNARY_WORKERS)
         self.address = self.options.advertise or self.server.address
         return self.server
 
