@@ -24,8 +24,8 @@ listens; then the server resets its high-water mark to its RSS of that moment (/
 clear_refs, Linux) so that "peak" is the highest RSS while the streams run, not while the model
 was being built. The node holds its parameters and the published snapshot (2x the model); every
 stream reads the snapshot itself and holds one piece (1 MiB) at a time in memory, so "peak -
-loaded" is what the streams cost, and it should grow with N, not with N x the model. "x model"
-is (peak - base) / model.
+loaded" is what the streams cost ("MiB/stream": per stream served), and it should grow with N,
+not with N x the model. "x model" is (peak - base) / model.
 
 "refused": calls answered UNAVAILABLE (the stream limit); "in flight": the most answered calls
 between their start and their end at one moment (all N when they overlapped); GB/s: the models
@@ -262,7 +262,7 @@ def row(r: dict[str, Any]) -> list[str]:
             f"{r['correct']}/{r['ok']}", str(r["in_flight"]), f"{r['seconds']:.1f}",
             f"{r['gb_per_s']:.2f}", f"{r['stream_seconds_median']:.1f}",
             gb(r["server_loaded_rss"]), gb(r["server_peak_rss"]), f"{added / 1e6:.0f}",
-            f"{added / r['streams'] / 2**20:.1f}",
+            f"{added / max(1, r['ok']) / 2**20:.1f}",
             f"{(r['server_peak_rss'] - r['server_base_rss']) / r['model_bytes']:.2f}"]
 
 
