@@ -102,8 +102,8 @@ class PeerOptions:
         if self.max_model_bytes < 1:
             raise ConfigError(f"--max-model-bytes must be positive; got {self.max_model_bytes}")
         if self.max_streams < 1:
-            raise ConfigError(f"--max-streams must be positive (two per neighbor serve a "
-                              f"round at once); got {self.max_streams}")
+            raise ConfigError(f"--max-streams must be positive (a peer serves two streams per "
+                              f"neighbor in a round); got {self.max_streams}")
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("--resume needs a checkpoint directory (--checkpoint-dir)")
 
