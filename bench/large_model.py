@@ -40,6 +40,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,14 +104,18 @@ def share_template(trainer: Trainer, node: Node) -> None:
             template.data = own
 
 
-def build_node(node_id: int, total_bytes: int, seed: int, keep_template: bool) -> Node:
+def build_node(node_id: int, total_bytes: int, seed: int, keep_template: bool,
+               neighbors: Sequence[int] = ()) -> Node:
+    """A Node holding a Synthetic model of about total_bytes; its neighbors are `neighbors`
+    (default: the other of SENDER and RECEIVER), with equal mixing weights."""
     torch.manual_seed(seed)
     width = width_for(total_bytes)
     model = Synthetic(width)
     x, y = torch.zeros(2, width), torch.zeros(2, dtype=torch.long)  # (2, w), (2,)
     trainer = Trainer(node_id, model, x, y, Schedule(batch_size=2), seed, torch.device("cpu"))
-    peer = RECEIVER if node_id == SENDER else SENDER
-    assignment = Assignment(neighbors=(peer,), weights={node_id: 0.5, peer: 0.5})
+    peers = tuple(neighbors) or (RECEIVER if node_id == SENDER else SENDER,)
+    share = 1.0 / (len(peers) + 1)
+    assignment = Assignment(neighbors=peers, weights={j: share for j in (node_id, *peers)})
     node = Node(node_id, trainer, algorithms.make("dpsgd", algorithms.Hyperparameters()),
                 assignment, [p.detach() for p in model.parameters()])
     del model

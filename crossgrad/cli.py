@@ -119,6 +119,10 @@ def build_parser() -> Parser:
                       help="the largest model or cross-gradient stream accepted from a "
                       "neighbor, in bytes (default 8 GiB); larger ones are refused at their "
                       "header")
+    peer.add_argument("--max-streams", type=int, default=None,
+                      help="streams this peer serves at once (model fetches, cross-gradient "
+                      "requests: two per neighbor in a round; default 128); one more is "
+                      "refused UNAVAILABLE, and threads are kept for unary calls apart")
     peer.add_argument("--join-timeout", type=float, default=300.0,
                       help="how long to wait for the bootstrap and the other peers at start, "
                       "in seconds (default 300)")
@@ -206,7 +210,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
     out = args.out or Path(f"runs/peer-{args.node_id}")
     security = security_from_args(args, Role.SERVER, "peer")
     given = {"checkpoint_every": args.checkpoint_every, "max_model_bytes": args.max_model_bytes,
-             "bytes_per_round": args.max_bytes_per_round}
+             "bytes_per_round": args.max_bytes_per_round, "max_streams": args.max_streams}
     options = PeerOptions(node_id=args.node_id, bootstrap=args.bootstrap, bind=args.bind,
                           advertise=args.advertise, data_dir=args.data_dir, device=args.device,
                           out=out, timeout=args.timeout, join_timeout=args.join_timeout,

@@ -37,6 +37,7 @@ from crossgrad.rpc import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_MODEL_BYTES,
+    RESERVED_UNARY_WORKERS,
     RunningServer,
     Service,
     make_server,
@@ -61,6 +62,13 @@ from peer.training.checkpoint import (
 
 log = logging.getLogger(__name__)
 
+# Streams the Peer server serves at once by default (GetModel, ComputeCrossGradient, a health
+# Watch): 64 neighbors, each fetching this node's model and asking for its cross-gradient in
+# the same round. Each stream holds a server thread and a piece (--chunk-bytes) of memory, not
+# a copy of the model (peer/wire.py); threads start only when calls need them. One stream over
+# the limit is refused UNAVAILABLE at once, and RESERVED_UNARY_WORKERS more threads are kept for
+# unary calls whatever the streams do (crossgrad/rpc.py; docs/benchmarks.md, "Load").
+DEFAULT_MAX_STREAMS = 128
 
 
 
@@ -92,6 +100,7 @@ class PeerOptions:
     security: Security | None = None  # TLS material and token; None: plaintext (tests)
     limits: CallerLimits | None = None  # per caller; None: crossgrad.guard's defaults
     bytes_per_round: int = 0  # streamed to one neighbor per round; 0: MODELS_PER_ROUND models
+    max_streams: int = DEFAULT_MAX_STREAMS  # streams served at once; one more: UNAVAILABLE
 
     def __post_init__(self) -> None:
         if not 0 < self.chunk_bytes <= DEFAULT_MAX_MESSAGE_BYTES // 2:
@@ -107,6 +116,9 @@ class PeerOptions:
         if self.bytes_per_round < 0:
             raise ConfigError(f"--max-bytes-per-round must be 0 (automatic) or more; got "
                               f"{self.bytes_per_round}")
+        if self.max_streams < 1:
+            raise ConfigError(f"--max-streams must be positive (a peer serves two streams per "
+                              f"neighbor in a round); got {self.max_streams}")
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("--resume needs a checkpoint directory (--checkpoint-dir)")
 
@@ -362,10 +374,16 @@ class PeerRuntime:
                  path)
 
     def serve(self) -> RunningServer:
-        """Start the Peer server (health NOT_SERVING until attach())."""
+        """Start the Peer server (health NOT_SERVING until attach()).
+
+        The one place a peer's server limits are set: streams at once (`max_streams`; the pool
+        also keeps RESERVED_UNARY_WORKERS threads for unary calls) and make_server's own.
+        """
         servicer = PeerServicer(self)
-        self.server = make_server(self.options.bind, [Service(
-            "crossgrad.v1.Peer", lambda s: add_to_server(servicer, s))],
+        self.server = make_server(
+            self.options.bind, [Service("crossgrad.v1.Peer",
+                                        lambda s: add_to_server(servicer, s))],
+            max_workers=self.options.max_streams + RESERVED_UNARY_WORKERS,
             security=self.options.security, limits=self.options.limits)
         self.address = self.options.advertise or self.server.address
         return self.server

@@ -4,7 +4,10 @@ A tensor stream is one TensorChunk with a StreamHeader (every tensor's name, sha
 codec, byte length and CRC-32C, the total size, the sender and the round), then TensorChunks of
 raw bytes: the tensors' little-endian bytes concatenated in header order, cut in pieces of at
 most `chunk_bytes` (tensor.proto). Sending copies each piece once (protobuf `bytes` needs
-`bytes`); receiving copies each piece once, straight into tensors preallocated from the header.
+`bytes`) and nothing else: a stream holds one piece of host memory at a time, never a copy of
+the whole model, however many neighbors fetch the same published snapshot at once (a tensor on
+a GPU is copied to the host one piece at a time). Receiving copies each piece once, straight
+into tensors preallocated from the header.
 
 Everything received is checked against what the receiver expects (its own model's parameter
 names, shapes and dtypes), before and after the bytes arrive: a peer's message can be refused,
@@ -75,6 +78,26 @@ def _byte_view(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).view(torch.uint8).numpy()  # (nbytes,)
 
 
+# A tensor's bytes, flat uint8, as a stream reads them: a numpy view of a CPU tensor's memory,
+# or a uint8 view of a tensor on another device (a GPU), read one piece at a time (_host_piece).
+Flat: TypeAlias = np.ndarray | torch.Tensor
+
+
+def _flat_bytes(t: torch.Tensor) -> Flat:
+    """The bytes of `t` without copying them to the host (contiguous tensors: no copy at all)."""
+    t = t.detach().contiguous()
+    return _byte_view(t) if t.device.type == "cpu" else t.reshape(-1).view(torch.uint8)
+
+
+def _host_piece(flat: Flat, start: int, stop: int) -> np.ndarray:
+    """Bytes [start, stop) of `flat` in host memory: a view for a CPU tensor, a copy of that
+    piece alone for a device tensor (the whole tensor copied to the host per request would be
+    one model per concurrent stream)."""
+    if isinstance(flat, np.ndarray):
+        return flat[start:stop]
+    return flat[start:stop].cpu().numpy()
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
     view = a.view()
     view.flags.writeable = False  # google_crc32c takes read-only buffers only
@@ -134,10 +157,18 @@ def _varint(n: int) -> bytes:
 _DATA_TAG = b"\x12"  # TensorChunk field 2 (data), wire type 2 (length-delimited)
 
 
-def checksums(tensors: Sequence[torch.Tensor]) -> list[int]:
-    """The CRC-32C of each tensor's bytes, as its header carries it (encode_raw's `crcs`)."""
-    return [google_crc32c.value(_readonly(_byte_view(t.detach().to("cpu").contiguous())))
-            for t in tensors]
+def checksums(tensors: Sequence[torch.Tensor], piece_bytes: int = DEFAULT_CHUNK_BYTES
+              ) -> list[int]:
+    """The CRC-32C of each tensor's bytes, as its header carries it (encode_raw's `crcs`),
+    read `piece_bytes` at a time (a device tensor is never copied to the host whole)."""
+    crcs = []
+    for t in tensors:
+        flat, crc = _flat_bytes(t), 0
+        for start in range(0, flat.nbytes, piece_bytes):
+            crc = google_crc32c.extend(
+                crc, _readonly(_host_piece(flat, start, start + piece_bytes)))
+        crcs.append(crc)
+    return crcs
 
 
 def encode_raw(names: Sequence[str], tensors: Sequence[torch.Tensor], *, sender_id: int,
@@ -154,16 +185,15 @@ def encode_raw(names: Sequence[str], tensors: Sequence[torch.Tensor], *, sender_
     `crcs`: checksums(tensors), when the caller keeps them (a published model is sent to every
     neighbor: its CRCs are computed once, not once per transfer before the first byte goes out).
     """
-    cpu = [t.detach().to("cpu").contiguous() for t in tensors]
-    views = [_byte_view(t) for t in cpu]
+    flats = [_flat_bytes(t) for t in tensors]
     if crcs is None:
-        crcs = checksums(cpu)
-    elif len(crcs) != len(views):
-        raise ValueError(f"{len(crcs)} checksums for {len(views)} tensors")
+        crcs = checksums(tensors)
+    elif len(crcs) != len(flats):
+        raise ValueError(f"{len(crcs)} checksums for {len(flats)} tensors")
     headers = [pb.TensorHeader(name=n, shape=list(t.shape), dtype=DTYPES[t.dtype],  # type: ignore[arg-type]
-                               codec=pb.CODEC_NONE, byte_length=v.nbytes, crc32c=crc)
-               for n, t, v, crc in zip(names, cpu, views, crcs, strict=True)]
-    yield from _stream_raw(headers, views, sender_id, round_, chunk_bytes)
+                               codec=pb.CODEC_NONE, byte_length=f.nbytes, crc32c=crc)
+               for n, t, f, crc in zip(names, tensors, flats, crcs, strict=True)]
+    yield from _stream_raw(headers, flats, sender_id, round_, chunk_bytes)
 
 
 def encode_compressed_raw(names: Sequence[str], records: Sequence[Compressed], *, sender_id: int,
@@ -178,22 +208,23 @@ def encode_compressed_raw(names: Sequence[str], records: Sequence[Compressed], *
     yield from _stream_raw(headers, views, sender_id, round_, chunk_bytes)
 
 
-def _stream_raw(headers: list[pb.TensorHeader], views: list[np.ndarray], sender_id: int,
+def _stream_raw(headers: list[pb.TensorHeader], flats: Sequence[Flat], sender_id: int,
                 round_: int, chunk_bytes: int) -> Iterator[bytes]:
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
-    total = sum(v.nbytes for v in views)
+    total = sum(f.nbytes for f in flats)
     yield pb.TensorChunk(header=pb.StreamHeader(tensors=headers, total_bytes=total,
                                                 sender_id=sender_id, round=round_)
                          ).SerializeToString()
+    # The pieces of one message (views of the tensors' memory, or pieces copied from a
+    # device), joined once into the message: the only copy of the model's bytes made here.
     pending: list[memoryview] = []
     pending_bytes = 0
-    for v in views:
-        mv = v.data  # memoryview of the bytes, no copy
+    for flat in flats:
         offset = 0
-        while offset < v.nbytes:
-            take = min(chunk_bytes - pending_bytes, v.nbytes - offset)
-            pending.append(mv[offset:offset + take])
+        while offset < flat.nbytes:
+            take = min(chunk_bytes - pending_bytes, flat.nbytes - offset)
+            pending.append(_host_piece(flat, offset, offset + take).data)
             pending_bytes += take
             offset += take
             if pending_bytes == chunk_bytes:

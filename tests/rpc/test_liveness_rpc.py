@@ -1,5 +1,6 @@
 """A server stays answerable: unary calls never queue behind streams, and the keepalive
-settings are ones grpc reads (crossgrad/rpc.py; the load figures are in docs/benchmarks.md).
+settings are ones grpc reads (crossgrad/rpc.py; the load figures are in docs/benchmarks.md);
+a peer's stream limit is its --max-streams (peer/service.py).
 
 The streams are grpc.health.v1.Health/Watch calls, which every crossgrad server offers and which
 hold their thread until the caller goes away, as a GetModel waiting for the next round does.
@@ -17,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crossgrad import rpc
 from crossgrad.errors import ConfigError
+from peer.service import DEFAULT_MAX_STREAMS, PeerOptions, PeerRuntime
 
 from harness import Open, Serve
 
@@ -79,6 +81,36 @@ def test_an_ended_stream_gives_its_thread_back(stub: health_pb2_grpc.HealthStub)
 def test_a_pool_with_no_room_for_streams_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="must exceed the 8 threads kept for unary calls"):
         rpc.make_server("127.0.0.1:0", [], max_workers=rpc.RESERVED_UNARY_WORKERS)
+
+
+def test_a_peer_serves_max_streams_streams_at_once_and_refuses_the_next(channel: Open) -> None:
+    """--max-streams sizes the peer's pool (PeerRuntime.serve): that many streams, and the
+    threads kept for unary calls on top."""
+    runtime = PeerRuntime(PeerOptions(node_id=0, bootstrap="unused:1", max_streams=3))
+    server = runtime.serve()
+    try:
+        server.set_serving()
+        stub = health_pb2_grpc.HealthStub(channel(server.address))
+        streams = [watch(stub) for _ in range(3)]
+        with pytest.raises(grpc.RpcError) as caught:
+            watch(stub)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "already serves 3 streams" in caught.value.details()
+        calls = [stub.Check.future(health_pb2.HealthCheckRequest(), timeout=5)
+                 for _ in range(rpc.RESERVED_UNARY_WORKERS)]
+        assert [call.result().status for call in calls] == [SERVING] * len(calls)
+        for stream in streams:
+            stream.cancel()
+    finally:
+        server.stop(0)
+
+
+def test_by_default_a_peer_serves_64_neighbors_two_streams_each() -> None:
+    assert PeerOptions(node_id=0, bootstrap="unused:1").max_streams == DEFAULT_MAX_STREAMS
+    assert DEFAULT_MAX_STREAMS >= 2 * 64
+    for bad in (0, -1):
+        with pytest.raises(ConfigError, match="--max-streams must be positive"):
+            PeerOptions(node_id=0, bootstrap="unused:1", max_streams=bad)
 
 
 def test_every_server_and_channel_argument_is_one_grpc_reads() -> None:

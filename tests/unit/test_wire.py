@@ -519,3 +519,58 @@ def test_encode_raw_with_kept_checksums_sends_the_same_bytes() -> None:
     assert kept == plain
     with pytest.raises(ValueError, match="2 checksums for 3 tensors"):
         list(encode_raw(names, tensors, sender_id=SENDER, round_=ROUND, crcs=[0, 0]))
+
+
+# ---- memory: one piece per stream, never a copy of the model ----------------------------------
+
+
+def test_a_stream_holds_one_piece_of_host_memory_at_a_time() -> None:
+    """A neighbor's GetModel reads the published snapshot itself: however many streams serve it
+    at once, each adds a piece (chunk_bytes) of memory, not a model. tracemalloc sees every
+    bytes object and numpy buffer (a `.numpy().tobytes()` or a `bytes()` of the tensor would
+    show as 32 MiB); torch's own allocations it does not see, which the load test covers
+    (tests/system/test_load.py, peak RSS of a server streaming to 64 neighbors)."""
+    import tracemalloc
+
+    model = [torch.randn(2048, 4096, generator=generated(22))]  # (2048, 4096): 32 MiB
+    crcs = checksums(model)
+    chunk = 256 << 10
+    tracemalloc.start()
+    try:
+        stream = encode_raw(["w"], model, sender_id=SENDER, round_=ROUND, chunk_bytes=chunk,
+                            crcs=crcs)
+        tracemalloc.reset_peak()
+        sizes = [len(message) for message in stream]  # each message dropped once measured
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sum(sizes) > 32 << 20
+    assert peak < 3 * chunk, f"encoding held {peak} bytes at once; a piece is {chunk}"
+
+
+def test_a_device_tensor_is_streamed_from_host_pieces_with_the_same_bytes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tensor on a GPU is copied to the host one piece at a time (peer.wire._host_piece):
+    the CPU tensors here are read the way a device tensor is (as a torch uint8 view, sliced
+    and copied), and the stream and checksums are those of the plain CPU path."""
+    import peer.wire
+
+    tensors = [torch.randn(5, 3, generator=generated(23)), torch.randn(7).to(torch.bfloat16),
+               torch.zeros(0), torch.arange(9, dtype=torch.int64)]
+    names = ["w", "b", "empty", "i"]
+    plain = list(encode_raw(names, tensors, sender_id=SENDER, round_=ROUND, chunk_bytes=11))
+    plain_crcs = checksums(tensors)
+    monkeypatch.setattr(peer.wire, "_flat_bytes",
+                        lambda t: t.detach().contiguous().reshape(-1).view(torch.uint8))
+    assert checksums(tensors, piece_bytes=5) == plain_crcs
+    assert list(encode_raw(names, tensors, sender_id=SENDER, round_=ROUND, chunk_bytes=11)) == plain
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_tensor_streams_the_same_bytes_as_its_cpu_copy() -> None:
+    tensors = [torch.randn(300, 500, generator=generated(24)), torch.randn(3)]
+    names = ["w", "b"]
+    cuda = [t.to("cuda") for t in tensors]
+    assert checksums(cuda) == checksums(tensors)
+    assert (list(encode_raw(names, cuda, sender_id=SENDER, round_=ROUND, chunk_bytes=4096))
+            == list(encode_raw(names, tensors, sender_id=SENDER, round_=ROUND, chunk_bytes=4096)))
