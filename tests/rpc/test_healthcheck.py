@@ -59,9 +59,11 @@ def test_as_a_subprocess(serve: Serve, procs: ProcessGroup) -> None:
     server = serve([peer_service()])
     proc = probe(procs, server.address)
     assert proc.returncode == 1, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "NOT_SERVING" in proc.stderr
+    warning, reason = proc.stderr.strip().splitlines()  # --insecure is said at start, always
+    assert "PLAINTEXT (--insecure)" in warning and "NOT_SERVING" in reason
 
     server.set_serving()
     proc = probe(procs, server.address, "--service", PEER)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr == "" and proc.stdout == ""
+    assert proc.stdout == "" and "NOT_SERVING" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [warning]  # only the plaintext warning
