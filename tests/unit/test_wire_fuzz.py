@@ -230,8 +230,9 @@ floats = st.floats() | st.integers(-3, 400).map(float)  # NaN, Inf, huge, fracti
 def bad_record(data: st.DataObject, record: Compressed) -> Compressed:
     """The record with one thing wrong that a sender (buggy or hostile) could put on the wire."""
     params, payload = dict(record.params), record.payload
-    kind = data.draw(st.sampled_from(["param", "drop param", "payload", "random payload",
-                                      "topk gaps", "topk bitmap"]))
+    kinds = ["param", "drop param", "payload", "random payload"]
+    kind = data.draw(st.sampled_from(kinds + (["topk gaps", "topk bitmap"]
+                                              if record.codec == "topk" else [])))
     event(f"record: {kind}")
     if kind == "param":
         key = data.draw(st.sampled_from([*sorted(params), "extra"]))
@@ -240,20 +241,26 @@ def bad_record(data: st.DataObject, record: Compressed) -> Compressed:
         del params[data.draw(st.sampled_from(sorted(params)))]
     elif kind == "payload":
         payload = _edit_bytes(data, payload)
-    elif kind == "random payload":
+    elif kind == "random payload":  # qsgd: levels above s; sign and bitmaps: padding bits set
         payload = data.draw(st.binary(min_size=len(payload), max_size=len(payload)) |
                             st.binary(max_size=len(payload) + 16))
-    elif record.codec == "topk":  # indices: wrong, repeated, out of range, in either coding
+    elif kind in ("topk gaps", "topk bitmap"):  # k indices, some out of range, maybe repeated
         d, k = record.numel, int(params["k"])
-        values = payload[:k * 4]
+        values = payload[:k * record.dtype.itemsize]
         if kind == "topk gaps":
-            gaps = data.draw(st.lists(st.integers(0, 2 * d + 1), min_size=k, max_size=k))
+            unique = data.draw(st.booleans())
+            idx = sorted(data.draw(st.lists(st.integers(0, 2 * d), min_size=k, max_size=k,
+                                            unique=unique)))
             params["index_coding"] = float(VARINT)
-            payload = values + pack_varints(np.array(gaps, np.uint64))
-        else:
+            payload = values + pack_varints(np.diff(np.array(idx, np.uint64), prepend=0))
+        else:  # a position at or above d sets a padding bit
+            nbytes = packed_nbytes(d, 1)
+            idx = data.draw(st.lists(st.integers(0, max(0, 8 * nbytes - 1)), min_size=k,
+                                     max_size=k, unique=True))
+            marks = np.zeros(8 * nbytes, np.bool_)
+            marks[idx] = True
             params["index_coding"] = float(BITMAP)
-            payload = values + data.draw(st.binary(min_size=packed_nbytes(d, 1),
-                                                   max_size=packed_nbytes(d, 1)))
+            payload = values + np.packbits(marks, bitorder="little").tobytes()
     return replace(record, params=params, payload=payload)
 
 
