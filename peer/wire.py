@@ -75,6 +75,8 @@ def specs_of(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> list[Tens
 
 def _byte_view(t: torch.Tensor) -> np.ndarray:
     """The tensor's bytes as a flat uint8 array sharing its memory (CPU, contiguous)."""
+    if t.numel() == 0:  # any strides, even 0 (numpy-backed, e.g. a decoded empty qsgd tensor),
+        return np.empty(0, np.uint8)  # which view(torch.uint8) refuses: no bytes to share
     return t.reshape(-1).view(torch.uint8).numpy()  # (nbytes,)
 
 

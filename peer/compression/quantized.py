@@ -95,7 +95,8 @@ class QSGD(Compressor):
     def _compress(self, flat: torch.Tensor, seed: int) -> tuple[dict[str, float], bytes]:
         x = _as_numpy(flat)
         d, s, b = x.size, self.s, self.s.bit_length()
-        norm = math.sqrt(float(np.dot(x, x)))
+        with np.errstate(over="ignore", invalid="ignore"):  # handled just below
+            norm = math.sqrt(float(np.dot(x, x)))
         if not math.isfinite(norm):  # float32 accumulation overflowed (or x holds NaN/Inf)
             norm = float(np.linalg.norm(x.astype(np.float64)))
         live = norm > 0.0 and math.isfinite(norm)  # else every level is 0 (NaN: refused anyway)

@@ -22,6 +22,7 @@ from crossgrad import rpc
 from crossgrad.errors import InvalidMessage, ProtocolError, TooLarge, TruncatedStream
 from crossgrad.rpc import DEFAULT_CHUNK_BYTES
 from crossgrad.v1 import tensor_pb2 as pb
+from peer.compression import make
 from peer.wire import (
     DTYPES,
     Decoded,
@@ -29,26 +30,16 @@ from peer.wire import (
     checksums,
     decode,
     encode,
+    encode_compressed_raw,
     encode_raw,
     frame_bytes,
     specs_of,
 )
 
+from streams import assert_bit_exact, raw_bytes
+
 Chunks = list[pb.TensorChunk]
 SENDER, ROUND = 3, 17
-
-
-def raw_bytes(t: torch.Tensor) -> bytes:
-    """The tensor's bytes as the wire carries them: little-endian, row-major."""
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def assert_bit_exact(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> None:
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        assert g.dtype == w.dtype
-        assert tuple(g.shape) == tuple(w.shape)
-        assert raw_bytes(g) == raw_bytes(w)  # bit-exact: -0.0, subnormals, NaN payloads alike
 
 
 def roundtrip(names: Sequence[str], tensors: Sequence[torch.Tensor], chunk_bytes: int,
@@ -128,6 +119,25 @@ def test_a_stream_of_only_empty_tensors_is_a_header_alone() -> None:
     assert chunks[0].WhichOneof("part") == "header"
     assert chunks[0].header.total_bytes == 0
     assert_bit_exact(decoded.tensors, tensors)
+
+
+@pytest.mark.parametrize("spec", ["none", "fp16", "bf16", "topk:0.5", "randk:0.5", "qsgd:4",
+                                  "sign"])
+def test_compressed_empty_tensors_round_trip(spec: str) -> None:
+    """Regression (found by test_wire_fuzz): qsgd and sign decode an empty tensor with stride 0,
+    which decode's finiteness check viewed as bytes and failed with a RuntimeError; such a
+    tensor sent on again (dense) failed in encode the same way."""
+    compressor = make(spec)
+    tensors = [torch.empty(0), torch.randn(3, generator=generated(22)), torch.empty(2, 0)]
+    names = ["empty", "x", "empty2d"]
+    records = [compressor.compress(t, seed=0) for t in tensors]
+    chunks = list(encode_compressed_raw(names, records, sender_id=SENDER, round_=ROUND,
+                                        chunk_bytes=5))
+    decoded = decode(chunks, specs_of(names, tensors), sender_id=SENDER, round_=ROUND,
+                     compressor=compressor)
+    assert_bit_exact(decoded.tensors, [compressor.decompress(r) for r in records])
+    _, again = roundtrip(names, decoded.tensors, chunk_bytes=5)
+    assert_bit_exact(again.tensors, decoded.tensors)
 
 
 def test_non_contiguous_and_grad_tensors_are_sent_as_their_row_major_values() -> None:
