@@ -59,7 +59,7 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
         """`node_id`, if the caller may act under it: with mutual TLS only its own."""
         caller = caller_of(context)
         if caller.certified and caller.node_id != node_id:
-            raise PermissionDenied(f"{what} for node {node_id} refused: {caller} may "
+            raise PermissionDenied(f"{what} for node {node_id} refused: {caller.name} may "
                                    f"{what.lower()} only under its own id")
         return node_id
 

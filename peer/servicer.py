@@ -62,7 +62,7 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         if not caller.certified:
             return claimed
         if caller.node_id is None:
-            raise PermissionDenied(f"{caller} is not a node of this run: only its nodes fetch "
+            raise PermissionDenied(f"{caller.name} is not a node of this run: only its nodes fetch "
                                    "models and cross-gradients (GetStatus is open to it)")
         if claimed != caller.node_id:
             raise PermissionDenied(f"requester_id {claimed} disagrees with the caller's "

@@ -9,13 +9,17 @@ PeerRuntimes, fake neighbors, and the checks every Peer test makes.
     Run, load_run         the small run of the Peer tests: 3 nodes on a ring, digits, the MLP
     assert_still_serves   health SERVING, GetStatus answers, the model served bit for bit
 
-Security: `Cluster(security=...)` hands `security=` to every server, runtime, channel and
-neighborhood it makes (and only when given one), so the same clusters run over TLS.
+Security: `Cluster(certs=...)` (crossgrad/certs.py) runs every server, runtime, channel and
+neighborhood it makes with mutual TLS, each under the certificate that names it: node I's
+runtime, fake and neighborhood as node-I, the bootstrap as itself, a test's channels as the
+client certificate unless told another identity; `token=True` makes it TLS with the run's token
+instead. Without certificates everything is plaintext, as the in-process tests always were.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -30,7 +34,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bootstrap.server import serve as serve_bootstrap
 from crossgrad import rpc
+from crossgrad.certs import Made
 from crossgrad.config import RunConfig
+from crossgrad.security import Role, Security, SecurityFlags, load_security, node_server_name
 from crossgrad.v1 import bootstrap_pb2_grpc, peer_pb2, peer_pb2_grpc, tensor_pb2
 from peer.builder import RunData, assignments, load_run_data, make_node, validate_config
 from peer.client import GrpcNeighborhood
@@ -246,12 +252,28 @@ class Cluster:
     """Everything one test starts, on 127.0.0.1:0, stopped by close() (or the with block's end)
     whatever the outcome: fakes released first, then the rest in reverse order of start."""
 
-    def __init__(self, security: object | None = None) -> None:
-        self.security = security
-        # Forwarded only when given, so that without one every factory runs as it always has.
-        self._secure: dict[str, Any] = {} if security is None else {"security": security}
+    def __init__(self, certs: Made | None = None, *, token: bool = False) -> None:
+        self.certs = certs
+        self.token = token
+        self._securities: dict[str, Security] = {}
         self._fakes: list[FakePeer] = []
         self._stack = contextlib.ExitStack()
+
+    def security(self, identity: str) -> Security | None:
+        """What `identity` ("node-3", "bootstrap", "client") presents and serves with: its
+        certificate (with the token in token mode), or None (plaintext) without certificates."""
+        if self.certs is None:
+            return None
+        if identity not in self._securities:
+            certs = self.certs
+            flags = SecurityFlags(ca=str(certs.ca), cert=str(certs.cert(identity)),
+                                  key=str(certs.key(identity)))
+            if self.token:
+                flags = dataclasses.replace(flags, token_file=str(certs.token),
+                                            client_auth="token")
+            role = Role.CLIENT if identity == "client" else Role.SERVER
+            self._securities[identity] = load_security(flags, role, command="test", environ={})
+        return self._securities[identity]
 
     def __enter__(self) -> Cluster:
         return self
@@ -266,23 +288,27 @@ class Cluster:
 
     # ---- servers --------------------------------------------------------------------------
     def serve(self, services: Sequence[rpc.Service], bind: str = "127.0.0.1:0",
-              **kwargs: Any) -> rpc.RunningServer:
-        """A server through the one server factory (health NOT_SERVING until set_serving)."""
-        server = rpc.make_server(bind, services, **self._secure, **kwargs)
+              identity: str = "node-0", **kwargs: Any) -> rpc.RunningServer:
+        """A server through the one server factory (health NOT_SERVING until set_serving),
+        under `identity`'s certificate when the cluster has certificates."""
+        server = rpc.make_server(bind, services, security=self.security(identity), **kwargs)
         self._stack.callback(server.stop, grace=0)
         return server
 
     def fake(self, servicer: FakePeer, **kwargs: Any) -> rpc.RunningServer:
         """`servicer` served and SERVING, as its node would be."""
+        kwargs.setdefault("identity", f"node-{servicer.node.id}")
         server = self.serve([peer_service(servicer)], **kwargs)
         server.set_serving()
         self._fakes.append(servicer)
         return server
 
     def bootstrap(self, settings: RunConfig, state: str | Path | None = None,
-                  lease_seconds: float = 30.0, bind: str = "127.0.0.1:0") -> rpc.RunningServer:
+                  lease_seconds: float = 30.0, bind: str = "127.0.0.1:0",
+                  **kwargs: Any) -> rpc.RunningServer:
         """A real bootstrap (bootstrap/server.py), SERVING."""
-        server = serve_bootstrap(settings, bind, state, lease_seconds, **self._secure)
+        server = serve_bootstrap(settings, bind, state, lease_seconds,
+                                 security=self.security("bootstrap"), **kwargs)
         self._stack.callback(server.stop, grace=0)
         return server
 
@@ -292,8 +318,9 @@ class Cluster:
         """A PeerRuntime; served (NOT_SERVING until a node is attached) unless `serve` is
         False (runtime.start() serves). With no bootstrap option the test attaches a node."""
         options.setdefault("bootstrap", "unused:1")
+        options.setdefault("security", self.security(f"node-{node_id}"))
         runtime = PeerRuntime(PeerOptions(node_id=node_id, bind="127.0.0.1:0", timeout=timeout,
-                                          **self._secure, **options))
+                                          **options))
         self._stack.callback(self._stop_runtime, runtime)
         if serve:
             runtime.serve()
@@ -329,28 +356,32 @@ class Cluster:
     def neighborhood(self, node: Node, addresses: Mapping[int, str], *, timeout: float = 5.0,
                      **kwargs: Any) -> GrpcNeighborhood:
         """A client of `addresses` for `node`, outside any runtime."""
-        hood = GrpcNeighborhood(node, addresses, timeout=timeout, **self._secure, **kwargs)
+        kwargs.setdefault("security", self.security(f"node-{node.id}"))
+        hood = GrpcNeighborhood(node, addresses, timeout=timeout, **kwargs)
         self._stack.callback(hood.close)
         return hood
 
     # ---- channels -------------------------------------------------------------------------
-    def _channel(self, address: str, **kwargs: Any) -> grpc.Channel:
-        return rpc.make_channel(address, **self._secure, **kwargs)
+    def _channel(self, address: str, identity: str = "client", **kwargs: Any) -> grpc.Channel:
+        kwargs.setdefault("security", self.security(identity))
+        return rpc.make_channel(address, **kwargs)
 
-    def channel(self, address: str, **kwargs: Any) -> grpc.Channel:
-        """A channel through the one channel factory, closed with the cluster."""
-        ch = self._channel(address, **kwargs)
+    def channel(self, address: str, identity: str = "client", **kwargs: Any) -> grpc.Channel:
+        """A channel through the one channel factory, closed with the cluster; with
+        certificates it presents `identity`'s (default: the client certificate)."""
+        ch = self._channel(address, identity, **kwargs)
         self._stack.callback(ch.close)
         return ch
 
-    def peer_stub(self, address: str) -> peer_pb2_grpc.PeerStub:
-        return peer_pb2_grpc.PeerStub(self.channel(address))
+    def peer_stub(self, address: str, identity: str = "client") -> peer_pb2_grpc.PeerStub:
+        return peer_pb2_grpc.PeerStub(self.channel(address, identity))
 
-    def bootstrap_stub(self, address: str) -> bootstrap_pb2_grpc.BootstrapStub:
-        return bootstrap_pb2_grpc.BootstrapStub(self.channel(address))
+    def bootstrap_stub(self, address: str,
+                       identity: str = "client") -> bootstrap_pb2_grpc.BootstrapStub:
+        return bootstrap_pb2_grpc.BootstrapStub(self.channel(address, identity))
 
-    def health_stub(self, address: str) -> health_pb2_grpc.HealthStub:
-        return health_pb2_grpc.HealthStub(self.channel(address))
+    def health_stub(self, address: str, identity: str = "client") -> health_pb2_grpc.HealthStub:
+        return health_pb2_grpc.HealthStub(self.channel(address, identity))
 
     # ---- checks ---------------------------------------------------------------------------
     def assert_still_serves(self, runtime: PeerRuntime, *, round_: int | None = None,
@@ -364,7 +395,8 @@ class Cluster:
         round_ = node.round if round_ is None else round_
         want = node.params if params is None else params
         asker = node.assignment.neighbors[0] if requester is None else requester
-        with self._channel(runtime.address) as ch:
+        with self._channel(runtime.address, f"node-{asker}",
+                           server_name=node_server_name(node.id)) as ch:
             health = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=PEER), timeout=5)
             stub = peer_pb2_grpc.PeerStub(ch)
