@@ -70,6 +70,7 @@ def format_peer(s: peer_pb2.PeerStatus) -> str:
         *([f"  caught up with its neighbors {s.catch_ups} time(s), last to round "
            f"{s.caught_up_to_round}"] if s.catch_ups else []),
         *(["  training alone: no live neighbor answers"] if s.state == "ALONE" else []),
+        *([f"  refused calls: {refusals(s.refusals)}"] if s.refusals else []),
         f"  {'neighbor':>8}  {'weight':>8}  " + "  ".join(f"{h:>{width}}" for h in heads),
     ]
     links = {link.peer_id: link for link in s.links}
@@ -87,6 +88,11 @@ def format_peer(s: peer_pb2.PeerStatus) -> str:
     lines.append(f"  {'all':>8}  {'':>8}  "
                  + byte_cells(s.bytes_sent, s.bytes_received, _pairs(s.kinds), kinds, width))
     return "\n".join(lines)
+
+
+def refusals(counts: Mapping[str, int]) -> str:
+    """"PERMISSION_DENIED 2, UNAUTHENTICATED 1": calls a server refused (docs/security.md)."""
+    return ", ".join(f"{code} {n}" for code, n in sorted(counts.items()))
 
 
 def _pairs(kinds: Iterable[peer_pb2.KindBytes]) -> dict[str, tuple[int, int]]:
@@ -117,6 +123,8 @@ def format_peers(r: bootstrap_pb2.ListPeersResponse) -> str:
                      f"{p.round:>6}  {loss:>8}  {p.last_seen_seconds_ago:>6.1f} s  "
                      f"{p.returns:>7}  {p.resumes:>7}  {p.unreachable_reports:>11}")
     lines.append(PEERS_LEGEND)
+    if r.refusals:
+        lines.append(f"  refused calls: {refusals(r.refusals)}")
     return "\n".join(lines)
 
 

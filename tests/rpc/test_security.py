@@ -24,6 +24,7 @@ from crossgrad.certs import Made, _Issuer, load_ca, make_run_certificates
 from crossgrad.guard import RETRY_PUSHBACK_KEY, CallerLimits
 from crossgrad.rpc import make_channel
 from crossgrad.security import Role, Security, SecurityFlags, load_security, node_server_name
+from crossgrad.status import show_status
 from crossgrad.v1 import bootstrap_pb2, peer_pb2, peer_pb2_grpc
 from peer.service import PeerRuntime
 
@@ -128,6 +129,9 @@ def test_a_non_neighbor_and_a_person_may_not_fetch(ring: Ring) -> None:
                    "client admin is not a node of this run")
     status = peer_status(ring.stub("client"))  # ...but GetStatus is open to any caller let in
     assert status.node_id == 0 and dict(status.refusals) == {"PERMISSION_DENIED": 3}
+    shown = show_status(ring.node0.address, security=ring.cluster.security("client"),
+                        server_name=node_server_name(0))
+    assert "refused calls: PERMISSION_DENIED 3" in shown
     ring.cluster.assert_still_serves(ring.node0, round_=0)
 
 
