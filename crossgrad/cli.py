@@ -194,10 +194,10 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     security = security_from_args(args, Role.SERVER, "bootstrap")
     server = serve(config, args.bind, args.state, args.lease_seconds, security=security,
                    limits=limits_from_args(args))
+    stop = threading.Event()
+    install_signal_handlers(stop.set)  # before the line that tells a supervisor it is up
     print(f"bootstrap serving on {server.address} (port {server.port}); waiting for "
           f"{config.nodes} peers", flush=True)
-    stop = threading.Event()
-    install_signal_handlers(stop.set)
     stop.wait()
     server.stop(grace=2.0)
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from crossgrad.rpc import make_channel
+from crossgrad.security import Role, SecurityFlags, load_security
 from crossgrad.v1 import peer_pb2, peer_pb2_grpc
 
 from procs import ProcessGroup, as_background_job, crossgrad
@@ -84,7 +85,13 @@ def peer_address(run_dir: Path, node: int) -> str:
 def test_status_shows_the_bytes_of_a_training_peer_per_link_and_kind(
         training_demo: Demo, procs: ProcessGroup) -> None:
     address = peer_address(training_demo.run_dir, 0)
-    with make_channel(address) as channel:  # the exact numbers, all from one GetStatus
+    certs = training_demo.run_dir / "certs"  # the demo runs with mutual TLS, its own CA
+    security = load_security(SecurityFlags(ca=str(certs / "ca.pem"),
+                                           cert=str(certs / "client.pem"),
+                                           key=str(certs / "client.key")),
+                             Role.CLIENT, command="test", environ={})
+    assert "mutual TLS" in (training_demo.run_dir / "node-0.log").read_text()
+    with make_channel(address, security=security) as channel:  # the numbers of one GetStatus
         s = peer_pb2_grpc.PeerStub(channel).GetStatus(
             peer_pb2.GetStatusRequest(requester="test"), timeout=10)
     kinds = {k.kind: (k.sent_bytes, k.received_bytes) for k in s.kinds}
@@ -96,7 +103,9 @@ def test_status_shows_the_bytes_of_a_training_peer_per_link_and_kind(
     link = {k.kind: (k.sent_bytes, k.received_bytes) for k in s.links[0].kinds}
     assert link == kinds  # one neighbor: its link carried everything
 
-    proc = procs.run(crossgrad("status", address), timeout=60)
+    proc = procs.run(crossgrad("status", address, "--tls-ca", str(certs / "ca.pem"),
+                               "--tls-cert", str(certs / "client.pem"),
+                               "--tls-key", str(certs / "client.key")), timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     head = next(i for i, line in enumerate(lines) if line.split()[:1] == ["neighbor"])
