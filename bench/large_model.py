@@ -228,12 +228,18 @@ def row(r: dict[str, Any]) -> list[str]:
             "yes" if r["equal"] else "NO"]
 
 
-def table(rows: list[list[str]]) -> str:
-    widths = [max(len(x[i]) for x in [list(COLUMNS), *rows]) for i in range(len(COLUMNS))]
+def markdown_table(columns: Sequence[str], rows: list[list[str]]) -> str:
+    """A right-aligned Markdown table (what the benches print and docs/benchmarks.md keeps)."""
+    widths = [max(len(x[i]) for x in [list(columns), *rows]) for i in range(len(columns))]
+
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
     rule = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
-    return "\n".join([line(list(COLUMNS)), rule, *map(line, rows)])
+    return "\n".join([line(list(columns)), rule, *map(line, rows)])
+
+
+def table(rows: list[list[str]]) -> str:
+    return markdown_table(COLUMNS, rows)
 
 
 def main() -> int:

@@ -56,6 +56,7 @@ sys.path.insert(0, str(REPO))
 from bench.large_model import (  # noqa: E402
     build_node,
     gb,
+    markdown_table,
     model_bytes,
     parse_size,
     report,
@@ -266,15 +267,6 @@ def row(r: dict[str, Any]) -> list[str]:
             f"{(r['server_peak_rss'] - r['server_base_rss']) / r['model_bytes']:.2f}"]
 
 
-def table(rows: list[list[str]]) -> str:
-    widths = [max(len(x[i]) for x in [list(COLUMNS), *rows]) for i in range(len(COLUMNS))]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-    rule = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
-    return "\n".join([line(list(COLUMNS)), rule, *map(line, rows)])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bytes", type=parse_size, default=parse_size("100MB"),
@@ -313,7 +305,7 @@ def main() -> int:
           f"{gb(first['server_build_peak_rss'])} GB; {args.client_procs} client processes; "
           f"peak measured {'from loaded' if first['peak_reset'] else 'over the process life'}")
     print()
-    print(table([row(r) for r in results]))
+    print(markdown_table(COLUMNS, [row(r) for r in results]))
     good = all(r["ok"] + r["refused"] == r["streams"] and r["correct"] == r["ok"]
                and not r["failed"] for r in results)
     return 0 if good else 1
