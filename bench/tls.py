@@ -24,7 +24,13 @@ verifies a neighbor's. Three measurements, each against plaintext measured in th
                peer.wire.decode with every check) as node 1, one warm-up and --repeats
                transfers per mode, interleaved so that load from other work falls on every mode
                alike. Columns as in bench/transfer.py (throughput, CPU per process, bytes on the
-               wire per payload byte: "socket" includes TLS's record overhead).
+               wire per payload byte: "socket" includes TLS's record overhead), and "CPU s/GB":
+               the CPU seconds both processes spent per GB of payload, which depends far less
+               on the machine's other load than the throughput does. A stage row times, in this
+               process with no network, what the cipher alone costs: every payload byte sealed
+               and opened in 16 KiB TLS records with AES-256-GCM (the `cryptography` package's
+               OpenSSL, not grpc's BoringSSL; the costlier of the two AES-GCM suites of TLS 1.3,
+               so an upper bound of the encryption both ends of a transfer do).
   handshake    --handshakes times per mode, interleaved: a new channel (its own connection:
                grpc.use_local_subchannel_pool), the time to the answer of its first GetStatus
                (TCP connect, HTTP/2 set-up and, with TLS, the handshake) and of a second one on
@@ -46,6 +52,7 @@ done twice (encrypt on one end, decrypt on the other) on the same cores as the t
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -58,6 +65,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
 from bench import transfer  # noqa: E402
 from bench.faults import round_seconds  # noqa: E402
@@ -75,6 +84,8 @@ from crossgrad.security import (  # noqa: E402
 from crossgrad.v1 import peer_pb2, peer_pb2_grpc  # noqa: E402
 from peer import wire  # noqa: E402
 from peer.service import PeerOptions, PeerRuntime, keep_freed_memory  # noqa: E402
+
+TLS_RECORD_BYTES = 1 << 14  # the most plaintext one TLS record carries (RFC 8446, 5.1)
 
 SENDER, REQUESTER = transfer.SENDER, transfer.REQUESTER
 
@@ -125,6 +136,25 @@ def serve(args: argparse.Namespace) -> int:
         if runtime.server:
             runtime.server.stop(grace=0)
     return 0
+
+
+def aes_gcm(payload: int) -> Callable[[], None]:
+    """Seal and open `payload` bytes as TLS records of TLS_RECORD_BYTES with AES-256-GCM: the
+    cipher's work for one transfer, both ends' share, in this thread. One record's buffer
+    again and again (in cache: a little optimistic)."""
+    aead = AESGCM(AESGCM.generate_key(bit_length=256))
+    record, nonce = os.urandom(TLS_RECORD_BYTES), bytes(12)
+    records = math.ceil(payload / TLS_RECORD_BYTES)
+
+    def run() -> None:
+        for _ in range(records):
+            aead.decrypt(nonce, aead.encrypt(nonce, record, None), None)
+    return run
+
+
+def cpu_per_gb(samples: list[transfer.Sample], payload: int) -> str:
+    """CPU seconds of both processes (this one only, for a stage) per GB of payload."""
+    return f"{med([(s.server_cpu + s.client_cpu) / (payload / 1e9) for s in samples]):.2f}"
 
 
 # ---- handshakes --------------------------------------------------------------------------------
@@ -285,6 +315,8 @@ def getmodel(args: argparse.Namespace, certs: Made) -> tuple[str, dict[str, Hand
                 ports[mode.name], specs, max_message, security=security, server_name=name),
                 ports[mode.name])
         samples = transfer.measure(methods, args.repeats, server.pid)
+        samples["stage: AES-256-GCM seal + open"] = transfer.stage_samples(aes_gcm(payload),
+                                                                           args.repeats)
         handshakes = measure_handshakes(ports, certs, args.handshakes)
     finally:
         if server.stdin:
@@ -292,9 +324,10 @@ def getmodel(args: argparse.Namespace, certs: Made) -> tuple[str, dict[str, Hand
         server.wait(timeout=60)
     base = med([payload / s.seconds / 1e9 for s in samples[MODES[0].name]])
     columns = tuple("x plaintext" if c == "x raw TCP" else c for c in transfer.COLUMNS)
-    columns = ("mode", *columns[1:])
-    return (transfer.table([transfer.row(n, s, payload, base) for n, s in samples.items()],
-                           columns), handshakes)
+    columns = ("mode", *columns[1:], "CPU s/GB")
+    rows = [[*transfer.row(n, s, payload, base), cpu_per_gb(s, payload)]
+            for n, s in samples.items()]
+    return transfer.table(rows, columns), handshakes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,10 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--handshakes", type=int, default=30, help="new channels per mode")
     parser.add_argument("--nodes", type=int, default=3, help="peers of each run")
     parser.add_argument("--rounds", type=int, default=100, help="rounds of each mlp run")
-    parser.add_argument("--runs", type=int, default=2, help="runs per mode and model")
+    parser.add_argument("--runs", type=int, default=3, help="runs per mode and model")
     parser.add_argument("--big-model", default="vgg11",
                         help="a second, bigger model for the runs ('none': only the mlp)")
-    parser.add_argument("--big-rounds", type=int, default=12, help="rounds of each big run")
+    parser.add_argument("--big-rounds", type=int, default=15, help="rounds of each big run")
     parser.add_argument("--run-timeout", type=float, default=600.0, help="per run (s)")
     parser.add_argument("--out", type=Path, default=None,
                         help="keep the runs' directories here (default: a temporary one)")
