@@ -3,7 +3,7 @@
     python bench/tls.py                                  # 100 MB GetModel; mlp and vgg11 runs
     python bench/tls.py --bytes 20000000 --repeats 3 --big-model none --runs 1
 
-Three modes, the ones a deployment chooses between (docs/security.md), every one through the
+Three modes, the ones a deployment chooses between (crossgrad/security.py), every one through the
 real server and channel factories (crossgrad.rpc.make_server / make_channel) with the
 Security a `crossgrad peer` builds from its flags (crossgrad.cluster.tls_flags read by the CLI's
 own parser):
