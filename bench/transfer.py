@@ -71,11 +71,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from crossgrad import rpc  # noqa: E402
+from crossgrad.security import Security  # noqa: E402
 from crossgrad.v1 import peer_pb2, peer_pb2_grpc  # noqa: E402
 from peer import wire  # noqa: E402
 from peer.metrics import Traffic  # noqa: E402
 from peer.node import Assignment, Node  # noqa: E402
-from peer.service import keep_freed_memory  # noqa: E402
+from peer.service import MAX_ROUND, keep_freed_memory  # noqa: E402
 from peer.servicer import PeerServicer, add_to_server  # noqa: E402
 
 # The baselines' service (no proto): a unary method, and a stream of GetModel's exact bytes
@@ -118,6 +119,19 @@ def make_model(total_bytes: int, seed: int = 0) -> tuple[list[str], list[torch.T
 
 
 # ---- the server process ------------------------------------------------------------------------
+def serving_node(total_bytes: int) -> tuple[Node, list[str], list[torch.Tensor]]:
+    """A real Node holding make_model(total_bytes), round ROUND published (what GetModel serves),
+    with REQUESTER as its one neighbor; its names and tensors."""
+    names, tensors = make_model(total_bytes)
+    trainer = SimpleNamespace(device="cpu", names=names)  # what Node reads of its trainer
+    algorithm = SimpleNamespace(stats={})  # what PeerRuntime.status reads of its algorithm
+    node = Node(SENDER, trainer, algorithm,  # type: ignore[arg-type]
+                assignment=Assignment(neighbors=(REQUESTER,), weights={SENDER: .5, REQUESTER: .5}),
+                params=tensors)
+    node.publish()
+    return node, names, tensors
+
+
 class Runtime:
     """The part of peer.service.PeerRuntime that PeerServicer.GetModel uses, over a real Node."""
 
@@ -127,12 +141,20 @@ class Runtime:
         self.chunk_bytes = chunk_bytes
         self.timeout = CALL_TIMEOUT_S
         self.traffic = Traffic()
+        # The bench fetches one round's model again and again: no per-round byte budget.
+        self.bytes_per_round = 1 << 62
 
     def wait_ready(self, timeout: float) -> Node | None:
         return self.node
 
     def count_rejected(self) -> None:
         pass
+
+    def last_round(self) -> int:
+        return MAX_ROUND
+
+    def draining(self) -> bool:
+        return False
 
 
 def add_grpc_args(extra: list[tuple[str, int]]) -> None:
@@ -162,12 +184,7 @@ def serve_raw(listener: socket.socket, payload: memoryview) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    names, tensors = make_model(args.bytes)
-    trainer = SimpleNamespace(device="cpu", names=names)  # what Node reads of its trainer
-    node = Node(SENDER, trainer, algorithm=None,  # type: ignore[arg-type]
-                assignment=Assignment(neighbors=(REQUESTER,), weights={SENDER: .5, REQUESTER: .5}),
-                params=tensors)
-    node.publish()  # round ROUND's snapshot is what GetModel serves
+    node, names, tensors = serving_node(args.bytes)
     payload = b"".join(t.numpy().tobytes() for t in tensors)  # the bytes GetModel carries
 
     add_grpc_args(args.grpc_arg)
@@ -290,16 +307,19 @@ def raw_transfer(port: int, nbytes: int) -> Callable[[], None]:
 
 
 def getmodel_transfer(port: int, specs: list[wire.TensorSpec], max_message_bytes: int,
-                      single_thread: bool = False) -> Callable[[], int]:
+                      single_thread: bool = False, *, security: Security | None = None,
+                      server_name: str | None = None) -> Callable[[], int]:
     """single_thread: grpc's experimental SingleThreadedUnaryStream channel option (the thread
     that iterates the call polls for its messages itself, no hand-off from the channel's
-    polling thread), to measure it before turning it on in crossgrad/rpc.py."""
+    polling thread), to measure it before turning it on in crossgrad/rpc.py. security and
+    server_name: as crossgrad.rpc.make_channel (None: plaintext)."""
     if single_thread:
         one_thread = (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)
         channel = grpc.insecure_channel(
             f"127.0.0.1:{port}", options=[*rpc.channel_options(max_message_bytes), one_thread])
     else:
-        channel = rpc.make_channel(f"127.0.0.1:{port}", max_message_bytes=max_message_bytes)
+        channel = rpc.make_channel(f"127.0.0.1:{port}", max_message_bytes=max_message_bytes,
+                                   security=security, server_name=server_name)
     get_model = channel.unary_stream(  # as peer/client.py GrpcNeighborhood: raw answers
         "/crossgrad.v1.Peer/GetModel",
         request_serializer=peer_pb2.GetModelRequest.SerializeToString,
@@ -314,9 +334,11 @@ def getmodel_transfer(port: int, specs: list[wire.TensorSpec], max_message_bytes
 
 
 def check_getmodel(port: int, names: list[str], tensors: list[torch.Tensor],
-                   max_message_bytes: int) -> None:
+                   max_message_bytes: int, *, security: Security | None = None,
+                   server_name: str | None = None) -> None:
     """One GetModel whose tensors are compared with the model, not only checked by CRC."""
-    channel = rpc.make_channel(f"127.0.0.1:{port}", max_message_bytes=max_message_bytes)
+    channel = rpc.make_channel(f"127.0.0.1:{port}", max_message_bytes=max_message_bytes,
+                               security=security, server_name=server_name)
     call = peer_pb2_grpc.PeerStub(channel).GetModel(
         peer_pb2.GetModelRequest(requester_id=REQUESTER, round=ROUND), timeout=CALL_TIMEOUT_S)
     got = wire.decode(call, wire.specs_of(names, tensors), sender_id=SENDER, round_=ROUND)
@@ -397,14 +419,23 @@ def row(name: str, samples: list[Sample], payload: int, baseline: float) -> list
     return [*cells, ratio(modelled, payload), ratio(sock, payload), ratio(lo, payload)]
 
 
-def table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [list(COLUMNS), *rows]) for i in range(len(COLUMNS))]
+def table(rows: list[list[str]], columns: tuple[str, ...] = COLUMNS) -> str:
+    widths = [max(len(r[i]) for r in [list(columns), *rows]) for i in range(len(columns))]
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                  for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
     rule = "|" + "|".join("-" * (w + 1) + ":" if i else "-" * (w + 2)
                           for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(list(COLUMNS)), rule, *map(line, rows)])
+    return "\n".join([line(list(columns)), rule, *map(line, rows)])
+
+
+def header_lines(script: str) -> list[str]:
+    """What a report starts with: the machine, its load, the versions, the command."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return [f"# {platform.platform()}, {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores (load average {load}), Python {platform.python_version()}",
+            f"# torch {torch.__version__}, grpcio {grpc.__version__}, numpy {np.__version__}",
+            f"# command: python {shlex.join([script, *sys.argv[1:]])}"]
 
 
 def main() -> int:
@@ -427,10 +458,7 @@ def main() -> int:
     names, tensors = make_model(args.bytes)
     specs = wire.specs_of(names, tensors)
     payload = sum(s.nbytes for s in specs)
-    print(f"# {platform.platform()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, Python {platform.python_version()}")
-    print(f"# torch {torch.__version__}, grpcio {grpc.__version__}, numpy {np.__version__}")
-    print(f"# command: python {shlex.join(['bench/transfer.py', *sys.argv[1:]])}")
+    print("\n".join(header_lines("bench/transfer.py")))
     print(f"# payload {payload} bytes in {len(specs)} float32 tensors "
           f"(largest {max(s.nbytes for s in specs)} bytes), chunk {args.chunk_bytes} bytes, "
           f"median of {args.repeats} after 1 warm-up"
