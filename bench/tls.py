@@ -3,7 +3,7 @@
     python bench/tls.py                                  # 100 MB GetModel; mlp and vgg11 runs
     python bench/tls.py --bytes 20000000 --repeats 3 --big-model none --runs 1
 
-Three modes, the ones a deployment chooses between (crossgrad/security.py), every one through the
+Three modes, the ones a deployment chooses between (docs/security.md), every one through the
 real server and channel factories (crossgrad.rpc.make_server / make_channel) with the
 Security a `crossgrad peer` builds from its flags (crossgrad.cluster.tls_flags read by the CLI's
 own parser):
@@ -55,7 +55,6 @@ import argparse
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -297,12 +296,8 @@ def getmodel(args: argparse.Namespace, certs: Made) -> tuple[str, dict[str, Hand
           f"handshakes: median of {args.handshakes}", flush=True)
     child = [sys.executable, str(Path(__file__).resolve()), "--serve", "--bytes",
              str(args.bytes), "--chunk-bytes", str(args.chunk_bytes), "--certs", str(certs.out)]
-    server = subprocess.Popen(child, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    server, line = transfer.start_server(child)
     try:
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        if not line:
-            raise SystemExit("the server process exited before listening (its error is above)")
         ports = dict(zip((m.name for m in MODES), map(int, line.split()), strict=True))
         max_message = max(DEFAULT_MAX_MESSAGE_BYTES, args.chunk_bytes + 4096)
         methods: dict[str, tuple[Callable[[], int | None], int]] = {}

@@ -438,6 +438,18 @@ def header_lines(script: str) -> list[str]:
             f"# command: python {shlex.join([script, *sys.argv[1:]])}"]
 
 
+def start_server(child: list[str]) -> tuple[subprocess.Popen[str], str]:
+    """Start a bench's --serve child; it and the line it prints once listening (its ports).
+    The child serves until its stdin closes."""
+    server = subprocess.Popen(child, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    line = server.stdout.readline()
+    if not line:
+        server.wait(timeout=30)
+        raise SystemExit("the server process exited before listening (its error is above)")
+    return server, line
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bytes", type=int, default=100_000_000,
@@ -468,12 +480,8 @@ def main() -> int:
              "--chunk-bytes", str(args.chunk_bytes)]
     for name, value in args.grpc_arg:
         child += ["--grpc-arg", f"{name}={value}"]
-    server = subprocess.Popen(child, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    server, line = start_server(child)
     try:
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        if not line:
-            raise SystemExit("the server process exited before listening (its error is above)")
         ports = json.loads(line)
         max_message = max(rpc.DEFAULT_MAX_MESSAGE_BYTES, args.chunk_bytes + 4096)
         ceiling = ceiling_transfer(ports["unary"], max_message)  # before --grpc-arg applies
