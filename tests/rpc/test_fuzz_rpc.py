@@ -68,8 +68,11 @@ class Target:
         """Nodes 0-2 as ListPeers shows them, less what moves by itself (last seen) or may move
         by node 3's own right (the unreachable reports its heartbeats make)."""
         listed = self.admin.ListPeers(bootstrap_pb2.ListPeersRequest(), timeout=10)
-        return {p.node_id: (p.address, p.num_samples, p.state, p.round, repr(p.loss), p.returns,
-                            p.resumes) for p in listed.peers if p.node_id != NODES - 1}
+        for i in range(NODES):  # and each still gets its assignment (bootstrap/registry.py)
+            assert self.admin.GetAssignment(bootstrap_pb2.GetAssignmentRequest(node_id=i),
+                                            timeout=10).node_id == i
+        return {p.node_id: (p.address, p.num_samples, p.state, p.round, repr(p.loss),
+                            p.returns, p.resumes) for p in listed.peers if p.node_id != NODES - 1}
 
 
 def start(peers: Cluster, boot: Cluster) -> Target:
