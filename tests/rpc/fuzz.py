@@ -21,14 +21,19 @@ in hypothesis' own @given, with @seed(seed), max_examples=count, only the genera
 example database, and calls it: hypothesis' engine then draws `count` probes from the
 malformed.probes strategy, as in any property test, and the same seed draws the same probes
 (with the same hypothesis version). Strategy.example() is meant for the interactive prompt (it
-warns elsewhere, and draws from a fixed small pool), and a random.Random would bypass the
-strategies' edge-seeking, so neither is used. Nothing is shrunk: a failure is reported with its
+warns elsewhere and takes no seed), and a random.Random would bypass the strategies' edge-seeking,
+so neither is used. Nothing is shrunk: a failure is reported with its
 bytes (Probe), and the driver goes on, so one run counts every failure. The @given body only
 hands its probe to WORKERS sender threads, so the probes that wait out their deadline overlap.
 
 Before it starts, the driver asks the node and the bootstrap who they are (GetStatus,
 ListPeers): its id, neighbors, round and the run's size and length are the values most worth
-sending (malformed.Known).
+sending (malformed.Known). What it cannot see from outside (the node's model bit-identical, the
+bootstrap's real peers as they were) the test checks; the program checks that both servers still
+report SERVING.
+
+Why here and not in bench/: it is a checker, not a measurement against a baseline, it needs
+hypothesis (a test dependency), and its test uses the RPC harness beside it.
 """
 
 from __future__ import annotations
