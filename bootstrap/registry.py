@@ -68,6 +68,11 @@ log = logging.getLogger(__name__)
 LOCAL_FIELDS = ("data_dir", "device")  # each process's own business, not part of the run
 MAX_UINT = 2**63 - 1  # SQLite integers are signed 64-bit; the proto's uint64 may exceed them
 MAX_NOTE = 256  # characters of a health note or leave reason kept
+# Characters of a peer's host:port: a DNS name has at most 253. A longer address is refused, not
+# cut: it is every neighbor's way to the peer, and it travels in every Assignment and ListPeers
+# answer, where one of ~8 MiB (a Join fits it under the message limit) would push each answer
+# over the limit and leave the peer's neighbors and every `crossgrad status` without one.
+MAX_ADDRESS = 253 + len(":65535")
 FINISHED = "done"  # the Leave reason of a peer that ran every round
 RESTART_GRACE_LEASES = 2  # leases a peer has to come back after the bootstrap restarted
 
@@ -231,6 +236,10 @@ class Registry:
         if not address:
             raise InvalidMessage(f"Join needs the host:port at which neighbors reach node "
                                  f"{node_id}; got an empty address")
+        if len(address) > MAX_ADDRESS:
+            raise InvalidMessage(f"Join: the address of node {node_id} is {len(address)} "
+                                 f"characters long ({address[:40]!r}...); a host:port has at "
+                                 f"most {MAX_ADDRESS}")
         if not 0 <= num_samples <= MAX_UINT:
             raise InvalidMessage(f"num_samples must be in 0..{MAX_UINT}; got {num_samples}")
         if not 0 <= checkpoint_round <= MAX_UINT:

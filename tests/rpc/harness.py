@@ -332,9 +332,10 @@ class Cluster:
         if runtime.hood is not None:
             runtime.hood.close()
 
-    def peers(self, nodes: Mapping[int, Node]) -> dict[int, PeerRuntime]:
-        """A runtime per node, each attached to its assignment's neighbors among them."""
-        runtimes = {i: self.runtime(i) for i in nodes}
+    def peers(self, nodes: Mapping[int, Node], **options: Any) -> dict[int, PeerRuntime]:
+        """A runtime per node (PeerOptions `options`), each attached to its assignment's
+        neighbors among them."""
+        runtimes = {i: self.runtime(i, **options) for i in nodes}
         for i, runtime in runtimes.items():
             runtime.attach(nodes[i], {j: runtimes[j].address
                                       for j in nodes[i].assignment.neighbors}, epoch=1)

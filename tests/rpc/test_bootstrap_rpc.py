@@ -27,7 +27,7 @@ from bootstrap.registry import LOCAL_FIELDS
 from bootstrap.server import BootstrapServer
 from crossgrad.config import RunConfig
 from crossgrad.errors import ConfigError, InvalidMessage
-from crossgrad.rpc import RunningServer
+from crossgrad.rpc import DEFAULT_MAX_MESSAGE_BYTES, RunningServer
 from crossgrad.status import format_peers
 from crossgrad.v1 import bootstrap_pb2 as pb
 from crossgrad.v1 import bootstrap_pb2_grpc
@@ -267,6 +267,24 @@ def test_bad_requests_get_their_exact_status(stub: bootstrap_pb2_grpc.BootstrapS
     for call, code, fragment in cases:
         err = rpc_error(call)
         assert (err.code(), fragment in err.details()) == (code, True), err.details()
+
+
+def test_an_address_as_long_as_a_message_is_refused(stub: bootstrap_pb2_grpc.BootstrapStub
+                                                     ) -> None:
+    """Found while fuzzing (test_fuzz_rpc.py): a Join whose address was just under the message
+    limit was kept, and from then on every ListPeers, and the GetAssignment of each of the
+    peer's neighbors, was over the limit (RESOURCE_EXHAUSTED): one peer could leave its
+    neighbors without an assignment and everyone without `crossgrad status`."""
+    join(stub, 0)
+    join(stub, 1)
+    err = rpc_error(lambda: join(stub, 2, "x" * (DEFAULT_MAX_MESSAGE_BYTES - 64)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert "8388544 characters long ('xxx" in err.details(), err.details()
+    assert join(stub, 2, "h" * 253 + ":65535").ready  # the longest host:port there is
+    listing = stub.ListPeers(pb.ListPeersRequest(), timeout=TIMEOUT)
+    assert [p.address for p in listing.peers][2] == "h" * 253 + ":65535"
+    for i in range(3):
+        assert stub.GetAssignment(pb.GetAssignmentRequest(node_id=i), timeout=TIMEOUT).neighbors
 
 
 # ---- restart ----

@@ -116,6 +116,7 @@ def test_a_live_id_at_another_address_is_refused_with_the_holder_named() -> None
     (3, "a:1", 1, r"got 3"),
     (0, "", 1, "empty address"),
     (0, "   ", 1, "empty address"),
+    (0, "h" * 254 + ":65535", 1, r"260 characters long \('hhh"),
     (0, "a:1", -5, "num_samples"),
     (0, "a:1", 2**64, "num_samples"),
 ])
