@@ -31,7 +31,7 @@ import torch
 
 from bootstrap.registry import AssignmentView
 from crossgrad.config import RunConfig
-from crossgrad.errors import ConfigError, DataError, ProtocolError
+from crossgrad.errors import ConfigError, DataError, Unavailable
 from crossgrad.guard import CallerLimits
 from crossgrad.rpc import (
     DEFAULT_CHUNK_BYTES,
@@ -227,7 +227,7 @@ class PeerRuntime:
 
     def fetch_model(self, peer: int, round_: int, timeout: float) -> Params:
         if self.hood is None:
-            raise ProtocolError("not ready")
+            raise Unavailable(f"node {self.node_id} is starting: it has no neighbors yet")
         return self.hood.fetch_model(peer, round_, timeout)
 
     def status(self) -> peer_pb2.PeerStatus:
