@@ -63,9 +63,11 @@ class CallerLimits:
 
 
 class Refusals:
-    """Counts of refused calls by status code name, thread-safe."""
+    """Counts of refused calls by status code name, thread-safe; `server` names the server in
+    the log lines (its address, once bound)."""
 
-    def __init__(self) -> None:
+    def __init__(self, server: str = "a server") -> None:
+        self.server = server
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -127,7 +129,7 @@ class GuardInterceptor(grpc.ServerInterceptor):
                                                      **serializers)
 
 
-def accounting(refusals: Refusals, server: str) -> GuardInterceptor:
+def accounting(refusals: Refusals) -> GuardInterceptor:
     """Count and log every refused call, whoever refused it."""
 
     @contextlib.contextmanager
@@ -138,8 +140,11 @@ def accounting(refusals: Refusals, server: str) -> GuardInterceptor:
             code = context.code()
             if code in REFUSED:
                 refusals.add(code)
-                log.warning("%s refused %s from %s: %s: %s", server, method, caller_of(context),
-                            code.name, context.details() or "")
+                details = context.details() or b""
+                if isinstance(details, bytes):  # grpc keeps them encoded
+                    details = details.decode("utf-8", "replace")
+                log.warning("%s refused %s from %s: %s: %s", refusals.server, method,
+                            caller_of(context), code.name, details)
             raise
 
     return GuardInterceptor(guard)

@@ -356,8 +356,8 @@ def make_server(bind: str, services: Sequence[Service], *,
                               f"module") from None
 
     security = security or Security.plaintext()
-    refusals = guard.Refusals()
-    gate = [guard.accounting(refusals, f"server at {bind}"),
+    refusals = guard.Refusals(f"server at {bind}")
+    gate = [guard.accounting(refusals),
             guard.caller_limits(limits or guard.CallerLimits())]
     if not security.insecure:
         gate.append(guard.authentication(security))
@@ -388,6 +388,7 @@ def make_server(bind: str, services: Sequence[Service], *,
                           f"port, or port 0 for any free one")
     server.start()
     local_host = "127.0.0.1" if host in _UNSPECIFIED_HOSTS else host
+    refusals.server = f"server at {host}:{port}"
     running = RunningServer(server, executor, port, f"{local_host}:{port}", health_servicer, names,
                             security, refusals)
     log.info("listening on %s (%s), services %s; %s", bind, running.address,

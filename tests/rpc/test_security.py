@@ -115,7 +115,11 @@ def test_a_node_claiming_another_id_is_refused(ring: Ring,
         assert_refused(lambda: cross_gradient(ring.stub("node-2"), requester=1), DENIED,
                        "names node 2")
     lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
-    assert len(lines) == 2 and all("from node 2" in line for line in lines), lines
+    assert len(lines) == 2, lines
+    for line in lines:  # the server, the method, the caller, the code and the reason
+        assert line.startswith(f"server at {ring.node0.address} refused /crossgrad.v1.Peer/")
+        assert "from node 2 at ipv4:127.0.0.1:" in line and "PERMISSION_DENIED" in line
+        assert "disagrees" in line and "b'" not in line
     assert ring.refusals() == {"PERMISSION_DENIED": 2}
     ring.cluster.assert_still_serves(ring.node0, round_=0, params=before)
 
