@@ -31,6 +31,7 @@ from crossgrad.errors import (
     ConfigError,
     DeadlineExceeded,
     InvalidMessage,
+    NotANeighbor,
     ProtocolError,
     StaleRound,
     Unavailable,
@@ -95,7 +96,8 @@ class GrpcNeighborhood:
                  traffic: Traffic | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
-                 security: Security | None = None) -> None:
+                 security: Security | None = None,
+                 on_not_a_neighbor: Callable[[], None] = lambda: None) -> None:
         if max_model_bytes < 1:
             raise ConfigError(f"--max-model-bytes must be positive; got {max_model_bytes}")
         self.node = node
@@ -105,6 +107,9 @@ class GrpcNeighborhood:
         self.max_message_bytes = max_message_bytes
         self.max_model_bytes = max_model_bytes  # one model or cross-gradient stream, in bytes
         self.security = security  # None: plaintext (in-process tests)
+        # Called when a neighbor answers that this node is not its neighbor: one of the two
+        # has an older assignment (PeerRuntime asks the bootstrap at once).
+        self.on_not_a_neighbor = on_not_a_neighbor
         self._lock = threading.Lock()
         self._addresses: dict[int, str] = {}
         # By (neighbor, address): with TLS a channel verifies that neighbor's certificate.
@@ -194,6 +199,8 @@ class GrpcNeighborhood:
                     self._suspects.add(peer)
                 elif isinstance(exc, StaleRound):
                     self._ahead.add(round_)
+            if isinstance(exc, NotANeighbor):
+                self.on_not_a_neighbor()
             raise exc from None
         except ProtocolError as exc:
             call.cancel()  # type: ignore[attr-defined]  # a grpc stream is cancellable

@@ -225,6 +225,12 @@ class PeerRuntime:
         with self._lock:
             self._rejected += 1
 
+    def assignment_may_be_stale(self) -> None:
+        """A neighbor refused this node as not its neighbor, or a node that is not one asked it
+        for a model: one of the two has not heard of the newest epoch. Ask the bootstrap now."""
+        if self.session is not None:
+            self.session.refresh_soon()
+
     def fetch_model(self, peer: int, round_: int, timeout: float) -> Params:
         if self.hood is None:
             raise Unavailable(f"node {self.node_id} is starting: it has no neighbors yet")
@@ -396,7 +402,8 @@ class PeerRuntime:
             self.bytes_per_round = MODELS_PER_ROUND * (model + FRAMING_ALLOWANCE)
         self.hood = GrpcNeighborhood(node, addresses, timeout=self.timeout, traffic=self.traffic,
                                      max_model_bytes=self.options.max_model_bytes,
-                                     security=self.options.security)
+                                     security=self.options.security,
+                                     on_not_a_neighbor=self.assignment_may_be_stale)
         self.node = node
         self._ready.set()
         if self.server is not None:

@@ -114,6 +114,7 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
             raise Unavailable(f"node {self.runtime.node_id} is starting: it has no assignment yet")
         if not node.is_neighbor(requester):
             self.runtime.count_rejected()
+            self.runtime.assignment_may_be_stale()
             raise NotANeighbor(f"node {requester} is not a neighbor of node {node.id} "
                                f"(neighbors: {list(node.assignment.neighbors)})")
         last = self.runtime.last_round()

@@ -22,8 +22,10 @@ Everything the bootstrap sends is validated (bootstrap/convert.py) before it rea
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -87,6 +89,7 @@ class BootstrapSession:
         self.failures = 0  # heartbeats failed in a row
         self._join_request: bootstrap_pb2.JoinRequest | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # refresh_soon(): heartbeat before the next beat
         self._watch: grpc.Future | None = None
         self._thread: threading.Thread | None = None
         self._delay = backoff_delays()
@@ -146,10 +149,29 @@ class BootstrapSession:
                                         name=f"bootstrap-session-{self.node_id}", daemon=True)
         self._thread.start()
 
+    def refresh_soon(self) -> None:
+        """Heartbeat now instead of at the next beat (at most every HEARTBEAT_MIN_S): this
+        node's assignment may be stale. A neighbor refused it as not a neighbor, or a node it
+        does not know as a neighbor asked it for a model: one of the two has not heard of the
+        newest epoch yet, and a quarter lease of rounds with a neighbor missing would follow."""
+        if not self.failures:  # a failing bootstrap is retried on its own backoff
+            self._wake.set()
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait `seconds`, or less when refresh_soon() is called; True once stopped."""
+        self._wake.wait(seconds)
+        self._wake.clear()
+        return self._stop.is_set()
+
     def _beat(self, progress: Callable[[], Progress],
               on_assignment: Callable[[AssignmentView], None]) -> None:
         wait = 0.0
-        while not self._stop.wait(wait):
+        last = -math.inf
+        while not self._pause(wait):
+            early = HEARTBEAT_MIN_S - (time.monotonic() - last)
+            if early > 0 and self._stop.wait(early):  # woken early: no faster than MIN
+                return
+            last = time.monotonic()
             try:
                 self.heartbeat(progress(), on_assignment)
             except ProtocolError as exc:
@@ -221,6 +243,7 @@ class BootstrapSession:
     def stop(self) -> None:
         """End the heartbeat thread and any wait (join, first assignment)."""
         self._stop.set()
+        self._wake.set()
         watch = self._watch
         if watch is not None:
             watch.cancel()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import peer.session
 from bootstrap.registry import AssignmentView
 from crossgrad.cluster import free_port
 from crossgrad.config import RunConfig
@@ -86,6 +87,41 @@ def test_heartbeats_hand_over_each_new_epoch(bootstrap: RunningServer) -> None:
         assert changed.wait(timeout=30)
         view = seen[0][-1]
         assert view.epoch > first[0].epoch and view.self_weight == pytest.approx(0.5)
+    finally:
+        for session in sessions:
+            session.close()
+
+
+def test_refresh_soon_asks_for_a_new_epoch_before_the_next_beat(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A neighbor refused this node as not its neighbor: it asks the bootstrap at once, not a
+    quarter lease later (here 15 s), so the two do not spend rounds on different epochs."""
+    monkeypatch.setattr(peer.session, "HEARTBEAT_MAX_S", 60.0)
+    boot = cluster.bootstrap(SETTINGS, lease_seconds=60.0)
+    sessions = [BootstrapSession(boot.address, i, join_timeout=30.0) for i in range(3)]
+    views: list[AssignmentView] = []
+    changed = threading.Event()
+    known = [1]  # the run's first epoch: only a newer one counts
+
+    def on_assignment(view: AssignmentView) -> None:
+        views.append(view)
+        if view.epoch > known[0]:
+            changed.set()
+
+    try:
+        for i, session in enumerate(sessions):
+            session.join(f"127.0.0.1:{60000 + i}", 10)
+            session.start(lambda: Progress(round=0, loss=0.0, health="ok"),
+                          on_assignment if i == 0 else (lambda view: None))
+        first = sessions[0].wait_assignment()
+        known[0] = first.epoch
+        sessions[2].stop()
+        sessions[2].leave("draining")  # a new epoch; node 0's next beat is 15 s away
+        assert not changed.wait(timeout=0.5)
+        sessions[0].refresh_soon()
+        assert changed.wait(timeout=10), "no heartbeat before the regular one"
+        assert views[-1].epoch > first.epoch
+        assert [n.node_id for n in views[-1].neighbors] == [1]
     finally:
         for session in sessions:
             session.close()
