@@ -42,6 +42,10 @@ if TYPE_CHECKING:
     from peer.service import PeerRuntime
 
 
+# Rounds for which a call waits for this node to attach its node (the run's start).
+FIRST_ROUNDS = 1
+
+
 class PeerServicer(peer_pb2_grpc.PeerServicer):
     def __init__(self, runtime: PeerRuntime) -> None:
         self.runtime = runtime
@@ -109,9 +113,14 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         the run in step, and a straggler still costs its neighbors at most their deadline.
         """
         started = time.monotonic()
-        node = self.runtime.wait_ready(wait)
+        # At a run's start every node waits for its partners to attach: a call for the first
+        # rounds waits for this node too. Asked for a later round, a node that is not ready is
+        # restarting mid-run (resumed, rejoined): it answers at once, and its neighbors go on
+        # without it until it has caught up, instead of each waiting out a deadline.
+        node = self.runtime.wait_ready(wait if round_ <= FIRST_ROUNDS else 0.0)
         if node is None:
-            raise Unavailable(f"node {self.runtime.node_id} is starting: it has no assignment yet")
+            raise Unavailable(f"node {self.runtime.node_id} is starting: it has no assignment "
+                              "yet")
         if not node.is_neighbor(requester):
             self.runtime.count_rejected()
             self.runtime.assignment_may_be_stale()

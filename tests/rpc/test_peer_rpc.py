@@ -263,6 +263,19 @@ def test_a_starting_node_is_unavailable(cluster: Cluster) -> None:
     assert status.node_id == 4 and status.state == "STARTING"
 
 
+def test_a_node_restarting_mid_run_answers_at_once(cluster: Cluster) -> None:
+    """Asked for a later round (the run is under way: this node is resuming), a node that is
+    not ready does not make its neighbor wait out the call's deadline for it."""
+    runtime = cluster.runtime(4, timeout=30.0)
+    stub = cluster.peer_stub(runtime.address)
+    for method in METHODS:
+        started = time.monotonic()
+        err = rpc_error(functools.partial(ask, stub, method, 1, 40, timeout=30))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+        assert "is starting" in (err.details() or "")
+        assert time.monotonic() - started < 15.0  # not the 30 s deadline
+
+
 def test_the_node_survives_every_bad_request_with_its_model_unchanged(
         served: Served, channel: Open) -> None:
     stub, before = served.stub, rejected(served.stub)
