@@ -14,24 +14,17 @@ settings from its environment, as the process would.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import shutil
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from cryptography import x509
 
 from crossgrad.certs import make_run_certificates
-from crossgrad.cli import build_parser
-from crossgrad.config import RunConfig
-from crossgrad.errors import ConfigError
 from crossgrad.security import Role, SecurityFlags, load_security
-from peer.builder import load_config
 
+from deployfiles import check_run_settings, identities, parse_command, split_address
 from procs import REPO, ProcessGroup
 
 COMPOSE = REPO / "docker-compose.yml"
@@ -45,23 +38,7 @@ def services(path: Path = COMPOSE) -> dict[str, dict[str, Any]]:
 
 
 def parse(name: str, service: dict[str, Any]) -> argparse.Namespace:
-    command = service.get("command")
-    assert isinstance(command, list), f"{name}: command must be a YAML list of its flags"
-    assert all(isinstance(arg, str) for arg in command), (
-        f"{name}: quote every value, so that the command is a list of strings: {command}")
-    said = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(said):
-            return build_parser().parse_args(command)
-    except SystemExit as exc:
-        pytest.fail(f"{name}: the CLI refuses its command (exit {exc.code}): "
-                    f"{said.getvalue().strip()}; command {command}")
-
-
-def split(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    assert host and port.isdigit(), f"{address!r} is not HOST:PORT"
-    return host, int(port)
+    return parse_command(name, service.get("command"))
 
 
 @pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, TLS_OVERLAY]],
@@ -108,10 +85,7 @@ def test_the_overlay_gives_each_process_the_certificate_that_names_it(tmp_path: 
                   for k, v in service["environment"].items()}}
         security = load_security(SecurityFlags(), Role.SERVER, command=name, environ=env)
         assert security.mutual, name
-        cert = x509.load_pem_x509_certificate(security.cert or b"")
-        uris = cert.extensions.get_extension_for_class(
-            x509.SubjectAlternativeName).value.get_values_for_type(
-            x509.UniformResourceIdentifier)
+        uris = identities(security.cert or b"")
         want = ("crossgrad://bootstrap" if name == "bootstrap"
                 else f"crossgrad://node/{peers[name].node_id}")
         assert uris == [want], f"{name} would present {uris}"
@@ -124,7 +98,7 @@ def test_every_command_parses_and_the_addresses_fit_the_services() -> None:
     assert list(boots) == ["bootstrap"], f"one bootstrap service, got {sorted(boots)}"
     assert set(parsed) == {*boots, *peers}, "every service is the bootstrap or a peer"
     boot = boots["bootstrap"]
-    _, boot_port = split(boot.bind)
+    _, boot_port = split_address(boot.bind)
 
     ids = sorted(args.node_id for args in peers.values())
     assert ids == list(range(len(peers))), f"peer ids must be 0..N-1 once each, got {ids}"
@@ -132,28 +106,24 @@ def test_every_command_parses_and_the_addresses_fit_the_services() -> None:
         f"the bootstrap expects {boot.nodes} peers; the file has {len(peers)}")
 
     for name, args in peers.items():
-        assert split(args.bootstrap) == ("bootstrap", boot_port), (
+        assert split_address(args.bootstrap) == ("bootstrap", boot_port), (
             f"{name}: --bootstrap {args.bootstrap} is not the bootstrap service's address")
-        host, port = split(args.advertise)
+        host, port = split_address(args.advertise)
         assert host == name, f"{name}: --advertise {args.advertise} names another host"
-        assert port == split(args.bind)[1], f"{name}: --advertise port is not the bound port"
+        assert port == split_address(args.bind)[1], (
+            f"{name}: --advertise port is not the bound port")
         assert str(args.out).endswith(name), f"{name}: --out {args.out} is another peer's"
 
 
 def test_the_bootstrap_settings_are_a_valid_run() -> None:
     """Parsing is not enough: the run's settings must pass the same validation the CLI runs."""
-    args = parse("bootstrap", services()["bootstrap"])
-    overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig)}
-    try:
-        load_config(overrides, args.config, environ={})
-    except ConfigError as exc:
-        pytest.fail(f"bootstrap: the run's settings are refused: {exc}")
+    check_run_settings("bootstrap", parse("bootstrap", services()["bootstrap"]))
 
 
 def test_every_service_has_a_healthcheck_through_the_probe() -> None:
     for name, service in services().items():
         args = parse(name, service)
-        port = split(args.bind)[1]
+        port = split_address(args.bind)[1]
         test = service.get("healthcheck", {}).get("test")
         assert test == ["CMD", "python", "-m", "crossgrad.healthcheck", f"127.0.0.1:{port}"], (
             f"{name}: healthcheck {test}")
