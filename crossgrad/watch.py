@@ -74,9 +74,8 @@ class RunWatcher:
     def _peer_channel(self, node: int, address: str) -> grpc.Channel:
         channel = self._peers.get((node, address))
         if channel is None:
-            name = node_server_name(node) if self.security is not None else None
             channel = self._peers[(node, address)] = make_channel(
-                address, security=self.security, server_name=name)
+                address, security=self.security, server_name=node_server_name(node))
         return channel
 
     def poll(self) -> Snapshot:

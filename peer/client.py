@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import grpc
@@ -278,7 +279,7 @@ class GrpcNeighborhood:
             self._waiting = set(neighbors)
         jobs = {j: self._pool.submit(fetch, j, round_) for j in neighbors}
         for j, job in jobs.items():
-            job.add_done_callback(lambda _, j=j: self._answered(j))
+            job.add_done_callback(partial(self._answered, j))
         out: dict[int, Params] = {}
         for j, job in jobs.items():
             try:
@@ -296,7 +297,7 @@ class GrpcNeighborhood:
                 log.warning("node %d round %d: %s", self.node.id, round_, exc)
         return out
 
-    def _answered(self, peer: int) -> None:
+    def _answered(self, peer: int, job: futures.Future[Params]) -> None:
         with self._lock:
             self._waiting.discard(peer)
 
