@@ -32,7 +32,7 @@ import torch
 from crossgrad.certs import make_run_certificates
 from crossgrad.cluster import client_security, command, read_bootstrap_address, run_flags, tls_flags
 from crossgrad.config import RunConfig
-from crossgrad.display import RunDisplay
+from crossgrad.display import PeerRow, RunDisplay, Snapshot, state_label
 from crossgrad.errors import ProtocolError
 from crossgrad.security import BOOTSTRAP_SERVER_NAME
 from crossgrad.status import byte_cells, byte_columns, kind_columns
@@ -180,6 +180,23 @@ def _watch(watcher: RunWatcher, display: RunDisplay) -> None:
         display.update(watcher.poll())
 
 
+def finished(config: RunConfig, out: Path, seen: Mapping[int, PeerRow]) -> Snapshot:
+    """The last frame: each peer's own summary.json where it wrote one (its final round,
+    accuracy and bytes, exact), what was last seen of the others. Polling may have missed the
+    last rounds of a fast run, and a peer that finished and left no longer answers."""
+    rows = dict(seen)
+    for i in range(config.nodes):
+        path = out / f"node-{i}" / "summary.json"
+        if path.exists():
+            s = json.loads(path.read_text())
+            rows[i] = PeerRow(node=i, round=s["round"], loss=s["loss"], accuracy=s["accuracy"],
+                              evaluated=s["round"], sent=s["bytes_sent"],
+                              received=s["bytes_received"],
+                              state=state_label(s["state"], resumed=s.get("resumes", 0) > 0))
+    return Snapshot(rows=tuple(rows[i] for i in sorted(rows)), rounds=config.rounds,
+                    nodes=config.nodes)
+
+
 def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0,
              insecure: bool = False, quiet: bool = False) -> int:
     """The demo; mutual TLS with a throw-away CA in OUT/certs unless `insecure`."""
@@ -232,10 +249,11 @@ def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0,
                         _watch(watcher, display)
                         last = time.perf_counter()
                     time.sleep(0.2)
-                _watch(watcher, display)  # the last frame: every peer done
+                with contextlib.suppress(ProtocolError):
+                    watcher.poll()  # what the bootstrap says last (expired, returned)
+                display.update(finished(config, out, watcher.rows))
             finally:
                 watcher.close()
-        # what only the bootstrap knows (expired, returned), for the table's marks
         listed = ({p.node_id: p for p in watcher.last.peers}
                   if isinstance(watcher.last, bootstrap_pb2.ListPeersResponse) else {})
         failed = [i for i, p in enumerate(peers) if p.returncode != 0]

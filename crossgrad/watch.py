@@ -63,7 +63,7 @@ class RunWatcher:
         self.timeout = timeout
         self._channel = make_channel(address, security=security, server_name=server_name)
         self._peers: dict[tuple[int, str], grpc.Channel] = {}  # by (node id, address)
-        self._rows: dict[int, PeerRow] = {}
+        self.rows: dict[int, PeerRow] = {}  # by node id, as last seen
         self.is_bootstrap: bool | None = None  # known after the first poll
         self.last: peer_pb2.PeerStatus | bootstrap_pb2.ListPeersResponse | None = None
 
@@ -107,8 +107,8 @@ class RunWatcher:
             except grpc.RpcError as err:
                 log.debug("node %d at %s does not answer GetStatus: %s", p.node_id, p.address,
                           err.code())
-        rows = rows_of_run(listed, statuses, self._rows)
-        self._rows = {row.node: row for row in rows}
+        rows = rows_of_run(listed, statuses, self.rows)
+        self.rows = {row.node: row for row in rows}
         return Snapshot(rows=tuple(rows), rounds=listed.settings.rounds, nodes=listed.expected)
 
     def close(self) -> None:
