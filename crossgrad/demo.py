@@ -223,9 +223,6 @@ def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0,
             procs.append(boot)
         address = read_bootstrap_address(boot, timeout=60.0)
         with display:
-            display.note(f"bootstrap on {address}; starting {config.nodes} peers "
-                         f"({config.algorithm}, {config.topology}, "
-                         f"{config.dataset}/{config.partition}); run directory {out}")
             for i in range(config.nodes):
                 log = open(out / f"node-{i}.log", "w")  # noqa: SIM115 (closed in finally)
                 logs.append(log)
@@ -237,6 +234,9 @@ def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0,
                 with signals.deferred():
                     procs.append(subprocess.Popen(command(*args), stdout=log,
                                                   stderr=subprocess.STDOUT, text=True, env=env))
+            display.note(f"bootstrap on {address}; started {config.nodes} peers "
+                         f"({config.algorithm}, {config.topology}, "
+                         f"{config.dataset}/{config.partition}); run directory {out}")
             watcher = RunWatcher(address, security=client_security(certs),
                                  server_name=BOOTSTRAP_SERVER_NAME)
             try:
