@@ -4,7 +4,7 @@
     crossgrad bootstrap [run flags] [--bind HOST:PORT --state FILE --lease-seconds S]
     crossgrad peer      --id I --bootstrap HOST:PORT [--bind HOST:PORT --advertise HOST:PORT ...]
     crossgrad demo      [run flags]   a bootstrap and N peers as processes on loopback
-    crossgrad status    ADDRESS       a peer's status, or the bootstrap's list of peers
+    crossgrad status    ADDRESS [--watch]   a peer's status, or the bootstrap's list of peers
     crossgrad certs     --nodes N --out DIR   a CA and the certificates of a run
 
 Serving and calling need TLS material (--tls-ca, --tls-cert, --tls-key) or an explicit --insecure
@@ -140,6 +140,7 @@ def build_parser() -> Parser:
                       help="run directory (default runs/<timestamp>-demo)")
     demo.add_argument("--timeout", type=float, default=60.0,
                       help="peers' deadline for neighbor calls, in seconds (default 60)")
+    demo.add_argument("--quiet", action="store_true", help="print only the final table")
     demo.add_argument("--insecure", action="store_true",
                       help="plaintext; by default the demo runs with mutual TLS, with a "
                       "throw-away CA in its run directory")
@@ -150,6 +151,11 @@ def build_parser() -> Parser:
     status.add_argument("--server-name", default=None,
                         help="the name to verify on the server's certificate (e.g. "
                         "node-3.crossgrad; default: the host of ADDRESS)")
+    status.add_argument("--watch", action="store_true",
+                        help="keep showing the peer, or every peer of the run, until the run "
+                        "ends or Ctrl-C (a live table in a terminal, log lines otherwise)")
+    status.add_argument("--interval", type=float, default=1.0,
+                        help="seconds between two looks with --watch (default 1)")
     add_security_flags(status, serves=False)
 
     certs = sub.add_parser("certs", help="make a CA and the certificates of a run")
@@ -178,8 +184,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from peer import simulate
 
     config = load_config(_overrides(args), args.config)
-    say = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
-    result = simulate.run(config, args.out, progress=say)
+    from crossgrad.display import RunDisplay
+
+    title = f"simulate: {config.algorithm}, {config.topology}, {config.dataset}/{config.partition}"
+    with RunDisplay(quiet=args.quiet, title=title) as display:
+        # bytes are counted for the live table only: counting encodes every message again
+        result = simulate.run(config, args.out, progress=display.note,
+                              watch=display.update if display.live else None,
+                              count_bytes=display.live)
     print(simulate.table(result), flush=True)
     return 0
 
@@ -240,13 +252,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from crossgrad.demo import run_demo
 
     config = load_config(_overrides(args), args.config)
-    return run_demo(config, args.out, timeout=args.timeout, insecure=args.insecure)
+    return run_demo(config, args.out, timeout=args.timeout, insecure=args.insecure,
+                    quiet=args.quiet)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from crossgrad.status import show_status
 
     security = security_from_args(args, Role.CLIENT, "status")
+    if args.watch:
+        from crossgrad.status import watch_status
+
+        print(watch_status(args.address, interval=args.interval, timeout=args.timeout,
+                           security=security, server_name=args.server_name), flush=True)
+        return 0
     print(show_status(args.address, timeout=args.timeout, security=security,
                       server_name=args.server_name))
     return 0

@@ -2,7 +2,9 @@
 
 Everything goes through the real CLI and real sockets: the bootstrap binds a free port and says
 which; every peer binds a free port, joins, trains and writes its results under the run
-directory. Progress comes from the bootstrap's ListPeers and each peer's GetStatus. At the end
+directory. Progress comes from the bootstrap's ListPeers and each peer's GetStatus
+(crossgrad/watch.py), drawn live in a terminal and as log lines otherwise (crossgrad/display.py);
+--quiet keeps only the final table. At the end
 the demo prints the final table (per-node accuracy, mean, min, average-model accuracy,
 consensus distance, QP fallbacks, bytes on the wire in all and per message kind) and stops
 everything; Ctrl-C or SIGTERM stops everything too, even when the demo was started with SIGINT
@@ -11,8 +13,8 @@ ignored (as POSIX shells start `&` jobs).
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import os
 import signal
 import subprocess
@@ -25,16 +27,19 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, NoReturn
 
-import grpc
 import torch
 
 from crossgrad.certs import make_run_certificates
 from crossgrad.cluster import client_security, command, read_bootstrap_address, run_flags, tls_flags
 from crossgrad.config import RunConfig
-from crossgrad.rpc import make_channel
+from crossgrad.display import PeerRow, RunDisplay, Snapshot, state_label
+from crossgrad.errors import ProtocolError
 from crossgrad.security import BOOTSTRAP_SERVER_NAME
 from crossgrad.status import byte_cells, byte_columns, kind_columns
-from crossgrad.v1 import bootstrap_pb2, bootstrap_pb2_grpc
+from crossgrad.v1 import bootstrap_pb2
+from crossgrad.watch import RunWatcher
+
+POLL_SECONDS = 0.5  # between two looks at the run: a person's refresh rate
 
 
 class Terminated(Exception):
@@ -98,19 +103,6 @@ def _stop(procs: list[subprocess.Popen[str]], grace: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-
-
-def _progress(stub: bootstrap_pb2_grpc.BootstrapStub, rounds: int, started: float) -> str:
-    try:
-        reply = stub.ListPeers(bootstrap_pb2.ListPeersRequest(), timeout=2.0)
-    except grpc.RpcError:
-        return ""
-    peers = sorted(reply.peers, key=lambda p: p.node_id)
-    if not peers:
-        return f"[{time.perf_counter() - started:6.1f} s] waiting for peers to join"
-    cells = "  ".join(f"n{p.node_id} {p.round:>4}/{rounds}"
-                      + ("" if math.isnan(p.loss) else f" loss {p.loss:.3f}") for p in peers)
-    return f"[{time.perf_counter() - started:6.1f} s] {cells}"
 
 
 def node_marks(summary: Mapping[str, Any] | None,
@@ -182,8 +174,31 @@ def final_table(config: RunConfig, out: Path,
     return "\n".join(lines)
 
 
+def _watch(watcher: RunWatcher, display: RunDisplay) -> None:
+    # the bootstrap busy or gone: the next look, or the final table, tells
+    with contextlib.suppress(ProtocolError):
+        display.update(watcher.poll())
+
+
+def finished(config: RunConfig, out: Path, seen: Mapping[int, PeerRow]) -> Snapshot:
+    """The last frame: each peer's own summary.json where it wrote one (its final round,
+    accuracy and bytes, exact), what was last seen of the others. Polling may have missed the
+    last rounds of a fast run, and a peer that finished and left no longer answers."""
+    rows = dict(seen)
+    for i in range(config.nodes):
+        path = out / f"node-{i}" / "summary.json"
+        if path.exists():
+            s = json.loads(path.read_text())
+            rows[i] = PeerRow(node=i, round=s["round"], loss=s["loss"], accuracy=s["accuracy"],
+                              evaluated=s["round"], sent=s["bytes_sent"],
+                              received=s["bytes_received"],
+                              state=state_label(s["state"], resumed=s.get("resumes", 0) > 0))
+    return Snapshot(rows=tuple(rows[i] for i in sorted(rows)), rounds=config.rounds,
+                    nodes=config.nodes)
+
+
 def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0,
-             insecure: bool = False) -> int:
+             insecure: bool = False, quiet: bool = False) -> int:
     """The demo; mutual TLS with a throw-away CA in OUT/certs unless `insecure`."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = out or Path("runs") / f"{stamp}-demo"
@@ -194,6 +209,8 @@ def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0,
     logs: list[IO[str]] = []
     started = time.perf_counter()
     signals = _StopSignals()
+    display = RunDisplay(quiet=quiet, title=f"demo: {config.nodes} peers, {config.algorithm}, "
+                         f"{config.topology}, {config.dataset}/{config.partition}")
     try:
         boot_log = open(out / "bootstrap.log", "w")  # noqa: SIM115 (closed in finally)
         logs.append(boot_log)
@@ -205,40 +222,40 @@ def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0,
                 stdout=subprocess.PIPE, stderr=boot_log, text=True, env=env)
             procs.append(boot)
         address = read_bootstrap_address(boot, timeout=60.0)
-        print(f"bootstrap on {address}; starting {config.nodes} peers "
-              f"({config.algorithm}, {config.topology}, {config.dataset}/{config.partition})",
-              flush=True)
-        for i in range(config.nodes):
-            log = open(out / f"node-{i}.log", "w")  # noqa: SIM115 (closed in finally)
-            logs.append(log)
-            args = ["--log-level", "INFO", "peer", "--id", str(i), "--bootstrap", address,
-                    "--bind", "127.0.0.1:0", "--out", str(out / f"node-{i}"), "--device",
-                    config.device, "--timeout", str(timeout), *tls_flags(certs, f"node-{i}")]
-            if config.data_dir:
-                args += ["--data-dir", config.data_dir]
-            with signals.deferred():
-                procs.append(subprocess.Popen(command(*args), stdout=log,
-                                              stderr=subprocess.STDOUT, text=True, env=env))
-        channel = make_channel(address, security=client_security(certs),
-                               server_name=BOOTSTRAP_SERVER_NAME)
-        stub = bootstrap_pb2_grpc.BootstrapStub(channel)
-        peers = procs[1:]
-        last = 0.0
-        while any(p.poll() is None for p in peers):
-            if any(p.returncode not in (None, 0) for p in peers):
-                break
-            if time.perf_counter() - last >= 2.0:
-                line = _progress(stub, config.rounds, started)
-                if line:
-                    print(line, flush=True)
-                last = time.perf_counter()
-            time.sleep(0.2)
-        try:
-            listed = {p.node_id: p for p in stub.ListPeers(bootstrap_pb2.ListPeersRequest(),
-                                                           timeout=5.0).peers}
-        except grpc.RpcError:
-            listed = {}  # the table marks what the peers' own results say
-        channel.close()
+        with display:
+            for i in range(config.nodes):
+                log = open(out / f"node-{i}.log", "w")  # noqa: SIM115 (closed in finally)
+                logs.append(log)
+                args = ["--log-level", "INFO", "peer", "--id", str(i), "--bootstrap", address,
+                        "--bind", "127.0.0.1:0", "--out", str(out / f"node-{i}"), "--device",
+                        config.device, "--timeout", str(timeout), *tls_flags(certs, f"node-{i}")]
+                if config.data_dir:
+                    args += ["--data-dir", config.data_dir]
+                with signals.deferred():
+                    procs.append(subprocess.Popen(command(*args), stdout=log,
+                                                  stderr=subprocess.STDOUT, text=True, env=env))
+            display.note(f"bootstrap on {address}; started {config.nodes} peers "
+                         f"({config.algorithm}, {config.topology}, "
+                         f"{config.dataset}/{config.partition}); run directory {out}")
+            watcher = RunWatcher(address, security=client_security(certs),
+                                 server_name=BOOTSTRAP_SERVER_NAME)
+            try:
+                peers = procs[1:]
+                last = 0.0
+                while any(p.poll() is None for p in peers):
+                    if any(p.returncode not in (None, 0) for p in peers):
+                        break
+                    if time.perf_counter() - last >= POLL_SECONDS:
+                        _watch(watcher, display)
+                        last = time.perf_counter()
+                    time.sleep(0.2)
+                with contextlib.suppress(ProtocolError):
+                    watcher.poll()  # what the bootstrap says last (expired, returned)
+                display.update(finished(config, out, watcher.rows))
+            finally:
+                watcher.close()
+        listed = ({p.node_id: p for p in watcher.last.peers}
+                  if isinstance(watcher.last, bootstrap_pb2.ListPeersResponse) else {})
         failed = [i for i, p in enumerate(peers) if p.returncode != 0]
         if failed:
             _stop(procs)

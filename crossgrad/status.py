@@ -1,15 +1,18 @@
 """`crossgrad status ADDRESS`: a readable view of a peer or of the whole run (the bootstrap).
 
 It asks Peer.GetStatus first; a server that does not implement it is the bootstrap, which
-answers ListPeers.
+answers ListPeers. With --watch it keeps looking (crossgrad/watch.py) and draws each look with
+crossgrad/display.py until the run ends or Ctrl-C, then prints this view of the last look.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 
 import grpc
+from rich.console import Console
 
 from crossgrad.errors import Unavailable
 from crossgrad.rpc import from_rpc_error, make_channel
@@ -150,3 +153,31 @@ def show_status(address: str, timeout: float = 5.0, *, security: Security | None
         raise
     finally:
         channel.close()
+
+
+def watch_status(address: str, *, interval: float = 1.0, timeout: float = 5.0,
+                 security: Security | None = None, server_name: str | None = None,
+                 console: Console | None = None) -> str:
+    """Show a peer, or every peer of the run, until the run ends (every peer done) or Ctrl-C;
+    the text view of the last look. A watched address that stops answering is an error
+    (Unavailable); a peer of the run that does, reads "down"."""
+    from crossgrad.display import RunDisplay
+    from crossgrad.watch import RunWatcher
+
+    watcher = RunWatcher(address, security=security, server_name=server_name, timeout=timeout)
+    try:
+        with RunDisplay(console, title=f"crossgrad status {address}") as display:
+            while True:
+                snapshot = watcher.poll()
+                display.update(snapshot)
+                if snapshot.finished:
+                    break
+                time.sleep(interval)  # a person's refresh rate, not a synchronization
+    except KeyboardInterrupt:
+        pass  # Ctrl-C ends watching, not the run: show what was seen last
+    finally:
+        watcher.close()
+    last = watcher.last
+    if last is None:
+        return ""
+    return format_peer(last) if isinstance(last, peer_pb2.PeerStatus) else format_peers(last)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import grpc
@@ -120,6 +121,7 @@ class GrpcNeighborhood:
         # connections costs nothing, and one whose host is silent costs at most a deadline.
         self._suspects: set[int] = set()
         self._ahead: set[int] = set()  # rounds for which a neighbor answered "stale"
+        self._waiting: set[int] = set()  # neighbors whose answer _gather waits for
         # (round, monotonic deadline): the one deadline of the round being fetched
         self._round_deadline: tuple[int, float] = (-1, 0.0)
         self._pool = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="neighbors")
@@ -273,7 +275,11 @@ class GrpcNeighborhood:
     # ---- the Neighborhood interface ------------------------------------------------------
     def _gather(self, round_: int, neighbors: Sequence[int],
                 fetch: Callable[[int, int], Params]) -> dict[int, Params]:
+        with self._lock:
+            self._waiting = set(neighbors)
         jobs = {j: self._pool.submit(fetch, j, round_) for j in neighbors}
+        for j, job in jobs.items():
+            job.add_done_callback(partial(self._answered, j))
         out: dict[int, Params] = {}
         for j, job in jobs.items():
             try:
@@ -290,6 +296,15 @@ class GrpcNeighborhood:
                 self.misses.count(j, rejected)
                 log.warning("node %d round %d: %s", self.node.id, round_, exc)
         return out
+
+    def _answered(self, peer: int, job: futures.Future[Params]) -> None:
+        with self._lock:
+            self._waiting.discard(peer)
+
+    def waiting(self) -> list[int]:
+        """Neighbors whose answer the round under way still waits for (PeerStatus.waiting_on)."""
+        with self._lock:
+            return sorted(self._waiting)
 
     def models(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
         """x_j^round from each neighbor; starts the round's deadline (see cross_gradients)."""

@@ -87,6 +87,7 @@ class RoundLoop:
         self.state = PeerState.TRAINING
         self.last_loss = math.nan
         self.last_accuracy = math.nan
+        self.evaluated_round = 0  # the round of last_accuracy (PeerStatus.evaluated_round)
         self.catch_ups = CatchUps()
         self.stop_event = threading.Event()
         self._lock = threading.Lock()
@@ -215,7 +216,7 @@ class RoundLoop:
 
     def evaluate(self, record: RoundRecord | None = None) -> None:
         loss, acc = self.node.trainer.evaluate(self.node.params, self.test_x, self.test_y)
-        self.last_accuracy = acc
+        self.last_accuracy, self.evaluated_round = acc, self.node.round
         self.recorder.evaluation(self.node.round, loss=loss, accuracy=acc)
         log.info("node %d round %d/%d: loss %.4f, test accuracy %.4f", self.node.id,
                  self.node.round, self.settings.rounds,

@@ -254,12 +254,14 @@ class PeerRuntime:
             bytes_sent=sent, bytes_received=received, links=links, kinds=kind_bytes(per_kind),
             rejected_messages=self._rejected + (hood.misses.rejected if hood else 0),
             missed_neighbor_answers=hood.misses.total if hood else 0,
+            waiting_on=hood.waiting() if hood else [],
             refusals=self.server.refusals.snapshot() if self.server else {})
         if loop is not None:
             status.last_loss = loop.last_loss
             status.last_accuracy = loop.last_accuracy
             status.catch_ups = loop.catch_ups.count
             status.caught_up_to_round = loop.catch_ups.last_round
+            status.evaluated_round = loop.evaluated_round
         else:
             status.last_loss = status.last_accuracy = float("nan")
         status.resumes = self.resumes

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from crossgrad.config import RunConfig
+from crossgrad.display import PeerRow, Snapshot
 from peer.builder import assignments, load_run_data, make_node, resolve_device
 from peer.metrics import Traffic, average, consensus_distance, digest
 from peer.node import Node, Params, RoundRecord
@@ -108,6 +109,25 @@ def evaluate(nodes: Sequence[Node], test_x: torch.Tensor, test_y: torch.Tensor,
                       consensus=consensus_distance(models))
 
 
+def snapshot(records: Sequence[RoundRecord], rounds: int, ev: Evaluation | None,
+             traffic: dict[int, Traffic]) -> Snapshot:
+    """Every node's row after a round, for crossgrad.display. Bytes where they are counted:
+    each node counts what it receives, so what a node sent is what the others received from
+    it."""
+    received = {i: t.totals()[1] for i, t in traffic.items()}
+    sent = dict.fromkeys(traffic, 0)
+    for t in traffic.values():
+        for j, (_, got) in t.per_peer().items():
+            sent[j] = sent.get(j, 0) + got
+    rows = tuple(PeerRow(node=r.node, round=r.round + 1, loss=r.loss,
+                         accuracy=ev.accuracy[r.node] if ev else float("nan"),
+                         evaluated=ev.round if ev else 0, sent=sent.get(r.node),
+                         received=received.get(r.node),
+                         state="done" if r.round + 1 >= rounds else "training")
+                 for r in records)
+    return Snapshot(rows=rows, rounds=rounds, nodes=len(rows))
+
+
 @dataclass
 class SimulationResult:
     config: RunConfig
@@ -155,6 +175,7 @@ def resume(nodes: dict[int, Node], directory: Path, config: RunConfig) -> int:
 
 def run(config: RunConfig, out_dir: Path | None = None,
         progress: Callable[[str], None] | None = None,
+        watch: Callable[[Snapshot], None] | None = None,
         count_bytes: bool = False, checkpoint_every: int = 0,
         resume_from: Path | None = None) -> SimulationResult:
     """Simulate the whole run; write config.json, metrics.jsonl, summary.json and models.pt.
@@ -162,6 +183,8 @@ def run(config: RunConfig, out_dir: Path | None = None,
     checkpoint_every: every that many rounds, each node's state goes to out_dir/checkpoints
     (0: never). resume_from: a directory of such checkpoints; every node loads its latest and
     the run continues from that round to config.rounds, bit for bit as if never stopped.
+    `progress` gets a line per evaluation; `watch` every node's row after each round
+    (crossgrad.display; bytes only with count_bytes).
     """
     say = progress or (lambda line: None)
     started = time.perf_counter()
@@ -203,6 +226,8 @@ def run(config: RunConfig, out_dir: Path | None = None,
                     f"test acc mean {ev.mean:.4f} min {ev.min:.4f}  "
                     f"avg-model {ev.average_accuracy:.4f}  consensus {ev.consensus:.4f}  "
                     f"[{time.perf_counter() - started:.1f} s]")
+            if watch is not None:
+                watch(snapshot(records, config.rounds, ev, traffic))
     finally:
         recorder.close()
     final = ev or evaluate(ordered, test_x, test_y, config.rounds)  # resumed at the end

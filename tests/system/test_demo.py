@@ -48,6 +48,7 @@ class Demo:
     group: ProcessGroup
     proc: subprocess.Popen[str]
     run_dir: Path
+    bootstrap: str  # the address the demo's first line names
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +62,20 @@ def training_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     try:
         demo = group.start(as_background_job(demo_command(run_dir)))
         assert demo.stdout is not None
+        first = demo.stdout.readline()
+        assert first.startswith("bootstrap on "), first
+        bootstrap = first.split()[2].rstrip(";")
         deadline = time.monotonic() + 180
-        trained = False
-        while time.monotonic() < deadline:  # wait until both peers are training
-            line = demo.stdout.readline()
+        evaluated: set[str] = set()
+        while time.monotonic() < deadline and len(evaluated) < 2:  # both peers trained a while
+            line = demo.stdout.readline()  # plain lines: stdout is a pipe
             if not line:
                 break
-            if "n0" in line and "n1" in line and "loss" in line:
-                trained = True
-                break
-        assert trained, "the peers never started training"
-        yield Demo(group, demo, run_dir)
+            assert "\x1b" not in line, line
+            if match := re.match(r"node (\d+)  round \d+/100000 .* acc 0\.\d{4} ", line):
+                evaluated.add(match.group(1))
+        assert evaluated == {"0", "1"}, "the peers never got to their first evaluation"
+        yield Demo(group, demo, run_dir, bootstrap)
     finally:
         group.stop_all()
 
@@ -119,6 +123,35 @@ def test_status_shows_the_bytes_of_a_training_peer_per_link_and_kind(
     assert received == pytest.approx(model_recv + xgrad_recv, abs=0.015), proc.stdout
 
 
+def test_status_watch_shows_every_peer_of_the_run_until_ctrl_c(training_demo: Demo,
+                                                                procs: ProcessGroup) -> None:
+    """`crossgrad status --watch BOOTSTRAP` through a pipe: a plain line per peer (each peer's
+    GetStatus, over mutual TLS), no escape codes; Ctrl-C ends the watch, not the run, and
+    prints the bootstrap's table of the last look."""
+    certs = training_demo.run_dir / "certs"
+    watch = procs.start(crossgrad("status", training_demo.bootstrap, "--watch", "--interval",
+                                  "0.2", "--tls-ca", str(certs / "ca.pem"), "--tls-cert",
+                                  str(certs / "client.pem"), "--tls-key",
+                                  str(certs / "client.key")))
+    assert watch.stdout is not None
+    seen: dict[str, str] = {}
+    for line in watch.stdout:
+        assert "\x1b" not in line, line
+        if match := re.match(r"node (\d+)  round (\d+)/100000  loss \S+  acc \S+  sent "
+                             r"\d+\.\d\d MiB  recv \d+\.\d\d MiB  (.+)$", line):
+            seen[match.group(1)] = match.group(3)
+        if len(seen) == 2:
+            break
+    assert set(seen) == {"0", "1"}
+    assert all(state in ("training", "waiting on neighbor 0", "waiting on neighbor 1")
+               for state in seen.values()), seen
+    procs.signal(watch, signal.SIGINT)
+    assert watch.wait(timeout=30) == 0
+    rest = watch.stdout.read()
+    assert "bootstrap: 2 of 2 peers" in rest, rest
+    assert training_demo.proc.poll() is None  # the run goes on
+
+
 def test_ctrl_c_stops_the_bootstrap_and_every_peer(training_demo: Demo) -> None:
     """Also when the demo was started with SIGINT ignored (a background job), as this one was."""
     demo, run_dir = training_demo.proc, training_demo.run_dir
@@ -142,8 +175,8 @@ def test_the_demo_stops_everything_as_soon_as_its_children_run(
     command = demo_command(run_dir)
     demo = procs.start(as_background_job(command) if background else command)
     assert demo.stdout is not None
-    for line in demo.stdout:  # the first progress line comes once every child was started
-        if line.startswith("["):
+    for line in demo.stdout:  # the demo says so once every child was started
+        if line.startswith("bootstrap on "):
             break
     assert len(children_of_run(run_dir)) == 3, "the demo did not start the bootstrap and 2 peers"
     procs.signal(demo, sig)
