@@ -31,8 +31,8 @@ from crossgrad.config import RunConfig  # noqa: E402
 from crossgrad.errors import CrossgradError  # noqa: E402
 from peer import simulate  # noqa: E402
 from peer.builder import validate_config  # noqa: E402
+from peer.training.datasets import data_home  # noqa: E402
 
-SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 CONFIGS = [("dpsgd", "none"), ("cga", "none"), ("compcga", "sign"), ("compcga", "topk:0.01"),
            ("compcga", "qsgd:7"), ("ngc", "none"), ("compngc", "sign")]
 
@@ -76,7 +76,8 @@ def main() -> int:
                         help="algorithm:compressor pairs, comma-separated (default: all)")
     parser.add_argument("--rounds", default="digits=500,mnist=600")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--mnist-dir", type=Path, default=SHARED_MNIST)
+    parser.add_argument("--mnist-dir", type=Path, default=data_home("mnist"),
+                        help="MNIST's IDX files (default $CROSSGRAD_DATA/mnist, else data/mnist)")
     args = parser.parse_args()
     rounds = dict(item.split("=") for item in args.rounds.split(","))
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))

@@ -8,8 +8,9 @@ A bootstrap and --nodes peers (default 5) run the same training once per configu
 `cga`, dense cross-gradients; `compcga:sign`; `compcga:topk:0.01`), each process in its own
 network namespace, through the real CLI (`ip netns exec NS python -m crossgrad ...`), with the
 same seed, ring, partition (`modulo`), model (`mlp`) and number of rounds. The data set is MNIST
-from ../shared/data/mnist when it is there (the mlp has 109,386 parameters: 438 kB per model or
-dense cross-gradient message), else scikit-learn's digits (--dataset, --data-dir). Every
+from --data-dir, else from $CROSSGRAD_DATA/mnist (or data/mnist) when it is there (the mlp has
+109,386 parameters: 438 kB per model or dense cross-gradient message), else scikit-learn's
+digits (--dataset, --data-dir). Every
 namespace hangs off one bridge (`br0` in the namespace PREFIX-hub) by a veth pair; each peer's
 pair is shaped in both directions (tbf on the peer's end and on the bridge's end), so every peer
 has a full-duplex access link of --rates to a switch, like a host on a 100 Mbit/s Ethernet port.
@@ -447,7 +448,8 @@ def preflight(bed: Testbed) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mnist = REPO.parent / "shared" / "data" / "mnist"
+    # as peer.training.datasets.data_home, without importing torch into the orchestrator
+    mnist = Path(os.environ.get("CROSSGRAD_DATA") or "data") / "mnist"
     parser.add_argument("--configs", nargs="+",
                         default=["cga", "compcga:sign", "compcga:topk:0.01"],
                         help="ALGORITHM[:COMPRESSOR] per run; the first is the baseline")

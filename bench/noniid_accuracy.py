@@ -29,8 +29,7 @@ sys.path.insert(0, str(REPO))
 from crossgrad.config import RunConfig  # noqa: E402
 from peer import simulate  # noqa: E402
 from peer.builder import validate_config  # noqa: E402
-
-SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+from peer.training.datasets import data_home  # noqa: E402
 
 
 @dataclass
@@ -76,7 +75,8 @@ def main() -> int:
                         help="model per data set (cnn5 and cganet are ~30x slower on a CPU)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--mnist-dir", type=Path, default=SHARED_MNIST)
+    parser.add_argument("--mnist-dir", type=Path, default=data_home("mnist"),
+                        help="MNIST's IDX files (default $CROSSGRAD_DATA/mnist, else data/mnist)")
     args = parser.parse_args()
     rounds = dict(item.split("=") for item in args.rounds.split(","))
     models = dict(item.split("=") for item in args.model.split(","))

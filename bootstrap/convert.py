@@ -1,10 +1,10 @@
 """The bootstrap's messages <-> crossgrad's own types (the Bootstrap service's one serde module).
 
-The servicer builds its responses here and a peer reads them back here, so both sides agree on
-every field by construction (STYLE.md habit 4). RunSettings mirrors RunConfig field for field,
-by name, except the fields that are each process's own (registry.LOCAL_FIELDS: data_dir,
-device): the settings are copied through the message descriptor, so a field added to both stays
-in sync with no edit here, and tests/rpc/test_bootstrap_rpc.py fails if the two drift apart.
+The servicer builds its responses here and a peer reads them back here, so both sides agree on every
+field by construction (docs/conventions.md, "One translator"). RunSettings mirrors RunConfig field
+for field, by name, except the fields that are each process's own (registry.LOCAL_FIELDS: data_dir,
+device): the settings are copied through the message descriptor, so a field added to both stays in
+sync with no edit here, and tests/rpc/test_bootstrap_rpc.py fails if the two drift apart.
 """
 
 from __future__ import annotations

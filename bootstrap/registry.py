@@ -1,4 +1,5 @@
-"""Membership of a run: who joined, who is alive, who neighbors whom (DESIGN.md section 6).
+"""Membership of a run: who joined, who is alive, who neighbors whom (docs/architecture.md,
+"Bootstrap").
 
 The bootstrap's state machine, with no transport in it: bootstrap/servicer.py turns RPCs into
 calls here, and tests/unit/test_registry.py drives it with a fake clock. A peer's life:

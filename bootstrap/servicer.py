@@ -1,4 +1,5 @@
-"""The Bootstrap service over gRPC: a thin shell around bootstrap.registry (DESIGN.md section 6).
+"""The Bootstrap service over gRPC: a thin shell around bootstrap.registry (docs/architecture.md,
+"Bootstrap").
 
 Each RPC hands the request's fields to the Registry, which validates them and owns every rule,
 and turns the answer into a message with bootstrap.convert; crossgrad.rpc.translate_errors maps

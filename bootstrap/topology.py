@@ -1,7 +1,8 @@
 """Communication graphs by name, and the mixing weights the algorithms average with.
 
 The bootstrap assigns each node its neighbors N(i) from a `Topology` and the mixing weights pi_il
-from `metropolis_hastings_weights` (DESIGN.md section 6; ALGORITHMS.md "Notation"):
+from `metropolis_hastings_weights` (docs/architecture.md, "Bootstrap";
+docs/algorithms.md, "Notation"):
 
     w_ij = 1 / (1 + max(d_i, d_j))   for every edge ij,
     w_ii = 1 - sum_j w_ij,           zero elsewhere.

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,23 @@ else:  # pragma: no cover
 DEFAULT_MODEL = {"digits": "mlp", "mnist": "cnn5", "fashion-mnist": "cnn5", "cifar10": "resnet20"}
 DEVICES = ("auto", "cpu", "cuda")
 
+# What each numeric setting allows, as a test and in words. One table, so that a flag, an
+# environment variable and a key of a config file are refused with the same words.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "nodes": (lambda v: v >= 1, "at least 1"),
+    "rounds": (lambda v: v >= 1, "at least 1"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "eval_every": (lambda v: v >= 1, "at least 1"),
+    "lr": (lambda v: v > 0, "positive"),
+    "lr_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "margin": (lambda v: v >= 0, ">= 0"),
+    "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
+# Tables of a config file that other readers own (crossgrad.security.read_security_table).
+OTHER_TABLES = ("security",)
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -36,7 +53,7 @@ class RunConfig:
     algorithm: str = "cga"  # dpsgd, cga, ngc
     dataset: str = "digits"  # digits is embedded (scikit-learn); others read --data-dir
     data_dir: str | None = None  # directory holding the data set's files
-    partition: str = "modulo"  # iid, modulo, sorted, shards:c, dirichlet:a (ALGORITHMS.md)
+    partition: str = "modulo"  # iid, modulo, sorted, shards:c, dirichlet:a (docs/algorithms.md)
     model: str = ""  # empty: the data set's default (DEFAULT_MODEL)
     rounds: int = 300  # communication rounds; each is one local step per node
     batch_size: int = 32  # samples per node per round (CGA code 128, NGC code 32)
@@ -73,22 +90,10 @@ def validate(config: RunConfig) -> RunConfig:
     """
     if config.device not in DEVICES:
         raise UnknownNameError("device", config.device, DEVICES)
-    for name in ("nodes", "rounds", "batch_size", "eval_every"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1; "
+    for name, (allowed, words) in RANGES.items():
+        if not allowed(getattr(config, name)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be {words}; "
                               f"got {getattr(config, name)}")
-    if not config.lr > 0:
-        raise ConfigError(f"--lr must be positive; got {config.lr}")
-    if not 0 < config.lr_decay <= 1:
-        raise ConfigError(f"--lr-decay must be in (0, 1]; got {config.lr_decay}")
-    if not 0 <= config.momentum < 1:
-        raise ConfigError(f"--momentum must be in [0, 1); got {config.momentum}")
-    if config.margin < 0:
-        raise ConfigError(f"--margin must be >= 0; got {config.margin}")
-    if not 0 < config.gamma <= 1:
-        raise ConfigError(f"--gamma must be in (0, 1]; got {config.gamma}")
-    if not 0 <= config.alpha <= 1:
-        raise ConfigError(f"--alpha must be in [0, 1]; got {config.alpha}")
     if config.model_compressor not in ("", "none"):
         raise ConfigError(
             f"--model-compressor {config.model_compressor} is refused: compressing model "
@@ -99,19 +104,61 @@ def validate(config: RunConfig) -> RunConfig:
     return config
 
 
+_KIND_WORDS = {"int": "an integer", "float": "a number", "str": "a string"}
+
+
 def _coerce(field_type: Any, raw: Any, name: str) -> Any:
-    """Turn a TOML or environment value into the field's type, or say what was expected."""
+    """Turn a TOML or environment value into the field's type, or say what was expected.
+
+    Booleans are refused for numbers (TOML's `true` is not 1 here), and numbers for strings (a
+    file that says `algorithm = 5` has a typo, not a name)."""
     kind = field_type if isinstance(field_type, str) else getattr(field_type, "__name__", "")
+    base = kind.split(" ")[0]
     try:
+        if isinstance(raw, bool):
+            raise ValueError
         if "int" in kind and "str" not in kind:
-            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            if isinstance(raw, float) and not raw.is_integer():
                 raise ValueError
             return int(raw)
         if "float" in kind:
             return float(raw)
-        return None if raw in ("", None) and "None" in kind else str(raw)
+        if raw in ("", None) and "None" in kind:
+            return None
+        if not isinstance(raw, str):
+            raise ValueError
+        return raw
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} expects a {kind.split(' ')[0]}; got {raw!r}") from None
+        raise ConfigError(f"{name} expects {_KIND_WORDS.get(base, base)}; got {raw!r}") from None
+
+
+def _check(name: str, value: Any, where: str) -> Any:
+    """Refuse a value of a file or the environment where it was written, before the flags are
+    merged in: `run.toml: lr = -1.0 is out of range; lr must be positive`."""
+    if name in RANGES:
+        allowed, words = RANGES[name]
+        if not allowed(value):
+            raise ConfigError(f"{where} = {value!r} is out of range; "
+                              f"{name.replace('_', '-')} must be {words}")
+    if name == "device" and value not in DEVICES:
+        raise ConfigError(f"{where} = {value!r} is not a device; known devices: "
+                          f"{', '.join(DEVICES)}")
+    return value
+
+
+def _run_table(document: Mapping[str, Any], path: Path) -> Mapping[str, Any]:
+    """The run settings of a config file: its [run] table, or its top level when it has none.
+
+    Beside a [run] table, a top-level setting would be silently ignored, so it is refused."""
+    if "run" not in document:
+        return {k: v for k, v in document.items() if k not in OTHER_TABLES}
+    stray = sorted(k for k in document if k not in ("run", *OTHER_TABLES))
+    if stray:
+        raise ConfigError(f"{path}: {', '.join(stray)} outside [run] would be ignored; move "
+                          f"{'it' if len(stray) == 1 else 'them'} under [run]")
+    if not isinstance(document["run"], Mapping):
+        raise ConfigError(f"{path}: run must be a table ([run]); got {document['run']!r}")
+    return document["run"]
 
 
 def load(overrides: Mapping[str, Any], config_file: str | None = None,
@@ -128,16 +175,16 @@ def load(overrides: Mapping[str, Any], config_file: str | None = None,
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        table = table.get("run", table)
-        for key, raw in table.items():
+        for key, raw in _run_table(table, path).items():
             name = key.replace("-", "_")
             if name not in known:
-                raise UnknownNameError("config key", key, known)
-            values[name] = _coerce(known[name], raw, f"{path}: {key}")
+                raise UnknownNameError("config key", key, known, where=str(path))
+            values[name] = _check(name, _coerce(known[name], raw, f"{path}: {key}"),
+                                  f"{path}: {key}")
     env = os.environ if environ is None else environ
     for name, ftype in known.items():
         var = f"CROSSGRAD_{name.upper()}"
         if var in env:
-            values[name] = _coerce(ftype, env[var], var)
+            values[name] = _check(name, _coerce(ftype, env[var], var), var)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return validate(RunConfig(**values))

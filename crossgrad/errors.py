@@ -26,6 +26,7 @@ ProtocolError classes to gRPC status codes and back, in one table.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 
 
@@ -40,12 +41,17 @@ class ConfigError(CrossgradError):
 class UnknownNameError(ConfigError):
     """A name that is not in a registry."""
 
-    def __init__(self, kind: str, name: str, known: Iterable[str]) -> None:
+    def __init__(self, kind: str, name: str, known: Iterable[str], where: str = "") -> None:
         self.kind = kind
         self.name = name
         self.known = sorted(known)
         plural = kind[:-1] + "ies" if kind.endswith("y") else kind + "s"
-        super().__init__(f"unknown {kind} {name!r}; known {plural}: {', '.join(self.known)}")
+        # A typo is the usual cause: name the closest known name when one is close enough.
+        close = difflib.get_close_matches(str(name), self.known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        prefix = f"{where}: " if where else ""
+        super().__init__(f"{prefix}unknown {kind} {name!r}{hint}; known {plural}: "
+                         f"{', '.join(self.known)}")
 
 
 class DataError(CrossgradError):

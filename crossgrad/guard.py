@@ -232,7 +232,7 @@ def caller_limits(limits: CallerLimits,
 
 
 def add_limit_flags(parser: argparse.ArgumentParser) -> None:
-    """The per-caller limits of a server (docs/security.md, "Limits")."""
+    """The per-caller limits of a server (docs/security.md, "Refusals")."""
     defaults = CallerLimits()
     group = parser.add_argument_group("limits per caller (docs/security.md)")
     group.add_argument("--max-streams-per-caller", type=int, default=defaults.streams,

@@ -3,7 +3,8 @@
 Every crossgrad process is a long-lived gRPC server (a peer or the bootstrap) and a client of
 others. What they share about the transport lives here, so that every server gets the same
 message limits, keepalive policy, health service and reflection, and every channel the same
-limits and a keepalive that the servers permit (DESIGN.md sections 3 and 7, STYLE.md habit 6):
+limits and a keepalive that the servers permit (docs/architecture.md, "The contract" and
+"Faults"; docs/conventions.md, "One server factory, one channel factory"):
 
     server = make_server("0.0.0.0:50051",
                          [Service("crossgrad.v1.Peer", lambda s: add_PeerServicer_to_server(p, s))])
@@ -13,12 +14,12 @@ limits and a keepalive that the servers permit (DESIGN.md sections 3 and 7, STYL
     ...
     server.stop(grace=5.0)       # NOT_SERVING first, then drain in-flight calls
 
-Errors cross the wire at one boundary each way (STYLE.md habit 5). Servicer methods raise the
-ProtocolError classes of crossgrad.errors; `translate_errors` turns them into status codes with
-the table STATUS, and anything unexpected into INTERNAL. Clients turn a grpc.RpcError back into
-the same classes with `from_rpc_error`. Two classes share FAILED_PRECONDITION (StaleRound,
-NotReady), so the server also names the class in the trailing metadata key ERROR_CLASS_KEY; a
-client trusts that name only when it agrees with the status code.
+Errors cross the wire at one boundary each way (docs/conventions.md, "One exception tree, one
+mapping to status codes"). Servicer methods raise the ProtocolError classes of crossgrad.errors;
+`translate_errors` turns them into status codes with the table STATUS, and anything unexpected into
+INTERNAL. Clients turn a grpc.RpcError back into the same classes with `from_rpc_error`. Two classes
+share FAILED_PRECONDITION (StaleRound, NotReady), so the server also names the class in the trailing
+metadata key ERROR_CLASS_KEY; a client trusts that name only when it agrees with the status code.
 """
 
 from __future__ import annotations

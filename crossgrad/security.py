@@ -23,6 +23,7 @@ Three modes, chosen explicitly, never by fallback:
 from __future__ import annotations
 
 import argparse
+import difflib
 import enum
 import hmac
 import logging
@@ -172,17 +173,25 @@ def read_security_table(config_file: str | None) -> SecurityFlags:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: security must be a table ([security]); got {table!r}")
     known = {f.name for f in fields(SecurityFlags)}
     values: dict[str, object] = {}
     for key, raw in table.items():
         name = key.replace("-", "_")
         if name not in known:
-            raise ConfigError(f"{path}: [security] has no key {key!r}; known: "
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{path}: [security] has no key {key!r}{hint}; known: "
                               f"{', '.join(sorted(known))}")
         if name == "insecure":
             if not isinstance(raw, bool):
-                raise ConfigError(f"{path}: [security] insecure expects true or false")
+                raise ConfigError(f"{path}: [security] insecure expects true or false; "
+                                  f"got {raw!r}")
             values[name] = raw
+        elif not isinstance(raw, str):
+            raise ConfigError(f"{path}: [security] {key} expects a string (a path, or for "
+                              f"client-auth certificate or token); got {raw!r}")
         else:
             text = str(raw)
             values[name] = (text if name == "client_auth" or os.path.isabs(text)

@@ -1,7 +1,7 @@
 """A deployed peer's round loop: between rounds it takes new assignments, catches up, records,
 evaluates and checkpoints; inside a round it runs peer.node.Node.run_round over the network.
 
-Each iteration, for round t (DESIGN.md sections 2 and 7):
+Each iteration, for round t (docs/architecture.md, "One round" and "Faults"):
 
     1. take the newest assignment the bootstrap announced (never inside a round): new
        neighbors, new weights, channels opened and closed

@@ -1,4 +1,4 @@
-"""Run-level measures (ALGORITHMS.md, "Evaluation") and the JSON-lines metrics file."""
+"""Run-level measures (docs/algorithms.md, "Evaluation") and the JSON-lines metrics file."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The node: one round of DESIGN.md section 2 over a Neighborhood.
+"""The node: one round (docs/architecture.md, "One round") over a Neighborhood.
 
 A Node owns x_i, its algorithm state and its Trainer. It does not know how neighbors are reached:
 the simulator gives it an in-memory Neighborhood (peer/simulate.py), a deployment a gRPC one.
@@ -132,8 +132,9 @@ class Node:
         self._snapshots: dict[int, Params] = {}
         self._cross: dict[tuple[int, int], Params] = {}
         # Sender-side compression of served cross-gradients, error feedback per (link, tensor)
-        # (ALGORITHMS.md, compcga); None sends them dense. The records are what goes on the wire;
-        # _cross holds their decompressed form, which NGC's model-variant term also uses.
+        # (docs/algorithms.md, "compcga and compngc"); None sends them dense. The records are what
+        # goes on the wire; _cross holds their decompressed form, which NGC's model-variant term
+        # also uses.
         self.feedback = feedback
         self._cross_records: dict[tuple[int, int], list[Compressed]] = {}
         self._neighbor_models: dict[tuple[int, int], Params] = {}

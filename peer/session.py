@@ -1,7 +1,7 @@
 """A peer's session with the bootstrap: join, the first assignment, heartbeats, new epochs, leave.
 
-The round loop never talks to the bootstrap itself (DESIGN.md section 7: peers do not need it
-between epochs). This session does, from its own thread:
+The round loop never talks to the bootstrap itself (docs/architecture.md, "Faults":
+peers do not need it between epochs). This session does, from its own thread:
 
     join()              Join, retried with backoff and jitter while the bootstrap is down or the
                         id is still held by this node's previous life (its lease has not expired)

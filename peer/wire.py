@@ -1,4 +1,6 @@
-"""The one translator between tensors and crossgrad.v1 messages (STYLE.md habit 4).
+"""The one translator between tensors and crossgrad.v1 messages.
+
+docs/conventions.md, "One translator".
 
 A tensor stream is one TensorChunk with a StreamHeader (every tensor's name, shape, dtype,
 codec, byte length and CRC-32C, the total size, the sender and the round), then TensorChunks of

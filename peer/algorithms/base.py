@@ -1,7 +1,7 @@
 """What every algorithm is: a state object with a pure step over tensors, in a registry by name.
 
 An algorithm never sees a network object. The round driver (peer/node.py) gathers, for node i at
-round t, the tensors ALGORITHMS.md names and hands them over in a StepInputs:
+round t, the tensors docs/algorithms.md names and hands them over in a StepInputs:
 
     params            x_i^t, one tensor per model parameter in named_parameters order
     neighbor_params   {l: x_l^t} for the neighbors that answered this round
@@ -139,7 +139,8 @@ class Hyperparameters:
     qp_eps: float = 1e-12
     gamma: float = 0.1
     alpha: float = 1.0
-    compressor: str = "none"  # compcga / compngc: the self-gradient's compressor (ALGORITHMS.md)
+    # compcga / compngc: the self-gradient's compressor (docs/algorithms.md)
+    compressor: str = "none"
 
 
 ALGORITHMS: dict[str, Callable[[Hyperparameters], Algorithm]] = {}

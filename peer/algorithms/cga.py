@@ -1,6 +1,6 @@
 """Cross-Gradient Aggregation (Esfandiari, Tan, Jiang, Balu, Herron, Hegde, Sarkar; ICML 2021).
 
-ALGORITHMS.md, "cga". Per round and per parameter tensor k:
+docs/algorithms.md, "cga". Per round and per parameter tensor k:
 
     g   = pi_ii g_ii[k]                      (the node's own gradient, weighted)
     M   = [pi_il g_il[k] for l in N(i)]      (cross-gradients received from the neighbors)
@@ -9,8 +9,8 @@ ALGORITHMS.md, "cga". Per round and per parameter tensor k:
 
 Differences from the reference code, on purpose: gradients are taken in train mode with a seeded
 RNG (the reference switches to eval mode after round one); the Gram matrix stays on the model's
-device; the QP is scaled and polished (qp.py). A failed QP falls back as ALGORITHMS.md step 4
-says and is counted in `stats["qp_fallbacks"]`.
+device; the QP is scaled and polished (qp.py). A failed QP falls back as docs/algorithms.md
+("cga", step 4) says and is counted in `stats["qp_fallbacks"]`.
 """
 
 from __future__ import annotations

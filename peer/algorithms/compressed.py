@@ -1,6 +1,6 @@
 """CompCGA and CompNGC: CGA and NGC on compressed gradients with error feedback.
 
-ALGORITHMS.md, "compcga" (the NGC repository's CompCGA) and "compngc" (Aketi et al.):
+docs/algorithms.md, "compcga and compngc" (the NGC repository's CompCGA, and (Aketi et al.):
 
     sender l, for neighbor i and tensor p:  c = C(e_li[p] + g_il[p]);  e_li[p] += g_il[p] - c
     receiver i, its own gradient:           s = C(e_i[p] + g_ii[p]);   e_i[p]  += g_ii[p] - s

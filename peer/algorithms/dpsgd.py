@@ -1,6 +1,6 @@
 """D-PSGD with Nesterov momentum: the baseline ("CDMSGD"/"DPMSGD" in the papers).
 
-ALGORITHMS.md, "dpsgd" (Lian et al., NeurIPS 2017, with momentum as in the CGA code):
+docs/algorithms.md, "dpsgd" (Lian et al., NeurIPS 2017, with momentum as in the CGA code):
 
     m_i <- mu m_i + g_ii
     x_i <- sum_{l in N(i) u {i}} pi_il x_l  -  lr (g_ii + mu m_i)

@@ -1,6 +1,6 @@
 """Neighborhood Gradient Clustering (Aketi, Kodge, Roy; arXiv 2209.14390).
 
-ALGORITHMS.md, "ngc". Gossip first, then gradients:
+docs/algorithms.md, "ngc". Gossip first, then gradients:
 
     x_i^{t+1/2} = x_i^t + gamma (sum_l pi_il x_l^t - x_i^t)
     g_ii = grad F_i(x_i^{t+1/2}; B_i)

@@ -1,7 +1,7 @@
 """The CGA projection: a small dual QP per parameter tensor, solved with cvxopt.
 
-ALGORITHMS.md, "cga", steps 1-4 (Esfandiari et al., ICML 2021, eq. 5-7; GEM's project2cone2 with a
-margin). With g the pi-weighted self-gradient and M the t pi-weighted cross-gradient rows:
+docs/algorithms.md, "cga", steps 1-4 (Esfandiari et al., ICML 2021, eq. 5-7; GEM's project2cone2
+with a margin). With g the pi-weighted self-gradient and M the t pi-weighted cross-gradient rows:
 
     minimize_v  1/2 v^T (M M^T + eps I) v + (M g)^T v     subject to  v >= margin
     g~ = g + M^T v
@@ -53,7 +53,7 @@ class QPOptions:
         GEM's plain projection of the pi-weighted self-gradient.
     eps: ridge added to the scaled Gram matrix so cvxopt sees a positive definite P even when
         cross-gradients are collinear. 1e-12 (relative to the mean squared row norm) is what
-        ALGORITHMS.md asks for; cvxopt has been stable with it on collinear rows here.
+        docs/algorithms.md states; cvxopt has been stable with it on collinear rows here.
     maxiters, abstol, reltol, feastol: cvxopt's per-call options (never the global ones).
         Tight tolerances cost little at t <= 16 variables.
     polish: re-solve exactly on the active set after cvxopt, and rescue an iterate cvxopt

@@ -5,8 +5,8 @@
     decode(c)                             -> tensor, from the record alone (any codec)
     ErrorFeedback("sign").compress(link, index, x, seed=s): c = C(e + x); e <- e + x - D(c)
 
-Compressors (ALGORITHMS.md "Compressors"): none, fp16, bf16, topk:K, randk:K, qsgd:S, sign. Each
-owns one codec of the same name (CODECS); the transport maps codec names to its proto enum and
+Compressors (docs/algorithms.md, "Compressors"): none, fp16, bf16, topk:K, randk:K, qsgd:S, sign.
+Each owns one codec of the same name (CODECS); the transport maps codec names to its proto enum and
 carries `params` as codec parameters and `payload` as the tensor's bytes. The records, for d
 elements of the original dtype (bit streams: bits.py; every field little-endian):
 

@@ -4,10 +4,10 @@ For each (link, tensor index) the wrapper keeps a residual e (zeros at first) an
     c = C(e + x);    e <- e + x - D(c)
 where D is the compressor's own decoding, i.e. exactly what the receiver reconstructs. This is
 EF-SGD (Karimireddy, Rebjock, Stich and Jaggi, ICML 2019, algorithm 2) without the learning rate
-inside the memory, as ALGORITHMS.md writes it for compcga/compngc: the sender keeps one memory per
-(neighbor, tensor) for the cross-gradients it serves, and a node compresses its own self-gradient
-through a separate link (any id that is not a neighbor's, e.g. its own id) with its own memory.
-Invariant (tested): D(c) + e_new == x + e_old up to one rounding of the subtraction.
+inside the memory, as docs/algorithms.md writes it for compcga/compngc: the sender keeps one memory
+per (neighbor, tensor) for the cross-gradients it serves, and a node compresses its own
+self-gradient through a separate link (any id that is not a neighbor's, e.g. its own id) with its
+own memory. Invariant (tested): D(c) + e_new == x + e_old up to one rounding of the subtraction.
 
 State (what a checkpoint saves): the residual tensors only, one per key, on the device and with
 the dtype of the tensors compressed through them. A residual whose shape, dtype or device no

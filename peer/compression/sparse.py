@@ -18,8 +18,8 @@ is exact (select.py).
 randk: k coordinates drawn without replacement from the seed (numpy PCG64, Generator.choice),
 sorted; only the values and the seed travel, and the receiver draws the same coordinates from
 params["seed"]. The seed on the wire is the low 53 bits of the one compress() got, since codec
-parameters are doubles. Deliberate choice: values are NOT scaled by d/k. ALGORITHMS.md sends the
-values as they are, which keeps random-k contractive (scaled, it is unbiased but has variance
+parameters are doubles. Deliberate choice: values are NOT scaled by d/k. docs/algorithms.md sends
+the values as they are, which keeps random-k contractive (scaled, it is unbiased but has variance
 (d/k - 1) ||x||^2, which error feedback does not tolerate well). Both peers must run the same numpy
 (Generator streams are stable within a version).
 """

@@ -4,7 +4,7 @@ A checkpoint holds what a node needs to continue its run exactly where it stoppe
 algorithm's memory (momentum, CGA's previous duals, the comp* self-gradient residuals), the
 sender-side error-feedback residuals, the round, the torch CPU RNG state (Node.state_dict), with
 the topology epoch of its assignment and the effective configuration. The batches and every
-seeded draw derive from (seed, node, round, purpose) (ALGORITHMS.md, "Determinism"), so a run
+seeded draw derive from (seed, node, round, purpose) (docs/algorithms.md, "Determinism"), so a run
 resumed from a checkpoint continues bit for bit as if it had never stopped.
 
 File format (node-<id>-round-<round:09d>.ckpt):

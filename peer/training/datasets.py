@@ -3,7 +3,8 @@
 Every node of a run loads the same Dataset and then keeps only its partition (partitions.py), so
 loading must be deterministic and seed-free. Nothing here touches the network: `digits` ships
 inside scikit-learn, and the others are read from a directory the user names with --data-dir,
-because the machines crossgrad runs on may have no internet (see shared/data/README.md).
+because the machines crossgrad runs on may have no internet. Benchmarks and tests that want a
+real data set without being told where look in data_home (CROSSGRAD_DATA).
 
 Each data file may be stored plain (NAME), gzipped (NAME.gz) or as gzip pieces NAME.gz.part00,
 NAME.gz.part01, ... (how the offline copies keep files under 4 MiB). When several variants exist
@@ -17,6 +18,7 @@ the same float32 arithmetic as torchvision's ToTensor + Normalize: (x / 255 - me
 from __future__ import annotations
 
 import gzip
+import os
 import re
 import zlib
 from collections.abc import Callable, Sequence
@@ -288,6 +290,16 @@ DATASETS: dict[str, Loader] = {
     "fashion-mnist": lambda d: _load_idx("fashion-mnist", d, 0.2860, 0.3530, _FASHION_CLASSES),
     "cifar10": _load_cifar10,
 }
+
+
+DATA_ENV = "CROSSGRAD_DATA"
+
+
+def data_home(name: str) -> Path:
+    """Where benchmarks and tests look for data set `name` when not given a directory:
+    $CROSSGRAD_DATA/NAME (a directory holding one folder per data set), else data/NAME under the
+    working directory, as the configs in examples/ say. A run itself reads only --data-dir."""
+    return Path(os.environ.get(DATA_ENV) or "data") / name
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:

@@ -1,6 +1,6 @@
 """The models every node trains, by name: `mlp`, `cganet`, `cnn5`, `resnet20`, `vgg11`.
 
-Cross-gradients g_il are computed at node l, on l's data, with node i's model (ALGORITHMS.md,
+Cross-gradients g_il are computed at node l, on l's data, with node i's model (docs/algorithms.md,
 "Notation"). A BatchNorm layer would then normalise with l's batch statistics and update running
 buffers that belong to neither node, so no model here has BatchNorm or any buffer at all: the
 convolutional models use GroupNorm, which normalises each sample on its own. There is no dropout

@@ -1,6 +1,6 @@
 """How the training set is split over nodes: the non-IID settings CGA and NGC are evaluated on.
 
-The specs follow ALGORITHMS.md, section "Data partitions"; results must name the spec used.
+The specs follow docs/algorithms.md, "Partitions"; results must name the spec used.
 
     iid          each node gets floor(|class c| / N) samples of every class c (seeded choice)
     modulo       CGA code: every class trimmed to the smallest class size (seeded choice of which

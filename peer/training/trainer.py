@@ -4,7 +4,7 @@ A model here is a list of parameter tensors in `named_parameters()` order (the w
 nn.Module is only a template evaluated with torch.func.functional_call, so the same trainer takes
 gradients of its own model and of its neighbors' models without copying weights into modules.
 
-Determinism (ALGORITHMS.md, "Determinism"): the batch order of epoch e is a permutation drawn
+Determinism (docs/algorithms.md, "Determinism"): the batch order of epoch e is a permutation drawn
 from (seed, "batches", node, e); every gradient runs under a torch RNG forked and seeded from
 (seed, node, round, purpose), so dropout-like randomness (none of our models has any yet) cannot
 make two runs differ.
@@ -51,7 +51,8 @@ def seed_rng(seed: int, device: torch.device) -> None:
 
 def seeded_model(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
     """Build a model with the torch RNG seeded from (seed, "init"): every node starts from the
-    same parameters (ALGORITHMS.md, reference defaults), whatever its process."""
+    same parameters (docs/algorithms.md, "Learning rate": the CGA code's defaults), whatever
+    its process."""
     with torch.random.fork_rng(devices=[]):
         seed_rng(derive_seed(seed, "init"), torch.device("cpu"))
         return factory()

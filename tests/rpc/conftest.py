@@ -1,5 +1,5 @@
-"""Fixtures for tests against real servers on 127.0.0.1:0 (STYLE.md habit 11), thin wrappers of
-tests/rpc/harness.py.
+"""Fixtures for tests against real servers on 127.0.0.1:0 (docs/conventions.md, "Tests mirror
+the layers"), thin wrappers of tests/rpc/harness.py.
 
 `cluster` is a Cluster that stops everything it started when the test ends; `serve` starts
 servers through the one server factory and `channel` opens channels through the one channel

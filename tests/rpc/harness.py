@@ -1,5 +1,5 @@
-"""The one harness of the RPC tests (STYLE.md habit 17): real servers on 127.0.0.1:0, real
-PeerRuntimes, fake neighbors, and the checks every Peer test makes.
+"""The one harness of the RPC tests (docs/conventions.md, "One of each helper"): real servers
+on 127.0.0.1:0, real PeerRuntimes, fake neighbors, and the checks every Peer test makes.
 
     Cluster               what a test (or a module) starts: servers, peers, fakes, a bootstrap,
                           channels, neighborhoods; a context manager that stops all of them

@@ -4,8 +4,8 @@ Server side: a node checks every request (who asks, for which round, how big) an
 status code peer.proto documents, without changing its model. Client side: a malicious neighbor
 (a real gRPC server streaming hand-made bad tensor streams) is refused with the status
 tensor.proto documents, counted, and left out of the round, which then ends exactly as if that
-neighbor had not answered (DESIGN.md section 7: a node never crashes, hangs or corrupts its
-model because of a peer's message).
+neighbor had not answered (docs/architecture.md, "Faults": a node never crashes, hangs or
+corrupts its model because of a peer's message).
 
 Accounting: after real rounds among three runtimes, GetStatus's bytes per link and per message
 kind add up to its totals, each link's two ends agree, and the kinds are what the algorithm

@@ -1,5 +1,5 @@
-"""docker-compose.yml and its TLS overlay are documentation that must stay true (STYLE.md
-habit 14).
+"""docker-compose.yml and its TLS overlay are documentation that must stay true
+(docs/conventions.md, "Deployment files are documentation").
 
 docker-compose itself validates the file when it is installed (CI installs Debian's); every
 service's `command:` goes through the CLI's own parser, and the addresses in them must fit the

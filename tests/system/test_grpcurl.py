@@ -1,4 +1,5 @@
-"""grpcurl against a real bootstrap and a real peer, with no .proto file at hand (DESIGN.md 3).
+"""grpcurl against a real bootstrap and a real peer, with no .proto file at hand
+(docs/architecture.md, "The contract").
 
 Both are started through the real CLI on 127.0.0.1:0 and say their address on stdout. Server
 reflection lets grpcurl list and describe the services and call them with JSON; health says

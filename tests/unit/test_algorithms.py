@@ -1,4 +1,4 @@
-"""Algorithms against their reference equations (ALGORITHMS.md), with stated tolerances."""
+"""Algorithms against their reference equations (docs/algorithms.md), with stated tolerances."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""compcga / compngc and compressed cross-gradients, through the simulator (ALGORITHMS.md)."""
+"""compcga / compngc and compressed cross-gradients, through the simulator (docs/algorithms.md)."""
 
 from __future__ import annotations
 

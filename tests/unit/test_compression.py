@@ -1,9 +1,9 @@
 """peer/compression: compressors, their wire codecs, error feedback (pure tensor code, no sockets).
 
-What is checked, per ALGORITHMS.md "Compressors" and issue #4: round trips exact where they should
-be; the error bounds (top-k contractive with delta = k/d, QSGD unbiased with its variance bound,
-scaled sign keeping the L1 norm); the error-feedback invariant; exact byte counts; every malformed
-record refused with InvalidMessage before anything is written; bad specs refused with
+What is checked, per docs/algorithms.md, "Compressors", and issue #4: round trips exact where they
+should be; the error bounds (top-k contractive with delta = k/d, QSGD unbiased with its variance
+bound, scaled sign keeping the L1 norm); the error-feedback invariant; exact byte counts; every
+malformed record refused with InvalidMessage before anything is written; bad specs refused with
 ConfigError/UnknownNameError; codecs and compressors in bijection.
 """
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from crossgrad.errors import DataError, UnknownNameError
-from peer.training.datasets import DATASETS, Dataset, load_dataset, parse_idx
+from peer.training.datasets import DATASETS, Dataset, data_home, load_dataset, parse_idx
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -31,7 +30,7 @@ def write(directory: Path, name: str, raw: bytes, variant: str) -> None:
         (directory / name).write_bytes(raw)
     elif variant == "gz":
         (directory / f"{name}.gz").write_bytes(gzip.compress(raw))
-    elif variant == "parts":  # as shared/data stores MNIST train images: a gzip member per part
+    elif variant == "parts":  # as offline copies store MNIST train images: a gzip member per part
         cuts = [0, 16, (16 + len(raw)) // 2, len(raw)]  # part00 = header (+ a little)
         for i in range(3):
             member = gzip.compress(raw[cuts[i] : cuts[i + 1]], mtime=0)
@@ -215,15 +214,12 @@ def test_dataset_rejects_inconsistent_tensors() -> None:
     assert "train=4" in repr(Dataset("t", x, y, x, y, 1, ("a",)))
 
 
-def shared_data() -> Path:
-    root = os.environ.get("CROSSGRAD_SHARED_DATA")
-    return Path(root) if root else Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def test_real_mnist_loads_with_readme_class_counts() -> None:
-    directory = shared_data() / "mnist"
+    directory = data_home("mnist")
     if not directory.is_dir():
-        pytest.skip(f"real MNIST not found at {directory}; set CROSSGRAD_SHARED_DATA")
+        pytest.skip(f"real MNIST not found at {directory}; set CROSSGRAD_DATA")
     data = load_dataset("mnist", directory)
     assert data.train_x.shape == (60000, 1, 28, 28) and data.test_x.shape == (10000, 1, 28, 28)
     assert torch.bincount(data.train_y).tolist() == [5923, 6742, 5958, 6131, 5842,
@@ -235,7 +231,7 @@ def test_real_mnist_loads_with_readme_class_counts() -> None:
 
 
 def test_real_fashion_mnist_copy_lacks_images() -> None:
-    directory = shared_data() / "fashion-mnist"
+    directory = data_home("fashion-mnist")
     if not directory.is_dir():
         pytest.skip(f"shared fashion-mnist labels not found at {directory}")
     with pytest.raises(DataError, match="missing train-images-idx3-ubyte, t10k-images-idx3-ubyte"):

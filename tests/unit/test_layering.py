@@ -1,4 +1,5 @@
-"""Import direction, checked by walking imports (DESIGN.md section 1, STYLE.md habit 15).
+"""Import direction, checked by walking imports (docs/architecture.md, "Packages";
+docs/conventions.md, "Packages point one way").
 
 Two kinds of rule:
 - the pure packages never reach the transport, even indirectly;

@@ -1,4 +1,4 @@
-"""Partitions: the rules of ALGORITHMS.md "Data partitions", determinism and error messages."""
+"""Partitions: the rules of docs/algorithms.md, "Partitions", determinism and error messages."""
 
 from __future__ import annotations
 

@@ -75,7 +75,9 @@ def test_kkt_and_feasibility_on_random_problems(t: int) -> None:
 
 @pytest.mark.parametrize("t", [1, 2, 3, 4, 5])
 def test_primal_projection_identity(t: int) -> None:
-    """g~ = projection of g + margin sum rows onto {z : <z, row_l> >= 0} (ALGORITHMS.md, 3)."""
+    """g~ = projection of g + margin sum rows onto {z : <z, row_l> >= 0}.
+
+    docs/algorithms.md, "cga", step 3."""
     gen = torch.Generator().manual_seed(100 + t)
     for _ in range(25):
         g = rand(gen, 12)
