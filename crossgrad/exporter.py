@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from crossgrad.errors import ConfigError
-from crossgrad.guard import Refusals
+from crossgrad.guard import REFUSED, Refusals
 
 log = logging.getLogger(__name__)
 
@@ -111,4 +111,5 @@ def refused_calls(refusals: Refusals) -> CounterMetricFamily:
     REFUSED: unauthenticated, not permitted, over a per-caller limit), by gRPC status code."""
     return counter("crossgrad_refused_calls", "Calls refused (UNAUTHENTICATED, "
                    "PERMISSION_DENIED, RESOURCE_EXHAUSTED), by gRPC status code", ["code"],
-                   {(code,): n for code, n in refusals.snapshot().items()})
+                   {(code,): n for code, n in
+                    ({code.name: 0 for code in REFUSED} | refusals.snapshot()).items()})
