@@ -147,7 +147,7 @@ class Runtime:
     def wait_ready(self, timeout: float) -> Node | None:
         return self.node
 
-    def count_rejected(self) -> None:
+    def count_rejected(self, reason: str) -> None:
         pass
 
     def last_round(self) -> int:

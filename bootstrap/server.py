@@ -16,9 +16,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from bootstrap.exporter import BootstrapCollector
 from bootstrap.registry import Registry
 from bootstrap.servicer import SERVICE_NAME, BootstrapServicer
 from crossgrad.config import RunConfig
+from crossgrad.exporter import MetricsEndpoint, metrics_host
 from crossgrad.guard import CallerLimits
 from crossgrad.rpc import RunningServer, Service, make_server
 from crossgrad.security import Security
@@ -42,22 +44,30 @@ class BootstrapServer(RunningServer):
                          running.refusals)
         self.registry = registry
         self.servicer = servicer
+        self.metrics: MetricsEndpoint | None = None  # /metrics, when asked for (serve)
 
     def stop(self, grace: float = 5.0) -> None:
         self.servicer.stop_watches()
         try:
             super().stop(grace)
         finally:
-            self.registry.close()
+            try:
+                if self.metrics is not None:  # it reads the registry: stopped first
+                    self.metrics.stop()
+            finally:
+                self.registry.close()
 
 
 def serve(settings: RunConfig, bind: str, state_path: str | Path | None,
           lease_seconds: float, *, security: Security | None = None,
-          limits: CallerLimits | None = None) -> RunningServer:
+          limits: CallerLimits | None = None,
+          metrics_port: int | None = None) -> BootstrapServer:
     """Open (or resume) the run's registry at state_path (None: in memory, lost on exit) and
     serve crossgrad.v1.Bootstrap on `bind`; the server is started and SERVING when this returns.
 
     `security` and `limits` as crossgrad.rpc.make_server (None: plaintext, default limits).
+    `metrics_port`: serve Prometheus metrics over HTTP on that port of the host of `bind` (0:
+    any free port; None: none), as `server.metrics`.
     Raises ConfigError for a state file of another run, a bad topology or an unusable bind.
     """
     registry = Registry(settings, state_path, lease_seconds=lease_seconds)
@@ -77,6 +87,13 @@ def serve(settings: RunConfig, bind: str, state_path: str | Path | None,
     servicer.refusals = running.refusals.snapshot
     registry.start_reaper()
     server = BootstrapServer(running, registry, servicer)
+    if metrics_port is not None:
+        try:
+            server.metrics = MetricsEndpoint(metrics_host(bind), metrics_port,
+                                             [BootstrapCollector(registry, running.refusals)])
+        except BaseException:
+            server.stop(grace=0)
+            raise
     server.set_serving()
     log.info("bootstrap serving on %s for %d nodes (%s), state %s, lease %g s, epoch %d",
              running.address, settings.nodes, settings.topology, state_path or "in memory",

@@ -69,6 +69,17 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML file with run settings (flags override it)")
 
 
+def add_metrics_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help=f"serve Prometheus metrics at http://HOST:PORT/metrics, {what} "
+                        "(docs/metrics.md; default 0: no metrics)")
+
+
+def metrics_port(args: argparse.Namespace) -> int | None:
+    """--metrics-port as the servers take it: None for 0 (off)."""
+    return args.metrics_port or None
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="crossgrad", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
@@ -91,6 +102,7 @@ def build_parser() -> Parser:
                       help="a peer silent this long is presumed dead (default 15)")
     add_security_flags(boot, serves=True)
     add_limit_flags(boot)
+    add_metrics_flag(boot, "HOST the one of --bind")
 
     peer = sub.add_parser("peer", help="run one node: serve, join the bootstrap, train")
     peer.add_argument("--id", dest="node_id", type=int, required=True,
@@ -133,6 +145,7 @@ def build_parser() -> Parser:
     peer.add_argument("--max-bytes-per-round", type=int, default=None,
                       help="bytes one neighbor may stream from this node per round (default: "
                       "four times the model)")
+    add_metrics_flag(peer, "HOST the one of --bind")
 
     demo = sub.add_parser("demo", help="a bootstrap and N peers as processes on loopback")
     add_run_flags(demo)
@@ -144,6 +157,7 @@ def build_parser() -> Parser:
     demo.add_argument("--insecure", action="store_true",
                       help="plaintext; by default the demo runs with mutual TLS, with a "
                       "throw-away CA in its run directory")
+    add_metrics_flag(demo, "HOST 127.0.0.1: the bootstrap's on PORT, peer I's on PORT+1+I")
 
     status = sub.add_parser("status", help="show a peer's status or the bootstrap's peers")
     status.add_argument("address", help="HOST:PORT of a peer or of the bootstrap")
@@ -205,7 +219,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     config = load_config(_overrides(args), args.config)
     security = security_from_args(args, Role.SERVER, "bootstrap")
     server = serve(config, args.bind, args.state, args.lease_seconds, security=security,
-                   limits=limits_from_args(args))
+                   limits=limits_from_args(args), metrics_port=metrics_port(args))
     stop = threading.Event()
     install_signal_handlers(stop.set)  # before the line that tells a supervisor it is up
     print(f"bootstrap serving on {server.address} (port {server.port}); waiting for "
@@ -228,7 +242,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
                           out=out, timeout=args.timeout, join_timeout=args.join_timeout,
                           checkpoint_dir=args.checkpoint_dir or out / "checkpoints",
                           resume=args.resume, security=security,
-                          limits=limits_from_args(args),
+                          limits=limits_from_args(args), metrics_port=metrics_port(args),
                           **{k: v for k, v in given.items() if v is not None})
     runtime = PeerRuntime(options)
     install_signal_handlers(runtime.stop)
@@ -253,7 +267,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     config = load_config(_overrides(args), args.config)
     return run_demo(config, args.out, timeout=args.timeout, insecure=args.insecure,
-                    quiet=args.quiet)
+                    quiet=args.quiet, metrics_port=args.metrics_port)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

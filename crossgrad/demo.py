@@ -33,7 +33,7 @@ from crossgrad.certs import make_run_certificates
 from crossgrad.cluster import client_security, command, read_bootstrap_address, run_flags, tls_flags
 from crossgrad.config import RunConfig
 from crossgrad.display import PeerRow, RunDisplay, Snapshot, state_label
-from crossgrad.errors import ProtocolError
+from crossgrad.errors import ConfigError, ProtocolError
 from crossgrad.security import BOOTSTRAP_SERVER_NAME
 from crossgrad.status import byte_cells, byte_columns, kind_columns
 from crossgrad.v1 import bootstrap_pb2
@@ -197,9 +197,25 @@ def finished(config: RunConfig, out: Path, seen: Mapping[int, PeerRow]) -> Snaps
                     nodes=config.nodes)
 
 
+def metrics_flags(port: int, offset: int) -> list[str]:
+    """--metrics-port of the demo's process number `offset` (0: the bootstrap, 1+I: peer I):
+    `port` + offset, or no flag when the demo runs without metrics (port 0)."""
+    if port < 0:
+        raise ConfigError(f"--metrics-port must be 0 (no metrics) or a port; got {port}")
+    if not port:
+        return []
+    if port + offset > 65535:
+        raise ConfigError(f"--metrics-port {port}: the demo needs ports {port} to "
+                          f"{port + offset} (the bootstrap's, then one per peer), above 65535")
+    return ["--metrics-port", str(port + offset)]
+
+
 def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0,
-             insecure: bool = False, quiet: bool = False) -> int:
-    """The demo; mutual TLS with a throw-away CA in OUT/certs unless `insecure`."""
+             insecure: bool = False, quiet: bool = False, metrics_port: int = 0) -> int:
+    """The demo; mutual TLS with a throw-away CA in OUT/certs unless `insecure`. With
+    `metrics_port`, the bootstrap serves Prometheus metrics on 127.0.0.1:metrics_port and
+    peer I on 127.0.0.1:metrics_port+1+I."""
+    metrics_flags(metrics_port, config.nodes)  # all the ports fit, before anything starts
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = out or Path("runs") / f"{stamp}-demo"
     out.mkdir(parents=True, exist_ok=True)
@@ -218,7 +234,7 @@ def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0,
             boot = subprocess.Popen(
                 command("--log-level", "INFO", "bootstrap", *run_flags(config), "--bind",
                          "127.0.0.1:0", "--state", str(out / "bootstrap.sqlite"),
-                         *tls_flags(certs, "bootstrap")),
+                         *tls_flags(certs, "bootstrap"), *metrics_flags(metrics_port, 0)),
                 stdout=subprocess.PIPE, stderr=boot_log, text=True, env=env)
             procs.append(boot)
         address = read_bootstrap_address(boot, timeout=60.0)
@@ -228,7 +244,8 @@ def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0,
                 logs.append(log)
                 args = ["--log-level", "INFO", "peer", "--id", str(i), "--bootstrap", address,
                         "--bind", "127.0.0.1:0", "--out", str(out / f"node-{i}"), "--device",
-                        config.device, "--timeout", str(timeout), *tls_flags(certs, f"node-{i}")]
+                        config.device, "--timeout", str(timeout), *tls_flags(certs, f"node-{i}"),
+                        *metrics_flags(metrics_port, 1 + i)]
                 if config.data_dir:
                     args += ["--data-dir", config.data_dir]
                 with signals.deferred():
@@ -237,6 +254,10 @@ def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0,
             display.note(f"bootstrap on {address}; started {config.nodes} peers "
                          f"({config.algorithm}, {config.topology}, "
                          f"{config.dataset}/{config.partition}); run directory {out}")
+            if metrics_port:
+                display.note(f"Prometheus metrics: http://127.0.0.1:{metrics_port}/metrics "
+                             f"(bootstrap), ports {metrics_port + 1}.."
+                             f"{metrics_port + config.nodes} (peers 0..{config.nodes - 1})")
             watcher = RunWatcher(address, security=client_security(certs),
                                  server_name=BOOTSTRAP_SERVER_NAME)
             try:

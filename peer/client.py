@@ -70,20 +70,35 @@ def check_model_fits(names: Sequence[str], params: Sequence[torch.Tensor],
             f"{total}")
 
 
+# Why a neighbor's answer was refused, by the status its error maps to (the `reason` of
+# crossgrad_rejected_messages_total): it failed validation, ended early, or was too large.
+REJECTED_ANSWERS = {
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid_answer",
+    grpc.StatusCode.DATA_LOSS: "truncated_answer",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "oversized_answer",
+}
+
+
 @dataclass
 class Misses:
-    """Neighbor answers that did not make it into a round, by reason."""
+    """Neighbor answers that did not make it into a round: unavailable (no answer in time) or
+    rejected, by reason (REJECTED_ANSWERS)."""
 
     unavailable: int = 0
-    rejected: int = 0
+    rejected_by: dict[str, int] = field(default_factory=dict)
     by_peer: dict[int, int] = field(default_factory=dict)
 
-    def count(self, peer: int, rejected: bool) -> None:
-        if rejected:
-            self.rejected += 1
-        else:
+    def count(self, peer: int, rejected: str | None) -> None:
+        """One miss of `peer`: unavailable when `rejected` is None, else its reason."""
+        if rejected is None:
             self.unavailable += 1
+        else:
+            self.rejected_by[rejected] = self.rejected_by.get(rejected, 0) + 1
         self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.rejected_by.values())
 
     @property
     def total(self) -> int:
@@ -124,6 +139,10 @@ class GrpcNeighborhood:
         self._waiting: set[int] = set()  # neighbors whose answer _gather waits for
         # (round, monotonic deadline): the one deadline of the round being fetched
         self._round_deadline: tuple[int, float] = (-1, 0.0)
+        # (kind, peer, round): when the stream's first message arrived (perf_counter), and the
+        # wait of the last gather (wait_seconds)
+        self._arrivals: dict[tuple[str, int, int], float] = {}
+        self._last_wait = 0.0
         self._pool = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="neighbors")
         self.update(addresses)
 
@@ -191,7 +210,8 @@ class GrpcNeighborhood:
         call = start(request, timeout=timeout if timeout is not None else self.timeout,
                      wait_for_ready=patient)
         try:
-            decoded = decode(call, specs_of(self.node.names, self.node.params), sender_id=peer,
+            decoded = decode(self._noting_arrival(call, (kind, peer, round_)),
+                             specs_of(self.node.names, self.node.params), sender_id=peer,
                              round_=round_, max_total_bytes=self.max_model_bytes,
                              compressor=compressor)
         except grpc.RpcError as err:
@@ -211,6 +231,19 @@ class GrpcNeighborhood:
             self._suspects.discard(peer)
         self.traffic.add_received(peer, kind, decoded.wire_bytes)
         return self._to_device(decoded.tensors)
+
+    def _noting_arrival(self, chunks: Iterator[bytes],
+                        key: tuple[str, int, int]) -> Iterator[bytes]:
+        """`chunks`, noting when the first one arrives: a neighbor sends its header once it has
+        the answer (its model published, its cross-gradient computed), so the time before it is
+        the wait for that neighbor and the time after it the transfer."""
+        first = True
+        for chunk in chunks:
+            if first:
+                first = False
+                with self._lock:
+                    self._arrivals[key] = time.perf_counter()
+            yield chunk
 
     def _to_device(self, tensors: list[torch.Tensor]) -> Params:
         """The one place received tensors (models, decompressed cross-gradients) move to the
@@ -273,11 +306,20 @@ class GrpcNeighborhood:
                             feedback.compressor if feedback is not None else None)
 
     # ---- the Neighborhood interface ------------------------------------------------------
-    def _gather(self, round_: int, neighbors: Sequence[int],
+    def _gather(self, round_: int, neighbors: Sequence[int], kind: str,
                 fetch: Callable[[int, int], Params]) -> dict[int, Params]:
         with self._lock:
             self._waiting = set(neighbors)
-        jobs = {j: self._pool.submit(fetch, j, round_) for j in neighbors}
+        started = time.perf_counter()
+        ended: dict[int, float] = {}
+
+        def timed(j: int) -> Params:
+            try:
+                return fetch(j, round_)
+            finally:
+                ended[j] = time.perf_counter()
+
+        jobs = {j: self._pool.submit(timed, j) for j in neighbors}
         for j, job in jobs.items():
             job.add_done_callback(partial(self._answered, j))
         out: dict[int, Params] = {}
@@ -291,10 +333,9 @@ class GrpcNeighborhood:
                     exc = InvalidMessage(f"node {j}'s answer could not be used: "
                                          f"{type(exc).__name__}: {exc}")
                 _, code = status_of(exc)
-                rejected = code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS,
-                                    grpc.StatusCode.RESOURCE_EXHAUSTED)
-                self.misses.count(j, rejected)
+                self.misses.count(j, REJECTED_ANSWERS.get(code))
                 log.warning("node %d round %d: %s", self.node.id, round_, exc)
+        self._note_wait(started, kind, round_, ended)
         return out
 
     def _answered(self, peer: int, job: futures.Future[Params]) -> None:
@@ -306,11 +347,28 @@ class GrpcNeighborhood:
         with self._lock:
             return sorted(self._waiting)
 
+    def _note_wait(self, started: float, kind: str, round_: int,
+                   ended: Mapping[int, float]) -> None:
+        """The gather's wait: until the last neighbor's first message (a neighbor that never
+        sent one, until its call ended; an answer already at hand, none)."""
+        with self._lock:
+            ready = [min(max(self._arrivals.pop((kind, j, round_), started), started), end)
+                     for j, end in ended.items()]
+            for key in [k for k in self._arrivals if k[2] < round_]:
+                del self._arrivals[key]  # fetched for a server thread, never gathered
+            self._last_wait = max(ready, default=started) - started
+
+    def wait_seconds(self) -> float | None:
+        """Of the last models() or cross_gradients() call, the seconds before the last
+        neighbor's first message (peer/node.py, RoundPhases)."""
+        with self._lock:
+            return self._last_wait
+
     def models(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
         """x_j^round from each neighbor; starts the round's deadline (see cross_gradients)."""
         with self._lock:
             self._round_deadline = (round_, time.monotonic() + self.timeout)
-        return self._gather(round_, neighbors, self.fetch_model)
+        return self._gather(round_, neighbors, "model", self.fetch_model)
 
     def cross_gradients(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
         """g_ij from each neighbor, within what is left of the round's deadline: a neighbor
@@ -326,7 +384,7 @@ class GrpcNeighborhood:
                                        "its models were fetched")
             return self.fetch_cross_gradient(peer, r, left)
 
-        return self._gather(round_, neighbors, fetch)
+        return self._gather(round_, neighbors, "cross_gradient", fetch)
 
     def status(self, peer: int, timeout: float = 5.0) -> peer_pb2.PeerStatus:
         request = peer_pb2.GetStatusRequest(requester=f"node {self.node.id}")

@@ -31,7 +31,7 @@ from bootstrap.registry import AssignmentView
 from crossgrad.config import RunConfig
 from crossgrad.errors import ProtocolError
 from peer.client import GrpcNeighborhood
-from peer.metrics import Traffic, kinds_json, pair_sum
+from peer.metrics import RoundTimes, Traffic, kinds_json, pair_sum
 from peer.node import Assignment, Node, Params, RoundRecord
 from peer.records import RunRecorder
 from peer.session import Progress
@@ -89,6 +89,7 @@ class RoundLoop:
         self.last_accuracy = math.nan
         self.evaluated_round = 0  # the round of last_accuracy (PeerStatus.evaluated_round)
         self.catch_ups = CatchUps()
+        self.times = RoundTimes()  # read by the metrics endpoint (peer/exporter.py)
         self.stop_event = threading.Event()
         self._lock = threading.Lock()
         self._pending: AssignmentView | None = None
@@ -198,6 +199,7 @@ class RoundLoop:
             node.publish()
             record = node.run_round(self.hood)
             self.last_loss = record.loss
+            self.times.observe(record.seconds, record.phases)
             self._note_round(record)
             per_kind = self.traffic.per_kind()
             self.recorder.round(record, bytes=pair_sum(per_kind.values()),

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import torch
 
@@ -133,3 +133,61 @@ def pair_sum(pairs: Iterable[Pair]) -> Pair:
 
 def _kinds(*counters: dict[tuple[int, str], int]) -> list[str]:
     return sorted(set(KINDS).union(k for counter in counters for _, k in counter))
+
+
+# Upper bounds (s) of the round-time histograms: a round of the digits MLP on loopback takes
+# milliseconds, one of a large model over a slow link minutes.
+ROUND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                 30.0, 60.0, 120.0, 300.0)
+
+
+class Tally(NamedTuple):
+    """One histogram: counts[b] observations in (bounds[b-1], bounds[b]], the last count above
+    every bound (so len(counts) == len(bounds) + 1), and the sum of the observations."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    total: float
+
+
+class RoundTimes:
+    """Histograms of a peer's round times and of their parts (peer.node.RoundPhases), kept by
+    the round loop and read by a metrics scrape from another thread (peer/exporter.py)."""
+
+    def __init__(self, bounds: Sequence[float] = ROUND_BUCKETS) -> None:
+        self.bounds = tuple(bounds)
+        self._lock = threading.Lock()
+        self._counts: dict[str, list[int]] = {}
+        self._totals: dict[str, float] = {}
+
+    def observe(self, seconds: float, phases: Mapping[str, float]) -> None:
+        """One round: its time (under "round") and each phase's."""
+        with self._lock:
+            for name, value in (("round", seconds), *((f"phase:{k}", v)
+                                                      for k, v in phases.items())):
+                counts = self._counts.setdefault(name, [0] * (len(self.bounds) + 1))
+                counts[_bucket(self.bounds, value)] += 1
+                self._totals[name] = self._totals.get(name, 0.0) + value
+
+    def rounds(self) -> Tally:
+        """The round times."""
+        return self._tally("round")
+
+    def phases(self) -> dict[str, Tally]:
+        """{phase: its times}, for the phases observed so far."""
+        with self._lock:
+            names = [n.removeprefix("phase:") for n in self._counts if n.startswith("phase:")]
+        return {name: self._tally(f"phase:{name}") for name in names}
+
+    def _tally(self, name: str) -> Tally:
+        with self._lock:
+            counts = self._counts.get(name, [0] * (len(self.bounds) + 1))
+            return Tally(self.bounds, tuple(counts), self._totals.get(name, 0.0))
+
+
+def _bucket(bounds: Sequence[float], value: float) -> int:
+    """The index of the first bound >= value (len(bounds) above them all)."""
+    for b, bound in enumerate(bounds):
+        if value <= bound:
+            return b
+    return len(bounds)

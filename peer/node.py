@@ -57,6 +57,12 @@ class Neighborhood(Protocol):
         """grad F_j(x_me^round; B_j^round), computed at j, for each neighbor j that answered."""
         ...
 
+    def wait_seconds(self) -> float | None:
+        """Of the last models() or cross_gradients() call, the seconds spent before the last
+        neighbor began to answer (the rest moved and decoded bytes); None when the neighbors
+        live in this process and the call's time was their computing (the simulator)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Assignment:
@@ -79,6 +85,51 @@ class RoundRecord:
     missing: list[int]
     seconds: float
     stats: dict[str, float] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)  # RoundPhases.as_dict()
+
+
+# The parts of a round's time, in the order a round runs them (RoundPhases).
+PHASES = ("compute", "wait", "transfer", "qp", "mix")
+
+
+@dataclass
+class RoundPhases:
+    """Where one round's time went, in seconds; the parts add up to RoundRecord.seconds but
+    for the bookkeeping between them (microseconds).
+
+    compute    gradients on this node (its own, NGC's model-variant ones) and the checks of
+               the fetched models; in the simulator also the neighbors' answers, computed here
+    wait       from asking the neighbors until the last of them began to answer: their own
+               computing (a cross-gradient is computed on request) and their lateness
+    transfer   the rest of the calls: bytes on the wire, decoding and validating them
+    qp         CGA's quadratic programs (the algorithm's stats["qp_seconds"])
+    mix        the rest of the algorithm's step: mixing, momentum, self-gradient compression
+    """
+
+    compute: float = 0.0
+    wait: float = 0.0
+    transfer: float = 0.0
+    qp: float = 0.0
+    mix: float = 0.0
+
+    def called(self, neighborhood: Neighborhood, seconds: float) -> None:
+        """Book `seconds` spent in one call of `neighborhood` (see wait_seconds)."""
+        waited = neighborhood.wait_seconds()
+        if waited is None:
+            self.compute += seconds
+            return
+        waited = min(max(waited, 0.0), seconds)
+        self.wait += waited
+        self.transfer += seconds - waited
+
+    def stepped(self, seconds: float, qp_seconds: float) -> None:
+        """Book the algorithm's step: `qp_seconds` of it solving QPs, the rest mixing."""
+        qp = min(max(qp_seconds, 0.0), seconds)
+        self.qp += qp
+        self.mix += seconds - qp
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in PHASES}
 
 
 def effective_weights(node: int, assignment: Assignment,
@@ -326,20 +377,32 @@ class Node:
 
     def run_round(self, neighborhood: Neighborhood) -> RoundRecord:
         """Steps 2-5 of round self.round (publish() must have been called for it)."""
-        started = time.perf_counter()
+        # The clock only reads time: what is computed, and in which order, is the same with
+        # or without it (simulated and networked runs stay bit-identical).
+        clock = time.perf_counter
+        started = mark = clock()
+        phases = RoundPhases()
         t = self.round
         algo = self.algorithm
         neighbors = list(self.assignment.neighbors)
-        nbr_params = neighborhood.models(t, neighbors) if neighbors else {}
+        nbr_params: dict[int, Params] = {}
+        if neighbors:
+            nbr_params = neighborhood.models(t, neighbors)
+            phases.called(neighborhood, clock() - mark)
+            mark = clock()
         self._drop_implausible(t, nbr_params)
         local = self._local_cross_gradients(t, nbr_params) if algo.uses_local else {}
         weights = effective_weights(self.id, self.assignment, sorted(nbr_params))
         point = algo.self_grad_point(self.id, self.params, nbr_params, weights)
         loss, self_grad = self.trainer.gradient(point, t, "self")
+        phases.compute += clock() - mark
         received: dict[int, Params] = {}
         if algo.uses_received and nbr_params:
+            mark = clock()
             received = neighborhood.cross_gradients(t, sorted(nbr_params))
+            phases.called(neighborhood, clock() - mark)
         before = dict(algo.stats)
+        mark = clock()
         with torch.no_grad():
             new_params = algo.step(StepInputs(
                 node=self.id, params=self.params, neighbor_params=nbr_params, weights=weights,
@@ -349,10 +412,11 @@ class Node:
             self.params = new_params
             self.round = t + 1
         stats = {k: v - before.get(k, 0) for k, v in algo.stats.items()}
+        phases.stepped(clock() - mark, stats.get("qp_seconds", 0.0))
         return RoundRecord(node=self.id, round=t, loss=loss, lr=self.trainer.lr(t),
                            answered=sorted(nbr_params),
                            missing=sorted(set(neighbors) - set(nbr_params)),
-                           seconds=time.perf_counter() - started, stats=stats)
+                           seconds=clock() - started, stats=stats, phases=phases.as_dict())
 
     # ---- checkpoints (peer/training/checkpoint.py) --------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
     config.json     the effective configuration
     metrics.jsonl   one JSON object per line, by "kind":
-                    round   a node's round (peer.node.RoundRecord fields, plus what the writer
-                            adds: bytes on the wire for a deployed peer)
+                    round   a node's round (peer.node.RoundRecord fields, its time split in
+                            "phases", plus what the writer adds: bytes on the wire for a
+                            deployed peer; docs/metrics.md)
                     eval    a test-set evaluation (round, accuracy, loss; the simulator adds the
                             average model and the consensus distance)
                     event   something that changed the run: assignment (new topology epoch),

@@ -32,6 +32,7 @@ import torch
 from bootstrap.registry import AssignmentView
 from crossgrad.config import RunConfig
 from crossgrad.errors import ConfigError, DataError, Unavailable
+from crossgrad.exporter import MetricsEndpoint, metrics_host
 from crossgrad.guard import CallerLimits
 from crossgrad.rpc import (
     DEFAULT_CHUNK_BYTES,
@@ -46,6 +47,7 @@ from crossgrad.security import Security
 from crossgrad.v1 import peer_pb2
 from peer.builder import load_run_data, make_node, resolve_device, validate_config
 from peer.client import GrpcNeighborhood, check_model_fits
+from peer.exporter import PeerCollector
 from peer.loop import PeerState, RoundLoop, assignment_of
 from peer.metrics import Pair, Traffic, digest, kind_totals, kinds_json, pair_sum
 from peer.node import Node, Params
@@ -101,6 +103,8 @@ class PeerOptions:
     limits: CallerLimits | None = None  # per caller; None: crossgrad.guard's defaults
     bytes_per_round: int = 0  # streamed to one neighbor per round; 0: MODELS_PER_ROUND models
     max_streams: int = DEFAULT_MAX_STREAMS  # streams served at once; one more: UNAVAILABLE
+    # Prometheus metrics over HTTP on this port of the bind host (0: any free port; None: none)
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.chunk_bytes <= DEFAULT_MAX_MESSAGE_BYTES // 2:
@@ -184,6 +188,7 @@ class PeerRuntime:
         self.traffic = Traffic()
         self.address = ""
         self.server: RunningServer | None = None
+        self.metrics: MetricsEndpoint | None = None  # /metrics (options.metrics_port)
         self.session: BootstrapSession | None = None
         self.settings: RunConfig | None = None
         self.node: Node | None = None
@@ -191,7 +196,7 @@ class PeerRuntime:
         self.loop: RoundLoop | None = None
         self.recorder: RunRecorder | None = None
         self.test_set: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._rejected = 0
+        self._rejected: dict[str, int] = {}  # requests refused, by reason (count_rejected)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -221,9 +226,21 @@ class PeerRuntime:
         return self.node
 
     # ---- used by the servicer ------------------------------------------------------------
-    def count_rejected(self) -> None:
+    def count_rejected(self, reason: str) -> None:
+        """A neighbor's request refused, for `reason` (a crossgrad_rejected_messages_total
+        label: not_a_neighbor, past_last_round)."""
         with self._lock:
-            self._rejected += 1
+            self._rejected[reason] = self._rejected.get(reason, 0) + 1
+
+    def rejected(self) -> dict[str, int]:
+        """Messages refused, by reason: neighbors' requests (count_rejected) and neighbors'
+        answers (peer/client.py, REJECTED_ANSWERS)."""
+        hood = self.hood
+        with self._lock:
+            counts = dict(self._rejected)
+        for reason, n in (dict(hood.misses.rejected_by) if hood is not None else {}).items():
+            counts[reason] = counts.get(reason, 0) + n
+        return counts
 
     def assignment_may_be_stale(self) -> None:
         """A neighbor refused this node as not its neighbor, or a node that is not one asked it
@@ -252,7 +269,7 @@ class PeerRuntime:
             total_rounds=self.settings.rounds if self.settings else 0,
             algorithm=self.settings.algorithm if self.settings else "",
             bytes_sent=sent, bytes_received=received, links=links, kinds=kind_bytes(per_kind),
-            rejected_messages=self._rejected + (hood.misses.rejected if hood else 0),
+            rejected_messages=sum(self.rejected().values()),
             missed_neighbor_answers=hood.misses.total if hood else 0,
             waiting_on=hood.waiting() if hood else [],
             refusals=self.server.refusals.snapshot() if self.server else {})
@@ -394,6 +411,13 @@ class PeerRuntime:
             max_workers=self.options.max_streams + RESERVED_UNARY_WORKERS,
             security=self.options.security, limits=self.options.limits)
         self.address = self.options.advertise or self.server.address
+        if self.options.metrics_port is not None:
+            try:
+                self.metrics = MetricsEndpoint(metrics_host(self.options.bind),
+                                               self.options.metrics_port, [PeerCollector(self)])
+            except BaseException:
+                self.server.stop(0)
+                raise
         return self.server
 
     def attach(self, node: Node, addresses: dict[int, str], epoch: int) -> None:
@@ -468,5 +492,8 @@ class PeerRuntime:
             self.session.close()
         if self.server is not None:
             self.server.stop(grace)
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         if self.hood is not None:
             self.hood.close()

@@ -122,13 +122,13 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
             raise Unavailable(f"node {self.runtime.node_id} is starting: it has no assignment "
                               "yet")
         if not node.is_neighbor(requester):
-            self.runtime.count_rejected()
+            self.runtime.count_rejected("not_a_neighbor")
             self.runtime.assignment_may_be_stale()
             raise NotANeighbor(f"node {requester} is not a neighbor of node {node.id} "
                                f"(neighbors: {list(node.assignment.neighbors)})")
         last = self.runtime.last_round()
         if round_ > last:
-            self.runtime.count_rejected()
+            self.runtime.count_rejected("past_last_round")
             raise InvalidMessage(f"round {round_} is past the last round of this run "
                                  f"({last}); node {node.id} is at round {node.round}")
         current = node.round

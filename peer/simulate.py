@@ -78,6 +78,10 @@ class InMemoryNeighborhood:
                     self.nodes[j], "cross_gradient", self.me, round_, g))
         return out
 
+    def wait_seconds(self) -> float | None:
+        """None: the calls' time was the neighbors' computing, here (peer/node.py, RoundPhases)."""
+        return None
+
 
 @dataclass(frozen=True)
 class Evaluation:

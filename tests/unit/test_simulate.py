@@ -12,7 +12,7 @@ import torch
 
 from crossgrad.config import RunConfig
 from peer import simulate
-from peer.node import Node, Params
+from peer.node import PHASES, Node, Params
 from peer.simulate import InMemoryNeighborhood
 
 from runs import build, run_config
@@ -73,6 +73,12 @@ def test_run_directory_holds_config_metrics_and_models(tmp_path: Path) -> None:
     assert len(rounds) == cfg.rounds * cfg.nodes
     assert [e["round"] for e in evals] == [2, 4]
     assert all(r["stats"]["qp_calls"] == 6 for r in rounds)  # one QP per tensor (mlp: 6)
+    for r in rounds:  # the round's time split: in memory, nothing waits or crosses a wire
+        phases = r["phases"]
+        assert sorted(phases) == sorted(PHASES)
+        assert phases["wait"] == phases["transfer"] == 0
+        assert phases["compute"] > 0 and phases["qp"] > 0 and phases["mix"] > 0
+        assert sum(phases.values()) <= r["seconds"]
     saved = torch.load(tmp_path / "models.pt", weights_only=True)
     assert all(torch.equal(saved[i][0], result.models[i][0]) for i in range(cfg.nodes))
     text = simulate.table(result)
