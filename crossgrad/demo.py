@@ -4,9 +4,10 @@ Everything goes through the real CLI and real sockets: the bootstrap binds a fre
 which; every peer binds a free port, joins, trains and writes its results under the run
 directory. Progress comes from the bootstrap's ListPeers and each peer's GetStatus. At the end
 the demo prints the final table (per-node accuracy, mean, min, average-model accuracy,
-consensus distance, QP fallbacks, bytes on the wire in all and per message kind) and stops
-everything; Ctrl-C or SIGTERM stops everything too, even when the demo was started with SIGINT
-ignored (as POSIX shells start `&` jobs).
+consensus distance, QP fallbacks, bytes on the wire in all and per message kind), writes its
+plots (crossgrad/plots.py) under RUN/plots, prints their paths and stops everything; Ctrl-C or
+SIGTERM stops everything too, even when the demo was started with SIGINT ignored (as POSIX
+shells start `&` jobs).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from crossgrad.certs import make_run_certificates
 from crossgrad.cluster import client_security, command, read_bootstrap_address, run_flags, tls_flags
 from crossgrad.config import RunConfig
+from crossgrad.plots import plot_runs
 from crossgrad.rpc import make_channel
 from crossgrad.security import BOOTSTRAP_SERVER_NAME
 from crossgrad.status import byte_cells, byte_columns, kind_columns
@@ -249,6 +251,8 @@ def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0,
             return 1
         print(final_table(config, out, listed), flush=True)
         print(f"{config.rounds} rounds in {time.perf_counter() - started:.1f} s", flush=True)
+        plotted = plot_runs([out], out / "plots")
+        print(f"plots: {', '.join(str(p) for p in plotted)}", flush=True)
         return 0
     except KeyboardInterrupt:
         print("interrupted: stopping the bootstrap and the peers", file=sys.stderr)
