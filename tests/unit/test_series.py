@@ -139,7 +139,7 @@ def test_a_torn_last_line_is_left_out_and_a_bad_line_elsewhere_is_an_error(
 
 
 def test_a_directory_without_records_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="holds no metrics.jsonl"):
+    with pytest.raises(DataError, match=r"holds no metrics\.jsonl"):
         read_run(tmp_path)
     with pytest.raises(DataError, match="is not a directory"):
         read_run(tmp_path / "missing")
