@@ -127,7 +127,8 @@ def draw_time(runs: Sequence[RunRecords], names: Sequence[str], path: Path) -> P
             phases = {"round (no split)": sum(seconds.mean) / max(1, len(seconds.mean))}
         phase_names += [p for p in phases if p not in phase_names]
         splits.append(phases)
-    line_ax.set(xlabel="round", ylabel="seconds", yscale="log",
+    line_ax.set_ylim(bottom=0)
+    line_ax.set(xlabel="round", ylabel="seconds",
                 title="seconds per round (mean over peers, band: min-max)")
     line_ax.grid(alpha=0.3)
     line_ax.legend(fontsize=8)
@@ -145,7 +146,7 @@ def draw_time(runs: Sequence[RunRecords], names: Sequence[str], path: Path) -> P
     if unsplit:  # say so: a grey bar is the whole round, not a phase
         who = "these runs" if len(unsplit) == len(runs) else ", ".join(unsplit)
         bar_ax.set_title(f"round time by phase\n(no per-phase split recorded by {who}: "
-                         "total seconds per round shown)", fontsize=9)
+                         "the whole round)", fontsize=9)
     fig.suptitle(_title(runs), fontsize=10)
     fig.savefig(path)
     return path
