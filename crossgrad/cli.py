@@ -6,6 +6,7 @@
     crossgrad demo      [run flags]   a bootstrap and N peers as processes on loopback
     crossgrad status    ADDRESS [--watch]   a peer's status, or the bootstrap's list of peers
     crossgrad certs     --nodes N --out DIR   a CA and the certificates of a run
+    crossgrad plot      RUN_DIR [RUN_DIR ...] [--out DIR]   PNGs of finished runs
 
 Serving and calling need TLS material (--tls-ca, --tls-cert, --tls-key) or an explicit --insecure
 (docs/security.md); `crossgrad demo` makes a throw-away CA in its run directory.
@@ -187,6 +188,14 @@ def build_parser() -> Parser:
     certs.add_argument("--if-missing", action="store_true",
                        help="do nothing when OUT already holds a CA (a compose set-up that "
                        "runs this at every `up` keeps its certificates)")
+
+    plot = sub.add_parser("plot", help="PNGs of finished runs: accuracy and loss per round, "
+                          "accuracy against bytes on the wire, round time")
+    plot.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
+                      help="run directories written by simulate, demo or peer (--out)")
+    plot.add_argument("--out", type=Path, default=None,
+                      help="directory for the PNGs (default RUN_DIR/plots for one run, "
+                      "./plots for several)")
     return parser
 
 
@@ -202,10 +211,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     title = f"simulate: {config.algorithm}, {config.topology}, {config.dataset}/{config.partition}"
     with RunDisplay(quiet=args.quiet, title=title) as display:
-        # bytes are counted for the live table only: counting encodes every message again
+        # Bytes on the wire are counted by encoding each message as a peer would (a few per
+        # cent of a round): run records then carry them, as a deployed peer's do, for the live
+        # table and `crossgrad plot`.
         result = simulate.run(config, args.out, progress=display.note,
                               watch=display.update if display.live else None,
-                              count_bytes=display.live)
+                              count_bytes=True)
     print(simulate.table(result), flush=True)
     return 0
 
@@ -302,8 +313,17 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from crossgrad.plots import plot_runs
+
+    out = args.out or (args.runs[0] / "plots" if len(args.runs) == 1 else Path("plots"))
+    for path in plot_runs(args.runs, out):
+        print(path, flush=True)
+    return 0
+
+
 COMMANDS = {"simulate": cmd_simulate, "bootstrap": cmd_bootstrap, "peer": cmd_peer,
-            "demo": cmd_demo, "status": cmd_status, "certs": cmd_certs}
+            "demo": cmd_demo, "status": cmd_status, "certs": cmd_certs, "plot": cmd_plot}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

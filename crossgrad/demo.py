@@ -6,9 +6,10 @@ directory. Progress comes from the bootstrap's ListPeers and each peer's GetStat
 (crossgrad/watch.py), drawn live in a terminal and as log lines otherwise (crossgrad/display.py);
 --quiet keeps only the final table. At the end
 the demo prints the final table (per-node accuracy, mean, min, average-model accuracy,
-consensus distance, QP fallbacks, bytes on the wire in all and per message kind) and stops
-everything; Ctrl-C or SIGTERM stops everything too, even when the demo was started with SIGINT
-ignored (as POSIX shells start `&` jobs).
+consensus distance, QP fallbacks, bytes on the wire in all and per message kind), writes its
+plots (crossgrad/plots.py) under RUN/plots, prints their paths and stops everything; Ctrl-C or
+SIGTERM stops everything too, even when the demo was started with SIGINT ignored (as POSIX
+shells start `&` jobs).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from crossgrad.cluster import client_security, command, read_bootstrap_address, 
 from crossgrad.config import RunConfig
 from crossgrad.display import PeerRow, RunDisplay, Snapshot, state_label
 from crossgrad.errors import ConfigError, ProtocolError
+from crossgrad.plots import plot_runs
 from crossgrad.security import BOOTSTRAP_SERVER_NAME
 from crossgrad.status import byte_cells, byte_columns, kind_columns
 from crossgrad.v1 import bootstrap_pb2
@@ -287,6 +289,8 @@ def run_demo(config: RunConfig, out: Path | None, *, timeout: float = 60.0,
             return 1
         print(final_table(config, out, listed), flush=True)
         print(f"{config.rounds} rounds in {time.perf_counter() - started:.1f} s", flush=True)
+        plotted = plot_runs([out], out / "plots")
+        print(f"plots: {', '.join(str(p) for p in plotted)}", flush=True)
         return 0
     except KeyboardInterrupt:
         print("interrupted: stopping the bootstrap and the peers", file=sys.stderr)

@@ -21,7 +21,7 @@ import torch
 from crossgrad.config import RunConfig
 from crossgrad.display import PeerRow, Snapshot
 from peer.builder import assignments, load_run_data, make_node, resolve_device
-from peer.metrics import Traffic, average, consensus_distance, digest
+from peer.metrics import Traffic, average, consensus_distance, digest, kinds_json, pair_sum
 from peer.node import Node, Params, RoundRecord
 from peer.records import RunRecorder
 from peer.training.checkpoint import (
@@ -143,6 +143,16 @@ class SimulationResult:
     traffic: dict[int, Traffic] = dataclasses.field(default_factory=dict)  # with count_bytes
 
 
+def _bytes_fields(traffic: Traffic | None) -> dict[str, object]:
+    """The bytes a deployed peer adds to its round records (peer/loop.py), when counted: so
+    that a plot reads bytes on the wire from either run directory. Only received bytes are
+    counted in process (sent is 0); every byte sent is some node's received byte."""
+    if traffic is None:
+        return {}
+    per_kind = traffic.per_kind()
+    return {"bytes": pair_sum(per_kind.values()), "bytes_by_kind": kinds_json(per_kind)}
+
+
 def default_out_dir(config: RunConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     return Path("runs") / f"{stamp}-{config.algorithm}-{config.dataset}"
@@ -216,7 +226,7 @@ def run(config: RunConfig, out_dir: Path | None = None,
                 node.publish()
             records: list[RoundRecord] = [node.run_round(hoods[node.id]) for node in ordered]
             for rec in records:
-                recorder.round(rec)
+                recorder.round(rec, **_bytes_fields(traffic.get(rec.node)))
             if checkpoint_every and (t + 1) % checkpoint_every == 0:
                 for node in ordered:
                     stores[node.id].save(make_checkpoint(config, node.id, node.assignment.epoch,
