@@ -1,7 +1,8 @@
 """Fixtures for tests against real servers on 127.0.0.1:0 (docs/conventions.md, "Tests mirror
 the layers"), thin wrappers of tests/rpc/harness.py.
 
-`cluster` is a Cluster that stops everything it started when the test ends; `serve` starts
+`cluster` is a Cluster that stops everything it started when the test ends; `run_certs` the
+certificates of a 4-node run (a CA, nodes 0-3, the bootstrap, a client), made once; `serve` starts
 servers through the one server factory and `channel` opens channels through the one channel
 factory, both on that cluster. Ports are never fixed: use `server.address` or `server.port`.
 """
@@ -12,7 +13,16 @@ from collections.abc import Iterator
 
 import pytest
 
+from crossgrad.certs import Made, make_run_certificates
+
 from harness import Cluster, Open, Serve
+
+CERT_NODES = 4  # enough for a ring in which node 2 is not node 0's neighbor
+
+
+@pytest.fixture(scope="session")
+def run_certs(tmp_path_factory: pytest.TempPathFactory) -> Made:
+    return make_run_certificates(tmp_path_factory.mktemp("certs"), CERT_NODES)
 
 
 @pytest.fixture

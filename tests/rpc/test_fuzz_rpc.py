@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from crossgrad.certs import Made, make_run_certificates
+from crossgrad.certs import Made
 from crossgrad.guard import CallerLimits
 from crossgrad.security import node_server_name
 from crossgrad.v1 import bootstrap_pb2, bootstrap_pb2_grpc
@@ -49,9 +49,9 @@ FUZZ_COUNT = 10_000
 GENEROUS = CallerLimits(streams=64, rate=1e6, burst=1_000_000)
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Made:
-    return make_run_certificates(tmp_path_factory.mktemp("certs"), NODES)
+@pytest.fixture
+def certs(run_certs: Made) -> Made:
+    return run_certs
 
 
 @dataclass

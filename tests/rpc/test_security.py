@@ -36,9 +36,9 @@ UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Made:
-    return make_run_certificates(tmp_path_factory.mktemp("certs"), NODES)
+@pytest.fixture
+def certs(run_certs: Made) -> Made:
+    return run_certs
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +65,9 @@ class Ring:
 
 def start_ring(cluster: Cluster, **options: object) -> Ring:
     nodes = load_run(NODES).nodes()
-    runtimes = {i: cluster.runtime(i, **options) for i in nodes}
-    for i, runtime in runtimes.items():
-        nodes[i].publish()
-        runtime.attach(nodes[i], {j: runtimes[j].address
-                                  for j in nodes[i].assignment.neighbors}, epoch=1)
-    return Ring(cluster, runtimes)
+    for node in nodes.values():
+        node.publish()
+    return Ring(cluster, cluster.peers(nodes, **options))
 
 
 @pytest.fixture
