@@ -80,5 +80,6 @@ def peer_to_proto(peer: PeerView, now: float) -> pb.PeerInfo:
         returns=peer.returns,
         resumes=peer.resumes,
         unreachable_reports=peer.unreachable_reports,
+        health=peer.health,
     )
 

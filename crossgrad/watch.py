@@ -30,6 +30,10 @@ def row_of_status(s: peer_pb2.PeerStatus) -> PeerRow:
                                      resumed=s.resumes > 0))
 
 
+# PeerInfo.health of a peer that left after its last round (bootstrap.proto).
+FINISHED_NOTE = "left: done"
+
+
 def rows_of_run(listed: bootstrap_pb2.ListPeersResponse,
                 statuses: Mapping[int, peer_pb2.PeerStatus],
                 previous: Mapping[int, PeerRow]) -> list[PeerRow]:
@@ -43,10 +47,13 @@ def rows_of_run(listed: bootstrap_pb2.ListPeersResponse,
             rows.append(row_of_status(status))
             continue
         before = previous.get(p.node_id, PeerRow(node=p.node_id, round=0))
-        finished = p.state == "LEFT" and before.state == "done"
+        # A peer that ran every round leaves with "done" (PeerInfo.health): its last
+        # heartbeat's round may be older than the run's last, which it reached.
+        finished = p.state == "LEFT" and (before.state == "done" or p.health == FINISHED_NOTE)
         state = "done" if finished else state_label(p.state, down=p.state != "LEFT",
                                                     left=p.state == "LEFT")
-        rows.append(replace(before, round=max(p.round, before.round),
+        last = listed.settings.rounds if finished and listed.settings.rounds else 0
+        rows.append(replace(before, round=max(p.round, before.round, last),
                             loss=before.loss if math.isnan(p.loss) else p.loss, state=state))
     return rows
 

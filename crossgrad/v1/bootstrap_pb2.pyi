@@ -141,7 +141,7 @@ class ListPeersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PeerInfo(_message.Message):
-    __slots__ = ("node_id", "address", "num_samples", "state", "round", "loss", "last_seen_seconds_ago", "returns", "resumes", "unreachable_reports")
+    __slots__ = ("node_id", "address", "num_samples", "state", "round", "loss", "last_seen_seconds_ago", "returns", "resumes", "unreachable_reports", "health")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,7 @@ class PeerInfo(_message.Message):
     RETURNS_FIELD_NUMBER: _ClassVar[int]
     RESUMES_FIELD_NUMBER: _ClassVar[int]
     UNREACHABLE_REPORTS_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     address: str
     num_samples: int
@@ -162,7 +163,8 @@ class PeerInfo(_message.Message):
     returns: int
     resumes: int
     unreachable_reports: int
-    def __init__(self, node_id: _Optional[int] = ..., address: _Optional[str] = ..., num_samples: _Optional[int] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., loss: _Optional[float] = ..., last_seen_seconds_ago: _Optional[float] = ..., returns: _Optional[int] = ..., resumes: _Optional[int] = ..., unreachable_reports: _Optional[int] = ...) -> None: ...
+    health: str
+    def __init__(self, node_id: _Optional[int] = ..., address: _Optional[str] = ..., num_samples: _Optional[int] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., loss: _Optional[float] = ..., last_seen_seconds_ago: _Optional[float] = ..., returns: _Optional[int] = ..., resumes: _Optional[int] = ..., unreachable_reports: _Optional[int] = ..., health: _Optional[str] = ...) -> None: ...
 
 class ListPeersResponse(_message.Message):
     __slots__ = ("peers", "expected", "topology_epoch", "settings", "refusals")

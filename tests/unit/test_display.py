@@ -110,3 +110,15 @@ def test_rows_of_run_merge_the_bootstrap_and_each_peer() -> None:
     assert rows[2].state == "done" and rows[2].round == 20  # finished, then left
     assert rows[3].state == "down" and math.isnan(rows[3].loss)  # listed but silent
     assert not Snapshot(tuple(rows.values()), rounds=20, nodes=4).finished
+
+
+def test_a_peer_that_finished_between_two_looks_reads_done_at_the_last_round() -> None:
+    """Its last heartbeat said round 28, then it ran to 60 and left "done": not "left" at 28."""
+    listed = bootstrap_pb2.ListPeersResponse(
+        expected=2, settings=bootstrap_pb2.RunSettings(rounds=60), peers=[
+            bootstrap_pb2.PeerInfo(node_id=0, state="LEFT", round=28, health="left: done"),
+            bootstrap_pb2.PeerInfo(node_id=1, state="LEFT", round=28, health="left: draining")])
+    previous = {0: PeerRow(0, 28, state="training"), 1: PeerRow(1, 28, state="training")}
+    rows = {r.node: r for r in rows_of_run(listed, {}, previous)}
+    assert (rows[0].state, rows[0].round) == ("done", 60)
+    assert (rows[1].state, rows[1].round) == ("left", 28)  # stopped: it did not finish
