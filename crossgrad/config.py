@@ -68,6 +68,9 @@ class RunConfig:
     eval_every: int = 25  # rounds between evaluations on the test set (and the last round)
     compressor: str = ""  # cross-gradient compressor ("": none for cga/ngc, sign for comp*)
     model_compressor: str = ""  # model messages: only "" / "none" (see docs/algorithms.md)
+    # compcga / compngc: ef (error feedback), ef21 or clag:Z (three-point compressors, shared
+    # estimates on both ends of a link; docs/algorithms.md); simulate only for now
+    feedback: str = "ef"
 
     def __post_init__(self) -> None:
         if not self.model:

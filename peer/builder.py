@@ -24,11 +24,14 @@ from crossgrad.errors import ConfigError, UnknownNameError
 from peer import algorithms
 from peer.compression import ErrorFeedback
 from peer.compression import make as make_compressor
+from peer.compression.threepoint import ThreePoint, parse_feedback
 from peer.node import Assignment, Node
 from peer.training.datasets import DATASETS, Dataset, load_dataset
 from peer.training.models import MODELS, make_model
 from peer.training.partitions import partition
 from peer.training.trainer import Schedule, Trainer, seeded_model
+
+THREE_POINT = ("compcga", "compngc")  # the algorithms --feedback ef21 / clag:Z applies to
 
 
 def validate_names(config: RunConfig) -> RunConfig:
@@ -43,6 +46,19 @@ def validate_names(config: RunConfig) -> RunConfig:
         raise UnknownNameError("model", config.model, MODELS)
     build_topology(config.topology, config.nodes, config.seed)
     make_compressor(config.compressor)
+    if parse_feedback(config.feedback).three_point and config.algorithm not in THREE_POINT:
+        raise ConfigError(f"--feedback {config.feedback} applies to {' and '.join(THREE_POINT)} "
+                          f"(compressed cross-gradients), not to {config.algorithm}; drop it "
+                          "or pick one of those")
+    return config
+
+
+def refuse_networked(config: RunConfig) -> RunConfig:
+    """ConfigError for what only the simulator runs yet: --feedback ef21 / clag:Z (the wire has
+    no skip record nor estimate round yet). bootstrap, peer and demo call it."""
+    if parse_feedback(config.feedback).three_point:
+        raise ConfigError(f"--feedback {config.feedback} runs only in `crossgrad simulate` for "
+                          "now; networked runs (bootstrap, peer, demo) take --feedback ef")
     return config
 
 
@@ -108,9 +124,13 @@ def make_node(config: RunConfig, data: RunData, node_id: int, assignment: Assign
                       Schedule(config.batch_size, config.lr, config.lr_decay), config.seed, device)
     hp = algorithms.Hyperparameters(momentum=config.momentum, margin=config.margin,
                                     gamma=config.gamma, alpha=config.alpha,
-                                    compressor=config.compressor)
+                                    compressor=config.compressor, feedback=config.feedback)
     algo = algorithms.make(config.algorithm, hp)
     params = [p.detach() for p in model.parameters()]
+    rule = parse_feedback(config.feedback)
+    if rule.three_point:  # EF21 / CLAG: estimates on both ends (peer/compression/threepoint.py)
+        return Node(node_id, trainer, algo, assignment, params,
+                    threepoint=ThreePoint(make_compressor(config.compressor), rule))
     feedback = (None if config.compressor == "none"
                 else ErrorFeedback(make_compressor(config.compressor)))
     return Node(node_id, trainer, algo, assignment, params, feedback=feedback)

@@ -34,6 +34,7 @@ from crossgrad.seeding import derive_seed
 from peer.algorithms.base import Algorithm, Params, StepInputs
 from peer.compression import Compressed, ErrorFeedback
 from peer.compression.base import check_finite
+from peer.compression.threepoint import ThreePoint
 from peer.training.checkpoint import (
     CheckpointError,
     check_residuals,
@@ -172,7 +173,8 @@ class Node:
 
     def __init__(self, node_id: int, trainer: Trainer, algorithm: Algorithm,
                  assignment: Assignment, params: Params, keep_rounds: int = 4,
-                 feedback: ErrorFeedback | None = None) -> None:
+                 feedback: ErrorFeedback | None = None,
+                 threepoint: ThreePoint | None = None) -> None:
         self.id = node_id
         self.trainer = trainer
         self.algorithm = algorithm
@@ -188,6 +190,15 @@ class Node:
         # also uses.
         self.feedback = feedback
         self._cross_records: dict[tuple[int, int], list[Compressed]] = {}
+        # EF21 / CLAG instead (--feedback ef21|clag:Z, peer/compression/threepoint.py): _cross
+        # holds the sender's estimate h, _cross_deltas what goes to the requester (records,
+        # None for a skipped tensor, and their decoded deltas), and the receiver's estimates
+        # live in `threepoint` too.
+        self.threepoint = threepoint
+        self._cross_deltas: dict[tuple[int, int], tuple[list[Compressed | None], Params]] = {}
+        # Per round served: [tensors skipped, tensors sent] (a round's requests may come after
+        # this node's own round ended, so they are counted by the round they serve).
+        self._round_counts: dict[int, list[int]] = {}
         self._neighbor_models: dict[tuple[int, int], Params] = {}
         self._lock = threading.RLock()
         self._published = threading.Condition(self._lock)
@@ -215,12 +226,14 @@ class Node:
             dropped = sorted(set(self.assignment.neighbors) - set(assignment.neighbors))
             self.assignment = assignment
             self.upcoming = frozenset()
-            for cache in (self._cross, self._neighbor_models, self._cross_records):
+            for cache in (self._cross, self._neighbor_models, self._cross_records,
+                          self._cross_deltas):
                 for key in [k for k in cache if k[0] in dropped]:
                     del cache[key]
-        if self.feedback is not None:
-            for j in dropped:
-                self.feedback.reset(j)
+        for state in (self.feedback, self.threepoint):
+            if state is not None:
+                for j in dropped:
+                    state.reset(j)
         return dropped
 
     def catch_up(self, round_: int, models: Mapping[int, Params]) -> None:
@@ -241,7 +254,8 @@ class Node:
             self.round = round_
             self.algorithm.reset_memory()
             self._snapshots.clear()
-            for cache in (self._cross, self._neighbor_models, self._cross_records):
+            for cache in (self._cross, self._neighbor_models, self._cross_records,
+                          self._cross_deltas):
                 for key in [k for k in cache if k[1] < round_]:
                     del cache[key]
 
@@ -253,7 +267,10 @@ class Node:
             for old in [r for r in self._snapshots if r <= self.round - self.keep_rounds]:
                 del self._snapshots[old]
             stale = self.round - self.keep_rounds
-            for cache in (self._cross, self._neighbor_models, self._cross_records):
+            for old in [r for r in self._round_counts if r <= stale]:
+                del self._round_counts[old]
+            for cache in (self._cross, self._neighbor_models, self._cross_records,
+                          self._cross_deltas):
                 for key in [k for k in cache if k[1] <= stale]:
                     del cache[key]
             self._published.notify_all()
@@ -302,7 +319,9 @@ class Node:
         with self._lock:
             if key not in self._cross:
                 _, grads = self.trainer.gradient(requester_params, round_, f"cross:{requester}")
-                if self.feedback is not None:
+                if self.threepoint is not None:
+                    grads = self._send_three_point(requester, round_, grads)
+                elif self.feedback is not None:
                     records = [
                         self.feedback.compress(requester, k, g, seed=derive_seed(
                             self.trainer.seed, self.id, round_, "compress", requester, k))
@@ -312,6 +331,66 @@ class Node:
                              for r, g in zip(records, grads, strict=True)]
                 self._cross[key] = grads
             return self._cross[key]
+
+    def _send_three_point(self, requester: int, round_: int, grads: Params) -> Params:
+        """EF21 / CLAG at the sender: the message to the requester is kept in _cross_deltas;
+        returns the sender's estimates h (what NGC's model-variant term uses). Under the lock."""
+        assert self.threepoint is not None
+        records: list[Compressed | None] = []
+        deltas: Params = []
+        estimates: Params = []
+        for k, g in enumerate(grads):
+            seed = derive_seed(self.trainer.seed, self.id, round_, "compress", requester, k)
+            record, delta, h = self.threepoint.send(requester, k, g, seed=seed)
+            self._round_counts.setdefault(round_, [0, 0])[record is not None] += 1
+            records.append(record)
+            deltas.append(delta)
+            estimates.append(h)
+        self._cross_deltas[(requester, round_)] = (records, deltas)
+        return estimates
+
+    def cross_gradient_message(self, requester: int, round_: int,
+                               requester_params: Params) -> Params:
+        """What the requester receives for its cross-gradient: the tensors themselves, or
+        under EF21 / CLAG the deltas it adds to its estimates (zeros for a skipped tensor)."""
+        grads = self.cross_gradient(requester, round_, requester_params)
+        with self._lock:
+            message = self._cross_deltas.get((requester, round_))
+        return grads if message is None else message[1]
+
+    def cross_counts(self, round_: int) -> dict[str, int]:
+        """Under EF21 / CLAG, the cross-gradient tensors this node skipped and sent for round_
+        (all requests of that round served so far); {} otherwise."""
+        if self.threepoint is None:
+            return {}
+        with self._lock:
+            skipped, sent = self._round_counts.get(round_, (0, 0))
+        return {"cross_skips": skipped, "cross_sent": sent}
+
+    def cross_gradient_skips(self, requester: int,
+                             round_: int) -> list[Compressed | None] | None:
+        """Under EF21 / CLAG, the records of a computed cross-gradient (None: a skip)."""
+        with self._lock:
+            message = self._cross_deltas.get((requester, round_))
+        return None if message is None else message[0]
+
+    def _receive_three_point(self, t: int, received: dict[int, Params]) -> dict[int, Params]:
+        """EF21 / CLAG at the receiver: h_j <- h_j + delta per tensor; the estimates are the
+        cross-gradients the algorithm uses. A neighbor whose message does not fit the model is
+        left out of the round with its estimates untouched."""
+        assert self.threepoint is not None
+        out: dict[int, Params] = {}
+        for j in sorted(received):
+            deltas = received[j]
+            fits = len(deltas) == len(self.params) and all(
+                d.shape == p.shape and d.dtype == p.dtype
+                for d, p in zip(deltas, self.params, strict=False))
+            if not fits:
+                log.warning("node %d round %d: node %d's cross-gradient update does not fit "
+                            "the model; left out of the round", self.id, t, j)
+                continue
+            out[j] = [self.threepoint.receive(j, k, d) for k, d in enumerate(deltas)]
+        return out
 
     def cross_gradient_records(self, requester: int, round_: int) -> list[Compressed] | None:
         """The compressed form of a computed cross-gradient (None when sent dense)."""
@@ -371,6 +450,7 @@ class Node:
                 with self._lock:
                     self._cross.pop((j, t), None)
                     self._cross_records.pop((j, t), None)
+                    self._cross_deltas.pop((j, t), None)
                 continue
             local[j] = grads
         return local
@@ -401,6 +481,8 @@ class Node:
             mark = clock()
             received = neighborhood.cross_gradients(t, sorted(nbr_params))
             phases.called(neighborhood, clock() - mark)
+            if self.threepoint is not None:
+                received = self._receive_three_point(t, received)
         before = dict(algo.stats)
         mark = clock()
         with torch.no_grad():
@@ -436,6 +518,7 @@ class Node:
                 "algorithm": self.algorithm.state_dict(),
                 "stats": {str(k): v for k, v in self.algorithm.stats.items()},
                 "feedback": None if self.feedback is None else self.feedback.state_dict(),
+                "threepoint": None if self.threepoint is None else self.threepoint.state_dict(),
                 "torch_rng": torch.random.get_rng_state(),
             }
             return to_device(state, torch.device("cpu"))
@@ -454,9 +537,11 @@ class Node:
             self.algorithm.stats = {str(k): v for k, v in state["stats"].items()}
             if self.feedback is not None:
                 self.feedback.load_state_dict(to_device(state["feedback"], device))
+            if self.threepoint is not None:
+                self.threepoint.load_state_dict(to_device(state["threepoint"], device))
             torch.random.set_rng_state(state["torch_rng"].clone())
             for cache in (self._snapshots, self._cross, self._cross_records,
-                          self._neighbor_models):
+                          self._neighbor_models, self._cross_deltas):
                 cache.clear()
 
     def _check_state(self, state: Mapping[str, Any]) -> None:
@@ -483,6 +568,17 @@ class Node:
         if not isinstance(state["stats"], Mapping) or not all(
                 isinstance(v, (int, float)) for v in state["stats"].values()):
             raise CheckpointError("node state: stats, expected a table of numbers")
+        threepoint = state.get("threepoint")  # absent in checkpoints of older versions
+        if (threepoint is None) != (self.threepoint is None):
+            mine = "ef" if self.threepoint is None else self.threepoint.rule.kind
+            raise CheckpointError(f"node state: this node runs --feedback {mine}, the state "
+                                  "says otherwise (another --feedback?)")
+        if threepoint is not None:
+            if not isinstance(threepoint, Mapping):
+                raise CheckpointError("node state: the three-point estimates are not a table")
+            for side in ("sent", "last", "received"):
+                check_residuals(f"three-point estimates ({side})", threepoint.get(side, {}),
+                                like)
         if (state["feedback"] is None) != (self.feedback is None):
             have = "no" if self.feedback is None else "sender"
             raise CheckpointError(f"node state: this node compresses with {have} error "

@@ -45,7 +45,13 @@ from crossgrad.rpc import (
 )
 from crossgrad.security import Security
 from crossgrad.v1 import peer_pb2
-from peer.builder import load_run_data, make_node, resolve_device, validate_config
+from peer.builder import (
+    load_run_data,
+    make_node,
+    refuse_networked,
+    resolve_device,
+    validate_config,
+)
 from peer.client import GrpcNeighborhood, check_model_fits
 from peer.exporter import PeerCollector
 from peer.loop import PeerState, RoundLoop, assignment_of
@@ -335,8 +341,8 @@ class PeerRuntime:
         # lease, and the bootstrap must not take this node for dead meanwhile.
         session.start(self.progress, self.offer)
         try:  # what the bootstrap sent is a peer's message like any other: checked first
-            settings = validate_config(dataclasses.replace(
-                settings, data_dir=self.options.data_dir, device=self.options.device))
+            settings = refuse_networked(validate_config(dataclasses.replace(
+                settings, data_dir=self.options.data_dir, device=self.options.device)))
         except ConfigError as exc:
             raise ConfigError(f"the run settings from the bootstrap at {self.options.bootstrap} "
                               f"cannot run here: {exc}") from None

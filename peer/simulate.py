@@ -21,6 +21,7 @@ import torch
 from crossgrad.config import RunConfig
 from crossgrad.display import PeerRow, Snapshot
 from peer.builder import assignments, load_run_data, make_node, resolve_device
+from peer.compression.threepoint import SKIP_RECORD_BYTES
 from peer.metrics import Traffic, average, consensus_distance, digest, kinds_json, pair_sum
 from peer.node import Node, Params, RoundRecord
 from peer.records import RunRecorder
@@ -41,6 +42,14 @@ log = logging.getLogger(__name__)
 def wire_bytes(node: Node, kind: str, requester: int, round_: int, tensors: Params) -> int:
     """What the message would take on the wire: the exact streams a networked node sends."""
     if kind == "cross_gradient":
+        message = node.cross_gradient_skips(requester, round_)
+        if message is not None:  # EF21 / CLAG: the sent records, a few bytes per skip
+            names = [n for n, r in zip(node.names, message, strict=True) if r is not None]
+            sent = [r for r in message if r is not None]
+            skipped = len(message) - len(sent)
+            return skipped * SKIP_RECORD_BYTES + sum(
+                frame_bytes(len(raw)) for raw in encode_compressed_raw(
+                    names, sent, sender_id=node.id, round_=round_))
         records = node.cross_gradient_records(requester, round_)
         if records is not None:
             return sum(frame_bytes(len(raw)) for raw in encode_compressed_raw(
@@ -71,7 +80,7 @@ class InMemoryNeighborhood:
 
     def cross_gradients(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
         mine = self.nodes[self.me].model(round_)
-        out = {j: self.nodes[j].cross_gradient(self.me, round_, mine) for j in neighbors}
+        out = {j: self.nodes[j].cross_gradient_message(self.me, round_, mine) for j in neighbors}
         if self.traffic is not None:
             for j, g in out.items():
                 self.traffic.add_received(j, "cross_gradient", wire_bytes(
@@ -153,6 +162,15 @@ def _bytes_fields(traffic: Traffic | None) -> dict[str, object]:
     return {"bytes": pair_sum(per_kind.values()), "bytes_by_kind": kinds_json(per_kind)}
 
 
+def _skips(nodes: Sequence[Node]) -> dict[str, object]:
+    """Under EF21 / CLAG, the cross-gradient tensors each node skipped and sent in the run."""
+    counted = [n for n in nodes if n.threepoint is not None]
+    if not counted:
+        return {}
+    return {"cross_skips": {n.id: n.threepoint.skips for n in counted if n.threepoint},
+            "cross_sent": {n.id: n.threepoint.sent for n in counted if n.threepoint}}
+
+
 def default_out_dir(config: RunConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     return Path("runs") / f"{stamp}-{config.algorithm}-{config.dataset}"
@@ -225,8 +243,9 @@ def run(config: RunConfig, out_dir: Path | None = None,
             for node in ordered:
                 node.publish()
             records: list[RoundRecord] = [node.run_round(hoods[node.id]) for node in ordered]
-            for rec in records:
-                recorder.round(rec, **_bytes_fields(traffic.get(rec.node)))
+            for rec in records:  # every request of round t is served by now
+                recorder.round(rec, **_bytes_fields(traffic.get(rec.node)),
+                               **nodes[rec.node].cross_counts(t))
             if checkpoint_every and (t + 1) % checkpoint_every == 0:
                 for node in ordered:
                     stores[node.id].save(make_checkpoint(config, node.id, node.assignment.epoch,
@@ -251,6 +270,7 @@ def run(config: RunConfig, out_dir: Path | None = None,
     summary = {"final": dataclasses.asdict(final), "mean": final.mean, "min": final.min,
                "bytes_received": received,
                "qp_fallbacks": fallbacks, "digests": {i: digest(m) for i, m in models.items()},
+               **_skips(ordered),
                "seconds": time.perf_counter() - started}
     recorder.finish(summary, {i: m for i, m in models.items()}, "models.pt")
     return SimulationResult(config=config, out_dir=out, final=final, models=models,

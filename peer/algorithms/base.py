@@ -141,6 +141,8 @@ class Hyperparameters:
     alpha: float = 1.0
     # compcga / compngc: the self-gradient's compressor (docs/algorithms.md)
     compressor: str = "none"
+    # compcga / compngc: ef compresses the self-gradient too; ef21 / clag:Z use it exact
+    feedback: str = "ef"
 
 
 ALGORITHMS: dict[str, Callable[[Hyperparameters], Algorithm]] = {}

@@ -43,9 +43,13 @@ class SelfCompression:
     """The receiver's half of compcga / compngc: its own gradient through the compressor."""
 
     memory: ErrorFeedback
+    # ef21 / clag:Z (peer/compression/threepoint.py): the self-gradient never crosses a link
+    # and is used exact (docs/algorithms.md, "Three-point compressors for cross-gradients").
+    exact_self: bool = False
 
     def step(self, inputs: StepInputs) -> Params:
-        inputs.self_grad = compress_self(self.memory, inputs)
+        if not self.exact_self:
+            inputs.self_grad = compress_self(self.memory, inputs)
         return super().step(inputs)  # type: ignore[misc]
 
     def state_dict(self) -> dict[str, Any]:
@@ -76,8 +80,10 @@ class CompCGA(SelfCompression, CGA):
 
     @classmethod
     def from_hyperparameters(cls, hp: Hyperparameters) -> CompCGA:
-        return cls(momentum=hp.momentum, qp=QPOptions(margin=hp.margin, eps=hp.qp_eps),
+        algo = cls(momentum=hp.momentum, qp=QPOptions(margin=hp.margin, eps=hp.qp_eps),
                    compressor=hp.compressor)
+        algo.exact_self = hp.feedback != "ef"
+        return algo
 
 
 @register
@@ -91,5 +97,7 @@ class CompNGC(SelfCompression, NGC):
 
     @classmethod
     def from_hyperparameters(cls, hp: Hyperparameters) -> CompNGC:
-        return cls(momentum=hp.momentum, gamma=hp.gamma, alpha=hp.alpha,
+        algo = cls(momentum=hp.momentum, gamma=hp.gamma, alpha=hp.alpha,
                    compressor=hp.compressor)
+        algo.exact_self = hp.feedback != "ef"
+        return algo

@@ -30,6 +30,19 @@ from peer.compression.base import Compressed, Compressor, make
 Key = tuple[int, int]  # (link, tensor index)
 
 
+def compress_contractive(compressor: Compressor, x: torch.Tensor, *, seed: int) -> Compressed:
+    """C(x), made contractive: what error feedback and EF21 / CLAG (threepoint.py) compress with.
+
+    An unbiased compressor with variance omega ||x||^2 (QSGD) is not contractive, and error
+    feedback then diverges (seen: qsgd:7 on digits). C(x) / (1 + omega) is contractive (Stich &
+    Karimireddy 2020, remark on unbiased compressors); QSGD commutes with the scaling, so
+    compressing the scaled input sends exactly that.
+    """
+    omega = getattr(compressor, "omega", None)
+    scaled = x if omega is None else x / (1.0 + omega(x.numel()))
+    return compressor.compress(scaled, seed=seed)
+
+
 class ErrorFeedback:
     """Error feedback around `compressor` (a Compressor or a spec), one residual per key."""
 
@@ -56,13 +69,7 @@ class ErrorFeedback:
                     f"{tuple(x.shape)} {x.dtype} on {x.device}; reset the link when the model "
                     "changes")
             corrected = x if old is None else old + x  # e + x
-            omega = getattr(self.compressor, "omega", None)
-            # An unbiased compressor with variance omega ||x||^2 (QSGD) is not contractive, and
-            # error feedback then diverges (seen: qsgd:7 on digits). C(x) / (1 + omega) is
-            # contractive (Stich & Karimireddy 2020, remark on unbiased compressors); QSGD
-            # commutes with the scaling, so compressing the scaled input sends exactly that.
-            scaled = corrected if omega is None else corrected / (1.0 + omega(corrected.numel()))
-            c = self.compressor.compress(scaled, seed=seed)
+            c = compress_contractive(self.compressor, corrected, seed=seed)
             try:
                 sent = self.compressor.decompress(c, device=x.device)  # what the receiver gets
             except InvalidMessage as e:  # a NaN or Inf in x (or in e): nothing is updated

@@ -26,6 +26,7 @@ CASES = [
     (["--lr", "fast"], "invalid float value: 'fast'"),
     (["--topology", "regular:3"], "regular:d needs n*d even"),
     (["--nodes", "3"], "partition 'modulo' needs the number of nodes (3) to divide"),
+    (["--algorithm", "compcga", "--feedback", "clag:-1"], "Z must be a finite number >= 0"),
 ]
 
 
@@ -73,3 +74,15 @@ def test_toml_config_env_and_flags_in_order(procs: ProcessGroup, tmp_path: Path)
     assert proc.returncode == 0, proc.stderr
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (saved["algorithm"], saved["rounds"], saved["batch_size"]) == ("ngc", 2, 16)
+
+
+@pytest.mark.parametrize("command", ["demo", "bootstrap"])
+def test_networked_runs_refuse_three_point_feedback(command: str, procs: ProcessGroup,
+                                                    tmp_path: Path) -> None:
+    """--feedback ef21 / clag:Z runs in the simulator only (docs/algorithms.md)."""
+    extra = ["--out", str(tmp_path / "run")] if command == "demo" else ["--bind", "127.0.0.1:0"]
+    proc = procs.run(crossgrad(command, "--algorithm", "compcga", "--feedback", "ef21", *extra),
+                     timeout=TIMEOUT)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "only in `crossgrad simulate`" in lines[0], proc.stderr
