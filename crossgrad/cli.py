@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from crossgrad.certs import DEFAULT_DAYS, DEFAULT_HOSTS
-from crossgrad.config import DEVICES, RunConfig
+from crossgrad.config import DEVICES, RunConfig, refuse_replicas_over_network
 from crossgrad.errors import ConfigError, DataError, ProtocolError
 from crossgrad.guard import add_limit_flags, limits_from_args
 from crossgrad.security import Role, add_security_flags, security_from_args
@@ -52,7 +52,7 @@ def _help(name: str) -> str:
 
     default = getattr(RunConfig(), name)
     known = {
-        "compressor": list(COMPRESSOR_NAMES),
+        "compressor": list(COMPRESSOR_NAMES), "model_compressor": list(COMPRESSOR_NAMES),
         "algorithm": sorted(ALGORITHMS), "dataset": sorted(DATASETS), "model": sorted(MODELS),
         "topology": list(TOPOLOGY_NAMES), "partition": list(PARTITION_NAMES),
         "device": list(DEVICES),
@@ -227,7 +227,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     from bootstrap.server import serve
     from crossgrad.rpc import install_signal_handlers
 
-    config = load_config(_overrides(args), args.config)
+    config = refuse_replicas_over_network(load_config(_overrides(args), args.config))
     security = security_from_args(args, Role.SERVER, "bootstrap")
     server = serve(config, args.bind, args.state, args.lease_seconds, security=security,
                    limits=limits_from_args(args), metrics_port=metrics_port(args))
@@ -276,7 +276,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from crossgrad.demo import run_demo
 
-    config = load_config(_overrides(args), args.config)
+    config = refuse_replicas_over_network(load_config(_overrides(args), args.config))
     return run_demo(config, args.out, timeout=args.timeout, insecure=args.insecure,
                     quiet=args.quiet, metrics_port=args.metrics_port)
 

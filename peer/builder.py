@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from bootstrap.topology import Topology, build_topology, metropolis_hastings_weights
-from crossgrad.config import RunConfig, load, validate
+from crossgrad.config import RunConfig, load, uses_replicas, validate
 from crossgrad.errors import ConfigError, UnknownNameError
 from peer import algorithms
 from peer.compression import ErrorFeedback
 from peer.compression import make as make_compressor
 from peer.node import Assignment, Node
+from peer.replicas import Replicas
 from peer.training.datasets import DATASETS, Dataset, load_dataset
 from peer.training.models import MODELS, make_model
 from peer.training.partitions import partition
@@ -43,6 +44,8 @@ def validate_names(config: RunConfig) -> RunConfig:
         raise UnknownNameError("model", config.model, MODELS)
     build_topology(config.topology, config.nodes, config.seed)
     make_compressor(config.compressor)
+    if config.model_compressor:
+        make_compressor(config.model_compressor)
     return config
 
 
@@ -113,4 +116,7 @@ def make_node(config: RunConfig, data: RunData, node_id: int, assignment: Assign
     params = [p.detach() for p in model.parameters()]
     feedback = (None if config.compressor == "none"
                 else ErrorFeedback(make_compressor(config.compressor)))
-    return Node(node_id, trainer, algo, assignment, params, feedback=feedback)
+    replicas = (Replicas(node_id, make_compressor(config.model_compressor or "none"),
+                         config.consensus_step, params, assignment.neighbors)
+                if uses_replicas(config) else None)
+    return Node(node_id, trainer, algo, assignment, params, feedback=feedback, replicas=replicas)

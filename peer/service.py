@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from bootstrap.registry import AssignmentView
-from crossgrad.config import RunConfig
+from crossgrad.config import RunConfig, refuse_replicas_over_network
 from crossgrad.errors import ConfigError, DataError, Unavailable
 from crossgrad.exporter import MetricsEndpoint, metrics_host
 from crossgrad.guard import CallerLimits
@@ -335,8 +335,8 @@ class PeerRuntime:
         # lease, and the bootstrap must not take this node for dead meanwhile.
         session.start(self.progress, self.offer)
         try:  # what the bootstrap sent is a peer's message like any other: checked first
-            settings = validate_config(dataclasses.replace(
-                settings, data_dir=self.options.data_dir, device=self.options.device))
+            settings = refuse_replicas_over_network(validate_config(dataclasses.replace(
+                settings, data_dir=self.options.data_dir, device=self.options.device)))
         except ConfigError as exc:
             raise ConfigError(f"the run settings from the bootstrap at {self.options.bootstrap} "
                               f"cannot run here: {exc}") from None

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63rossgrad/v1/bootstrap.proto\x12\x0c\x63rossgrad.v1\"\xc6\x02\n\x0bRunSettings\x12\r\n\x05nodes\x18\x01 \x01(\r\x12\x10\n\x08topology\x18\x02 \x01(\t\x12\x11\n\talgorithm\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x11\n\tpartition\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x0e\n\x06rounds\x18\x07 \x01(\x04\x12\x12\n\nbatch_size\x18\x08 \x01(\r\x12\n\n\x02lr\x18\t \x01(\x01\x12\x10\n\x08lr_decay\x18\n \x01(\x01\x12\x10\n\x08momentum\x18\x0b \x01(\x01\x12\x0e\n\x06margin\x18\x0c \x01(\x01\x12\r\n\x05gamma\x18\r \x01(\x01\x12\r\n\x05\x61lpha\x18\x0e \x01(\x01\x12\x0c\n\x04seed\x18\x0f \x01(\x04\x12\x12\n\neval_every\x18\x10 \x01(\r\x12\x12\n\ncompressor\x18\x11 \x01(\t\x12\x18\n\x10model_compressor\x18\x12 \x01(\t\"o\n\x0bJoinRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\x12\x0f\n\x07resumed\x18\x04 \x01(\x08\x12\x18\n\x10\x63heckpoint_round\x18\x05 \x01(\x04\"l\n\x0cJoinResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0e\n\x06joined\x18\x02 \x01(\r\x12\x10\n\x08\x65xpected\x18\x03 \x01(\r\x12+\n\x08settings\x18\x04 \x01(\x0b\x32\x19.crossgrad.v1.RunSettings\"o\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x0e\n\x06health\x18\x04 \x01(\t\x12\x1d\n\x15unreachable_neighbors\x18\x05 \x03(\r\"B\n\x11HeartbeatResponse\x12\x16\n\x0etopology_epoch\x18\x01 \x01(\x04\x12\x15\n\rlease_seconds\x18\x02 \x01(\x01\"\'\n\x14GetAssignmentRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\"<\n\x08Neighbor\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"\xa2\x01\n\nAssignment\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12)\n\tneighbors\x18\x02 \x03(\x0b\x32\x16.crossgrad.v1.Neighbor\x12\x13\n\x0bself_weight\x18\x03 \x01(\x01\x12\x16\n\x0etopology_epoch\x18\x04 \x01(\x04\x12+\n\x08settings\x18\x05 \x01(\x0b\x32\x19.crossgrad.v1.RunSettings\"/\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0f\n\rLeaveResponse\"\x12\n\x10ListPeersRequest\"\xcb\x01\n\x08PeerInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\x12\r\n\x05state\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x04\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x1d\n\x15last_seen_seconds_ago\x18\x07 \x01(\x01\x12\x0f\n\x07returns\x18\x08 \x01(\r\x12\x0f\n\x07resumes\x18\t \x01(\r\x12\x1b\n\x13unreachable_reports\x18\n \x01(\x04\"\x83\x02\n\x11ListPeersResponse\x12%\n\x05peers\x18\x01 \x03(\x0b\x32\x16.crossgrad.v1.PeerInfo\x12\x10\n\x08\x65xpected\x18\x02 \x01(\r\x12\x16\n\x0etopology_epoch\x18\x03 \x01(\x04\x12+\n\x08settings\x18\x04 \x01(\x0b\x32\x19.crossgrad.v1.RunSettings\x12?\n\x08refusals\x18\x05 \x03(\x0b\x32-.crossgrad.v1.ListPeersResponse.RefusalsEntry\x1a/\n\rRefusalsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xca\x03\n\tBootstrap\x12=\n\x04Join\x12\x19.crossgrad.v1.JoinRequest\x1a\x1a.crossgrad.v1.JoinResponse\x12L\n\tHeartbeat\x12\x1e.crossgrad.v1.HeartbeatRequest\x1a\x1f.crossgrad.v1.HeartbeatResponse\x12M\n\rGetAssignment\x12\".crossgrad.v1.GetAssignmentRequest\x1a\x18.crossgrad.v1.Assignment\x12Q\n\x0fWatchAssignment\x12\".crossgrad.v1.GetAssignmentRequest\x1a\x18.crossgrad.v1.Assignment0\x01\x12@\n\x05Leave\x12\x1a.crossgrad.v1.LeaveRequest\x1a\x1b.crossgrad.v1.LeaveResponse\x12L\n\tListPeers\x12\x1e.crossgrad.v1.ListPeersRequest\x1a\x1f.crossgrad.v1.ListPeersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63rossgrad/v1/bootstrap.proto\x12\x0c\x63rossgrad.v1\"\xde\x02\n\x0bRunSettings\x12\r\n\x05nodes\x18\x01 \x01(\r\x12\x10\n\x08topology\x18\x02 \x01(\t\x12\x11\n\talgorithm\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x11\n\tpartition\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x0e\n\x06rounds\x18\x07 \x01(\x04\x12\x12\n\nbatch_size\x18\x08 \x01(\r\x12\n\n\x02lr\x18\t \x01(\x01\x12\x10\n\x08lr_decay\x18\n \x01(\x01\x12\x10\n\x08momentum\x18\x0b \x01(\x01\x12\x0e\n\x06margin\x18\x0c \x01(\x01\x12\r\n\x05gamma\x18\r \x01(\x01\x12\r\n\x05\x61lpha\x18\x0e \x01(\x01\x12\x0c\n\x04seed\x18\x0f \x01(\x04\x12\x12\n\neval_every\x18\x10 \x01(\r\x12\x12\n\ncompressor\x18\x11 \x01(\t\x12\x18\n\x10model_compressor\x18\x12 \x01(\t\x12\x16\n\x0e\x63onsensus_step\x18\x13 \x01(\x01\"o\n\x0bJoinRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\x12\x0f\n\x07resumed\x18\x04 \x01(\x08\x12\x18\n\x10\x63heckpoint_round\x18\x05 \x01(\x04\"l\n\x0cJoinResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0e\n\x06joined\x18\x02 \x01(\r\x12\x10\n\x08\x65xpected\x18\x03 \x01(\r\x12+\n\x08settings\x18\x04 \x01(\x0b\x32\x19.crossgrad.v1.RunSettings\"o\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x0e\n\x06health\x18\x04 \x01(\t\x12\x1d\n\x15unreachable_neighbors\x18\x05 \x03(\r\"B\n\x11HeartbeatResponse\x12\x16\n\x0etopology_epoch\x18\x01 \x01(\x04\x12\x15\n\rlease_seconds\x18\x02 \x01(\x01\"\'\n\x14GetAssignmentRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\"<\n\x08Neighbor\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"\xa2\x01\n\nAssignment\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12)\n\tneighbors\x18\x02 \x03(\x0b\x32\x16.crossgrad.v1.Neighbor\x12\x13\n\x0bself_weight\x18\x03 \x01(\x01\x12\x16\n\x0etopology_epoch\x18\x04 \x01(\x04\x12+\n\x08settings\x18\x05 \x01(\x0b\x32\x19.crossgrad.v1.RunSettings\"/\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0f\n\rLeaveResponse\"\x12\n\x10ListPeersRequest\"\xcb\x01\n\x08PeerInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\x12\r\n\x05state\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x04\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x1d\n\x15last_seen_seconds_ago\x18\x07 \x01(\x01\x12\x0f\n\x07returns\x18\x08 \x01(\r\x12\x0f\n\x07resumes\x18\t \x01(\r\x12\x1b\n\x13unreachable_reports\x18\n \x01(\x04\"\x83\x02\n\x11ListPeersResponse\x12%\n\x05peers\x18\x01 \x03(\x0b\x32\x16.crossgrad.v1.PeerInfo\x12\x10\n\x08\x65xpected\x18\x02 \x01(\r\x12\x16\n\x0etopology_epoch\x18\x03 \x01(\x04\x12+\n\x08settings\x18\x04 \x01(\x0b\x32\x19.crossgrad.v1.RunSettings\x12?\n\x08refusals\x18\x05 \x03(\x0b\x32-.crossgrad.v1.ListPeersResponse.RefusalsEntry\x1a/\n\rRefusalsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xca\x03\n\tBootstrap\x12=\n\x04Join\x12\x19.crossgrad.v1.JoinRequest\x1a\x1a.crossgrad.v1.JoinResponse\x12L\n\tHeartbeat\x12\x1e.crossgrad.v1.HeartbeatRequest\x1a\x1f.crossgrad.v1.HeartbeatResponse\x12M\n\rGetAssignment\x12\".crossgrad.v1.GetAssignmentRequest\x1a\x18.crossgrad.v1.Assignment\x12Q\n\x0fWatchAssignment\x12\".crossgrad.v1.GetAssignmentRequest\x1a\x18.crossgrad.v1.Assignment0\x01\x12@\n\x05Leave\x12\x1a.crossgrad.v1.LeaveRequest\x1a\x1b.crossgrad.v1.LeaveResponse\x12L\n\tListPeers\x12\x1e.crossgrad.v1.ListPeersRequest\x1a\x1f.crossgrad.v1.ListPeersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,33 +34,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTPEERSRESPONSE_REFUSALSENTRY']._loaded_options = None
   _globals['_LISTPEERSRESPONSE_REFUSALSENTRY']._serialized_options = b'8\001'
   _globals['_RUNSETTINGS']._serialized_start=47
-  _globals['_RUNSETTINGS']._serialized_end=373
-  _globals['_JOINREQUEST']._serialized_start=375
-  _globals['_JOINREQUEST']._serialized_end=486
-  _globals['_JOINRESPONSE']._serialized_start=488
-  _globals['_JOINRESPONSE']._serialized_end=596
-  _globals['_HEARTBEATREQUEST']._serialized_start=598
-  _globals['_HEARTBEATREQUEST']._serialized_end=709
-  _globals['_HEARTBEATRESPONSE']._serialized_start=711
-  _globals['_HEARTBEATRESPONSE']._serialized_end=777
-  _globals['_GETASSIGNMENTREQUEST']._serialized_start=779
-  _globals['_GETASSIGNMENTREQUEST']._serialized_end=818
-  _globals['_NEIGHBOR']._serialized_start=820
-  _globals['_NEIGHBOR']._serialized_end=880
-  _globals['_ASSIGNMENT']._serialized_start=883
-  _globals['_ASSIGNMENT']._serialized_end=1045
-  _globals['_LEAVEREQUEST']._serialized_start=1047
-  _globals['_LEAVEREQUEST']._serialized_end=1094
-  _globals['_LEAVERESPONSE']._serialized_start=1096
-  _globals['_LEAVERESPONSE']._serialized_end=1111
-  _globals['_LISTPEERSREQUEST']._serialized_start=1113
-  _globals['_LISTPEERSREQUEST']._serialized_end=1131
-  _globals['_PEERINFO']._serialized_start=1134
-  _globals['_PEERINFO']._serialized_end=1337
-  _globals['_LISTPEERSRESPONSE']._serialized_start=1340
-  _globals['_LISTPEERSRESPONSE']._serialized_end=1599
-  _globals['_LISTPEERSRESPONSE_REFUSALSENTRY']._serialized_start=1552
-  _globals['_LISTPEERSRESPONSE_REFUSALSENTRY']._serialized_end=1599
-  _globals['_BOOTSTRAP']._serialized_start=1602
-  _globals['_BOOTSTRAP']._serialized_end=2060
+  _globals['_RUNSETTINGS']._serialized_end=397
+  _globals['_JOINREQUEST']._serialized_start=399
+  _globals['_JOINREQUEST']._serialized_end=510
+  _globals['_JOINRESPONSE']._serialized_start=512
+  _globals['_JOINRESPONSE']._serialized_end=620
+  _globals['_HEARTBEATREQUEST']._serialized_start=622
+  _globals['_HEARTBEATREQUEST']._serialized_end=733
+  _globals['_HEARTBEATRESPONSE']._serialized_start=735
+  _globals['_HEARTBEATRESPONSE']._serialized_end=801
+  _globals['_GETASSIGNMENTREQUEST']._serialized_start=803
+  _globals['_GETASSIGNMENTREQUEST']._serialized_end=842
+  _globals['_NEIGHBOR']._serialized_start=844
+  _globals['_NEIGHBOR']._serialized_end=904
+  _globals['_ASSIGNMENT']._serialized_start=907
+  _globals['_ASSIGNMENT']._serialized_end=1069
+  _globals['_LEAVEREQUEST']._serialized_start=1071
+  _globals['_LEAVEREQUEST']._serialized_end=1118
+  _globals['_LEAVERESPONSE']._serialized_start=1120
+  _globals['_LEAVERESPONSE']._serialized_end=1135
+  _globals['_LISTPEERSREQUEST']._serialized_start=1137
+  _globals['_LISTPEERSREQUEST']._serialized_end=1155
+  _globals['_PEERINFO']._serialized_start=1158
+  _globals['_PEERINFO']._serialized_end=1361
+  _globals['_LISTPEERSRESPONSE']._serialized_start=1364
+  _globals['_LISTPEERSRESPONSE']._serialized_end=1623
+  _globals['_LISTPEERSRESPONSE_REFUSALSENTRY']._serialized_start=1576
+  _globals['_LISTPEERSRESPONSE_REFUSALSENTRY']._serialized_end=1623
+  _globals['_BOOTSTRAP']._serialized_start=1626
+  _globals['_BOOTSTRAP']._serialized_end=2084
 # @@protoc_insertion_point(module_scope)
