@@ -52,7 +52,6 @@ def test_compcga_defaults_to_the_scaled_sign() -> None:
     ("compressor", "qsgd:0", "s"),
     ("compressor", "zip", "known compressors"),
     ("model_compressor", "sign", "consensus-step"),
-    ("model_compressor", "zip", "known compressors"),
 ])
 def test_bad_compressor_settings_fail_at_start(field: str, value: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

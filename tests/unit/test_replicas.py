@@ -145,6 +145,7 @@ def test_compressed_models_cut_the_model_bytes(tmp_path: Path) -> None:
     ({"model_compressor": "topk:0.1"}, "needs --consensus-step"),
     ({"model_compressor": "topk:0.1", "consensus_step": 1.5}, r"in \(0, 1\]"),
     ({"consensus_step": -0.1}, r"in \(0, 1\]"),
+    ({"model_compressor": "zip", "consensus_step": 0.5}, "known compressors"),
 ])
 def test_bad_replica_settings_fail_at_start(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
