@@ -55,7 +55,7 @@ def _help(name: str) -> str:
 
     default = getattr(RunConfig(), name)
     known = {
-        "compressor": list(COMPRESSOR_NAMES),
+        "compressor": list(COMPRESSOR_NAMES), "model_compressor": list(COMPRESSOR_NAMES),
         "algorithm": sorted(ALGORITHMS), "dataset": sorted(DATASETS), "model": sorted(MODELS),
         "topology": list(TOPOLOGY_NAMES), "partition": list(PARTITION_NAMES),
         "device": list(DEVICES),

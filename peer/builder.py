@@ -19,13 +19,14 @@ import numpy as np
 import torch
 
 from bootstrap.topology import Topology, build_topology, metropolis_hastings_weights
-from crossgrad.config import RunConfig, load, validate
+from crossgrad.config import RunConfig, load, refuse_replicas_over_network, uses_replicas, validate
 from crossgrad.errors import ConfigError, UnknownNameError
 from peer import algorithms
 from peer.compression import ErrorFeedback
 from peer.compression import make as make_compressor
 from peer.compression.threepoint import ThreePoint, parse_feedback
 from peer.node import Assignment, Node
+from peer.replicas import Replicas
 from peer.training.datasets import DATASETS, Dataset, load_dataset
 from peer.training.models import MODELS, make_model
 from peer.training.partitions import partition
@@ -50,12 +51,16 @@ def validate_names(config: RunConfig) -> RunConfig:
         raise ConfigError(f"--feedback {config.feedback} applies to {' and '.join(THREE_POINT)} "
                           f"(compressed cross-gradients), not to {config.algorithm}; drop it "
                           "or pick one of those")
+    if config.model_compressor:
+        make_compressor(config.model_compressor)
     return config
 
 
 def refuse_networked(config: RunConfig) -> RunConfig:
-    """ConfigError for what only the simulator runs yet: --feedback ef21 / clag:Z (the wire has
-    no skip record nor estimate round yet). bootstrap, peer and demo call it."""
+    """ConfigError for what only the simulator runs yet: model replicas (--model-compressor,
+    --consensus-step) and --feedback ef21 / clag:Z (the wire has no model-update, skip or
+    estimate-round messages yet). bootstrap, peer and demo call it."""
+    refuse_replicas_over_network(config)
     if parse_feedback(config.feedback).three_point:
         raise ConfigError(f"--feedback {config.feedback} runs only in `crossgrad simulate` for "
                           "now; networked runs (bootstrap, peer, demo) take --feedback ef")
@@ -127,10 +132,13 @@ def make_node(config: RunConfig, data: RunData, node_id: int, assignment: Assign
                                     compressor=config.compressor, feedback=config.feedback)
     algo = algorithms.make(config.algorithm, hp)
     params = [p.detach() for p in model.parameters()]
+    replicas = (Replicas(node_id, make_compressor(config.model_compressor or "none"),
+                         config.consensus_step, params, assignment.neighbors)
+                if uses_replicas(config) else None)  # model updates (peer/replicas.py)
     rule = parse_feedback(config.feedback)
     if rule.three_point:  # EF21 / CLAG: estimates on both ends (peer/compression/threepoint.py)
-        return Node(node_id, trainer, algo, assignment, params,
+        return Node(node_id, trainer, algo, assignment, params, replicas=replicas,
                     threepoint=ThreePoint(make_compressor(config.compressor), rule))
     feedback = (None if config.compressor == "none"
                 else ErrorFeedback(make_compressor(config.compressor)))
-    return Node(node_id, trainer, algo, assignment, params, feedback=feedback)
+    return Node(node_id, trainer, algo, assignment, params, feedback=feedback, replicas=replicas)

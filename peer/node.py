@@ -15,6 +15,11 @@ Round t at node i (synchronous, pull-based):
 A neighbor that does not answer is left out of the round: its weight goes to the node itself.
 Serving side: `model(t)` and `cross_gradient(requester, t, x_requester)` answer neighbors; a
 cross-gradient is computed once per (requester, round) and cached.
+
+With model replicas (peer/replicas.py; simulator only for now) step 2 reads the node's copies of
+the neighbors' replicas instead of fetching models, step 5 is the local step without mixing, and
+the round has a second half, finish_round: publish q_i^t (model_update(t)), apply the
+neighbors' q_l^t to their copies, then gossip on the replicas.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from peer.algorithms.base import Algorithm, Params, StepInputs
 from peer.compression import Compressed, ErrorFeedback
 from peer.compression.base import check_finite
 from peer.compression.threepoint import ThreePoint
+from peer.replicas import Replicas, UpdateSource
 from peer.training.checkpoint import (
     CheckpointError,
     check_residuals,
@@ -174,7 +180,8 @@ class Node:
     def __init__(self, node_id: int, trainer: Trainer, algorithm: Algorithm,
                  assignment: Assignment, params: Params, keep_rounds: int = 4,
                  feedback: ErrorFeedback | None = None,
-                 threepoint: ThreePoint | None = None) -> None:
+                 threepoint: ThreePoint | None = None,
+                 replicas: Replicas | None = None) -> None:
         self.id = node_id
         self.trainer = trainer
         self.algorithm = algorithm
@@ -204,6 +211,10 @@ class Node:
         self._published = threading.Condition(self._lock)
         self.upcoming: frozenset[int] = frozenset()  # neighbors of an announced next epoch
         self._stopped = False  # stop_publishing() was called
+        # Model replicas (docs/algorithms.md, "Compressed models: replicas"); None: dense models.
+        self.replicas = replicas
+        self._updates: dict[int, list[Compressed]] = {}  # q_i^t by round, what neighbors fetch
+        self._gossip_weights: dict[int, float] = {}  # pi_il of the last round's participants
 
     @property
     def names(self) -> list[str]:
@@ -230,6 +241,8 @@ class Node:
                           self._cross_deltas):
                 for key in [k for k in cache if k[0] in dropped]:
                     del cache[key]
+            if self.replicas is not None:
+                self.replicas.forget(dropped)
         for state in (self.feedback, self.threepoint):
             if state is not None:
                 for j in dropped:
@@ -266,6 +279,8 @@ class Node:
             self._snapshots[self.round] = [p.clone() for p in self.params]
             for old in [r for r in self._snapshots if r <= self.round - self.keep_rounds]:
                 del self._snapshots[old]
+            for old in [r for r in self._updates if r <= self.round - self.keep_rounds]:
+                del self._updates[old]
             stale = self.round - self.keep_rounds
             for old in [r for r in self._round_counts if r <= stale]:
                 del self._round_counts[old]
@@ -312,6 +327,14 @@ class Node:
                 raise StaleRound(f"node {self.id} keeps the models of rounds {held}, "
                                  f"not round {round_}")
             return self._snapshots[round_]
+
+    def model_update(self, round_: int) -> list[Compressed]:
+        """q_i^round under replicas, if still kept (StaleRound otherwise)."""
+        with self._lock:
+            if round_ not in self._updates:
+                raise StaleRound(f"node {self.id} keeps the model updates of rounds "
+                                 f"{sorted(self._updates)}, not round {round_}")
+            return self._updates[round_]
 
     def cross_gradient(self, requester: int, round_: int, requester_params: Params) -> Params:
         """grad F_i(x_requester^round; B_i^round): the requester's model on this node's data."""
@@ -466,14 +489,18 @@ class Node:
         algo = self.algorithm
         neighbors = list(self.assignment.neighbors)
         nbr_params: dict[int, Params] = {}
-        if neighbors:
+        replicas = self.replicas
+        if replicas is not None:  # the copies of the neighbors' replicas: nothing to fetch
+            nbr_params = replicas.neighbor_models(neighbors)
+        elif neighbors:
             nbr_params = neighborhood.models(t, neighbors)
             phases.called(neighborhood, clock() - mark)
             mark = clock()
         self._drop_implausible(t, nbr_params)
         local = self._local_cross_gradients(t, nbr_params) if algo.uses_local else {}
         weights = effective_weights(self.id, self.assignment, sorted(nbr_params))
-        point = algo.self_grad_point(self.id, self.params, nbr_params, weights)
+        own = None if replicas is None else replicas.own
+        point = algo.self_grad_point(self.id, self.params, nbr_params, weights, own)
         loss, self_grad = self.trainer.gradient(point, t, "self")
         phases.compute += clock() - mark
         received: dict[int, Params] = {}
@@ -485,12 +512,18 @@ class Node:
                 received = self._receive_three_point(t, received)
         before = dict(algo.stats)
         mark = clock()
+        update: list[Compressed] = []
         with torch.no_grad():
             new_params = algo.step(StepInputs(
                 node=self.id, params=self.params, neighbor_params=nbr_params, weights=weights,
                 self_grad=self_grad, lr=self.trainer.lr(t), received=received, local=local,
-                round=t, seed=self.trainer.seed))
+                round=t, seed=self.trainer.seed, own_replica=own))
+            if replicas is not None:  # q_i^t, published for finish_round (peer/replicas.py)
+                update = replicas.encode(new_params, self.trainer.seed, t)
         with self._lock:
+            if replicas is not None:
+                self._updates[t] = update
+                self._gossip_weights = weights
             self.params = new_params
             self.round = t + 1
         stats = {k: v - before.get(k, 0) for k, v in algo.stats.items()}
@@ -499,6 +532,39 @@ class Node:
                            answered=sorted(nbr_params),
                            missing=sorted(set(neighbors) - set(nbr_params)),
                            seconds=clock() - started, stats=stats, phases=phases.as_dict())
+
+    def finish_round(self, source: UpdateSource) -> list[int]:
+        """The second half of a round under replicas (after every neighbor's run_round): apply
+        the neighbors' q_l^t to their copies, then, but for NGC, gossip on the replicas:
+        x_i^{t+1} = x_i^{t+1/2} + gamma_c sum_l pi_il (x^_l^{t+1} - x^_i^{t+1}).
+
+        A neighbor whose update is missing or refused loses its copy (it cannot be guessed: a
+        resync from its dense replica is the only repair) and is left out of the gossip. Returns
+        the neighbors that lost their copy."""
+        replicas = self.replicas
+        if replicas is None:
+            return []
+        t = self.round - 1
+        taking_part = sorted(j for j in self._gossip_weights if j != self.id)
+        updates = source.model_updates(t, taking_part) if taking_part else {}
+        lost: list[int] = []
+        for j in taking_part:
+            try:
+                if j not in updates:
+                    raise InvalidMessage(f"node {j} sent no model update for round {t}")
+                replicas.apply(j, updates[j])
+            except InvalidMessage as exc:
+                log.warning("node %d round %d: its copy of node %d's replica is dropped: %s",
+                            self.id, t, j, exc)
+                replicas.forget([j])
+                lost.append(j)
+        if not self.algorithm.gossips_first:
+            weights = {j: w for j, w in self._gossip_weights.items() if j not in lost}
+            with torch.no_grad():
+                mixed = replicas.gossip(self.params, weights)
+            with self._lock:
+                self.params = mixed
+        return lost
 
     # ---- checkpoints (peer/training/checkpoint.py) --------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -519,6 +585,7 @@ class Node:
                 "stats": {str(k): v for k, v in self.algorithm.stats.items()},
                 "feedback": None if self.feedback is None else self.feedback.state_dict(),
                 "threepoint": None if self.threepoint is None else self.threepoint.state_dict(),
+                "replicas": None if self.replicas is None else self.replicas.state_dict(),
                 "torch_rng": torch.random.get_rng_state(),
             }
             return to_device(state, torch.device("cpu"))
@@ -539,9 +606,11 @@ class Node:
                 self.feedback.load_state_dict(to_device(state["feedback"], device))
             if self.threepoint is not None:
                 self.threepoint.load_state_dict(to_device(state["threepoint"], device))
+            if self.replicas is not None:
+                self.replicas.load_state_dict(to_device(state["replicas"], device))
             torch.random.set_rng_state(state["torch_rng"].clone())
             for cache in (self._snapshots, self._cross, self._cross_records,
-                          self._neighbor_models, self._cross_deltas):
+                          self._neighbor_models, self._cross_deltas, self._updates):
                 cache.clear()
 
     def _check_state(self, state: Mapping[str, Any]) -> None:
@@ -585,4 +654,10 @@ class Node:
                                   "feedback, the state says otherwise (another --compressor?)")
         if state["feedback"] is not None:
             check_residuals("sender error-feedback memory", state["feedback"], like)
+        if (state.get("replicas") is None) != (self.replicas is None):
+            have = "no" if self.replicas is None else "model"
+            raise CheckpointError(f"node state: this node keeps {have} replicas, the state says "
+                                  "otherwise (another --model-compressor or --consensus-step?)")
+        if self.replicas is not None:
+            self.replicas.check_state(state["replicas"], like)
         check_tensor("torch_rng", state["torch_rng"], torch.random.get_rng_state())

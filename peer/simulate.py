@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +21,7 @@ import torch
 from crossgrad.config import RunConfig
 from crossgrad.display import PeerRow, Snapshot
 from peer.builder import assignments, load_run_data, make_node, resolve_device
+from peer.compression import Compressed
 from peer.compression.threepoint import SKIP_RECORD_BYTES
 from peer.metrics import Traffic, average, consensus_distance, digest, kinds_json, pair_sum
 from peer.node import Node, Params, RoundRecord
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 
 def wire_bytes(node: Node, kind: str, requester: int, round_: int, tensors: Params) -> int:
     """What the message would take on the wire: the exact streams a networked node sends."""
+    if kind == "model_update":  # q_i^t under replicas: one encoding for every neighbor
+        return sum(frame_bytes(len(raw)) for raw in encode_compressed_raw(
+            node.names, node.model_update(round_), sender_id=node.id, round_=round_))
     if kind == "cross_gradient":
         message = node.cross_gradient_skips(requester, round_)
         if message is not None:  # EF21 / CLAG: the sent records, a few bytes per skip
@@ -79,17 +83,44 @@ class InMemoryNeighborhood:
         return out
 
     def cross_gradients(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
-        mine = self.nodes[self.me].model(round_)
-        out = {j: self.nodes[j].cross_gradient_message(self.me, round_, mine) for j in neighbors}
+        out: dict[int, Params] = {}
+        for j in neighbors:
+            server = self.nodes[j]
+            # Under replicas the server takes its copy of the requester's replica (no model
+            # travels); without one it cannot answer, as a networked node could not.
+            mine = (self.nodes[self.me].model(round_) if server.replicas is None
+                    else server.replicas.copy_of(self.me))
+            if mine is not None:
+                out[j] = server.cross_gradient_message(self.me, round_, mine)
         if self.traffic is not None:
             for j, g in out.items():
                 self.traffic.add_received(j, "cross_gradient", wire_bytes(
                     self.nodes[j], "cross_gradient", self.me, round_, g))
         return out
 
+    def model_updates(self, round_: int, neighbors: Sequence[int]) -> dict[int, list[Compressed]]:
+        out = {j: self.nodes[j].model_update(round_) for j in neighbors}
+        if self.traffic is not None:
+            for j in out:
+                self.traffic.add_received(j, "model_update", wire_bytes(
+                    self.nodes[j], "model_update", self.me, round_, []))
+        return out
+
     def wait_seconds(self) -> float | None:
         """None: the calls' time was the neighbors' computing, here (peer/node.py, RoundPhases)."""
         return None
+
+
+def simulate_round(ordered: Sequence[Node],
+                   hoods: Mapping[int, InMemoryNeighborhood]) -> list[RoundRecord]:
+    """One round of every node: publish, run_round, and under replicas finish_round once every
+    node has published its model update (the second half needs the neighbors' q^t)."""
+    for node in ordered:
+        node.publish()
+    records = [node.run_round(hoods[node.id]) for node in ordered]
+    for node in ordered:
+        node.finish_round(hoods[node.id])
+    return records
 
 
 @dataclass(frozen=True)
@@ -240,9 +271,7 @@ def run(config: RunConfig, out_dir: Path | None = None,
     ev: Evaluation | None = None
     try:
         for t in range(start, config.rounds):
-            for node in ordered:
-                node.publish()
-            records: list[RoundRecord] = [node.run_round(hoods[node.id]) for node in ordered]
+            records = simulate_round(ordered, hoods)
             for rec in records:  # every request of round t is served by now
                 recorder.round(rec, **_bytes_fields(traffic.get(rec.node)),
                                **nodes[rec.node].cross_counts(t))

@@ -45,6 +45,10 @@ class StepInputs:
     local: Mapping[int, Params] = field(default_factory=dict)
     round: int = 0  # seeds the stochastic compressors of compcga / compngc
     seed: int = 0  # the run seed
+    # Under model replicas (docs/algorithms.md, "Compressed models: replicas"): x^_i^t, and
+    # neighbor_params hold the replicas x^_l^t. The step then leaves mixing to the replicas'
+    # gossip (combine) and NGC gossips on the replicas (NGC.self_grad_point).
+    own_replica: Params | None = None
 
 
 def mix(node: int, params: Params, neighbor_params: Mapping[int, Params],
@@ -58,6 +62,14 @@ def mix(node: int, params: Params, neighbor_params: Mapping[int, Params],
             acc = acc + neighbor_params[l][k] * weights[l]
         out.append(acc)
     return out
+
+
+def combine(inputs: StepInputs) -> Params:
+    """The point the gradient step starts from: the mixed model, or x_i^t itself under replicas
+    (the step is then local, and the replicas' gossip follows it: peer/replicas.py)."""
+    if inputs.own_replica is not None:
+        return inputs.params
+    return mix(inputs.node, inputs.params, inputs.neighbor_params, inputs.weights)
 
 
 def nesterov(momentum: Params, grads: Params, mu: float) -> Params:
@@ -75,6 +87,7 @@ class Algorithm:
     name: ClassVar[str]
     uses_received: bool = False
     uses_local: bool = False
+    gossips_first: ClassVar[bool] = False  # NGC: under replicas, no gossip after the step
 
     def __init__(self, momentum: float = 0.9) -> None:
         self.mu = float(momentum)
@@ -91,8 +104,9 @@ class Algorithm:
         return self._momentum
 
     def self_grad_point(self, node: int, params: Params, neighbor_params: Mapping[int, Params],
-                        weights: Mapping[int, float]) -> Params:
-        """Where the self-gradient is taken: x_i^t for all but NGC."""
+                        weights: Mapping[int, float],
+                        own_replica: Params | None = None) -> Params:
+        """Where the self-gradient is taken: x_i^t for all but NGC (own_replica: StepInputs)."""
         return params
 
     def step(self, inputs: StepInputs) -> Params:

@@ -28,7 +28,7 @@ from peer.algorithms.base import (
     Hyperparameters,
     Params,
     StepInputs,
-    mix,
+    combine,
     nesterov,
     register,
 )
@@ -84,7 +84,7 @@ class CGA(Algorithm):
     def step(self, inputs: StepInputs) -> Params:
         projected = aggregate(inputs, self.qp, self._previous_v, self.stats)
         direction = nesterov(self.momentum_buffers(inputs.params), projected, self.mu)
-        mixed = mix(inputs.node, inputs.params, inputs.neighbor_params, inputs.weights)
+        mixed = combine(inputs)
         return [x - inputs.lr * d for x, d in zip(mixed, direction, strict=True)]
 
     def state_dict(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ Neighbors' parameters are their round-t values. mu = 0 gives CDSGD.
 
 from __future__ import annotations
 
-from peer.algorithms.base import Algorithm, Params, StepInputs, mix, nesterov, register
+from peer.algorithms.base import Algorithm, Params, StepInputs, combine, nesterov, register
 
 
 @register
@@ -20,5 +20,5 @@ class DPSGD(Algorithm):
     def step(self, inputs: StepInputs) -> Params:
         momentum = self.momentum_buffers(inputs.params)
         direction = nesterov(momentum, inputs.self_grad, self.mu)
-        mixed = mix(inputs.node, inputs.params, inputs.neighbor_params, inputs.weights)
+        mixed = combine(inputs)
         return [x - inputs.lr * d for x, d in zip(mixed, direction, strict=True)]

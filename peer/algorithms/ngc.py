@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
+
 from crossgrad.errors import ConfigError
 from peer.algorithms.base import (
     Algorithm,
@@ -46,6 +48,7 @@ def weighted_sum(node: int, self_grad: Params, others: Mapping[int, Params],
 @register
 class NGC(Algorithm):
     name = "ngc"
+    gossips_first = True
 
     def __init__(self, momentum: float = 0.9, gamma: float = 0.1, alpha: float = 1.0) -> None:
         super().__init__(momentum)
@@ -63,13 +66,22 @@ class NGC(Algorithm):
         return cls(momentum=hp.momentum, gamma=hp.gamma, alpha=hp.alpha)
 
     def self_grad_point(self, node: int, params: Params, neighbor_params: Mapping[int, Params],
-                        weights: Mapping[int, float]) -> Params:
+                        weights: Mapping[int, float],
+                        own_replica: Params | None = None) -> Params:
+        if own_replica is not None:  # replicas: x_i + gamma sum_l pi_il (x^_l - x^_i)
+            out: Params = []
+            for k, (x, own) in enumerate(zip(params, own_replica, strict=True)):
+                acc = torch.zeros_like(x)
+                for l in sorted(neighbor_params):
+                    acc = acc + weights[l] * (neighbor_params[l][k] - own)
+                out.append(x + self.gamma * acc)
+            return out
         mixed = mix(node, params, neighbor_params, weights)
         return [x + self.gamma * (m - x) for x, m in zip(params, mixed, strict=True)]
 
     def step(self, inputs: StepInputs) -> Params:
         half = self.self_grad_point(inputs.node, inputs.params, inputs.neighbor_params,
-                                    inputs.weights)
+                                    inputs.weights, inputs.own_replica)
         if self.alpha == 1.0:
             combined = weighted_sum(inputs.node, inputs.self_grad, inputs.received, inputs.weights)
         elif self.alpha == 0.0:

@@ -51,7 +51,7 @@ def test_compcga_defaults_to_the_scaled_sign() -> None:
     ("compressor", "topk:1.5", "k"),
     ("compressor", "qsgd:0", "s"),
     ("compressor", "zip", "known compressors"),
-    ("model_compressor", "sign", "refused"),
+    ("model_compressor", "sign", "consensus-step"),
 ])
 def test_bad_compressor_settings_fail_at_start(field: str, value: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
