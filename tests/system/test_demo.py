@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from crossgrad.cluster import poll
 from crossgrad.rpc import make_channel
 from crossgrad.security import Role, SecurityFlags, load_security
 from crossgrad.v1 import peer_pb2, peer_pb2_grpc
@@ -178,7 +179,9 @@ def test_the_demo_stops_everything_as_soon_as_its_children_run(
     for line in demo.stdout:  # the demo says so once every child was started
         if line.startswith("bootstrap on "):
             break
-    assert len(children_of_run(run_dir)) == 3, "the demo did not start the bootstrap and 2 peers"
+    # every child was started; /proc may show the last one's command line a moment later
+    poll(lambda: True if len(children_of_run(run_dir)) == 3 else None, 30,
+         "the demo's bootstrap and 2 peers in /proc")
     procs.signal(demo, sig)
     assert demo.wait(timeout=60) == code
     assert demo.stderr is not None and said in demo.stderr.read()
