@@ -1,7 +1,7 @@
 """Bytes on the wire to reach dense cga's accuracy: model replicas, EF21 and CLAG against dense cga.
 
-    python bench/bytes_to_accuracy.py                  # real MNIST, 2 seeds
-    python bench/bytes_to_accuracy.py --rounds 300 --jobs 8
+    python bench/bytes_to_accuracy.py --data-dir DATA/mnist    # 2 seeds, ~16 min on 2 cores
+    python bench/bytes_to_accuracy.py --rounds 300 --replica-rounds 0 --jobs 8
 
 5 nodes, ring, `modulo` partition, model `mlp`, real MNIST, in the simulator with bytes counted
 exactly as a networked node would put them on the wire (peer/simulate.py, count_bytes). The
@@ -173,9 +173,9 @@ def main() -> int:
     parser.add_argument("--data-dir", type=Path, default=data_home("mnist"),
                         help="MNIST's IDX files (default $CROSSGRAD_DATA/mnist, else data/mnist)")
     parser.add_argument("--rounds", type=int, default=600, help="rounds of the table's runs")
-    parser.add_argument("--replica-rounds", type=int, default=0,
-                        help="rounds of the table's runs with model replicas (default --rounds): "
-                             "their rounds are far cheaper and they converge more slowly")
+    parser.add_argument("--replica-rounds", type=int, default=1800,
+                        help="rounds of the table's runs with model replicas (0: --rounds); the "
+                             "metric is bytes, and a replica round costs ~1/70 of a dense one")
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=2, help="seeds of the table's runs")
     parser.add_argument("--tune-rounds", type=int, default=150, help="rounds of a tuning run")
@@ -253,7 +253,7 @@ def main() -> int:
     print("| configuration | rounds | final acc | MiB to target | vs dense cga | MiB whole run |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        ratio = (f"1/{base / r.bytes_to:.0f}" if base and r.bytes_to and r is not rows[0]
+        ratio = (f"1/{base / r.bytes_to:.1f}" if base and r.bytes_to and r is not rows[0]
                  else "1" if r is rows[0] and base else "-")
         missed = "" if r.reached == r.seeds else f" ({r.reached}/{r.seeds} seeds)"
         print(f"| {r.spec.name} | {rounds_of(r.spec)} | {r.final:.4f} | "
