@@ -53,10 +53,6 @@ from peer.wire import decode, human_bytes, specs_of
 
 log = logging.getLogger(__name__)
 
-# The rounds in which a neighbor that is not there yet is waited for (it may still be starting),
-# on both sides of a call: the client's wait_for_ready, the server's wait for its own node.
-FIRST_ROUNDS = 1
-
 
 def check_model_fits(names: Sequence[str], params: Sequence[torch.Tensor],
                      max_model_bytes: int) -> None:
@@ -207,12 +203,13 @@ class GrpcNeighborhood:
                 start: Callable[..., Iterator[bytes]], request: object,
                 timeout: float | None, compressor: Compressor | None = None) -> Params:
         what = f"{kind} of round {round_} from node {peer} at {self.address(peer)}"
-        # wait_for_ready: at the run's start a neighbor still starting is waited for, up to
-        # the deadline, instead of failing at once with "connection refused". Later a refused
-        # connection means the neighbor is down (or restarting, and will catch up): it fails at
-        # once, as a draining or dead neighbor must not cost this round its deadline.
+        # wait_for_ready: a neighbor still starting (or restarting, or behind a link that is
+        # coming back) is waited for, up to the deadline, instead of failing at once with
+        # "connection refused"; once it failed, it is a suspect and is not waited for. (Failing
+        # fast on every refused connection let a node whose channels were reconnecting after a
+        # cut race through its rounds alone.)
         with self._lock:
-            patient = round_ <= FIRST_ROUNDS and peer not in self._suspects
+            patient = peer not in self._suspects
         call = start(request, timeout=timeout if timeout is not None else self.timeout,
                      wait_for_ready=patient)
         try:

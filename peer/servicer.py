@@ -35,12 +35,15 @@ from crossgrad.errors import (
 from crossgrad.rpc import translate_errors
 from crossgrad.security import caller_of
 from crossgrad.v1 import peer_pb2, peer_pb2_grpc
-from peer.client import FIRST_ROUNDS
 from peer.node import Node, Params
 from peer.wire import checksums, encode_compressed_raw, encode_raw, frame_bytes
 
 if TYPE_CHECKING:
     from peer.service import PeerRuntime
+
+
+# The rounds in which a call waits for this node to attach its node (the run's start).
+FIRST_ROUNDS = 1
 
 
 class PeerServicer(peer_pb2_grpc.PeerServicer):

@@ -153,9 +153,11 @@ def test_sigterm_checkpoints_leaves_and_resume_goes_on(tmp_path: Path) -> None:
         listed = {p.node_id: p for p in cluster.list_peers().peers}
     resumed = summary_of(out, 3)
     assert resumed["round"] == CONFIG.rounds and resumed["resumes"] == 1
-    for i in (0, 1, 2, 4):  # a draining neighbor is not waited for: no round near a deadline
+    # A draining neighbor answers at once while it drains; a call that lands after its server
+    # stopped waits for it (it may be restarting) up to one deadline, once: never more.
+    for i in (0, 1, 2, 4):
         slowest = max(float(r["seconds"]) for r in rounds_of(out, i))  # type: ignore[arg-type]
-        assert slowest < TIMEOUT, (i, slowest)
+        assert slowest < TIMEOUT + 1.0, (i, slowest)
     assert listed[3].resumes == 1 and listed[3].returns == 1
     events = [json.loads(line) for line in
               (out / "node-3" / "metrics.jsonl").read_text().splitlines()]
