@@ -16,10 +16,11 @@ A neighbor that does not answer is left out of the round: its weight goes to the
 Serving side: `model(t)` and `cross_gradient(requester, t, x_requester)` answer neighbors; a
 cross-gradient is computed once per (requester, round) and cached.
 
-With model replicas (peer/replicas.py; simulator only for now) step 2 reads the node's copies of
-the neighbors' replicas instead of fetching models, step 5 is the local step without mixing, and
-the round has a second half, finish_round: publish q_i^t (model_update(t)), apply the
-neighbors' q_l^t to their copies, then gossip on the replicas.
+With model replicas (peer/replicas.py) step 2 reads the node's copies of the neighbors' replicas
+instead of fetching models (a copy that is missing is resynchronised from the neighbor's dense
+replica first), a cross-gradient is taken at the server's copy of the requester's replica, step 5
+is the local step without mixing, and the round has a second half, finish_round: publish q_i^t
+(model_update(t)), apply the neighbors' q_l^t to their copies, then gossip on the replicas.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from peer.algorithms.base import Algorithm, Params, StepInputs
 from peer.compression import Compressed, ErrorFeedback
 from peer.compression.base import check_finite
 from peer.compression.threepoint import ThreePoint
-from peer.replicas import Replicas, UpdateSource
+from peer.replicas import Replica, Replicas, UpdateSource
 from peer.training.checkpoint import (
     CheckpointError,
     check_residuals,
@@ -213,8 +214,10 @@ class Node:
         self._stopped = False  # stop_publishing() was called
         # Model replicas (docs/algorithms.md, "Compressed models: replicas"); None: dense models.
         self.replicas = replicas
-        self._updates: dict[int, list[Compressed]] = {}  # q_i^t by round, what neighbors fetch
+        # q_i^t by round, what neighbors fetch, with the digest of the replica it applies to
+        self._updates: dict[int, tuple[list[Compressed], int]] = {}
         self._gossip_weights: dict[int, float] = {}  # pi_il of the last round's participants
+        self.resyncs = 0  # copies of neighbors' replicas resynchronised from a dense replica
 
     @property
     def names(self) -> list[str]:
@@ -267,6 +270,9 @@ class Node:
             self.round = round_
             self.algorithm.reset_memory()
             self._snapshots.clear()
+            self._updates.clear()
+            if self.replicas is not None:  # neighbors hold copies of another round: resync
+                self.replicas.relabel(round_)
             for cache in (self._cross, self._neighbor_models, self._cross_records,
                           self._cross_deltas):
                 for key in [k for k in cache if k[1] < round_]:
@@ -328,13 +334,80 @@ class Node:
                                  f"not round {round_}")
             return self._snapshots[round_]
 
-    def model_update(self, round_: int) -> list[Compressed]:
-        """q_i^round under replicas, if still kept (StaleRound otherwise)."""
+    def model_update(self, round_: int) -> tuple[list[Compressed], int]:
+        """q_i^round under replicas and the digest of the replica it applies to, if still kept
+        (StaleRound otherwise)."""
         with self._lock:
             if round_ not in self._updates:
                 raise StaleRound(f"node {self.id} keeps the model updates of rounds "
                                  f"{sorted(self._updates)}, not round {round_}")
             return self._updates[round_]
+
+    def wait_update(self, round_: int, timeout: float | None) -> bool:
+        """Block until q_i^round is computed (or the node is past it), at most timeout s;
+        False at once once the node stopped before it."""
+        with self._published:
+            self._published.wait_for(lambda: self.round > round_ or self._stopped, timeout)
+            return self.round > round_
+
+    def own_replica(self, round_: int) -> Replica:
+        """x^_i at the start of round_, if still kept (StaleRound otherwise)."""
+        replicas = self.replicas
+        if replicas is None:
+            raise StaleRound(f"node {self.id} keeps no model replicas (this run sends models "
+                             "dense)")
+        with self._lock:
+            replica = replicas.own_at(round_)
+            if replica is None:
+                raise StaleRound(f"node {self.id} holds its replica of round "
+                                 f"{replicas.current.round}, not of round {round_}")
+            return replica
+
+    def replica_copy(self, node_id: int, round_: int, source: UpdateSource,
+                     digest: int = 0) -> Params | None:
+        """This node's copy of `node_id`'s replica at the start of round_, brought there when
+        it is not: the missing updates applied, or else resynchronised from the dense replica.
+        `digest`: the replica's digest as its owner says (a request names it); a copy with
+        another one is resynchronised. None when neither worked (the neighbor is left out).
+
+        No lock is held while fetching: the neighbor may be waiting for this node's answer
+        before it publishes what is fetched here."""
+        replicas = self.replicas
+        assert replicas is not None
+        with self._lock:
+            copy = replicas.copy_at(node_id, round_)
+            latest = replicas.latest_copy(node_id)
+        if copy is not None and digest in (0, copy.digest):
+            return copy.params
+        if copy is None and latest is not None and latest.round < round_:
+            for r in range(latest.round, round_):
+                update = source.model_updates(r, [node_id]).get(node_id)
+                if update is None:
+                    break
+                with self._lock:
+                    if replicas.copy_at(node_id, r + 1) is None:
+                        try:
+                            replicas.apply(update)
+                        except InvalidMessage as exc:
+                            log.warning("node %d: its copy of node %d's replica needs a resync: "
+                                        "%s", self.id, node_id, exc)
+                            break
+            with self._lock:
+                copy = replicas.copy_at(node_id, round_)
+            if copy is not None and digest in (0, copy.digest):
+                return copy.params
+        return self._resync(node_id, round_, source)
+
+    def _resync(self, node_id: int, round_: int, source: UpdateSource) -> Params | None:
+        replica = source.replicas(round_, [node_id]).get(node_id)
+        if replica is None:
+            return None
+        with self._lock:
+            self.replicas.resync(node_id, replica)  # type: ignore[union-attr]
+            self.resyncs += 1
+        log.info("node %d: resynchronised its copy of node %d's replica at round %d",
+                 self.id, node_id, round_)
+        return replica.params
 
     def cross_gradient(self, requester: int, round_: int, requester_params: Params) -> Params:
         """grad F_i(x_requester^round; B_i^round): the requester's model on this node's data."""
@@ -491,7 +564,13 @@ class Node:
         nbr_params: dict[int, Params] = {}
         replicas = self.replicas
         if replicas is not None:  # the copies of the neighbors' replicas: nothing to fetch
-            nbr_params = replicas.neighbor_models(neighbors)
+            source: UpdateSource = neighborhood  # type: ignore[assignment]
+            for j in neighbors:
+                copy = self.replica_copy(j, t, source)
+                if copy is not None:
+                    nbr_params[j] = copy
+            phases.called(neighborhood, clock() - mark)
+            mark = clock()
         elif neighbors:
             nbr_params = neighborhood.models(t, neighbors)
             phases.called(neighborhood, clock() - mark)
@@ -499,7 +578,7 @@ class Node:
         self._drop_implausible(t, nbr_params)
         local = self._local_cross_gradients(t, nbr_params) if algo.uses_local else {}
         weights = effective_weights(self.id, self.assignment, sorted(nbr_params))
-        own = None if replicas is None else replicas.own
+        own = None if replicas is None else self.own_replica(t).params
         point = algo.self_grad_point(self.id, self.params, nbr_params, weights, own)
         loss, self_grad = self.trainer.gradient(point, t, "self")
         phases.compute += clock() - mark
@@ -512,7 +591,7 @@ class Node:
                 received = self._receive_three_point(t, received)
         before = dict(algo.stats)
         mark = clock()
-        update: list[Compressed] = []
+        update: tuple[list[Compressed], int] = ([], 0)
         with torch.no_grad():
             new_params = algo.step(StepInputs(
                 node=self.id, params=self.params, neighbor_params=nbr_params, weights=weights,
@@ -526,6 +605,7 @@ class Node:
                 self._gossip_weights = weights
             self.params = new_params
             self.round = t + 1
+            self._published.notify_all()  # GetModelUpdate of round t waits for this
         stats = {k: v - before.get(k, 0) for k, v in algo.stats.items()}
         phases.stepped(clock() - mark, stats.get("qp_seconds", 0.0))
         return RoundRecord(node=self.id, round=t, loss=loss, lr=self.trainer.lr(t),
@@ -538,32 +618,34 @@ class Node:
         the neighbors' q_l^t to their copies, then, but for NGC, gossip on the replicas:
         x_i^{t+1} = x_i^{t+1/2} + gamma_c sum_l pi_il (x^_l^{t+1} - x^_i^{t+1}).
 
-        A neighbor whose update is missing or refused loses its copy (it cannot be guessed: a
-        resync from its dense replica is the only repair) and is left out of the gossip. Returns
-        the neighbors that lost their copy."""
+        A neighbor whose update is missing, refused or not for this node's copy is
+        resynchronised from its dense replica of round t+1 (never guessed); one that sends
+        neither is left out of the gossip. Returns the neighbors left out."""
         replicas = self.replicas
         if replicas is None:
             return []
         t = self.round - 1
         taking_part = sorted(j for j in self._gossip_weights if j != self.id)
-        updates = source.model_updates(t, taking_part) if taking_part else {}
+        with self._lock:
+            needed = [j for j in taking_part if replicas.copy_at(j, t + 1) is None]
+        updates = source.model_updates(t, needed) if needed else {}
         lost: list[int] = []
         for j in taking_part:
-            try:
-                if j not in updates:
-                    raise InvalidMessage(f"node {j} sent no model update for round {t}")
-                replicas.apply(j, updates[j])
-            except InvalidMessage as exc:
-                log.warning("node %d round %d: its copy of node %d's replica is dropped: %s",
-                            self.id, t, j, exc)
-                replicas.forget([j])
+            with self._lock:
+                if j in updates and replicas.copy_at(j, t + 1) is None:
+                    try:
+                        replicas.apply(updates[j])
+                    except InvalidMessage as exc:
+                        log.warning("node %d round %d: %s; resynchronising", self.id, t, exc)
+                done = replicas.copy_at(j, t + 1) is not None
+            if not done and self._resync(j, t + 1, source) is None:
+                log.warning("node %d round %d: node %d sent neither its model update nor its "
+                            "replica: left out of the gossip", self.id, t, j)
                 lost.append(j)
         if not self.algorithm.gossips_first:
             weights = {j: w for j, w in self._gossip_weights.items() if j not in lost}
-            with torch.no_grad():
-                mixed = replicas.gossip(self.params, weights)
-            with self._lock:
-                self.params = mixed
+            with torch.no_grad(), self._lock:
+                self.params = replicas.gossip(self.params, weights, t + 1)
         return lost
 
     # ---- checkpoints (peer/training/checkpoint.py) --------------------------------------

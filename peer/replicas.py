@@ -16,16 +16,24 @@ with own_replica) and skip the last line. Q is any registered compressor, used w
 feedback: what Q drops stays in x_i - x^_i and is sent in a later round. With Q = none and
 gamma_c = 1 this is adapt-then-combine (up to the rounding of x^ + (x - x^)).
 
-State only (no network here): the round driver (peer/node.py) fetches the neighbors' updates
-and hands them to `apply`. A neighbor without a copy (it joined later, or missed an update) is
-left out of the round: its copy cannot be guessed, only resynchronised from the dense replica.
+Versions. Every replica is the replica at the start of some round, with a digest: a hash chained
+over the updates applied since x^0 (their round and their payloads' CRC-32Cs, which the wire
+carries anyway). An update names the digest of the replica it applies to (StreamHeader.
+base_digest); a copy with another digest, or at another round, is never updated: it is
+resynchronised from the owner's dense replica, digest included (GetReplica). So a neighbor that
+missed an update (a fault, a restart, a catch-up) is repaired, never guessed, and is bit-identical
+again afterwards. State only here: the round driver (peer/node.py) fetches updates and replicas.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+import google_crc32c
 import torch
 
 from crossgrad.errors import InvalidMessage
@@ -35,60 +43,176 @@ from peer.compression import Compressed, Compressor
 from peer.training.checkpoint import CheckpointError, check_tensors
 
 
-class UpdateSource(Protocol):
-    """Where a node's neighbors' model updates come from (the simulator's neighborhood)."""
+def chain(previous: int, round_: int, crcs: Sequence[int],
+          skipped: Sequence[bool] = ()) -> int:
+    """The digest after applying an update of `round_` with these payload CRC-32Cs (and clag's
+    skip flags) to a state of digest `previous`; never 0 (0 means "no digest" on the wire)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(struct.pack(f"<QQ{len(crcs)}I", previous, round_, *crcs))
+    h.update(bytes(bool(s) for s in skipped))
+    return int.from_bytes(h.digest(), "little") or 1
 
-    def model_updates(self, round_: int, neighbors: Sequence[int]) -> dict[int, list[Compressed]]:
-        """q_l^round, as records, for each neighbor l that published it."""
+
+# The digest of x^0, which every node starts from (and of a three-point estimate's zeros).
+INITIAL_DIGEST = chain(0, 0, ())
+
+
+@dataclass(frozen=True)
+class Replica:
+    """A replica at the start of `round`, with its digest."""
+
+    params: Params
+    round: int
+    digest: int
+
+
+@dataclass(frozen=True)
+class ModelUpdate:
+    """q_sender^round, decoded: what applies to the replica of digest `base` at that round."""
+
+    sender: int
+    round: int
+    base: int
+    deltas: Params
+    crcs: tuple[int, ...]
+
+    @property
+    def digest(self) -> int:
+        """The digest of the replica once this update is applied."""
+        return chain(self.base, self.round, self.crcs)
+
+
+class ReplicaMismatch(InvalidMessage):
+    """An update that does not apply to this node's copy (another round or digest): resync."""
+
+
+class UpdateSource(Protocol):
+    """Where a node's neighbors' updates and dense replicas come from (a Neighborhood)."""
+
+    def model_updates(self, round_: int, neighbors: Sequence[int]) -> dict[int, ModelUpdate]:
+        """q_l^round, decoded and validated, for each neighbor l that sent it."""
+        ...
+
+    def replicas(self, round_: int, neighbors: Sequence[int]) -> dict[int, Replica]:
+        """x^_l at the start of round_, dense, for each neighbor l that sent it."""
         ...
 
 
 class Replicas:
-    """x^_i and the copies of the neighbors' replicas, with the compressor Q and gamma_c."""
+    """x^_i and the copies of the neighbors' replicas, with the compressor Q and gamma_c.
+
+    The node's own replica is kept for the last `keep` rounds (neighbors resynchronise from it
+    by round), and so is each copy (a neighbor's cross-gradient request of round t reads the
+    copy of round t, which the round driver may already have moved on)."""
 
     def __init__(self, node_id: int, compressor: Compressor, consensus_step: float,
-                 initial: Params, neighbors: Sequence[int]) -> None:
+                 initial: Params, neighbors: Sequence[int], keep: int = 4) -> None:
         if not 0.0 < consensus_step <= 1.0:
             raise ValueError(f"consensus step {consensus_step}, expected a value in (0, 1]")
         self.node_id = node_id
         self.compressor = compressor
         self.consensus_step = float(consensus_step)
-        self.own: Params = [p.detach().clone() for p in initial]  # x^_i = x^0
-        self.copies: dict[int, Params] = {l: [p.detach().clone() for p in initial]
-                                          for l in neighbors}  # x^_l = x^0: a shared start
+        self.keep = keep
+        start = Replica([p.detach().clone() for p in initial], 0, INITIAL_DIGEST)  # x^ = x^0
+        self._own: dict[int, Replica] = {0: start}
+        self._copies: dict[int, dict[int, Replica]] = {l: {0: start} for l in neighbors}
 
-    def neighbor_models(self, neighbors: Sequence[int]) -> dict[int, Params]:
-        """The copies x^_l of the neighbors that have one: what the algorithm reads as x_l."""
-        return {l: self.copies[l] for l in neighbors if l in self.copies}
+    # ---- reading --------------------------------------------------------------------------
+    @property
+    def current(self) -> Replica:
+        """x^_i now: at the start of the round after the last update encoded."""
+        return self._own[max(self._own)]
 
-    def copy_of(self, node: int) -> Params | None:
-        """This node's copy of `node`'s replica (None without one)."""
-        return self.copies.get(node)
+    @property
+    def own(self) -> Params:
+        return self.current.params
 
-    def encode(self, params: Params, seed: int, round_: int) -> list[Compressed]:
-        """q_i = Q(params - x^_i), per tensor; then x^_i <- x^_i + decode(q_i)."""
+    def own_at(self, round_: int) -> Replica | None:
+        return self._own.get(round_)
+
+    def copy_at(self, node: int, round_: int) -> Replica | None:
+        """This node's copy of `node`'s replica at the start of round_ (None without one)."""
+        return self._copies.get(node, {}).get(round_)
+
+    def latest_copy(self, node: int) -> Replica | None:
+        versions = self._copies.get(node)
+        return versions[max(versions)] if versions else None
+
+    def neighbor_models(self, neighbors: Sequence[int], round_: int) -> dict[int, Params]:
+        """The copies x^_l of round_ that this node holds: what the algorithm reads as x_l."""
+        out = {}
+        for l in neighbors:
+            copy = self.copy_at(l, round_)
+            if copy is not None:
+                out[l] = copy.params
+        return out
+
+    # ---- changing -------------------------------------------------------------------------
+    def encode(self, params: Params, seed: int,
+               round_: int) -> tuple[list[Compressed], int]:
+        """q_i = Q(params - x^_i) per tensor, then x^_i <- x^_i + decode(q_i); the records and
+        the digest of the replica they apply to (x^_i at the start of round_)."""
+        base = self.current
+        if base.round != round_:
+            raise ValueError(f"node {self.node_id}: its replica is of round {base.round}, the "
+                             f"update of round {round_} must apply to it")
         records: list[Compressed] = []
         updated: Params = []
-        for k, (x, own) in enumerate(zip(params, self.own, strict=True)):
+        for k, (x, own) in enumerate(zip(params, base.params, strict=True)):
             record = self.compressor.compress(
                 x - own, seed=derive_seed(seed, self.node_id, round_, "model-update", k))
             records.append(record)
             updated.append(own + self._decode(record, own, f"own update, tensor {k}"))
-        self.own = updated
-        return records
+        crcs = tuple(google_crc32c.value(r.payload) for r in records)
+        self._add(self._own, Replica(updated, round_ + 1, chain(base.digest, round_, crcs)))
+        return records, base.digest
 
-    def apply(self, sender: int, records: Sequence[Compressed]) -> None:
-        """x^_sender <- x^_sender + decode(q_sender): all or nothing (InvalidMessage, and the
-        copy unchanged, when a record does not decode to the copy's tensors)."""
-        copy = self.copies.get(sender)
-        if copy is None:
-            raise InvalidMessage(f"node {self.node_id} holds no replica of node {sender}")
-        if len(records) != len(copy):
+    def decode_update(self, sender: int, round_: int, base: int,
+                      records: Sequence[Compressed], like: Params) -> ModelUpdate:
+        """Records as a ModelUpdate (the simulator's path; a networked node decodes on the
+        wire): InvalidMessage when a record does not decode to a tensor shaped as `like`."""
+        if len(records) != len(like):
             raise InvalidMessage(f"model update of node {sender}: {len(records)} tensors, "
-                                 f"expected {len(copy)}")
+                                 f"expected {len(like)}")
         deltas = [self._decode(r, x, f"model update of node {sender}, tensor {k}")
-                  for k, (r, x) in enumerate(zip(records, copy, strict=True))]
-        self.copies[sender] = [x + d for x, d in zip(copy, deltas, strict=True)]
+                  for k, (r, x) in enumerate(zip(records, like, strict=True))]
+        return ModelUpdate(sender, round_, base, deltas,
+                           tuple(google_crc32c.value(r.payload) for r in records))
+
+    def apply(self, update: ModelUpdate) -> None:
+        """x^_sender <- x^_sender + decode(q_sender) on the copy of update.round, all or nothing.
+        ReplicaMismatch (nothing changes) when the copy is missing or not the update's base."""
+        sender = update.sender
+        copy = self.latest_copy(sender)
+        if copy is None or copy.round != update.round or copy.digest != update.base:
+            held = "none" if copy is None else f"round {copy.round}, digest {copy.digest:016x}"
+            raise ReplicaMismatch(f"the model update of node {sender} for round {update.round} "
+                                  f"applies to the replica of digest {update.base:016x}; this "
+                                  f"node's copy: {held}")
+        if len(update.deltas) != len(copy.params) or any(
+                d.shape != x.shape or d.dtype != x.dtype
+                for d, x in zip(update.deltas, copy.params, strict=True)):
+            raise InvalidMessage(f"model update of node {sender}: the tensors do not fit the "
+                                 "model")
+        params = [x + d for x, d in zip(copy.params, update.deltas, strict=True)]
+        self._add(self._copies[sender], Replica(params, update.round + 1, update.digest))
+
+    def resync(self, sender: int, replica: Replica) -> None:
+        """Replace the copy of `sender`'s replica by its dense replica (fetched by round)."""
+        self._copies[sender] = {replica.round: replica}
+
+    def relabel(self, round_: int) -> None:
+        """After a catch-up to round_: x^_i stays, as the replica of round_ under a new digest
+        (no neighbor holds it: each resynchronises), and every copy is dropped (resynchronised
+        when next needed)."""
+        own = self.current
+        self._own = {round_: Replica(own.params, round_, chain(own.digest, round_, (), (True,)))}
+        self._copies.clear()
+
+    def _add(self, versions: dict[int, Replica], replica: Replica) -> None:
+        versions[replica.round] = replica
+        for old in [r for r in versions if r <= replica.round - self.keep]:
+            del versions[old]
 
     def _decode(self, record: Compressed, like: torch.Tensor, what: str) -> torch.Tensor:
         delta = self.compressor.decompress(record, device=like.device)
@@ -97,39 +221,65 @@ class Replicas:
                                  f"{like.numel()} {like.dtype}")
         return delta.reshape(like.shape)
 
-    def gossip(self, params: Params, weights: Mapping[int, float]) -> Params:
-        """x_i + gamma_c sum_{l in N(i)} pi_il (x^_l - x^_i), neighbors in id order; `weights`
-        holds pi_il of the neighbors taking part (and pi_ii, unused here)."""
+    def gossip(self, params: Params, weights: Mapping[int, float], round_: int) -> Params:
+        """x_i + gamma_c sum_{l in N(i)} pi_il (x^_l - x^_i), on the replicas of round_ (the
+        copies there), neighbors in id order; `weights` holds pi_il of the neighbors taking
+        part (and pi_ii, unused here)."""
+        own = self.own_at(round_)
+        assert own is not None, f"node {self.node_id} holds no replica of round {round_}"
+        copies = {l: self.copy_at(l, round_) for l in weights if l != self.node_id}
         out: Params = []
-        for k, (x, own) in enumerate(zip(params, self.own, strict=True)):
+        for k, x in enumerate(params):
             acc = torch.zeros_like(x)
-            for l in sorted(w for w in weights if w != self.node_id):
-                acc = acc + weights[l] * (self.copies[l][k] - own)
+            for l in sorted(copies):
+                copy = copies[l]
+                assert copy is not None, f"no copy of node {l}'s replica of round {round_}"
+                acc = acc + weights[l] * (copy.params[k] - own.params[k])
             out.append(x + self.consensus_step * acc)
         return out
 
     def forget(self, neighbors: Sequence[int]) -> None:
         """Drop the copies of neighbors that left (a returning one needs a resync)."""
         for l in neighbors:
-            self.copies.pop(l, None)
+            self._copies.pop(l, None)
 
     # ---- checkpoints --------------------------------------------------------------------
+    @staticmethod
+    def _saved(replica: Replica) -> dict[str, Any]:
+        return {"params": [p.clone() for p in replica.params], "round": replica.round,
+                "digest": replica.digest}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"own": [p.clone() for p in self.own],
-                "copies": {str(l): [p.clone() for p in c] for l, c in self.copies.items()}}
+        """The current replica and the latest copy of each neighbor's, with rounds and
+        digests (older versions are not kept: a neighbor asking for one resynchronises)."""
+        copies = {str(l): self._saved(c) for l in self._copies
+                  if (c := self.latest_copy(l)) is not None}
+        return {"own": self._saved(self.current), "copies": copies}
 
     def check_state(self, state: object, like: Sequence[torch.Tensor]) -> None:
         """CheckpointError naming the part unless `state` fits a model shaped as `like`."""
         if not isinstance(state, Mapping) or not isinstance(state.get("copies"), Mapping):
             raise CheckpointError("replicas: expected a table with 'own' and 'copies' (a "
                                   "checkpoint of a run without --model-compressor?)")
-        check_tensors("replica x^_i", state.get("own"), like)
-        for l, copy in state["copies"].items():
+        parts = {"replica x^_i": state.get("own"),
+                 **{f"replica copy of node {l}": c for l, c in state["copies"].items()}}
+        for l in state["copies"]:
             if not str(l).isdigit():
                 raise CheckpointError(f"replicas: copy key {l!r}, expected a node id")
-            check_tensors(f"replica copy of node {l}", copy, like)
+        for what, saved in parts.items():
+            if not isinstance(saved, Mapping) or not all(
+                    isinstance(saved.get(k), int) and saved.get(k) >= 0  # type: ignore[operator]
+                    for k in ("round", "digest")):
+                raise CheckpointError(f"{what}: expected params, round and digest (a checkpoint "
+                                      "of an older version?)")
+            check_tensors(what, saved.get("params"), like)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.own = [p.detach().clone() for p in state["own"]]
-        self.copies = {int(l): [p.detach().clone() for p in c]
-                       for l, c in state["copies"].items()}
+        def replica(saved: Mapping[str, Any]) -> Replica:
+            return Replica([p.detach().clone() for p in saved["params"]], int(saved["round"]),
+                           int(saved["digest"]))
+
+        own = replica(state["own"])
+        self._own = {own.round: own}
+        self._copies = {int(l): {(r := replica(c)).round: r}
+                        for l, c in state["copies"].items()}

@@ -21,11 +21,11 @@ import torch
 from crossgrad.config import RunConfig
 from crossgrad.display import PeerRow, Snapshot
 from peer.builder import assignments, load_run_data, make_node, resolve_device
-from peer.compression import Compressed
 from peer.compression.threepoint import SKIP_RECORD_BYTES
 from peer.metrics import Traffic, average, consensus_distance, digest, kinds_json, pair_sum
 from peer.node import Node, Params, RoundRecord
 from peer.records import RunRecorder
+from peer.replicas import ModelUpdate, Replica
 from peer.training.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -43,8 +43,14 @@ log = logging.getLogger(__name__)
 def wire_bytes(node: Node, kind: str, requester: int, round_: int, tensors: Params) -> int:
     """What the message would take on the wire: the exact streams a networked node sends."""
     if kind == "model_update":  # q_i^t under replicas: one encoding for every neighbor
+        records, base = node.model_update(round_)
         return sum(frame_bytes(len(raw)) for raw in encode_compressed_raw(
-            node.names, node.model_update(round_), sender_id=node.id, round_=round_))
+            node.names, records, sender_id=node.id, round_=round_, base_digest=base))
+    if kind == "replica":  # a dense replica, for a resync
+        replica = node.own_replica(round_)
+        return sum(frame_bytes(len(raw)) for raw in encode_raw(
+            node.names, replica.params, sender_id=node.id, round_=round_,
+            base_digest=replica.digest))
     if kind == "cross_gradient":
         message = node.cross_gradient_skips(requester, round_)
         if message is not None:  # EF21 / CLAG: the sent records, a few bytes per skip
@@ -67,12 +73,19 @@ class InMemoryNeighborhood:
 
     With `traffic`, every message is also encoded as a networked node would send it and its
     bytes are counted (receiver side), so simulated runs report honest bytes on the wire.
+    `peers`: every node's neighborhood (a server resynchronising its copy of a requester's
+    replica fetches through its own); `drop`: (receiver, sender, round) of model updates that
+    never arrive (a fault, injected: the receiver resynchronises as a networked node does).
     """
 
-    def __init__(self, me: int, nodes: dict[int, Node], traffic: Traffic | None = None) -> None:
+    def __init__(self, me: int, nodes: dict[int, Node], traffic: Traffic | None = None,
+                 peers: Mapping[int, InMemoryNeighborhood] | None = None,
+                 drop: frozenset[tuple[int, int, int]] = frozenset()) -> None:
         self.me = me
         self.nodes = nodes
         self.traffic = traffic
+        self.peers = peers if peers is not None else {}
+        self.drop = drop
 
     def models(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
         out = {j: self.nodes[j].model(round_) for j in neighbors}
@@ -87,9 +100,10 @@ class InMemoryNeighborhood:
         for j in neighbors:
             server = self.nodes[j]
             # Under replicas the server takes its copy of the requester's replica (no model
-            # travels); without one it cannot answer, as a networked node could not.
-            mine = (self.nodes[self.me].model(round_) if server.replicas is None
-                    else server.replicas.copy_of(self.me))
+            # travels), resynchronised first when it is not the requester's.
+            me = self.nodes[self.me]
+            mine = (me.model(round_) if server.replicas is None else server.replica_copy(
+                self.me, round_, self.peers[j], digest=me.own_replica(round_).digest))
             if mine is not None:
                 out[j] = server.cross_gradient_message(self.me, round_, mine)
         if self.traffic is not None:
@@ -98,12 +112,28 @@ class InMemoryNeighborhood:
                     self.nodes[j], "cross_gradient", self.me, round_, g))
         return out
 
-    def model_updates(self, round_: int, neighbors: Sequence[int]) -> dict[int, list[Compressed]]:
-        out = {j: self.nodes[j].model_update(round_) for j in neighbors}
-        if self.traffic is not None:
-            for j in out:
+    def model_updates(self, round_: int, neighbors: Sequence[int]) -> dict[int, ModelUpdate]:
+        me = self.nodes[self.me]
+        assert me.replicas is not None
+        out = {}
+        for j in neighbors:
+            if (self.me, j, round_) in self.drop:
+                continue
+            records, base = self.nodes[j].model_update(round_)
+            out[j] = me.replicas.decode_update(j, round_, base, records, me.params)
+            if self.traffic is not None:
                 self.traffic.add_received(j, "model_update", wire_bytes(
                     self.nodes[j], "model_update", self.me, round_, []))
+        return out
+
+    def replicas(self, round_: int, neighbors: Sequence[int]) -> dict[int, Replica]:
+        out = {}
+        for j in neighbors:
+            replica = self.nodes[j].own_replica(round_)
+            out[j] = Replica([p.clone() for p in replica.params], replica.round, replica.digest)
+            if self.traffic is not None:
+                self.traffic.add_received(j, "replica", wire_bytes(
+                    self.nodes[j], "replica", self.me, round_, []))
         return out
 
     def wait_seconds(self) -> float | None:
@@ -240,14 +270,16 @@ def run(config: RunConfig, out_dir: Path | None = None,
         progress: Callable[[str], None] | None = None,
         watch: Callable[[Snapshot], None] | None = None,
         count_bytes: bool = False, checkpoint_every: int = 0,
-        resume_from: Path | None = None) -> SimulationResult:
+        resume_from: Path | None = None,
+        drop_updates: frozenset[tuple[int, int, int]] = frozenset()) -> SimulationResult:
     """Simulate the whole run; write config.json, metrics.jsonl, summary.json and models.pt.
 
     checkpoint_every: every that many rounds, each node's state goes to out_dir/checkpoints
     (0: never). resume_from: a directory of such checkpoints; every node loads its latest and
     the run continues from that round to config.rounds, bit for bit as if never stopped.
     `progress` gets a line per evaluation; `watch` every node's row after each round
-    (crossgrad.display; bytes only with count_bytes).
+    (crossgrad.display; bytes only with count_bytes). drop_updates: (receiver, sender, round)
+    of model updates withheld, a fault injected for tests (InMemoryNeighborhood).
     """
     say = progress or (lambda line: None)
     started = time.perf_counter()
@@ -258,7 +290,9 @@ def run(config: RunConfig, out_dir: Path | None = None,
     _, assigned = assignments(config)
     nodes = {i: make_node(config, data, i, assigned[i], device) for i in range(config.nodes)}
     traffic = {i: Traffic() for i in nodes} if count_bytes else {}
-    hoods = {i: InMemoryNeighborhood(i, nodes, traffic.get(i)) for i in nodes}
+    hoods: dict[int, InMemoryNeighborhood] = {}
+    hoods.update({i: InMemoryNeighborhood(i, nodes, traffic.get(i), hoods, drop_updates)
+                  for i in nodes})
     out = out_dir or default_out_dir(config)
     recorder = RunRecorder(out, config)
     log.info("effective configuration: %s", json.dumps(dataclasses.asdict(config)))

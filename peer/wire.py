@@ -177,7 +177,7 @@ def checksums(tensors: Sequence[torch.Tensor], piece_bytes: int = DEFAULT_CHUNK_
 
 def encode_raw(names: Sequence[str], tensors: Sequence[torch.Tensor], *, sender_id: int,
                round_: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-               crcs: Sequence[int] | None = None) -> Iterator[bytes]:
+               crcs: Sequence[int] | None = None, base_digest: int = 0) -> Iterator[bytes]:
     """The stream as serialized TensorChunk messages: the header, then data pieces of at most
     chunk_bytes (pieces span tensor boundaries).
 
@@ -188,6 +188,7 @@ def encode_raw(names: Sequence[str], tensors: Sequence[torch.Tensor], *, sender_
 
     `crcs`: checksums(tensors), when the caller keeps them (a published model is sent to every
     neighbor: its CRCs are computed once, not once per transfer before the first byte goes out).
+    `base_digest`: the digest of a dense resync's state (a replica, an estimate); 0 otherwise.
     """
     flats = [_flat_bytes(t) for t in tensors]
     if crcs is None:
@@ -197,28 +198,42 @@ def encode_raw(names: Sequence[str], tensors: Sequence[torch.Tensor], *, sender_
     headers = [pb.TensorHeader(name=n, shape=list(t.shape), dtype=DTYPES[t.dtype],  # type: ignore[arg-type]
                                codec=pb.CODEC_NONE, byte_length=f.nbytes, crc32c=crc)
                for n, t, f, crc in zip(names, tensors, flats, crcs, strict=True)]
-    yield from _stream_raw(headers, flats, sender_id, round_, chunk_bytes)
+    yield from _stream_raw(headers, flats, sender_id, round_, chunk_bytes, base_digest)
+
+
+def skip_record(codec: str, like: torch.Tensor) -> Compressed:
+    """The record of a tensor skipped under --feedback clag:Z: no payload (the header says
+    `skipped`; the receiver's estimate stays)."""
+    return Compressed(codec=codec, shape=tuple(like.shape), dtype=like.dtype, params={},
+                      payload=b"")
 
 
 def encode_compressed_raw(names: Sequence[str], records: Sequence[Compressed], *, sender_id: int,
-                          round_: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+                          round_: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                          base_digest: int = 0,
+                          skipped: Sequence[bool] | None = None) -> Iterator[bytes]:
     """encode_raw for compressed tensors: each header names the codec and carries its scalars
-    (codec_params); the payload is the compressor's packed bytes."""
+    (codec_params); the payload is the compressor's packed bytes. `base_digest`: the digest of
+    the state the update applies to (a replica, an estimate); `skipped`: per tensor, whether it
+    is a skip (skip_record) under clag."""
+    flags = list(skipped) if skipped is not None else [False] * len(records)
     views = [np.frombuffer(r.payload, dtype=np.uint8) for r in records]
     headers = [pb.TensorHeader(name=n, shape=list(r.shape), dtype=DTYPES[r.dtype],  # type: ignore[arg-type]
                                codec=CODECS[r.codec], codec_params=r.params,  # type: ignore[arg-type]
-                               byte_length=len(r.payload), crc32c=google_crc32c.value(r.payload))
-               for n, r in zip(names, records, strict=True)]
-    yield from _stream_raw(headers, views, sender_id, round_, chunk_bytes)
+                               byte_length=len(r.payload), crc32c=google_crc32c.value(r.payload),
+                               skipped=skip)
+               for n, r, skip in zip(names, records, flags, strict=True)]
+    yield from _stream_raw(headers, views, sender_id, round_, chunk_bytes, base_digest)
 
 
 def _stream_raw(headers: list[pb.TensorHeader], flats: Sequence[Flat], sender_id: int,
-                round_: int, chunk_bytes: int) -> Iterator[bytes]:
+                round_: int, chunk_bytes: int, base_digest: int = 0) -> Iterator[bytes]:
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     total = sum(f.nbytes for f in flats)
     yield pb.TensorChunk(header=pb.StreamHeader(tensors=headers, total_bytes=total,
-                                                sender_id=sender_id, round=round_)
+                                                sender_id=sender_id, round=round_,
+                                                base_digest=base_digest)
                          ).SerializeToString()
     # The pieces of one message (views of the tensors' memory, or pieces copied from a
     # device), joined once into the message: the only copy of the model's bytes made here.
@@ -290,6 +305,9 @@ class Decoded:
     sender_id: int
     round: int
     wire_bytes: int  # every message received, framed as on the wire (frame_bytes)
+    base_digest: int = 0  # StreamHeader.base_digest
+    crcs: tuple[int, ...] = ()  # each tensor's CRC-32C, as the header declared and checked
+    skipped: tuple[bool, ...] = ()  # each tensor's TensorHeader.skipped (clag; zeros decoded)
 
 
 def human_bytes(n: int) -> str:
@@ -305,7 +323,8 @@ def human_bytes(n: int) -> str:
 
 
 def check_header(header: pb.StreamHeader, expected: Sequence[TensorSpec], *, sender_id: int,
-                 round_: int, max_total_bytes: int, codec: str = "none") -> None:
+                 round_: int, max_total_bytes: int, codec: str = "none",
+                 allow_skips: bool = False) -> None:
     """Every header field against the receiver's own model; raise the precise error.
 
     The declared size goes first: a stream above the receiver's limit is refused whatever else
@@ -336,6 +355,12 @@ def check_header(header: pb.StreamHeader, expected: Sequence[TensorSpec], *, sen
             got = pb.DType.Name(h.dtype) if h.dtype in pb.DType.values() else str(h.dtype)
             raise InvalidMessage(f"{where}: dtype {got}, expected "
                                  f"{pb.DType.Name(DTYPES[spec.dtype])}")
+        if h.skipped and not allow_skips:
+            raise InvalidMessage(f"{where}: marked skipped, which only --feedback clag:Z "
+                                 "cross-gradient updates may be")
+        if h.skipped and (h.byte_length or h.codec_params):
+            raise InvalidMessage(f"{where}: a skipped tensor carries {h.byte_length} bytes and "
+                                 f"{len(h.codec_params)} codec parameters, expected none")
         if h.codec != CODECS[codec]:
             got = pb.Codec.Name(h.codec) if h.codec in pb.Codec.values() else str(h.codec)
             raise InvalidMessage(f"{where}: codec {got} is not accepted here; expected "
@@ -343,7 +368,7 @@ def check_header(header: pb.StreamHeader, expected: Sequence[TensorSpec], *, sen
         if codec == "none" and h.byte_length != spec.nbytes:
             raise InvalidMessage(f"{where}: byte_length {h.byte_length}, expected {spec.nbytes} "
                                  f"for shape {spec.shape} of {spec.dtype}")
-        if codec != "none" and h.byte_length > 2 * spec.nbytes + 1024:
+        if codec != "none" and not h.skipped and h.byte_length > 2 * spec.nbytes + 1024:
             raise InvalidMessage(f"{where}: byte_length {h.byte_length} is more than any "
                                  f"{codec} encoding of shape {spec.shape} of {spec.dtype} takes")
         total += h.byte_length
@@ -355,7 +380,7 @@ def check_header(header: pb.StreamHeader, expected: Sequence[TensorSpec], *, sen
 def decode(chunks: Iterable[Message], expected: Sequence[TensorSpec], *, sender_id: int,
            round_: int, max_total_bytes: int = DEFAULT_MAX_MODEL_BYTES,
            max_chunk_bytes: int = 8 * DEFAULT_CHUNK_BYTES,
-           compressor: Compressor | None = None) -> Decoded:
+           compressor: Compressor | None = None, allow_skips: bool = False) -> Decoded:
     """Reassemble and validate a stream into freshly allocated tensors.
 
     InvalidMessage: a bad header, data before the header, a second header, extra bytes, a
@@ -372,7 +397,7 @@ def decode(chunks: Iterable[Message], expected: Sequence[TensorSpec], *, sender_
     wire_bytes = frame_bytes(size)
     codec = "none" if compressor is None else compressor.name
     check_header(first.header, expected, sender_id=sender_id, round_=round_,
-                 max_total_bytes=max_total_bytes, codec=codec)
+                 max_total_bytes=max_total_bytes, codec=codec, allow_skips=allow_skips)
     if compressor is None:
         tensors = [torch.empty(s.shape, dtype=s.dtype) for s in expected]
         views = [_byte_view(t) for t in tensors]
@@ -429,6 +454,9 @@ def decode(chunks: Iterable[Message], expected: Sequence[TensorSpec], *, sender_
     if compressor is not None:
         tensors = []
         for h, spec, v in zip(first.header.tensors, expected, views, strict=True):
+            if h.skipped:  # clag: the estimate stays, a zero delta
+                tensors.append(torch.zeros(spec.shape, dtype=spec.dtype))
+                continue
             record = Compressed(codec=codec, shape=spec.shape, dtype=spec.dtype,
                                 params=dict(h.codec_params), payload=v.tobytes())
             try:
@@ -438,7 +466,10 @@ def decode(chunks: Iterable[Message], expected: Sequence[TensorSpec], *, sender_
         for h, t in zip(first.header.tensors, tensors, strict=True):
             if t.is_floating_point() and not _all_finite(t):
                 raise InvalidMessage(f"tensor {h.name!r} holds NaN or Inf")
-    return Decoded(tensors=tensors, sender_id=sender_id, round=round_, wire_bytes=wire_bytes)
+    return Decoded(tensors=tensors, sender_id=sender_id, round=round_, wire_bytes=wire_bytes,
+                   base_digest=int(first.header.base_digest),
+                   crcs=tuple(int(h.crc32c) for h in first.header.tensors),
+                   skipped=tuple(bool(h.skipped) for h in first.header.tensors))
 
 
 def frame_bytes(message_bytes: int) -> int:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from crossgrad.v1 import tensor_pb2 as crossgrad_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63rossgrad/v1/peer.proto\x12\x0c\x63rossgrad.v1\x1a\x19\x63rossgrad/v1/tensor.proto\"6\n\x0fGetModelRequest\x12\x14\n\x0crequester_id\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\";\n\x14\x43rossGradientRequest\x12\x14\n\x0crequester_id\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\"%\n\x10GetStatusRequest\x12\x11\n\trequester\x18\x01 \x01(\t\"p\n\tLinkBytes\x12\x0f\n\x07peer_id\x18\x01 \x01(\r\x12\x12\n\nsent_bytes\x18\x02 \x01(\x04\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x04\x12&\n\x05kinds\x18\x04 \x03(\x0b\x32\x17.crossgrad.v1.KindBytes\"E\n\tKindBytes\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x12\n\nsent_bytes\x18\x02 \x01(\x04\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x04\"\x8c\x06\n\nPeerStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\x04\x12\x11\n\talgorithm\x18\x05 \x01(\t\x12\x14\n\x0cneighbor_ids\x18\x06 \x03(\r\x12\x36\n\x07weights\x18\x07 \x03(\x0b\x32%.crossgrad.v1.PeerStatus.WeightsEntry\x12\x13\n\x0bself_weight\x18\x08 \x01(\x01\x12\x16\n\x0etopology_epoch\x18\t \x01(\x04\x12\x11\n\tlast_loss\x18\n \x01(\x01\x12\x15\n\rlast_accuracy\x18\x0b \x01(\x01\x12\x12\n\nbytes_sent\x18\x0c \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\r \x01(\x04\x12&\n\x05links\x18\x0e \x03(\x0b\x32\x17.crossgrad.v1.LinkBytes\x12\x14\n\x0cqp_fallbacks\x18\x0f \x01(\x04\x12\x1f\n\x17missed_neighbor_answers\x18\x10 \x01(\x04\x12\x19\n\x11rejected_messages\x18\x11 \x01(\x04\x12\r\n\x05state\x18\x12 \x01(\t\x12&\n\x05kinds\x18\x13 \x03(\x0b\x32\x17.crossgrad.v1.KindBytes\x12\x0f\n\x07resumes\x18\x14 \x01(\r\x12\x1a\n\x12resumed_from_round\x18\x15 \x01(\x04\x12\x1a\n\x12\x63\x61ught_up_to_round\x18\x16 \x01(\x04\x12\x11\n\tcatch_ups\x18\x17 \x01(\r\x12\x38\n\x08refusals\x18\x18 \x03(\x0b\x32&.crossgrad.v1.PeerStatus.RefusalsEntry\x12\x12\n\nwaiting_on\x18\x19 \x03(\r\x12\x17\n\x0f\x65valuated_round\x18\x1a \x01(\x04\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a/\n\rRefusalsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xee\x01\n\x04Peer\x12\x46\n\x08GetModel\x12\x1d.crossgrad.v1.GetModelRequest\x1a\x19.crossgrad.v1.TensorChunk0\x01\x12W\n\x14\x43omputeCrossGradient\x12\".crossgrad.v1.CrossGradientRequest\x1a\x19.crossgrad.v1.TensorChunk0\x01\x12\x45\n\tGetStatus\x12\x1e.crossgrad.v1.GetStatusRequest\x1a\x18.crossgrad.v1.PeerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63rossgrad/v1/peer.proto\x12\x0c\x63rossgrad.v1\x1a\x19\x63rossgrad/v1/tensor.proto\"6\n\x0fGetModelRequest\x12\x14\n\x0crequester_id\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\"S\n\x14\x43rossGradientRequest\x12\x14\n\x0crequester_id\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x16\n\x0ereplica_digest\x18\x03 \x01(\x06\"9\n\x12ModelUpdateRequest\x12\x14\n\x0crequester_id\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\"5\n\x0eReplicaRequest\x12\x14\n\x0crequester_id\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\"6\n\x0f\x45stimateRequest\x12\x14\n\x0crequester_id\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\"%\n\x10GetStatusRequest\x12\x11\n\trequester\x18\x01 \x01(\t\"p\n\tLinkBytes\x12\x0f\n\x07peer_id\x18\x01 \x01(\r\x12\x12\n\nsent_bytes\x18\x02 \x01(\x04\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x04\x12&\n\x05kinds\x18\x04 \x03(\x0b\x32\x17.crossgrad.v1.KindBytes\"E\n\tKindBytes\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x12\n\nsent_bytes\x18\x02 \x01(\x04\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x04\"\x8c\x06\n\nPeerStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\x04\x12\x11\n\talgorithm\x18\x05 \x01(\t\x12\x14\n\x0cneighbor_ids\x18\x06 \x03(\r\x12\x36\n\x07weights\x18\x07 \x03(\x0b\x32%.crossgrad.v1.PeerStatus.WeightsEntry\x12\x13\n\x0bself_weight\x18\x08 \x01(\x01\x12\x16\n\x0etopology_epoch\x18\t \x01(\x04\x12\x11\n\tlast_loss\x18\n \x01(\x01\x12\x15\n\rlast_accuracy\x18\x0b \x01(\x01\x12\x12\n\nbytes_sent\x18\x0c \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\r \x01(\x04\x12&\n\x05links\x18\x0e \x03(\x0b\x32\x17.crossgrad.v1.LinkBytes\x12\x14\n\x0cqp_fallbacks\x18\x0f \x01(\x04\x12\x1f\n\x17missed_neighbor_answers\x18\x10 \x01(\x04\x12\x19\n\x11rejected_messages\x18\x11 \x01(\x04\x12\r\n\x05state\x18\x12 \x01(\t\x12&\n\x05kinds\x18\x13 \x03(\x0b\x32\x17.crossgrad.v1.KindBytes\x12\x0f\n\x07resumes\x18\x14 \x01(\r\x12\x1a\n\x12resumed_from_round\x18\x15 \x01(\x04\x12\x1a\n\x12\x63\x61ught_up_to_round\x18\x16 \x01(\x04\x12\x11\n\tcatch_ups\x18\x17 \x01(\r\x12\x38\n\x08refusals\x18\x18 \x03(\x0b\x32&.crossgrad.v1.PeerStatus.RefusalsEntry\x12\x12\n\nwaiting_on\x18\x19 \x03(\r\x12\x17\n\x0f\x65valuated_round\x18\x1a \x01(\x04\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a/\n\rRefusalsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xd3\x03\n\x04Peer\x12\x46\n\x08GetModel\x12\x1d.crossgrad.v1.GetModelRequest\x1a\x19.crossgrad.v1.TensorChunk0\x01\x12W\n\x14\x43omputeCrossGradient\x12\".crossgrad.v1.CrossGradientRequest\x1a\x19.crossgrad.v1.TensorChunk0\x01\x12\x45\n\tGetStatus\x12\x1e.crossgrad.v1.GetStatusRequest\x1a\x18.crossgrad.v1.PeerStatus\x12O\n\x0eGetModelUpdate\x12 .crossgrad.v1.ModelUpdateRequest\x1a\x19.crossgrad.v1.TensorChunk0\x01\x12G\n\nGetReplica\x12\x1c.crossgrad.v1.ReplicaRequest\x1a\x19.crossgrad.v1.TensorChunk0\x01\x12I\n\x0bGetEstimate\x12\x1d.crossgrad.v1.EstimateRequest\x1a\x19.crossgrad.v1.TensorChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,19 +39,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELREQUEST']._serialized_start=68
   _globals['_GETMODELREQUEST']._serialized_end=122
   _globals['_CROSSGRADIENTREQUEST']._serialized_start=124
-  _globals['_CROSSGRADIENTREQUEST']._serialized_end=183
-  _globals['_GETSTATUSREQUEST']._serialized_start=185
-  _globals['_GETSTATUSREQUEST']._serialized_end=222
-  _globals['_LINKBYTES']._serialized_start=224
-  _globals['_LINKBYTES']._serialized_end=336
-  _globals['_KINDBYTES']._serialized_start=338
-  _globals['_KINDBYTES']._serialized_end=407
-  _globals['_PEERSTATUS']._serialized_start=410
-  _globals['_PEERSTATUS']._serialized_end=1190
-  _globals['_PEERSTATUS_WEIGHTSENTRY']._serialized_start=1095
-  _globals['_PEERSTATUS_WEIGHTSENTRY']._serialized_end=1141
-  _globals['_PEERSTATUS_REFUSALSENTRY']._serialized_start=1143
-  _globals['_PEERSTATUS_REFUSALSENTRY']._serialized_end=1190
-  _globals['_PEER']._serialized_start=1193
-  _globals['_PEER']._serialized_end=1431
+  _globals['_CROSSGRADIENTREQUEST']._serialized_end=207
+  _globals['_MODELUPDATEREQUEST']._serialized_start=209
+  _globals['_MODELUPDATEREQUEST']._serialized_end=266
+  _globals['_REPLICAREQUEST']._serialized_start=268
+  _globals['_REPLICAREQUEST']._serialized_end=321
+  _globals['_ESTIMATEREQUEST']._serialized_start=323
+  _globals['_ESTIMATEREQUEST']._serialized_end=377
+  _globals['_GETSTATUSREQUEST']._serialized_start=379
+  _globals['_GETSTATUSREQUEST']._serialized_end=416
+  _globals['_LINKBYTES']._serialized_start=418
+  _globals['_LINKBYTES']._serialized_end=530
+  _globals['_KINDBYTES']._serialized_start=532
+  _globals['_KINDBYTES']._serialized_end=601
+  _globals['_PEERSTATUS']._serialized_start=604
+  _globals['_PEERSTATUS']._serialized_end=1384
+  _globals['_PEERSTATUS_WEIGHTSENTRY']._serialized_start=1289
+  _globals['_PEERSTATUS_WEIGHTSENTRY']._serialized_end=1335
+  _globals['_PEERSTATUS_REFUSALSENTRY']._serialized_start=1337
+  _globals['_PEERSTATUS_REFUSALSENTRY']._serialized_end=1384
+  _globals['_PEER']._serialized_start=1387
+  _globals['_PEER']._serialized_end=1854
 # @@protoc_insertion_point(module_scope)

@@ -16,6 +16,32 @@ class GetModelRequest(_message.Message):
     def __init__(self, requester_id: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
 
 class CrossGradientRequest(_message.Message):
+    __slots__ = ("requester_id", "round", "replica_digest")
+    REQUESTER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    requester_id: int
+    round: int
+    replica_digest: int
+    def __init__(self, requester_id: _Optional[int] = ..., round: _Optional[int] = ..., replica_digest: _Optional[int] = ...) -> None: ...
+
+class ModelUpdateRequest(_message.Message):
+    __slots__ = ("requester_id", "round")
+    REQUESTER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    requester_id: int
+    round: int
+    def __init__(self, requester_id: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
+
+class ReplicaRequest(_message.Message):
+    __slots__ = ("requester_id", "round")
+    REQUESTER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    requester_id: int
+    round: int
+    def __init__(self, requester_id: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
+
+class EstimateRequest(_message.Message):
     __slots__ = ("requester_id", "round")
     REQUESTER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]

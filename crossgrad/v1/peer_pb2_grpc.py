@@ -50,6 +50,21 @@ class PeerStub:
                 request_serializer=crossgrad_dot_v1_dot_peer__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=crossgrad_dot_v1_dot_peer__pb2.PeerStatus.FromString,
                 _registered_method=True)
+        self.GetModelUpdate = channel.unary_stream(
+                '/crossgrad.v1.Peer/GetModelUpdate',
+                request_serializer=crossgrad_dot_v1_dot_peer__pb2.ModelUpdateRequest.SerializeToString,
+                response_deserializer=crossgrad_dot_v1_dot_tensor__pb2.TensorChunk.FromString,
+                _registered_method=True)
+        self.GetReplica = channel.unary_stream(
+                '/crossgrad.v1.Peer/GetReplica',
+                request_serializer=crossgrad_dot_v1_dot_peer__pb2.ReplicaRequest.SerializeToString,
+                response_deserializer=crossgrad_dot_v1_dot_tensor__pb2.TensorChunk.FromString,
+                _registered_method=True)
+        self.GetEstimate = channel.unary_stream(
+                '/crossgrad.v1.Peer/GetEstimate',
+                request_serializer=crossgrad_dot_v1_dot_peer__pb2.EstimateRequest.SerializeToString,
+                response_deserializer=crossgrad_dot_v1_dot_tensor__pb2.TensorChunk.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -79,6 +94,35 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModelUpdate(self, request, context):
+        """Under model replicas (docs/algorithms.md, "Compressed models: replicas"): this node's
+        compressed model update q^round, one encoding for every neighbor, in the codec of the run's
+        model compressor. The header's base_digest names the replica it applies to (this node's
+        replica at the start of `round`). Waits (up to the call's deadline) until the node has
+        computed it. FAILED_PRECONDITION without replicas or for a round no longer kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReplica(self, request, context):
+        """Under model replicas: this node's dense replica at the start of `round` (after its updates
+        of the rounds before), for a neighbor whose copy missed an update, or never had one, to
+        resynchronise. The header's base_digest is that replica's digest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEstimate(self, request, context):
+        """Under --feedback ef21 or clag:Z: this node's dense estimate h of the cross-gradient it sent
+        the requester for `round` (after that round's update), for a requester whose estimate
+        missed a message to resynchronise. The header's base_digest is that estimate's digest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +140,21 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=crossgrad_dot_v1_dot_peer__pb2.GetStatusRequest.FromString,
                     response_serializer=crossgrad_dot_v1_dot_peer__pb2.PeerStatus.SerializeToString,
+            ),
+            'GetModelUpdate': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetModelUpdate,
+                    request_deserializer=crossgrad_dot_v1_dot_peer__pb2.ModelUpdateRequest.FromString,
+                    response_serializer=crossgrad_dot_v1_dot_tensor__pb2.TensorChunk.SerializeToString,
+            ),
+            'GetReplica': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetReplica,
+                    request_deserializer=crossgrad_dot_v1_dot_peer__pb2.ReplicaRequest.FromString,
+                    response_serializer=crossgrad_dot_v1_dot_tensor__pb2.TensorChunk.SerializeToString,
+            ),
+            'GetEstimate': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetEstimate,
+                    request_deserializer=crossgrad_dot_v1_dot_peer__pb2.EstimateRequest.FromString,
+                    response_serializer=crossgrad_dot_v1_dot_tensor__pb2.TensorChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +238,87 @@ class Peer:
             '/crossgrad.v1.Peer/GetStatus',
             crossgrad_dot_v1_dot_peer__pb2.GetStatusRequest.SerializeToString,
             crossgrad_dot_v1_dot_peer__pb2.PeerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelUpdate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/crossgrad.v1.Peer/GetModelUpdate',
+            crossgrad_dot_v1_dot_peer__pb2.ModelUpdateRequest.SerializeToString,
+            crossgrad_dot_v1_dot_tensor__pb2.TensorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/crossgrad.v1.Peer/GetReplica',
+            crossgrad_dot_v1_dot_peer__pb2.ReplicaRequest.SerializeToString,
+            crossgrad_dot_v1_dot_tensor__pb2.TensorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEstimate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/crossgrad.v1.Peer/GetEstimate',
+            crossgrad_dot_v1_dot_peer__pb2.EstimateRequest.SerializeToString,
+            crossgrad_dot_v1_dot_tensor__pb2.TensorChunk.FromString,
             options,
             channel_credentials,
             insecure,

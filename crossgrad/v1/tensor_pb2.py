@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63rossgrad/v1/tensor.proto\x12\x0c\x63rossgrad.v1\"\x8f\x02\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\"\n\x05\x64type\x18\x03 \x01(\x0e\x32\x13.crossgrad.v1.DType\x12\"\n\x05\x63odec\x18\x04 \x01(\x0e\x32\x13.crossgrad.v1.Codec\x12\x41\n\x0c\x63odec_params\x18\x05 \x03(\x0b\x32+.crossgrad.v1.TensorHeader.CodecParamsEntry\x12\x13\n\x0b\x62yte_length\x18\x06 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x07 \x01(\r\x1a\x32\n\x10\x43odecParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"r\n\x0cStreamHeader\x12+\n\x07tensors\x18\x01 \x03(\x0b\x32\x1a.crossgrad.v1.TensorHeader\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x11\n\tsender_id\x18\x03 \x01(\r\x12\r\n\x05round\x18\x04 \x01(\x04\"S\n\x0bTensorChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.crossgrad.v1.StreamHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part*\x9e\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x05\x12\x0f\n\x0b\x44TYPE_INT32\x10\x06\x12\x0f\n\x0b\x44TYPE_INT64\x10\x07*\x8f\x01\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_NONE\x10\x01\x12\x0e\n\nCODEC_FP16\x10\x02\x12\x0e\n\nCODEC_BF16\x10\x03\x12\x0e\n\nCODEC_TOPK\x10\x04\x12\x0f\n\x0b\x43ODEC_RANDK\x10\x05\x12\x0e\n\nCODEC_QSGD\x10\x06\x12\x0e\n\nCODEC_SIGN\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63rossgrad/v1/tensor.proto\x12\x0c\x63rossgrad.v1\"\xa0\x02\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\"\n\x05\x64type\x18\x03 \x01(\x0e\x32\x13.crossgrad.v1.DType\x12\"\n\x05\x63odec\x18\x04 \x01(\x0e\x32\x13.crossgrad.v1.Codec\x12\x41\n\x0c\x63odec_params\x18\x05 \x03(\x0b\x32+.crossgrad.v1.TensorHeader.CodecParamsEntry\x12\x13\n\x0b\x62yte_length\x18\x06 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x07 \x01(\r\x12\x0f\n\x07skipped\x18\x08 \x01(\x08\x1a\x32\n\x10\x43odecParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x87\x01\n\x0cStreamHeader\x12+\n\x07tensors\x18\x01 \x03(\x0b\x32\x1a.crossgrad.v1.TensorHeader\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x11\n\tsender_id\x18\x03 \x01(\r\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x13\n\x0b\x62\x61se_digest\x18\x05 \x01(\x06\"S\n\x0bTensorChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.crossgrad.v1.StreamHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part*\x9e\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x05\x12\x0f\n\x0b\x44TYPE_INT32\x10\x06\x12\x0f\n\x0b\x44TYPE_INT64\x10\x07*\x8f\x01\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_NONE\x10\x01\x12\x0e\n\nCODEC_FP16\x10\x02\x12\x0e\n\nCODEC_BF16\x10\x03\x12\x0e\n\nCODEC_TOPK\x10\x04\x12\x0f\n\x0b\x43ODEC_RANDK\x10\x05\x12\x0e\n\nCODEC_QSGD\x10\x06\x12\x0e\n\nCODEC_SIGN\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +33,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSORHEADER_CODECPARAMSENTRY']._loaded_options = None
   _globals['_TENSORHEADER_CODECPARAMSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=519
-  _globals['_DTYPE']._serialized_end=677
-  _globals['_CODEC']._serialized_start=680
-  _globals['_CODEC']._serialized_end=823
+  _globals['_DTYPE']._serialized_start=558
+  _globals['_DTYPE']._serialized_end=716
+  _globals['_CODEC']._serialized_start=719
+  _globals['_CODEC']._serialized_end=862
   _globals['_TENSORHEADER']._serialized_start=44
-  _globals['_TENSORHEADER']._serialized_end=315
-  _globals['_TENSORHEADER_CODECPARAMSENTRY']._serialized_start=265
-  _globals['_TENSORHEADER_CODECPARAMSENTRY']._serialized_end=315
-  _globals['_STREAMHEADER']._serialized_start=317
-  _globals['_STREAMHEADER']._serialized_end=431
-  _globals['_TENSORCHUNK']._serialized_start=433
-  _globals['_TENSORCHUNK']._serialized_end=516
+  _globals['_TENSORHEADER']._serialized_end=332
+  _globals['_TENSORHEADER_CODECPARAMSENTRY']._serialized_start=282
+  _globals['_TENSORHEADER_CODECPARAMSENTRY']._serialized_end=332
+  _globals['_STREAMHEADER']._serialized_start=335
+  _globals['_STREAMHEADER']._serialized_end=470
+  _globals['_TENSORCHUNK']._serialized_start=472
+  _globals['_TENSORCHUNK']._serialized_end=555
 # @@protoc_insertion_point(module_scope)

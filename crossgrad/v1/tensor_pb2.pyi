@@ -46,7 +46,7 @@ CODEC_QSGD: Codec
 CODEC_SIGN: Codec
 
 class TensorHeader(_message.Message):
-    __slots__ = ("name", "shape", "dtype", "codec", "codec_params", "byte_length", "crc32c")
+    __slots__ = ("name", "shape", "dtype", "codec", "codec_params", "byte_length", "crc32c", "skipped")
     class CodecParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class TensorHeader(_message.Message):
     CODEC_PARAMS_FIELD_NUMBER: _ClassVar[int]
     BYTE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     CRC32C_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: DType
@@ -68,19 +69,22 @@ class TensorHeader(_message.Message):
     codec_params: _containers.ScalarMap[str, float]
     byte_length: int
     crc32c: int
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., codec_params: _Optional[_Mapping[str, float]] = ..., byte_length: _Optional[int] = ..., crc32c: _Optional[int] = ...) -> None: ...
+    skipped: bool
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., codec_params: _Optional[_Mapping[str, float]] = ..., byte_length: _Optional[int] = ..., crc32c: _Optional[int] = ..., skipped: _Optional[bool] = ...) -> None: ...
 
 class StreamHeader(_message.Message):
-    __slots__ = ("tensors", "total_bytes", "sender_id", "round")
+    __slots__ = ("tensors", "total_bytes", "sender_id", "round", "base_digest")
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SENDER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    BASE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorHeader]
     total_bytes: int
     sender_id: int
     round: int
-    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sender_id: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
+    base_digest: int
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sender_id: _Optional[int] = ..., round: _Optional[int] = ..., base_digest: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("header", "data")

@@ -31,7 +31,9 @@ def build(cfg: RunConfig) -> tuple[list[Node], dict[int, InMemoryNeighborhood]]:
     _, assigned = assignments(cfg)
     nodes = {i: make_node(cfg, data, i, assigned[i], torch.device("cpu"))
              for i in range(cfg.nodes)}
-    return [nodes[i] for i in sorted(nodes)], {i: InMemoryNeighborhood(i, nodes) for i in nodes}
+    hoods: dict[int, InMemoryNeighborhood] = {}
+    hoods.update({i: InMemoryNeighborhood(i, nodes, peers=hoods) for i in nodes})
+    return [nodes[i] for i in sorted(nodes)], hoods
 
 
 def assert_replicas_agree(nodes: list[Node]) -> None:
@@ -41,9 +43,10 @@ def assert_replicas_agree(nodes: list[Node]) -> None:
         for l in node.assignment.neighbors:
             other = nodes[l].replicas
             assert other is not None
-            copy = other.copy_of(node.id)
+            copy, own = other.latest_copy(node.id), node.replicas.current
             assert copy is not None
-            assert all(torch.equal(a, b) for a, b in zip(copy, node.replicas.own, strict=True))
+            assert (copy.round, copy.digest) == (own.round, own.digest)
+            assert all(torch.equal(a, b) for a, b in zip(copy.params, own.params, strict=True))
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
