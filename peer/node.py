@@ -25,6 +25,7 @@ is the local step without mixing, and the round has a second half, finish_round:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -33,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import google_crc32c
 import torch
 
 from crossgrad.errors import InvalidMessage, StaleRound
@@ -40,8 +42,9 @@ from crossgrad.seeding import derive_seed
 from peer.algorithms.base import Algorithm, Params, StepInputs
 from peer.compression import Compressed, ErrorFeedback
 from peer.compression.base import check_finite
+from peer.compression.digests import chain
 from peer.compression.threepoint import ThreePoint
-from peer.replicas import Replica, Replicas, UpdateSource
+from peer.replicas import Replica, Replicas, Update, UpdateSource
 from peer.training.checkpoint import (
     CheckpointError,
     check_residuals,
@@ -70,6 +73,39 @@ class Neighborhood(Protocol):
         neighbor began to answer (the rest moved and decoded bytes); None when the neighbors
         live in this process and the call's time was their computing (the simulator)."""
         ...
+
+
+class EstimateSource(Protocol):
+    """Under EF21 / CLAG, where the messages of the neighbors' cross-gradients come from."""
+
+    def estimate_updates(self, round_: int, neighbors: Sequence[int]) -> dict[int, Update]:
+        """Each neighbor's cross-gradient message of round_ for this node, decoded."""
+        ...
+
+    def estimates(self, round_: int, neighbors: Sequence[int]) -> dict[int, Replica]:
+        """Each neighbor's dense estimates of the cross-gradients it sends this node, after
+        round_'s message (a resync), with their digest."""
+        ...
+
+
+@dataclass(frozen=True)
+class ThreePointMessage:
+    """What a sender under EF21 / CLAG sent a requester for a round: the records (None for a
+    skipped tensor), their decoded deltas, the digest of the estimates they build on (base)
+    and of those after them (digest)."""
+
+    records: list[Compressed | None]
+    deltas: Params
+    base: int
+    digest: int
+
+    @property
+    def crcs(self) -> tuple[int, ...]:
+        return tuple(0 if r is None else google_crc32c.value(r.payload) for r in self.records)
+
+    @property
+    def skipped(self) -> tuple[bool, ...]:
+        return tuple(r is None for r in self.records)
 
 
 @dataclass(frozen=True)
@@ -203,7 +239,7 @@ class Node:
         # None for a skipped tensor, and their decoded deltas), and the receiver's estimates
         # live in `threepoint` too.
         self.threepoint = threepoint
-        self._cross_deltas: dict[tuple[int, int], tuple[list[Compressed | None], Params]] = {}
+        self._cross_deltas: dict[tuple[int, int], ThreePointMessage] = {}
         # Per round served: [tensors skipped, tensors sent] (a round's requests may come after
         # this node's own round ended, so they are counted by the round they serve).
         self._round_counts: dict[int, list[int]] = {}
@@ -217,7 +253,7 @@ class Node:
         # q_i^t by round, what neighbors fetch, with the digest of the replica it applies to
         self._updates: dict[int, tuple[list[Compressed], int]] = {}
         self._gossip_weights: dict[int, float] = {}  # pi_il of the last round's participants
-        self.resyncs = 0  # copies of neighbors' replicas resynchronised from a dense replica
+        self.resyncs = 0  # neighbors' replicas and estimates resynchronised from dense state
 
     @property
     def names(self) -> list[str]:
@@ -442,17 +478,28 @@ class Node:
             records.append(record)
             deltas.append(delta)
             estimates.append(h)
-        self._cross_deltas[(requester, round_)] = (records, deltas)
+        base = self.threepoint.digest("sent", requester)
+        message = ThreePointMessage(records, deltas, base, 0)
+        digest = chain(base, round_, message.crcs, message.skipped)
+        self.threepoint.set_digest("sent", requester, digest)
+        self._cross_deltas[(requester, round_)] = dataclasses.replace(message, digest=digest)
         return estimates
 
-    def cross_gradient_message(self, requester: int, round_: int,
-                               requester_params: Params) -> Params:
-        """What the requester receives for its cross-gradient: the tensors themselves, or
-        under EF21 / CLAG the deltas it adds to its estimates (zeros for a skipped tensor)."""
-        grads = self.cross_gradient(requester, round_, requester_params)
+    def three_point_message(self, requester: int, round_: int) -> ThreePointMessage | None:
+        """Under EF21 / CLAG, the message of a computed cross-gradient (None otherwise)."""
+        with self._lock:
+            return self._cross_deltas.get((requester, round_))
+
+    def three_point_estimates(self, requester: int, round_: int) -> Replica:
+        """Under EF21 / CLAG, the dense estimates sent to `requester` after round_'s message,
+        with their digest (a resync: GetEstimate); StaleRound when not kept."""
         with self._lock:
             message = self._cross_deltas.get((requester, round_))
-        return grads if message is None else message[1]
+            estimates = self._cross.get((requester, round_))
+        if message is None or estimates is None:
+            raise StaleRound(f"node {self.id} holds no cross-gradient estimates for node "
+                             f"{requester} of round {round_}")
+        return Replica(estimates, round_, message.digest)
 
     def cross_counts(self, round_: int) -> dict[str, int]:
         """Under EF21 / CLAG, the cross-gradient tensors this node skipped and sent for round_
@@ -463,29 +510,41 @@ class Node:
             skipped, sent = self._round_counts.get(round_, (0, 0))
         return {"cross_skips": skipped, "cross_sent": sent}
 
-    def cross_gradient_skips(self, requester: int,
-                             round_: int) -> list[Compressed | None] | None:
-        """Under EF21 / CLAG, the records of a computed cross-gradient (None: a skip)."""
-        with self._lock:
-            message = self._cross_deltas.get((requester, round_))
-        return None if message is None else message[0]
-
-    def _receive_three_point(self, t: int, received: dict[int, Params]) -> dict[int, Params]:
-        """EF21 / CLAG at the receiver: h_j <- h_j + delta per tensor; the estimates are the
-        cross-gradients the algorithm uses. A neighbor whose message does not fit the model is
-        left out of the round with its estimates untouched."""
-        assert self.threepoint is not None
+    def _receive_three_point(self, t: int, updates: dict[int, Update],
+                             source: EstimateSource) -> dict[int, Params]:
+        """EF21 / CLAG at the receiver: h_j <- h_j + delta per tensor when the message builds on
+        this node's estimates (same digest), else a resync from j's dense estimates; the
+        estimates are the cross-gradients the algorithm uses. A neighbor whose message does not
+        fit the model, or that sends neither, is left out of the round with its estimates
+        untouched."""
+        tp = self.threepoint
+        assert tp is not None
         out: dict[int, Params] = {}
-        for j in sorted(received):
-            deltas = received[j]
-            fits = len(deltas) == len(self.params) and all(
+        for j in sorted(updates):
+            update = updates[j]
+            fits = len(update.deltas) == len(self.params) and all(
                 d.shape == p.shape and d.dtype == p.dtype
-                for d, p in zip(deltas, self.params, strict=False))
+                for d, p in zip(update.deltas, self.params, strict=False))
             if not fits:
                 log.warning("node %d round %d: node %d's cross-gradient update does not fit "
                             "the model; left out of the round", self.id, t, j)
                 continue
-            out[j] = [self.threepoint.receive(j, k, d) for k, d in enumerate(deltas)]
+            if tp.digest("received", j) == update.base:
+                out[j] = [tp.receive(j, k, d) for k, d in enumerate(update.deltas)]
+                tp.set_digest("received", j, update.digest)
+                continue
+            log.warning("node %d round %d: node %d's cross-gradient message builds on other "
+                        "estimates than this node's (a message was missed); resynchronising",
+                        self.id, t, j)
+            dense = source.estimates(t, [j]).get(j)
+            if dense is None or dense.digest != update.digest:
+                log.warning("node %d round %d: node %d sent no usable estimates; left out of "
+                            "the round", self.id, t, j)
+                continue
+            tp.resync(j, list(dense.params), dense.digest)
+            with self._lock:
+                self.resyncs += 1
+            out[j] = list(dense.params)
         return out
 
     def cross_gradient_records(self, requester: int, round_: int) -> list[Compressed] | None:
@@ -585,10 +644,14 @@ class Node:
         received: dict[int, Params] = {}
         if algo.uses_received and nbr_params:
             mark = clock()
-            received = neighborhood.cross_gradients(t, sorted(nbr_params))
-            phases.called(neighborhood, clock() - mark)
             if self.threepoint is not None:
-                received = self._receive_three_point(t, received)
+                source3: EstimateSource = neighborhood  # type: ignore[assignment]
+                updates = source3.estimate_updates(t, sorted(nbr_params))
+                phases.called(neighborhood, clock() - mark)
+                received = self._receive_three_point(t, updates, source3)
+            else:
+                received = neighborhood.cross_gradients(t, sorted(nbr_params))
+                phases.called(neighborhood, clock() - mark)
         before = dict(algo.stats)
         mark = clock()
         update: tuple[list[Compressed], int] = ([], 0)

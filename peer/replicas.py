@@ -27,8 +27,6 @@ again afterwards. State only here: the round driver (peer/node.py) fetches updat
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -40,21 +38,8 @@ from crossgrad.errors import InvalidMessage
 from crossgrad.seeding import derive_seed
 from peer.algorithms.base import Params
 from peer.compression import Compressed, Compressor
+from peer.compression.digests import INITIAL_DIGEST, chain
 from peer.training.checkpoint import CheckpointError, check_tensors
-
-
-def chain(previous: int, round_: int, crcs: Sequence[int],
-          skipped: Sequence[bool] = ()) -> int:
-    """The digest after applying an update of `round_` with these payload CRC-32Cs (and clag's
-    skip flags) to a state of digest `previous`; never 0 (0 means "no digest" on the wire)."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(struct.pack(f"<QQ{len(crcs)}I", previous, round_, *crcs))
-    h.update(bytes(bool(s) for s in skipped))
-    return int.from_bytes(h.digest(), "little") or 1
-
-
-# The digest of x^0, which every node starts from (and of a three-point estimate's zeros).
-INITIAL_DIGEST = chain(0, 0, ())
 
 
 @dataclass(frozen=True)
@@ -67,19 +52,22 @@ class Replica:
 
 
 @dataclass(frozen=True)
-class ModelUpdate:
-    """q_sender^round, decoded: what applies to the replica of digest `base` at that round."""
+class Update:
+    """An update of state both ends hold, decoded: a model update q_sender^round, or under
+    EF21 / CLAG a cross-gradient message (deltas of the estimates; zeros for skipped tensors).
+    It applies to the state of digest `base` only."""
 
     sender: int
     round: int
     base: int
     deltas: Params
     crcs: tuple[int, ...]
+    skipped: tuple[bool, ...] = ()
 
     @property
     def digest(self) -> int:
-        """The digest of the replica once this update is applied."""
-        return chain(self.base, self.round, self.crcs)
+        """The digest of the state once this update is applied."""
+        return chain(self.base, self.round, self.crcs, self.skipped)
 
 
 class ReplicaMismatch(InvalidMessage):
@@ -89,7 +77,7 @@ class ReplicaMismatch(InvalidMessage):
 class UpdateSource(Protocol):
     """Where a node's neighbors' updates and dense replicas come from (a Neighborhood)."""
 
-    def model_updates(self, round_: int, neighbors: Sequence[int]) -> dict[int, ModelUpdate]:
+    def model_updates(self, round_: int, neighbors: Sequence[int]) -> dict[int, Update]:
         """q_l^round, decoded and validated, for each neighbor l that sent it."""
         ...
 
@@ -168,18 +156,18 @@ class Replicas:
         return records, base.digest
 
     def decode_update(self, sender: int, round_: int, base: int,
-                      records: Sequence[Compressed], like: Params) -> ModelUpdate:
-        """Records as a ModelUpdate (the simulator's path; a networked node decodes on the
+                      records: Sequence[Compressed], like: Params) -> Update:
+        """Records as an Update (the simulator's path; a networked node decodes on the
         wire): InvalidMessage when a record does not decode to a tensor shaped as `like`."""
         if len(records) != len(like):
             raise InvalidMessage(f"model update of node {sender}: {len(records)} tensors, "
                                  f"expected {len(like)}")
         deltas = [self._decode(r, x, f"model update of node {sender}, tensor {k}")
                   for k, (r, x) in enumerate(zip(records, like, strict=True))]
-        return ModelUpdate(sender, round_, base, deltas,
+        return Update(sender, round_, base, deltas,
                            tuple(google_crc32c.value(r.payload) for r in records))
 
-    def apply(self, update: ModelUpdate) -> None:
+    def apply(self, update: Update) -> None:
         """x^_sender <- x^_sender + decode(q_sender) on the copy of update.round, all or nothing.
         ReplicaMismatch (nothing changes) when the copy is missing or not the update's base."""
         sender = update.sender

@@ -21,11 +21,18 @@ import torch
 from crossgrad.config import RunConfig
 from crossgrad.display import PeerRow, Snapshot
 from peer.builder import assignments, load_run_data, make_node, resolve_device
-from peer.compression.threepoint import SKIP_RECORD_BYTES
+from peer.messages import (
+    cross_gradient_raw,
+    estimate_raw,
+    model_raw,
+    model_update_raw,
+    replica_raw,
+    stream_bytes,
+)
 from peer.metrics import Traffic, average, consensus_distance, digest, kinds_json, pair_sum
 from peer.node import Node, Params, RoundRecord
 from peer.records import RunRecorder
-from peer.replicas import ModelUpdate, Replica
+from peer.replicas import Replica, Update
 from peer.training.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -35,37 +42,22 @@ from peer.training.checkpoint import (
     run_identity,
 )
 from peer.training.partitions import summarize
-from peer.wire import encode_compressed_raw, encode_raw, frame_bytes
 
 log = logging.getLogger(__name__)
 
 
 def wire_bytes(node: Node, kind: str, requester: int, round_: int, tensors: Params) -> int:
-    """What the message would take on the wire: the exact streams a networked node sends."""
-    if kind == "model_update":  # q_i^t under replicas: one encoding for every neighbor
-        records, base = node.model_update(round_)
-        return sum(frame_bytes(len(raw)) for raw in encode_compressed_raw(
-            node.names, records, sender_id=node.id, round_=round_, base_digest=base))
-    if kind == "replica":  # a dense replica, for a resync
-        replica = node.own_replica(round_)
-        return sum(frame_bytes(len(raw)) for raw in encode_raw(
-            node.names, replica.params, sender_id=node.id, round_=round_,
-            base_digest=replica.digest))
+    """What the message would take on the wire: the exact streams a networked node sends
+    (peer/messages.py)."""
+    if kind == "model_update":
+        return stream_bytes(model_update_raw(node, round_))
+    if kind == "replica":
+        return stream_bytes(replica_raw(node, round_))
+    if kind == "estimate":
+        return stream_bytes(estimate_raw(node, requester, round_))
     if kind == "cross_gradient":
-        message = node.cross_gradient_skips(requester, round_)
-        if message is not None:  # EF21 / CLAG: the sent records, a few bytes per skip
-            names = [n for n, r in zip(node.names, message, strict=True) if r is not None]
-            sent = [r for r in message if r is not None]
-            skipped = len(message) - len(sent)
-            return skipped * SKIP_RECORD_BYTES + sum(
-                frame_bytes(len(raw)) for raw in encode_compressed_raw(
-                    names, sent, sender_id=node.id, round_=round_))
-        records = node.cross_gradient_records(requester, round_)
-        if records is not None:
-            return sum(frame_bytes(len(raw)) for raw in encode_compressed_raw(
-                node.names, records, sender_id=node.id, round_=round_))
-    return sum(frame_bytes(len(raw)) for raw in encode_raw(node.names, tensors,
-                                                            sender_id=node.id, round_=round_))
+        return stream_bytes(cross_gradient_raw(node, requester, round_, tensors))
+    return stream_bytes(model_raw(node, round_, tensors))
 
 
 class InMemoryNeighborhood:
@@ -89,30 +81,55 @@ class InMemoryNeighborhood:
 
     def models(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
         out = {j: self.nodes[j].model(round_) for j in neighbors}
-        if self.traffic is not None:
-            for j, x in out.items():
-                self.traffic.add_received(j, "model",
-                                          wire_bytes(self.nodes[j], "model", self.me, round_, x))
+        for j, x in out.items():
+            self._count(j, "model", round_, x)
         return out
+
+    def _serve(self, server: Node, round_: int) -> Params | None:
+        """server's cross-gradient for this node, computed as a networked server computes it:
+        at this node's model, or under replicas at the server's copy of this node's replica
+        (no model travels), resynchronised first when it is not this node's."""
+        me = self.nodes[self.me]
+        mine = (me.model(round_) if server.replicas is None else server.replica_copy(
+            self.me, round_, self.peers[server.id], digest=me.own_replica(round_).digest))
+        return None if mine is None else server.cross_gradient(self.me, round_, mine)
 
     def cross_gradients(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
         out: dict[int, Params] = {}
         for j in neighbors:
-            server = self.nodes[j]
-            # Under replicas the server takes its copy of the requester's replica (no model
-            # travels), resynchronised first when it is not the requester's.
-            me = self.nodes[self.me]
-            mine = (me.model(round_) if server.replicas is None else server.replica_copy(
-                self.me, round_, self.peers[j], digest=me.own_replica(round_).digest))
-            if mine is not None:
-                out[j] = server.cross_gradient_message(self.me, round_, mine)
-        if self.traffic is not None:
-            for j, g in out.items():
-                self.traffic.add_received(j, "cross_gradient", wire_bytes(
-                    self.nodes[j], "cross_gradient", self.me, round_, g))
+            grads = self._serve(self.nodes[j], round_)
+            if grads is not None:
+                out[j] = grads
+                self._count(j, "cross_gradient", round_, grads)
         return out
 
-    def model_updates(self, round_: int, neighbors: Sequence[int]) -> dict[int, ModelUpdate]:
+    def estimate_updates(self, round_: int, neighbors: Sequence[int]) -> dict[int, Update]:
+        """Under EF21 / CLAG: each neighbor's message for this node's estimates."""
+        out: dict[int, Update] = {}
+        for j in neighbors:
+            grads = self._serve(self.nodes[j], round_)
+            message = self.nodes[j].three_point_message(self.me, round_)
+            if grads is None or message is None:
+                continue
+            out[j] = Update(j, round_, message.base, [d.clone() for d in message.deltas],
+                            message.crcs, message.skipped)
+            self._count(j, "cross_gradient", round_, grads)
+        return out
+
+    def estimates(self, round_: int, neighbors: Sequence[int]) -> dict[int, Replica]:
+        out: dict[int, Replica] = {}
+        for j in neighbors:
+            dense = self.nodes[j].three_point_estimates(self.me, round_)
+            out[j] = Replica([p.clone() for p in dense.params], dense.round, dense.digest)
+            self._count(j, "estimate", round_, [])
+        return out
+
+    def _count(self, sender: int, kind: str, round_: int, tensors: Params) -> None:
+        if self.traffic is not None:
+            self.traffic.add_received(sender, kind, wire_bytes(self.nodes[sender], kind,
+                                                               self.me, round_, tensors))
+
+    def model_updates(self, round_: int, neighbors: Sequence[int]) -> dict[int, Update]:
         me = self.nodes[self.me]
         assert me.replicas is not None
         out = {}
@@ -121,9 +138,7 @@ class InMemoryNeighborhood:
                 continue
             records, base = self.nodes[j].model_update(round_)
             out[j] = me.replicas.decode_update(j, round_, base, records, me.params)
-            if self.traffic is not None:
-                self.traffic.add_received(j, "model_update", wire_bytes(
-                    self.nodes[j], "model_update", self.me, round_, []))
+            self._count(j, "model_update", round_, [])
         return out
 
     def replicas(self, round_: int, neighbors: Sequence[int]) -> dict[int, Replica]:
@@ -131,9 +146,7 @@ class InMemoryNeighborhood:
         for j in neighbors:
             replica = self.nodes[j].own_replica(round_)
             out[j] = Replica([p.clone() for p in replica.params], replica.round, replica.digest)
-            if self.traffic is not None:
-                self.traffic.add_received(j, "replica", wire_bytes(
-                    self.nodes[j], "replica", self.me, round_, []))
+            self._count(j, "replica", round_, [])
         return out
 
     def wait_seconds(self) -> float | None:

@@ -18,7 +18,10 @@ receiver as a zero delta (`delta` below) and adds nothing on either end. With Z 
 only when g == h exactly, where ef21 would send C(0) = 0: clag:0 is ef21 bit for bit.
 
 State per (link, tensor index): the sender's h and y for each requester it serves, and the
-receiver's h for each neighbor it hears from; all three tables go into checkpoints.
+receiver's h for each neighbor it hears from; all three tables go into checkpoints. Per link and
+side, a digest of the estimates (peer/compression/digests.py): a message names the digest of the
+sender's estimates it builds on, and a receiver holding another one (it missed a message)
+resynchronises from the sender's dense estimates instead of applying it.
 """
 
 from __future__ import annotations
@@ -32,13 +35,10 @@ import torch
 
 from crossgrad.errors import ConfigError, DataError, InvalidMessage
 from peer.compression.base import Compressed, Compressor
+from peer.compression.digests import INITIAL_DIGEST
 from peer.compression.feedback import compress_contractive
 
 Key = tuple[int, int]  # (link, tensor index)
-
-# Bytes a skip record takes on the wire in byte counts: a tensor index and a flag. The networked
-# format does not exist yet (networked runs refuse --feedback other than ef); this is its budget.
-SKIP_RECORD_BYTES = 4
 
 FEEDBACK_FORMS = ("ef", "ef21", "clag:Z")
 
@@ -93,6 +93,7 @@ class ThreePoint:
         self._sent: dict[Key, torch.Tensor] = {}  # sender's h per (requester, index)
         self._last: dict[Key, torch.Tensor] = {}  # sender's y: its previous g
         self._received: dict[Key, torch.Tensor] = {}  # receiver's h per (sender, index)
+        self._digests: dict[tuple[str, int], int] = {}  # ("sent"|"received", link): digest
         self.skips = 0  # tensors the sender did not send (clag)
         self.sent = 0  # tensors the sender sent
         self._lock = threading.Lock()
@@ -146,6 +147,22 @@ class ThreePoint:
             self._received[key] = h
         return h
 
+    def digest(self, side: str, link: int) -> int:
+        """The digest of a link's estimates on one side ("sent" or "received")."""
+        with self._lock:
+            return self._digests.get((side, int(link)), INITIAL_DIGEST)
+
+    def set_digest(self, side: str, link: int, digest: int) -> None:
+        with self._lock:
+            self._digests[(side, int(link))] = int(digest)
+
+    def resync(self, link: int, estimates: list[torch.Tensor], digest: int) -> None:
+        """The receiver's estimates of `link` replaced by the sender's dense ones."""
+        with self._lock:
+            for k, h in enumerate(estimates):
+                self._received[(int(link), k)] = h
+            self._digests[("received", int(link))] = int(digest)
+
     def estimate(self, side: str, link: int, index: int) -> torch.Tensor | None:
         """A copy of the sender's ("sent") or receiver's ("received") estimate of a key."""
         table = self._sent if side == "sent" else self._received
@@ -159,6 +176,8 @@ class ThreePoint:
             for table in (self._sent, self._last, self._received):
                 for key in [k for k in table if link is None or k[0] == int(link)]:
                     del table[key]
+            for dkey in [k for k in self._digests if link is None or k[1] == int(link)]:
+                del self._digests[dkey]
 
     def state_dict(self) -> dict[str, object]:
         """{"sent"|"last"|"received": {"LINK.INDEX": tensor}, "skips": n, "sent_count": n}."""
@@ -166,8 +185,9 @@ class ThreePoint:
             tables = {"sent": dict(self._sent), "last": dict(self._last),
                       "received": dict(self._received)}
             counts = {"skips": self.skips, "sent_count": self.sent}
+            digests = {f"{side}.{link}": d for (side, link), d in self._digests.items()}
         return {**{name: {f"{l}.{k}": t.clone() for (l, k), t in table.items()}
-                      for name, table in tables.items()}, **counts}
+                      for name, table in tables.items()}, **counts, "digests": digests}
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         """Replace every estimate by those of `state` (all or nothing: DataError if malformed)."""
@@ -187,9 +207,19 @@ class ThreePoint:
         skips, sent = state.get("skips", 0), state.get("sent_count", 0)
         if not isinstance(skips, int) or not isinstance(sent, int):
             raise DataError(f"{self.rule.kind} state: counts must be integers")
+        saved = state.get("digests", {})  # absent in checkpoints of older versions
+        digests: dict[tuple[str, int], int] = {}
+        for key, value in (saved.items() if isinstance(saved, Mapping) else ()):
+            side, _, link = str(key).partition(".")
+            if side not in ("sent", "received") or not link.isdigit() or \
+                    not isinstance(value, int):
+                raise DataError(f"{self.rule.kind} state: digest {key!r}={value!r}, expected "
+                                "'sent.LINK' or 'received.LINK' and an integer")
+            digests[(side, int(link))] = value
         with self._lock:
             self._sent, self._last, self._received = (
                 tables["sent"], tables["last"], tables["received"])
+            self._digests = digests
             self.skips, self.sent = skips, sent
 
     def __repr__(self) -> str:
