@@ -32,7 +32,6 @@ from crossgrad.guard import add_limit_flags, limits_from_args
 from crossgrad.security import Role, add_security_flags, security_from_args
 from peer.builder import (
     load_config,  # ranges and registry names: the whole check
-    refuse_networked,  # what only `simulate` runs yet
 )
 
 EXIT_USAGE = 2
@@ -230,7 +229,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     from bootstrap.server import serve
     from crossgrad.rpc import install_signal_handlers
 
-    config = refuse_networked(load_config(_overrides(args), args.config))
+    config = load_config(_overrides(args), args.config)
     security = security_from_args(args, Role.SERVER, "bootstrap")
     server = serve(config, args.bind, args.state, args.lease_seconds, security=security,
                    limits=limits_from_args(args), metrics_port=metrics_port(args))
@@ -279,7 +278,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from crossgrad.demo import run_demo
 
-    config = refuse_networked(load_config(_overrides(args), args.config))
+    config = load_config(_overrides(args), args.config)
     return run_demo(config, args.out, timeout=args.timeout, insecure=args.insecure,
                     quiet=args.quiet, metrics_port=args.metrics_port)
 

@@ -114,18 +114,6 @@ def uses_replicas(config: RunConfig) -> bool:
     return config.model_compressor not in ("", "none") or config.consensus_step > 0
 
 
-def refuse_replicas_over_network(config: RunConfig) -> RunConfig:
-    """What networked runs (bootstrap, peer, demo) check on top of validate: replicas run in
-    the simulator only for now, since crossgrad.v1 cannot carry model updates yet."""
-    if uses_replicas(config):
-        raise ConfigError(
-            f"--model-compressor {config.model_compressor or 'none'} with --consensus-step "
-            f"{config.consensus_step:g}: model replicas run in the simulator only for now "
-            "(crossgrad simulate); networked peers exchange dense models, so drop "
-            "--model-compressor and --consensus-step here")
-    return config
-
-
 _KIND_WORDS = {"int": "an integer", "float": "a number", "str": "a string"}
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from bootstrap.topology import Topology, build_topology, metropolis_hastings_weights
-from crossgrad.config import RunConfig, load, refuse_replicas_over_network, uses_replicas, validate
+from crossgrad.config import RunConfig, load, uses_replicas, validate
 from crossgrad.errors import ConfigError, UnknownNameError
 from peer import algorithms
 from peer.compression import ErrorFeedback
@@ -53,17 +53,6 @@ def validate_names(config: RunConfig) -> RunConfig:
                           "or pick one of those")
     if config.model_compressor:
         make_compressor(config.model_compressor)
-    return config
-
-
-def refuse_networked(config: RunConfig) -> RunConfig:
-    """ConfigError for what only the simulator runs yet: model replicas (--model-compressor,
-    --consensus-step) and --feedback ef21 / clag:Z (the wire has no model-update, skip or
-    estimate-round messages yet). bootstrap, peer and demo call it."""
-    refuse_replicas_over_network(config)
-    if parse_feedback(config.feedback).three_point:
-        raise ConfigError(f"--feedback {config.feedback} runs only in `crossgrad simulate` for "
-                          "now; networked runs (bootstrap, peer, demo) take --feedback ef")
     return config
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -49,9 +49,12 @@ from crossgrad.v1 import peer_pb2, peer_pb2_grpc
 from peer.compression import Compressor
 from peer.metrics import Traffic
 from peer.node import Node, Params
-from peer.wire import decode, human_bytes, specs_of
+from peer.replicas import Replica, Update
+from peer.wire import Decoded, decode, human_bytes, specs_of
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def check_model_fits(names: Sequence[str], params: Sequence[torch.Tensor],
@@ -201,7 +204,9 @@ class GrpcNeighborhood:
     # ---- single calls (raise ProtocolError) ---------------------------------------------
     def _stream(self, peer: int, kind: str, round_: int,
                 start: Callable[..., Iterator[bytes]], request: object,
-                timeout: float | None, compressor: Compressor | None = None) -> Params:
+                timeout: float | None, compressor: Compressor | None = None,
+                allow_skips: bool = False) -> Decoded:
+        """One tensor stream, decoded and validated, its tensors on the node's device."""
         what = f"{kind} of round {round_} from node {peer} at {self.address(peer)}"
         # wait_for_ready: a neighbor still starting (or restarting, or behind a link that is
         # coming back) is waited for, up to the deadline, instead of failing at once with
@@ -216,7 +221,7 @@ class GrpcNeighborhood:
             decoded = decode(self._noting_arrival(call, (kind, peer, round_)),
                              specs_of(self.node.names, self.node.params), sender_id=peer,
                              round_=round_, max_total_bytes=self.max_model_bytes,
-                             compressor=compressor)
+                             compressor=compressor, allow_skips=allow_skips)
         except grpc.RpcError as err:
             exc = from_rpc_error(err, what)
             with self._lock:
@@ -233,7 +238,8 @@ class GrpcNeighborhood:
         with self._lock:
             self._suspects.discard(peer)
         self.traffic.add_received(peer, kind, decoded.wire_bytes)
-        return self._to_device(decoded.tensors)
+        self._to_device(decoded.tensors)
+        return decoded
 
     def _noting_arrival(self, chunks: Iterator[bytes],
                         key: tuple[str, int, int]) -> Iterator[bytes]:
@@ -295,28 +301,76 @@ class GrpcNeighborhood:
     def _fetch_model_now(self, peer: int, round_: int, timeout: float | None) -> Params:
         start = self._raw_stream(peer, "GetModel", peer_pb2.GetModelRequest.SerializeToString)
         request = peer_pb2.GetModelRequest(requester_id=self.node.id, round=round_)
-        params = self._stream(peer, "model", round_, start, request, timeout)
+        params = self._stream(peer, "model", round_, start, request, timeout).tensors
         self.node.remember_model(peer, round_, params)
         return params
 
-    def fetch_cross_gradient(self, peer: int, round_: int, timeout: float | None = None) -> Params:
-        """grad F_peer(x_me^round; B_peer^round), computed at the peer."""
+    def _fetch_cross_gradient_stream(self, peer: int, round_: int,
+                                     timeout: float | None) -> Decoded:
         start = self._raw_stream(peer, "ComputeCrossGradient",
                                  peer_pb2.CrossGradientRequest.SerializeToString)
-        request = peer_pb2.CrossGradientRequest(requester_id=self.node.id, round=round_)
-        feedback = self.node.feedback  # the run's cross-gradient compressor, if any
+        node = self.node
+        digest = node.own_replica(round_).digest if node.replicas is not None else 0
+        request = peer_pb2.CrossGradientRequest(requester_id=node.id, round=round_,
+                                                replica_digest=digest)
+        # the run's cross-gradient compressor, if any (error feedback, or EF21 / CLAG)
+        compressor = (node.feedback.compressor if node.feedback is not None else
+                      node.threepoint.compressor if node.threepoint is not None else None)
         return self._stream(peer, "cross_gradient", round_, start, request, timeout,
-                            feedback.compressor if feedback is not None else None)
+                            compressor, allow_skips=node.threepoint is not None)
+
+    def fetch_cross_gradient(self, peer: int, round_: int, timeout: float | None = None) -> Params:
+        """grad F_peer(x_me^round; B_peer^round), computed at the peer."""
+        return self._fetch_cross_gradient_stream(peer, round_, timeout).tensors
+
+    def fetch_estimate_update(self, peer: int, round_: int,
+                              timeout: float | None = None) -> Update:
+        """Under EF21 / CLAG: the peer's cross-gradient message for this node's estimates."""
+        decoded = self._fetch_cross_gradient_stream(peer, round_, timeout)
+        return Update(peer, round_, decoded.base_digest, decoded.tensors, decoded.crcs,
+                      decoded.skipped)
+
+    def fetch_model_update(self, peer: int, round_: int,
+                           timeout: float | None = None) -> Update:
+        """Under replicas: q_peer^round, decoded with the run's model compressor."""
+        replicas = self.node.replicas
+        assert replicas is not None
+        start = self._raw_stream(peer, "GetModelUpdate",
+                                 peer_pb2.ModelUpdateRequest.SerializeToString)
+        request = peer_pb2.ModelUpdateRequest(requester_id=self.node.id, round=round_)
+        decoded = self._stream(peer, "model_update", round_, start, request, timeout,
+                               replicas.compressor)
+        return Update(peer, round_, decoded.base_digest, decoded.tensors, decoded.crcs)
+
+    def _fetch_dense_state(self, peer: int, kind: str, method: str, round_: int,
+                           request: Any, timeout: float | None) -> Replica:
+        start = self._raw_stream(peer, method, type(request).SerializeToString)
+        decoded = self._stream(peer, kind, round_, start, request, timeout)
+        if decoded.base_digest == 0:
+            raise InvalidMessage(f"{kind} of round {round_} from node {peer}: the stream "
+                                 "names no digest (StreamHeader.base_digest)")
+        return Replica(decoded.tensors, round_, decoded.base_digest)
+
+    def fetch_replica(self, peer: int, round_: int, timeout: float | None = None) -> Replica:
+        """Under replicas: the peer's dense replica at the start of round_, for a resync."""
+        request = peer_pb2.ReplicaRequest(requester_id=self.node.id, round=round_)
+        return self._fetch_dense_state(peer, "replica", "GetReplica", round_, request, timeout)
+
+    def fetch_estimate(self, peer: int, round_: int, timeout: float | None = None) -> Replica:
+        """Under EF21 / CLAG: the peer's dense estimates for this node after round_."""
+        request = peer_pb2.EstimateRequest(requester_id=self.node.id, round=round_)
+        return self._fetch_dense_state(peer, "estimate", "GetEstimate", round_, request,
+                                       timeout)
 
     # ---- the Neighborhood interface ------------------------------------------------------
     def _gather(self, round_: int, neighbors: Sequence[int], kind: str,
-                fetch: Callable[[int, int], Params]) -> dict[int, Params]:
+                fetch: Callable[[int, int], T]) -> dict[int, T]:
         with self._lock:
             self._waiting = set(neighbors)
         started = time.perf_counter()
         ended: dict[int, float] = {}
 
-        def timed(j: int) -> Params:
+        def timed(j: int) -> T:
             try:
                 return fetch(j, round_)
             finally:
@@ -325,7 +379,7 @@ class GrpcNeighborhood:
         jobs = {j: self._pool.submit(timed, j) for j in neighbors}
         for j, job in jobs.items():
             job.add_done_callback(partial(self._answered, j))
-        out: dict[int, Params] = {}
+        out: dict[int, T] = {}
         for j, job in jobs.items():
             try:
                 out[j] = job.result()
@@ -341,7 +395,7 @@ class GrpcNeighborhood:
         self._note_wait(started, kind, round_, ended)
         return out
 
-    def _answered(self, peer: int, job: futures.Future[Params]) -> None:
+    def _answered(self, peer: int, job: futures.Future[Any]) -> None:
         with self._lock:
             self._waiting.discard(peer)
 
@@ -388,6 +442,46 @@ class GrpcNeighborhood:
             return self.fetch_cross_gradient(peer, r, left)
 
         return self._gather(round_, neighbors, "cross_gradient", fetch)
+
+    def estimate_updates(self, round_: int, neighbors: Sequence[int]) -> dict[int, Update]:
+        """Under EF21 / CLAG: cross_gradients, as the messages for this node's estimates."""
+        with self._lock:
+            started_round, deadline = self._round_deadline
+        left = deadline - time.monotonic() if started_round == round_ else self.timeout
+
+        def fetch(peer: int, r: int) -> Update:
+            if left <= 0:
+                raise DeadlineExceeded(f"cross-gradient of round {r} from node {peer}: the "
+                                       f"round's deadline ({self.timeout:g} s) has passed")
+            return self.fetch_estimate_update(peer, r, left)
+
+        return self._gather(round_, neighbors, "cross_gradient", fetch)
+
+    # ---- state both ends hold: one neighbor at a time, or all at once (peer/replicas.py) -----
+    def _each(self, round_: int, neighbors: Sequence[int], fetch: Callable[[int, int], T],
+              ) -> dict[int, T]:
+        """fetch(j, round_) for every neighbor, in parallel; the ones that failed are logged,
+        counted and absent. Called from the round driver and from server threads alike, so
+        it leaves the round's bookkeeping (waiting, the wait phase) alone."""
+        jobs = {j: self._pool.submit(fetch, j, round_) for j in neighbors}
+        out: dict[int, T] = {}
+        for j, job in jobs.items():
+            try:
+                out[j] = job.result()
+            except ProtocolError as exc:
+                _, code = status_of(exc)
+                self.misses.count(j, REJECTED_ANSWERS.get(code))
+                log.warning("node %d round %d: %s", self.node.id, round_, exc)
+        return out
+
+    def model_updates(self, round_: int, neighbors: Sequence[int]) -> dict[int, Update]:
+        return self._each(round_, neighbors, self.fetch_model_update)
+
+    def replicas(self, round_: int, neighbors: Sequence[int]) -> dict[int, Replica]:
+        return self._each(round_, neighbors, self.fetch_replica)
+
+    def estimates(self, round_: int, neighbors: Sequence[int]) -> dict[int, Replica]:
+        return self._each(round_, neighbors, self.fetch_estimate)
 
     def status(self, peer: int, timeout: float = 5.0) -> peer_pb2.PeerStatus:
         request = peer_pb2.GetStatusRequest(requester=f"node {self.node.id}")

@@ -48,7 +48,6 @@ from crossgrad.v1 import peer_pb2
 from peer.builder import (
     load_run_data,
     make_node,
-    refuse_networked,
     resolve_device,
     validate_config,
 )
@@ -254,6 +253,12 @@ class PeerRuntime:
         if self.session is not None:
             self.session.refresh_soon()
 
+    def neighborhood(self) -> GrpcNeighborhood:
+        """How this node reaches its neighbors (Unavailable while it has none)."""
+        if self.hood is None:
+            raise Unavailable(f"node {self.node_id} is starting: it has no neighbors yet")
+        return self.hood
+
     def fetch_model(self, peer: int, round_: int, timeout: float) -> Params:
         if self.hood is None:
             raise Unavailable(f"node {self.node_id} is starting: it has no neighbors yet")
@@ -341,8 +346,8 @@ class PeerRuntime:
         # lease, and the bootstrap must not take this node for dead meanwhile.
         session.start(self.progress, self.offer)
         try:  # what the bootstrap sent is a peer's message like any other: checked first
-            settings = refuse_networked(validate_config(dataclasses.replace(
-                settings, data_dir=self.options.data_dir, device=self.options.device)))
+            settings = validate_config(dataclasses.replace(
+                settings, data_dir=self.options.data_dir, device=self.options.device))
         except ConfigError as exc:
             raise ConfigError(f"the run settings from the bootstrap at {self.options.bootstrap} "
                               f"cannot run here: {exc}") from None

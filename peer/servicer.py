@@ -35,8 +35,15 @@ from crossgrad.errors import (
 from crossgrad.rpc import translate_errors
 from crossgrad.security import caller_of
 from crossgrad.v1 import peer_pb2, peer_pb2_grpc
+from peer.messages import (
+    cross_gradient_raw,
+    estimate_raw,
+    model_raw,
+    model_update_raw,
+    replica_raw,
+)
 from peer.node import Node, Params
-from peer.wire import checksums, encode_compressed_raw, encode_raw, frame_bytes
+from peer.wire import checksums, frame_bytes
 
 if TYPE_CHECKING:
     from peer.service import PeerRuntime
@@ -146,11 +153,11 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
                              f"keeps the last {node.keep_rounds} rounds")
         return node
 
-    def _stream(self, node: Node, params: Params, requester: int, round_: int,
-                kind: str, crcs: list[int] | None = None) -> Iterator[bytes]:
-        """Serialized TensorChunk messages (add_to_server registers a pass-through serializer)."""
-        for raw in encode_raw(node.names, params, sender_id=node.id, round_=round_,
-                              chunk_bytes=self.runtime.chunk_bytes, crcs=crcs):
+    def _stream(self, raws: Iterator[bytes], requester: int, round_: int,
+                kind: str) -> Iterator[bytes]:
+        """Serialized TensorChunk messages (add_to_server registers a pass-through serializer),
+        counted as they go."""
+        for raw in raws:
             self.runtime.traffic.add_sent(requester, kind, frame_bytes(len(raw)))
             self._count(requester, round_, len(raw))
             yield raw
@@ -174,8 +181,10 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
             raise DeadlineExceeded(f"node {node.id} had not published round {request.round} "
                                    "before the deadline")
         params = node.model(request.round)
-        yield from self._stream(node, params, requester, request.round, "model",
-                                self._model_crcs(node, request.round, params))
+        yield from self._stream(model_raw(node, request.round, params,
+                                          crcs=self._model_crcs(node, request.round, params),
+                                          chunk_bytes=self.runtime.chunk_bytes),
+                                requester, request.round, "model")
 
     @translate_errors
     def ComputeCrossGradient(self, request: peer_pb2.CrossGradientRequest,
@@ -187,20 +196,73 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         if grads is None and self.runtime.draining():
             raise Unavailable(f"node {node.id} is stopping: it computes no more cross-gradients")
         if grads is None:
-            params = node.neighbor_model(requester, round_)
-            if params is None:
-                params = self.runtime.fetch_model(requester, round_,
-                                                  self._remaining(context, self.runtime.timeout))
+            if node.replicas is not None:  # this node's copy of the requester's replica
+                params = node.replica_copy(requester, round_, self.runtime.neighborhood(),
+                                           digest=request.replica_digest)
+                if params is None:
+                    raise Unavailable(f"node {node.id} holds no copy of node {requester}'s "
+                                      f"replica of round {round_} and could not "
+                                      "resynchronise it (GetReplica failed)")
+            else:
+                params = node.neighbor_model(requester, round_)
+                if params is None:
+                    params = self.runtime.fetch_model(
+                        requester, round_, self._remaining(context, self.runtime.timeout))
             grads = node.cross_gradient(requester, round_, params)
-        records = node.cross_gradient_records(requester, round_)
-        if records is None:
-            yield from self._stream(node, grads, requester, round_, "cross_gradient")
-            return
-        for raw in encode_compressed_raw(node.names, records, sender_id=node.id, round_=round_,
-                                         chunk_bytes=self.runtime.chunk_bytes):
-            self.runtime.traffic.add_sent(requester, "cross_gradient", frame_bytes(len(raw)))
-            self._count(requester, round_, len(raw))
-            yield raw
+        yield from self._stream(cross_gradient_raw(node, requester, round_, grads,
+                                                   chunk_bytes=self.runtime.chunk_bytes),
+                                requester, round_, "cross_gradient")
+
+    def _replicas_node(self, requester: int, round_: int, context: grpc.ServicerContext,
+                       what: str) -> Node:
+        node = self._node_for(requester, round_, self._remaining(context, self.runtime.timeout))
+        if node.replicas is None:
+            raise StaleRound(f"node {node.id} keeps no model replicas: this run sends models "
+                             f"dense (no --model-compressor), so there is no {what}")
+        self._charge(node, requester, round_)
+        return node
+
+    def _wait_round_done(self, node: Node, round_: int, context: grpc.ServicerContext) -> None:
+        """Wait until node has finished round_'s step (its update and replica exist)."""
+        if not node.wait_update(round_, self._remaining(context, self.runtime.timeout)):
+            if self.runtime.draining():
+                raise Unavailable(f"node {node.id} is stopping: it will not finish round "
+                                  f"{round_}")
+            raise DeadlineExceeded(f"node {node.id} had not finished round {round_} before "
+                                   "the deadline")
+
+    @translate_errors
+    def GetModelUpdate(self, request: peer_pb2.ModelUpdateRequest,
+                       context: grpc.ServicerContext) -> Iterator[bytes]:
+        requester, round_ = self._requester(request.requester_id, context), request.round
+        node = self._replicas_node(requester, round_, context, "model update")
+        self._wait_round_done(node, round_, context)
+        yield from self._stream(model_update_raw(node, round_,
+                                                 chunk_bytes=self.runtime.chunk_bytes),
+                                requester, round_, "model_update")
+
+    @translate_errors
+    def GetReplica(self, request: peer_pb2.ReplicaRequest,
+                   context: grpc.ServicerContext) -> Iterator[bytes]:
+        requester, round_ = self._requester(request.requester_id, context), request.round
+        node = self._replicas_node(requester, round_, context, "replica")
+        if round_ > 0:  # the replica of round r exists once round r - 1's update does
+            self._wait_round_done(node, round_ - 1, context)
+        yield from self._stream(replica_raw(node, round_, chunk_bytes=self.runtime.chunk_bytes),
+                                requester, round_, "replica")
+
+    @translate_errors
+    def GetEstimate(self, request: peer_pb2.EstimateRequest,
+                    context: grpc.ServicerContext) -> Iterator[bytes]:
+        requester, round_ = self._requester(request.requester_id, context), request.round
+        node = self._node_for(requester, round_, self._remaining(context, self.runtime.timeout))
+        if node.threepoint is None:
+            raise StaleRound(f"node {node.id} keeps no cross-gradient estimates: this run does "
+                             "not use --feedback ef21 or clag:Z")
+        self._charge(node, requester, round_)
+        yield from self._stream(estimate_raw(node, requester, round_,
+                                             chunk_bytes=self.runtime.chunk_bytes),
+                                requester, round_, "estimate")
 
     @translate_errors
     def GetStatus(self, request: peer_pb2.GetStatusRequest,
@@ -226,6 +288,12 @@ def add_to_server(servicer: PeerServicer, server: grpc.Server) -> None:
             servicer.ComputeCrossGradient,
             request_deserializer=peer_pb2.CrossGradientRequest.FromString,
             response_serializer=_passthrough),
+        **{name: grpc.unary_stream_rpc_method_handler(
+            getattr(servicer, name), request_deserializer=request.FromString,
+            response_serializer=_passthrough)
+           for name, request in (("GetModelUpdate", peer_pb2.ModelUpdateRequest),
+                                 ("GetReplica", peer_pb2.ReplicaRequest),
+                                 ("GetEstimate", peer_pb2.EstimateRequest))},
         "GetStatus": grpc.unary_unary_rpc_method_handler(
             servicer.GetStatus, request_deserializer=peer_pb2.GetStatusRequest.FromString,
             response_serializer=peer_pb2.PeerStatus.SerializeToString),

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crossgrad.cli import main
-from crossgrad.config import RunConfig, refuse_replicas_over_network
+from crossgrad.config import RunConfig
 from crossgrad.errors import ConfigError
 from peer import simulate
 from peer.builder import assignments, load_run_data, make_node, validate_config
@@ -155,12 +154,3 @@ def test_bad_replica_settings_fail_at_start(overrides: dict[str, object], messag
         config(**overrides)
 
 
-def test_networked_runs_refuse_replicas_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert refuse_replicas_over_network(config()) is not None  # dense models: fine
-    with pytest.raises(ConfigError, match="simulator only"):
-        refuse_replicas_over_network(config(consensus_step=1.0))
-    for command in ("bootstrap", "demo"):
-        code = main([command, "--model-compressor", "sign", "--consensus-step", "0.5",
-                     "--nodes", "3", "--insecure"])
-        err = capsys.readouterr().err
-        assert code == 2 and "simulator only" in err and err.count("\n") == 1, err

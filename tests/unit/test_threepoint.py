@@ -12,7 +12,7 @@ import torch
 from crossgrad.config import RunConfig
 from crossgrad.errors import ConfigError
 from peer import simulate
-from peer.builder import assignments, load_run_data, make_node, refuse_networked, validate_config
+from peer.builder import assignments, load_run_data, make_node, validate_config
 from peer.compression import make as make_compressor
 from peer.compression.threepoint import ThreePoint, parse_feedback
 from peer.node import Node
@@ -140,12 +140,9 @@ def test_bad_values_are_refused(value: str, words: str) -> None:
         cfg(feedback=value)
 
 
-def test_feedback_other_than_ef_needs_a_compressed_algorithm_and_the_simulator() -> None:
+def test_feedback_other_than_ef_needs_a_compressed_algorithm() -> None:
     with pytest.raises(ConfigError, match="compcga and compngc"):
         cfg(algorithm="cga", feedback="ef21")
-    with pytest.raises(ConfigError, match="only in `crossgrad simulate`"):
-        refuse_networked(cfg(feedback="clag:1"))
-    assert refuse_networked(cfg()).feedback == "ef"
 
 
 def test_the_state_object_skips_only_above_the_threshold() -> None:
