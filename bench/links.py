@@ -174,19 +174,30 @@ def run_links(net: Namespaces, args: argparse.Namespace) -> list[Link]:
 
 
 # ---- the report --------------------------------------------------------------------------------
-def rows(links: list[Link], payload: int) -> list[list[str]]:
+def summary(links: list[Link], payload: int) -> list[dict[str, float | str]]:
+    """Per link and method: medians of MB/s, of its ratio to raw TCP, of CPU s/GB per side."""
     gb = payload / 1e9
-    out = []
+    out: list[dict[str, float | str]] = []
     for link in links:
         base = statistics.median(link.mb_per_s("raw TCP", payload))
         for method in METHODS:
             speeds, samples = link.mb_per_s(method, payload), link.samples[method]
-            out.append([link.name, method, f"{statistics.median(speeds):.0f}",
-                        f"{min(speeds):.0f}-{max(speeds):.0f}",
-                        f"{statistics.median(speeds) / base:.2f}",
-                        f"{statistics.median([s.server_cpu / gb for s in samples]):.2f}",
-                        f"{statistics.median([s.client_cpu / gb for s in samples]):.2f}"])
+            out.append({"link": link.name, "method": method,
+                        "mb_per_s": statistics.median(speeds),
+                        "min": min(speeds), "max": max(speeds),
+                        "x_raw_tcp": statistics.median(speeds) / base,
+                        "sender_cpu_s_per_gb": statistics.median(
+                            [s.server_cpu / gb for s in samples]),
+                        "receiver_cpu_s_per_gb": statistics.median(
+                            [s.client_cpu / gb for s in samples])})
     return out
+
+
+def rows(results: list[dict[str, float | str]]) -> list[list[str]]:
+    return [[str(r["link"]), str(r["method"]), f"{r['mb_per_s']:.0f}",
+             f"{r['min']:.0f}-{r['max']:.0f}", f"{r['x_raw_tcp']:.2f}",
+             f"{r['sender_cpu_s_per_gb']:.2f}", f"{r['receiver_cpu_s_per_gb']:.2f}"]
+            for r in results]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -205,6 +216,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grpc-arg", action="append", default=[], metavar="NAME=INT",
                         type=lambda s: (s.split("=", 1)[0], int(s.split("=", 1)[1])),
                         help="extra channel argument for crossgrad's server and channel")
+    parser.add_argument("--json", action="store_true",
+                        help="also print each row as a JSON line (for tests)")
     parser.add_argument("--fetch", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     parser.add_argument("--ports", default="{}", help=argparse.SUPPRESS)
@@ -241,8 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    results = summary(links, payload)
     print()
-    print(transfer.table(rows(links, payload), COLUMNS))
+    print(transfer.table(rows(results), COLUMNS))
+    if args.json:
+        for result in results:
+            print(json.dumps(result))
     return 0
 
 
