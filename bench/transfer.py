@@ -85,6 +85,7 @@ BASELINE_SERVICE, UNARY_METHOD, STREAM_METHOD = "bench.Transfer", "Get", "Stream
 SENDER, REQUESTER, ROUND = 0, 1, 0
 BLOCKS, VOCAB = 4, 8192  # the model's shape: VOCAB x d embedding, BLOCKS transformer blocks
 CALL_TIMEOUT_S = 300.0
+LOCAL = "127.0.0.1"  # where the server listens unless --host says otherwise (bench/links.py)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -190,7 +191,7 @@ def serve(args: argparse.Namespace) -> int:
     add_grpc_args(args.grpc_arg)
     servicer = PeerServicer(Runtime(node, args.chunk_bytes))  # type: ignore[arg-type]
     peer_server = rpc.make_server(
-        "127.0.0.1:0",
+        f"{args.host}:0",
         [rpc.Service("crossgrad.v1.Peer",
                      lambda s: add_to_server(servicer, s))],
         max_message_bytes=max(rpc.DEFAULT_MAX_MESSAGE_BYTES, args.chunk_bytes + 4096))
@@ -209,10 +210,10 @@ def serve(args: argparse.Namespace) -> int:
     }
     unary_server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler(BASELINE_SERVICE, handlers)])
-    unary_port = unary_server.add_insecure_port("127.0.0.1:0")
+    unary_port = unary_server.add_insecure_port(f"{args.host}:0")
     unary_server.start()
 
-    listener = socket.create_server(("127.0.0.1", 0))
+    listener = socket.create_server((args.host, 0))
     raw = memoryview(bytearray(payload))
     threading.Thread(target=serve_raw, args=(listener, raw), daemon=True).start()
 
@@ -254,7 +255,7 @@ def lo_rx_bytes() -> int:
 
 
 def socket_rx_bytes(port: int) -> int | None:
-    """Bytes received by the client side of every connection to 127.0.0.1:port (ss -ti)."""
+    """Bytes received by the client side of every connection to port `port` (ss -ti)."""
     try:
         out = subprocess.run(["ss", "-tinH", "state", "established", f"( dport = :{port} )"],
                              capture_output=True, text=True, check=True).stdout
@@ -290,8 +291,8 @@ def measure(methods: dict[str, tuple[Callable[[], int | None], int]], repeats: i
     return out
 
 
-def raw_transfer(port: int, nbytes: int) -> Callable[[], None]:
-    conn = socket.create_connection(("127.0.0.1", port))
+def raw_transfer(port: int, nbytes: int, host: str = LOCAL) -> Callable[[], None]:
+    conn = socket.create_connection((host, port))
     buf = bytearray(nbytes)
     view = memoryview(buf)
 
@@ -308,17 +309,17 @@ def raw_transfer(port: int, nbytes: int) -> Callable[[], None]:
 
 def getmodel_transfer(port: int, specs: list[wire.TensorSpec], max_message_bytes: int,
                       single_thread: bool = False, *, security: Security | None = None,
-                      server_name: str | None = None) -> Callable[[], int]:
+                      server_name: str | None = None, host: str = LOCAL) -> Callable[[], int]:
     """single_thread: grpc's experimental SingleThreadedUnaryStream channel option (the thread
     that iterates the call polls for its messages itself, no hand-off from the channel's
     polling thread), to measure it before turning it on in crossgrad/rpc.py. security and
-    server_name: as crossgrad.rpc.make_channel (None: plaintext)."""
+    server_name: as crossgrad.rpc.make_channel (None: plaintext). host: the server's address."""
     if single_thread:
         one_thread = (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)
         channel = grpc.insecure_channel(
-            f"127.0.0.1:{port}", options=[*rpc.channel_options(max_message_bytes), one_thread])
+            f"{host}:{port}", options=[*rpc.channel_options(max_message_bytes), one_thread])
     else:
-        channel = rpc.make_channel(f"127.0.0.1:{port}", max_message_bytes=max_message_bytes,
+        channel = rpc.make_channel(f"{host}:{port}", max_message_bytes=max_message_bytes,
                                    security=security, server_name=server_name)
     get_model = channel.unary_stream(  # as peer/client.py GrpcNeighborhood: raw answers
         "/crossgrad.v1.Peer/GetModel",
@@ -335,9 +336,9 @@ def getmodel_transfer(port: int, specs: list[wire.TensorSpec], max_message_bytes
 
 def check_getmodel(port: int, names: list[str], tensors: list[torch.Tensor],
                    max_message_bytes: int, *, security: Security | None = None,
-                   server_name: str | None = None) -> None:
+                   server_name: str | None = None, host: str = LOCAL) -> None:
     """One GetModel whose tensors are compared with the model, not only checked by CRC."""
-    channel = rpc.make_channel(f"127.0.0.1:{port}", max_message_bytes=max_message_bytes,
+    channel = rpc.make_channel(f"{host}:{port}", max_message_bytes=max_message_bytes,
                                security=security, server_name=server_name)
     call = peer_pb2_grpc.PeerStub(channel).GetModel(
         peer_pb2.GetModelRequest(requester_id=REQUESTER, round=ROUND), timeout=CALL_TIMEOUT_S)
@@ -462,6 +463,7 @@ def main() -> int:
                         help="extra channel argument for crossgrad's server and channel")
     parser.add_argument("--no-stages", action="store_true", help="skip the in-process stage rows")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--host", default=LOCAL, help=argparse.SUPPRESS)  # --serve's address
     args = parser.parse_args()
     keep_freed_memory()  # as every peer process does (peer/service.py): both ends of the bench
     if args.serve:
