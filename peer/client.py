@@ -134,6 +134,9 @@ class GrpcNeighborhood:
         # By (neighbor, address): with TLS a channel verifies that neighbor's certificate.
         self._channels: dict[tuple[int, str], grpc.Channel] = {}
         self._inflight: dict[tuple[int, int], futures.Future[Params]] = {}
+        # Model updates by (peer, round), fetched once: the round driver and a server thread
+        # bringing its copy of a requester's replica forward may both need the same one.
+        self._updates: dict[tuple[int, int], futures.Future[Update]] = {}
         # Neighbors whose last call failed without an answer: the next call does not wait for
         # them to become reachable (wait_for_ready), so a dead neighbor whose host refuses
         # connections costs nothing, and one whose host is silent costs at most a deadline.
@@ -332,7 +335,34 @@ class GrpcNeighborhood:
 
     def fetch_model_update(self, peer: int, round_: int,
                            timeout: float | None = None) -> Update:
-        """Under replicas: q_peer^round, decoded with the run's model compressor."""
+        """Under replicas: q_peer^round, decoded with the run's model compressor; fetched once
+        (a failed fetch is forgotten, so that it can be retried)."""
+        key = (peer, round_)
+        with self._lock:
+            pending = self._updates.get(key)
+            owner = pending is None
+            if pending is None:
+                pending = self._updates[key] = futures.Future()
+            for old in [k for k in self._updates if k[1] < round_ - 2]:
+                del self._updates[old]
+        if not owner:
+            try:
+                return pending.result(timeout=timeout if timeout is not None else self.timeout)
+            except futures.TimeoutError:
+                raise DeadlineExceeded(f"model update of round {round_} from node {peer}: the "
+                                       "transfer already under way did not finish in time"
+                                       ) from None
+        try:
+            update = self._fetch_model_update_now(peer, round_, timeout)
+        except BaseException as exc:
+            pending.set_exception(exc)
+            with self._lock:
+                self._updates.pop(key, None)
+            raise
+        pending.set_result(update)
+        return update
+
+    def _fetch_model_update_now(self, peer: int, round_: int, timeout: float | None) -> Update:
         replicas = self.node.replicas
         assert replicas is not None
         start = self._raw_stream(peer, "GetModelUpdate",
