@@ -171,8 +171,15 @@ def final_table(config: RunConfig, out: Path,
                            sum(s["bytes_received"] for s in summaries.values()), total, kinds,
                            width),
               f"average model accuracy  {avg_acc:.4f}",
-              f"consensus distance      {consensus_distance(models):.4f}",
-              f"run directory {out}"]
+              f"consensus distance      {consensus_distance(models):.4f}"]
+    resyncs = sum(s.get("resyncs", 0) for s in summaries.values())
+    if resyncs:
+        lines.append(f"resyncs after missed updates  {resyncs}")
+    skips = sum(s.get("cross_skips", 0) for s in summaries.values())
+    sent = sum(s.get("cross_sent", 0) for s in summaries.values())
+    if skips + sent:
+        lines.append(f"cross-gradient tensors skipped (clag)  {skips} of {skips + sent}")
+    lines.append(f"run directory {out}")
     return "\n".join(lines)
 
 

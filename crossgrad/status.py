@@ -73,6 +73,10 @@ def format_peer(s: peer_pb2.PeerStatus) -> str:
         *([f"  caught up with its neighbors {s.catch_ups} time(s), last to round "
            f"{s.caught_up_to_round}"] if s.catch_ups else []),
         *(["  training alone: no live neighbor answers"] if s.state == "ALONE" else []),
+        *([f"  resynchronised {s.resyncs} replica(s) or estimate(s) after missed updates"]
+          if s.resyncs else []),
+        *([f"  cross-gradient tensors skipped (clag) {s.cross_skips} of "
+           f"{s.cross_skips + s.cross_sent}"] if s.cross_skips + s.cross_sent else []),
         *([f"  refused calls: {refusals(s.refusals)}"] if s.refusals else []),
         f"  {'neighbor':>8}  {'weight':>8}  " + "  ".join(f"{h:>{width}}" for h in heads),
     ]

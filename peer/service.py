@@ -298,6 +298,10 @@ class PeerRuntime:
         if node is not None:
             status.round = node.round
             status.topology_epoch = node.assignment.epoch
+            status.resyncs = node.resyncs
+            if node.threepoint is not None:
+                status.cross_skips = node.threepoint.skips
+                status.cross_sent = node.threepoint.sent
             status.neighbor_ids.extend(node.assignment.neighbors)
             for j in node.assignment.neighbors:
                 status.weights[j] = node.assignment.weights[j]
@@ -489,6 +493,9 @@ class PeerRuntime:
             "bytes_by_kind": kinds_json(per_kind),
             "missed_neighbor_answers": self.hood.misses.total,
             "catch_ups": loop.catch_ups.count, "resumes": self.resumes,
+            "resyncs": node.resyncs,
+            **({"cross_skips": node.threepoint.skips, "cross_sent": node.threepoint.sent}
+               if node.threepoint is not None else {}),
             "resumed_from_round": self.resumed_from.round if self.resumed_from else None,
             "seconds": time.perf_counter() - started}
         recorder.finish(summary, params, "model.pt")

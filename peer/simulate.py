@@ -66,13 +66,15 @@ class InMemoryNeighborhood:
     With `traffic`, every message is also encoded as a networked node would send it and its
     bytes are counted (receiver side), so simulated runs report honest bytes on the wire.
     `peers`: every node's neighborhood (a server resynchronising its copy of a requester's
-    replica fetches through its own); `drop`: (receiver, sender, round) of model updates that
-    never arrive (a fault, injected: the receiver resynchronises as a networked node does).
+    replica fetches through its own); `drop`: (kind, receiver, sender, round) of messages that
+    never arrive, kind "model_update" or "cross_gradient" (a fault, injected: a cross-gradient
+    is computed, so the sender's state moves on, and lost; the receiver resynchronises as a
+    networked node does).
     """
 
     def __init__(self, me: int, nodes: dict[int, Node], traffic: Traffic | None = None,
                  peers: Mapping[int, InMemoryNeighborhood] | None = None,
-                 drop: frozenset[tuple[int, int, int]] = frozenset()) -> None:
+                 drop: frozenset[tuple[str, int, int, int]] = frozenset()) -> None:
         self.me = me
         self.nodes = nodes
         self.traffic = traffic
@@ -98,7 +100,7 @@ class InMemoryNeighborhood:
         out: dict[int, Params] = {}
         for j in neighbors:
             grads = self._serve(self.nodes[j], round_)
-            if grads is not None:
+            if grads is not None and ("cross_gradient", self.me, j, round_) not in self.drop:
                 out[j] = grads
                 self._count(j, "cross_gradient", round_, grads)
         return out
@@ -109,7 +111,8 @@ class InMemoryNeighborhood:
         for j in neighbors:
             grads = self._serve(self.nodes[j], round_)
             message = self.nodes[j].three_point_message(self.me, round_)
-            if grads is None or message is None:
+            if grads is None or message is None or \
+                    ("cross_gradient", self.me, j, round_) in self.drop:
                 continue
             out[j] = Update(j, round_, message.base, [d.clone() for d in message.deltas],
                             message.crcs, message.skipped)
@@ -134,7 +137,7 @@ class InMemoryNeighborhood:
         assert me.replicas is not None
         out = {}
         for j in neighbors:
-            if (self.me, j, round_) in self.drop:
+            if ("model_update", self.me, j, round_) in self.drop:
                 continue
             records, base = self.nodes[j].model_update(round_)
             out[j] = me.replicas.decode_update(j, round_, base, records, me.params)
@@ -238,10 +241,13 @@ def _bytes_fields(traffic: Traffic | None) -> dict[str, object]:
 
 def _skips(nodes: Sequence[Node]) -> dict[str, object]:
     """Under EF21 / CLAG, the cross-gradient tensors each node skipped and sent in the run."""
+    resyncs = ({"resyncs": {n.id: n.resyncs for n in nodes}}
+               if any(n.replicas is not None or n.threepoint is not None for n in nodes) else {})
     counted = [n for n in nodes if n.threepoint is not None]
     if not counted:
-        return {}
-    return {"cross_skips": {n.id: n.threepoint.skips for n in counted if n.threepoint},
+        return resyncs
+    return {**resyncs,
+            "cross_skips": {n.id: n.threepoint.skips for n in counted if n.threepoint},
             "cross_sent": {n.id: n.threepoint.sent for n in counted if n.threepoint}}
 
 
@@ -284,15 +290,15 @@ def run(config: RunConfig, out_dir: Path | None = None,
         watch: Callable[[Snapshot], None] | None = None,
         count_bytes: bool = False, checkpoint_every: int = 0,
         resume_from: Path | None = None,
-        drop_updates: frozenset[tuple[int, int, int]] = frozenset()) -> SimulationResult:
+        drop: frozenset[tuple[str, int, int, int]] = frozenset()) -> SimulationResult:
     """Simulate the whole run; write config.json, metrics.jsonl, summary.json and models.pt.
 
     checkpoint_every: every that many rounds, each node's state goes to out_dir/checkpoints
     (0: never). resume_from: a directory of such checkpoints; every node loads its latest and
     the run continues from that round to config.rounds, bit for bit as if never stopped.
     `progress` gets a line per evaluation; `watch` every node's row after each round
-    (crossgrad.display; bytes only with count_bytes). drop_updates: (receiver, sender, round)
-    of model updates withheld, a fault injected for tests (InMemoryNeighborhood).
+    (crossgrad.display; bytes only with count_bytes). drop: messages withheld, a fault
+    injected for tests (InMemoryNeighborhood).
     """
     say = progress or (lambda line: None)
     started = time.perf_counter()
@@ -304,7 +310,7 @@ def run(config: RunConfig, out_dir: Path | None = None,
     nodes = {i: make_node(config, data, i, assigned[i], device) for i in range(config.nodes)}
     traffic = {i: Traffic() for i in nodes} if count_bytes else {}
     hoods: dict[int, InMemoryNeighborhood] = {}
-    hoods.update({i: InMemoryNeighborhood(i, nodes, traffic.get(i), hoods, drop_updates)
+    hoods.update({i: InMemoryNeighborhood(i, nodes, traffic.get(i), hoods, drop)
                   for i in nodes})
     out = out_dir or default_out_dir(config)
     recorder = RunRecorder(out, config)

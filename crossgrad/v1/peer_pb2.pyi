@@ -78,7 +78,7 @@ class KindBytes(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., sent_bytes: _Optional[int] = ..., received_bytes: _Optional[int] = ...) -> None: ...
 
 class PeerStatus(_message.Message):
-    __slots__ = ("node_id", "address", "round", "total_rounds", "algorithm", "neighbor_ids", "weights", "self_weight", "topology_epoch", "last_loss", "last_accuracy", "bytes_sent", "bytes_received", "links", "qp_fallbacks", "missed_neighbor_answers", "rejected_messages", "state", "kinds", "resumes", "resumed_from_round", "caught_up_to_round", "catch_ups", "refusals", "waiting_on", "evaluated_round")
+    __slots__ = ("node_id", "address", "round", "total_rounds", "algorithm", "neighbor_ids", "weights", "self_weight", "topology_epoch", "last_loss", "last_accuracy", "bytes_sent", "bytes_received", "links", "qp_fallbacks", "missed_neighbor_answers", "rejected_messages", "state", "kinds", "resumes", "resumed_from_round", "caught_up_to_round", "catch_ups", "refusals", "waiting_on", "evaluated_round", "resyncs", "cross_skips", "cross_sent")
     class WeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,9 @@ class PeerStatus(_message.Message):
     REFUSALS_FIELD_NUMBER: _ClassVar[int]
     WAITING_ON_FIELD_NUMBER: _ClassVar[int]
     EVALUATED_ROUND_FIELD_NUMBER: _ClassVar[int]
+    RESYNCS_FIELD_NUMBER: _ClassVar[int]
+    CROSS_SKIPS_FIELD_NUMBER: _ClassVar[int]
+    CROSS_SENT_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     address: str
     round: int
@@ -145,4 +148,7 @@ class PeerStatus(_message.Message):
     refusals: _containers.ScalarMap[str, int]
     waiting_on: _containers.RepeatedScalarFieldContainer[int]
     evaluated_round: int
-    def __init__(self, node_id: _Optional[int] = ..., address: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., algorithm: _Optional[str] = ..., neighbor_ids: _Optional[_Iterable[int]] = ..., weights: _Optional[_Mapping[int, float]] = ..., self_weight: _Optional[float] = ..., topology_epoch: _Optional[int] = ..., last_loss: _Optional[float] = ..., last_accuracy: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkBytes, _Mapping]]] = ..., qp_fallbacks: _Optional[int] = ..., missed_neighbor_answers: _Optional[int] = ..., rejected_messages: _Optional[int] = ..., state: _Optional[str] = ..., kinds: _Optional[_Iterable[_Union[KindBytes, _Mapping]]] = ..., resumes: _Optional[int] = ..., resumed_from_round: _Optional[int] = ..., caught_up_to_round: _Optional[int] = ..., catch_ups: _Optional[int] = ..., refusals: _Optional[_Mapping[str, int]] = ..., waiting_on: _Optional[_Iterable[int]] = ..., evaluated_round: _Optional[int] = ...) -> None: ...
+    resyncs: int
+    cross_skips: int
+    cross_sent: int
+    def __init__(self, node_id: _Optional[int] = ..., address: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., algorithm: _Optional[str] = ..., neighbor_ids: _Optional[_Iterable[int]] = ..., weights: _Optional[_Mapping[int, float]] = ..., self_weight: _Optional[float] = ..., topology_epoch: _Optional[int] = ..., last_loss: _Optional[float] = ..., last_accuracy: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkBytes, _Mapping]]] = ..., qp_fallbacks: _Optional[int] = ..., missed_neighbor_answers: _Optional[int] = ..., rejected_messages: _Optional[int] = ..., state: _Optional[str] = ..., kinds: _Optional[_Iterable[_Union[KindBytes, _Mapping]]] = ..., resumes: _Optional[int] = ..., resumed_from_round: _Optional[int] = ..., caught_up_to_round: _Optional[int] = ..., catch_ups: _Optional[int] = ..., refusals: _Optional[_Mapping[str, int]] = ..., waiting_on: _Optional[_Iterable[int]] = ..., evaluated_round: _Optional[int] = ..., resyncs: _Optional[int] = ..., cross_skips: _Optional[int] = ..., cross_sent: _Optional[int] = ...) -> None: ...
