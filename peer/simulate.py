@@ -241,7 +241,7 @@ def _bytes_fields(traffic: Traffic | None) -> dict[str, object]:
 
 def _skips(nodes: Sequence[Node]) -> dict[str, object]:
     """Under EF21 / CLAG, the cross-gradient tensors each node skipped and sent in the run."""
-    resyncs = ({"resyncs": {n.id: n.resyncs for n in nodes}}
+    resyncs: dict[str, object] = ({"resyncs": {n.id: n.resyncs for n in nodes}}
                if any(n.replicas is not None or n.threepoint is not None for n in nodes) else {})
     counted = [n for n in nodes if n.threepoint is not None]
     if not counted:
