@@ -119,7 +119,8 @@ def test_plaintext_and_token_runs_equal_the_simulation(mode: str, tmp_path: Path
 
 
 COMPRESSED_ROUNDS = [  # (algorithm, flags): model replicas and three-point feedback
-    pytest.param("cga", dict(model_compressor="topk:0.1", consensus_step=0.5), id="cga+topk models"),
+    pytest.param("cga", dict(model_compressor="topk:0.1", consensus_step=0.5),
+                 id="cga+topk models"),
     pytest.param("dpsgd", dict(model_compressor="sign", consensus_step=0.3),
                  id="dpsgd+sign models", marks=pytest.mark.slow),
     pytest.param("ngc", dict(model_compressor="topk:0.1", consensus_step=0.5, alpha=0.5),
