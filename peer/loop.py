@@ -198,7 +198,7 @@ class RoundLoop:
                     break
             node.publish()
             record = node.run_round(self.hood)
-            node.finish_round(self.hood)  # under replicas: updates applied, gossip
+            node.finish_round(self.hood, record)  # under replicas: updates applied, gossip
             self.last_loss = record.loss
             self.times.observe(record.seconds, record.phases)
             self._note_round(record)

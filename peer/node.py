@@ -676,17 +676,20 @@ class Node:
                            missing=sorted(set(neighbors) - set(nbr_params)),
                            seconds=clock() - started, stats=stats, phases=phases.as_dict())
 
-    def finish_round(self, source: UpdateSource) -> list[int]:
+    def finish_round(self, source: UpdateSource, record: RoundRecord | None = None) -> list[int]:
         """The second half of a round under replicas (after every neighbor's run_round): apply
         the neighbors' q_l^t to their copies, then, but for NGC, gossip on the replicas:
         x_i^{t+1} = x_i^{t+1/2} + gamma_c sum_l pi_il (x^_l^{t+1} - x^_i^{t+1}).
 
         A neighbor whose update is missing, refused or not for this node's copy is
         resynchronised from its dense replica of round t+1 (never guessed); one that sends
-        neither is left out of the gossip. Returns the neighbors left out."""
+        neither is left out of the gossip. Returns the neighbors left out. `record`: the
+        round's record, whose time and phases gain this half's (fetching: transfer, or compute
+        in the simulator; gossip: mix)."""
         replicas = self.replicas
         if replicas is None:
             return []
+        started = time.perf_counter()
         t = self.round - 1
         taking_part = sorted(j for j in self._gossip_weights if j != self.id)
         with self._lock:
@@ -705,10 +708,19 @@ class Node:
                 log.warning("node %d round %d: node %d sent neither its model update nor its "
                             "replica: left out of the gossip", self.id, t, j)
                 lost.append(j)
+        fetched = time.perf_counter()
         if not self.algorithm.gossips_first:
             weights = {j: w for j, w in self._gossip_weights.items() if j not in lost}
             with torch.no_grad(), self._lock:
                 self.params = replicas.gossip(self.params, weights, t + 1)
+        if record is not None:
+            ended = time.perf_counter()
+            # in process (the simulator: no wait_seconds) fetching is the neighbors' computing
+            in_process = getattr(source, "wait_seconds", lambda: None)() is None
+            fetch_phase = "compute" if in_process else "transfer"
+            record.phases[fetch_phase] = record.phases.get(fetch_phase, 0.0) + fetched - started
+            record.phases["mix"] = record.phases.get("mix", 0.0) + ended - fetched
+            record.seconds += ended - started
         return lost
 
     # ---- checkpoints (peer/training/checkpoint.py) --------------------------------------

@@ -164,8 +164,8 @@ def simulate_round(ordered: Sequence[Node],
     for node in ordered:
         node.publish()
     records = [node.run_round(hoods[node.id]) for node in ordered]
-    for node in ordered:
-        node.finish_round(hoods[node.id])
+    for node, record in zip(ordered, records, strict=True):
+        node.finish_round(hoods[node.id], record)
     return records
 
 
