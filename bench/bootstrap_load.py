@@ -4,6 +4,7 @@ open each, while the topology changes under them; per-RPC latency and the epochs
     python bench/bootstrap_load.py                          # 1,000 peers, 20 s loaded, ring
     python bench/bootstrap_load.py --peers 50 --seconds 3 --json
     python bench/bootstrap_load.py --in-process             # server in the driver's process
+    python bench/bootstrap_load.py --watch first            # streams closed as peers do
 
 The bootstrap is the real `crossgrad bootstrap` in a process of its own (plaintext, a SQLite
 state file in a temporary directory, the default per-caller limits); `--in-process` serves it
@@ -12,18 +13,26 @@ process start). The driver is one process with grpc.aio: a thread per stream wou
 threads on this side as well. Each simulated peer has its own channel and so its own connection,
 as N peers are N hosts (and the bootstrap's per-caller limits count per connection).
 
-Phases, each peer doing what a deployed peer does (peer/session.py):
+Phases:
   join     every peer Joins, spread over --ramp seconds, and then opens WatchAssignment; the last
            Join assembles the run (epoch 1) and every stream gets its first assignment
   loaded   --seconds of heartbeats at --heartbeat-hz per peer (random phases), GetAssignment
            probes at --probe-hz for random peers and ListPeers at 1 Hz; --churn times a peer
            Leaves and Joins again (two epoch advances each), one change at a time: the next
-           waits until every stream got the last one ("fan-out": from the start of the call
-           that changed the epoch to the last stream's receipt of it)
-  check    every stream saw epochs 1..E exactly once and in order (none missed, none twice),
+           waits until every peer got the last one ("fan-out": from the start of the call
+           that changed the epoch to the last peer's receipt of it)
+  check    every peer got epochs 1..E exactly once and in order (none missed, none twice),
            E = 1 + 2 x churn is ListPeers' epoch, and at every epoch each peer's assignment is
            the run's topology repaired around the peers that had left, with Metropolis-Hastings
            weights (bootstrap.topology) and the peers' own addresses
+
+How a peer learns of a new epoch, --watch:
+  open     (the default: the issue's load) its WatchAssignment stream stays open and carries
+           every epoch: N streams open for the whole run
+  first    what a crossgrad peer does (peer/session.py): the stream is cancelled after the first
+           assignment; a heartbeat answer naming a newer epoch is followed by GetAssignment, so
+           an epoch reaches every peer within one heartbeat period. A peer that left does not
+           heartbeat; it reads its (lone) assignment once, so every record has every epoch.
 
 Latencies are measured in the driver, from the call to its answer, so they include the driver's
 own event-loop delays; "loop lag" (how late a 20 ms timer fires) shows how much of that is the
@@ -34,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import math
 import os
@@ -84,6 +92,7 @@ class LoadConfig:
     heartbeat_hz: float = 1.0  # heartbeats per second per peer
     probe_hz: float = 10.0  # GetAssignment calls per second (random peers)
     churn: int = 4  # Leave + Join-again pairs during the loaded phase (2 epochs each)
+    keep_watching: bool = True  # --watch open; False: first (streams closed as peers do)
     seed: int = 0  # phases, probes, who churns
 
 
@@ -150,30 +159,50 @@ class SimulatedPeer:
         self.stub = bootstrap_pb2_grpc.BootstrapStub(self.channel)
         self.left = False
         self.lock = asyncio.Lock()
+        self.epoch = 0  # the last epoch this peer received
 
     def join(self) -> Awaitable[pb.JoinResponse]:
         return self.stub.Join(
             pb.JoinRequest(node_id=self.node_id, address=self.address, num_samples=100),
             timeout=CALL_TIMEOUT_S)
 
-    async def watch(self, epochs: Epochs, stats: Stats) -> None:
+    def receive(self, epochs: Epochs, assignment: pb.Assignment) -> None:
+        self.epoch = assignment.topology_epoch
+        epochs.receive(self.node_id, assignment)
+
+    async def watch(self, epochs: Epochs, stats: Stats, keep_open: bool) -> None:
         call = self.stub.WatchAssignment(pb.GetAssignmentRequest(node_id=self.node_id))
         try:
             async for assignment in call:
-                epochs.receive(self.node_id, assignment)
+                self.receive(epochs, assignment)
+                if not keep_open:
+                    call.cancel()
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:  # cancelled: the driver ended it
                 stats.failures["WatchAssignment"][exc.code().name] += 1
+        except asyncio.CancelledError:
+            if keep_open:
+                raise
 
-    async def heartbeat(self, stats: Stats, hz: float, phase: float) -> None:
+    async def follow(self, epochs: Epochs, stats: Stats) -> None:
+        """GetAssignment, as a peer does on a heartbeat answer with a newer epoch."""
+        answer = await stats.timed("GetAssignment", self.stub.GetAssignment(
+            pb.GetAssignmentRequest(node_id=self.node_id), timeout=CALL_TIMEOUT_S))
+        if answer is not None and answer.topology_epoch != self.epoch:
+            self.receive(epochs, answer)
+
+    async def heartbeat(self, epochs: Epochs, stats: Stats, hz: float, phase: float,
+                        follow: bool) -> None:
         await asyncio.sleep(phase)
         start, beat = time.monotonic(), 0
         while True:
             async with self.lock:
                 if not self.left:
-                    await stats.timed("Heartbeat", self.stub.Heartbeat(
+                    answer = await stats.timed("Heartbeat", self.stub.Heartbeat(
                         pb.HeartbeatRequest(node_id=self.node_id, round=beat, loss=0.5,
                                             health="ok"), timeout=CALL_TIMEOUT_S))
+                    if follow and answer is not None and answer.topology_epoch != self.epoch:
+                        await self.follow(epochs, stats)
             beat += 1
             # On a fixed schedule, so a slow answer does not lower the rate
             await asyncio.sleep(max(0.0, start + beat / hz - time.monotonic()))
@@ -194,11 +223,9 @@ async def lag_probe(stats: Stats) -> None:
         stats.lags.append(time.perf_counter() - start - LAG_TICK_S)
 
 
-async def change(method: str, call: Callable[[], Awaitable[Any]], epoch: int, epochs: Epochs,
-                 stats: Stats) -> bool:
-    """Run the call that moves the run to `epoch`; record how long until every stream has it."""
-    start = time.perf_counter()
-    if await stats.timed(method, call()) is None or not await epochs.wait(epoch):
+async def fanned_out(epoch: int, start: float, epochs: Epochs, stats: Stats) -> bool:
+    """Wait until every peer has `epoch`; record how long since `start` (the change's call)."""
+    if not await epochs.wait(epoch):
         return False
     stats.latency["epoch fan-out"].append(epochs.last_at[epoch] - start)
     return True
@@ -215,7 +242,8 @@ async def drive(target: str, config: LoadConfig) -> dict[str, Any]:
         async def join_and_watch(peer: SimulatedPeer, delay: float) -> pb.JoinResponse | None:
             await asyncio.sleep(delay)
             answer = await stats.timed("Join", peer.join())
-            background.append(asyncio.create_task(peer.watch(epochs, stats)))
+            background.append(asyncio.create_task(
+                peer.watch(epochs, stats, config.keep_watching)))
             return answer
 
         joined = await asyncio.gather(*(join_and_watch(p, config.ramp * i / n)
@@ -225,9 +253,9 @@ async def drive(target: str, config: LoadConfig) -> dict[str, Any]:
         live_at = {1: frozenset(range(n))}
 
         loaded_start = time.perf_counter()
-        background += [asyncio.create_task(p.heartbeat(stats, config.heartbeat_hz,
-                                                       rng.uniform(0, 1 / config.heartbeat_hz)))
-                       for p in peers]
+        background += [asyncio.create_task(p.heartbeat(
+            epochs, stats, config.heartbeat_hz, rng.uniform(0, 1 / config.heartbeat_hz),
+            follow=not config.keep_watching)) for p in peers]
 
         async def probe() -> None:
             node = rng.randrange(n)
@@ -248,15 +276,22 @@ async def drive(target: str, config: LoadConfig) -> dict[str, Any]:
             peer = peers[rng.randrange(n)]
             async with peer.lock:  # no heartbeat of it in flight while it leaves
                 peer.left = True
-                ok = await change("Leave", functools.partial(
-                    peer.stub.Leave, pb.LeaveRequest(node_id=peer.node_id, reason="bench churn"),
-                    timeout=CALL_TIMEOUT_S), epoch + 1, epochs, stats)
+                start = time.perf_counter()
+                ok = await stats.timed("Leave", peer.stub.Leave(
+                    pb.LeaveRequest(node_id=peer.node_id, reason="bench churn"),
+                    timeout=CALL_TIMEOUT_S)) is not None
+                if ok and not config.keep_watching:
+                    await peer.follow(epochs, stats)  # its lone assignment, read once
             epoch += 1
             live_at[epoch] = live_at[epoch - 1] - {peer.node_id}
-            ok = await change("Join", peer.join, epoch + 1, epochs, stats) and ok
+            ok = ok and await fanned_out(epoch, start, epochs, stats)
+            async with peer.lock:
+                start = time.perf_counter()
+                ok = await stats.timed("Join", peer.join()) is not None and ok
+                peer.left = False
             epoch += 1
             live_at[epoch] = live_at[epoch - 1] | {peer.node_id}
-            peer.left = False
+            ok = ok and await fanned_out(epoch, start, epochs, stats)
             changes_ok = changes_ok and ok
         await asyncio.sleep(max(0.0, loaded_start + config.seconds - time.perf_counter()))
         loaded = time.perf_counter() - loaded_start
@@ -412,19 +447,23 @@ def main() -> int:
     parser.add_argument("--churn", type=int, default=defaults.churn)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--topology", default="ring")
+    parser.add_argument("--watch", choices=("open", "first"), default="open",
+                        help="keep every WatchAssignment stream open (default), or close it "
+                        "after the first assignment and follow heartbeats, as peers do")
     parser.add_argument("--in-process", action="store_true",
                         help="serve the bootstrap in this process (default: its own process)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON too")
     args = parser.parse_args()
-    config = LoadConfig(args.peers, args.seconds, args.ramp, args.heartbeat_hz, args.probe_hz,
-                        args.churn, args.seed)
+    config = LoadConfig(peers=args.peers, seconds=args.seconds, ramp=args.ramp,
+                        heartbeat_hz=args.heartbeat_hz, probe_hz=args.probe_hz,
+                        churn=args.churn, keep_watching=args.watch == "open", seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         run = run_in_process if args.in_process else run_process
         report = run(config, args.topology, Path(tmp) / "bootstrap.sqlite")
-    where = "in-process" if args.in_process else "own process"
-    print(f"{config.peers} peers ({args.topology}), bootstrap in its {where}, "
+    where = "in this process" if args.in_process else "in its own process"
+    print(f"{config.peers} peers ({args.topology}), bootstrap {where}, "
           f"{report['seconds']:.0f} s loaded, {report['heartbeats_per_s']:.0f} heartbeats/s, "
-          f"{config.peers} WatchAssignment streams, {report['epochs']} epochs; "
+          f"WatchAssignment streams {args.watch}, {report['epochs']} epochs; "
           f"{platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
     print(table(report))
     print(f"driver loop lag p99 {report['loop_lag_p99_ms']:.1f} ms; bootstrap CPU "
