@@ -33,6 +33,16 @@ the bootstrap was down, so each gets RESTART_GRACE_LEASES (2) full leases to rea
 Persistence: SQLite, a row per peer and a key/value table of run metadata (settings, epoch,
 assembled flag, topology adjacency; JSON), committed before each call returns. One lock. Columns
 added since the first schema (COUNTERS) are added to an older file when it is opened, with 0.
+The file is in WAL mode. Every change of membership or epoch is synced to disk before its call
+returns (synchronous=FULL); a plain heartbeat (a renewed lease, a round, a loss) is committed
+but not synced (synchronous=NORMAL): it survives the bootstrap's crash, and only a power loss
+can take the last few back, which costs nothing, since a reopened registry grants every lease
+afresh. Syncing each one held the lock for 1-8 ms, which capped a bootstrap at some 130
+heartbeats a second (docs/benchmarks.md, "Busy bootstrap").
+
+Expiry is checked before every liveness answer, so it must not cost a scan of every peer each
+time: the registry keeps the earliest moment a lease can run out (a heartbeat only pushes a
+lease later) and scans only once that moment has passed, or after a change of membership.
 """
 
 from __future__ import annotations
@@ -161,12 +171,14 @@ class Registry:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._closed = False
+        self._expiry_due = 0.0  # no lease runs out before this; 0: scan at the next expire()
         self._reaper: tuple[threading.Thread, threading.Event] | None = None
         self._cache: tuple[int, Topology, np.ndarray] | None = None  # epoch, live graph, MH
         self._peers: dict[int, PeerView] = {}
         self._path = ":memory:" if db_path is None else str(db_path)
         try:
             self._db = sqlite3.connect(self._path, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")  # one sync per commit, not four
             self._db.executescript(_SCHEMA)
             _migrate(self._db)
             meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
@@ -296,7 +308,7 @@ class Registry:
                            returns=old.returns + revived)
             reported = [replace(p, unreachable_reports=min(p.unreachable_reports + 1, MAX_UINT))
                         for p in self._reported(node_id, round, unreachable)]
-            self._save([peer, *reported], bump=revived)
+            self._save([peer, *reported], bump=revived, durable=revived)
             if revived:
                 log.warning("node %d round %d: heartbeat after its lease expired; back in the "
                             "run at epoch %d", node_id, round, self._epoch)
@@ -339,10 +351,15 @@ class Registry:
             if not self._assembled:
                 return []
             now = self._clock() if now is None else now
+            if now <= self._expiry_due:
+                return []
             floor = max(self._assembled_at, self._opened_at)
-            dead = [replace(p, state=PeerState.EXPIRED) for p in self._peers.values()
-                    if p.state is PeerState.ACTIVE
-                    and max(p.last_seen, floor) + self.lease_seconds < now]
+            ends = {p.node_id: max(p.last_seen, floor) + self.lease_seconds
+                    for p in self._peers.values() if p.state is PeerState.ACTIVE}
+            dead = [replace(self._peers[i], state=PeerState.EXPIRED)
+                    for i, end in ends.items() if end < now]
+            self._expiry_due = min((end for end in ends.values() if end >= now),
+                                   default=math.inf)
             if dead:
                 self._save(dead, bump=True)
                 for p in dead:
@@ -354,14 +371,21 @@ class Registry:
         with self._lock:
             return [self._peers[i] for i in sorted(self._peers)]
 
-    def wait_for_change(self, epoch: int, timeout: float | None) -> int:
-        """Block until the epoch differs from `epoch` or timeout; the epoch (Unavailable once
-        closed). WatchAssignment waits in short slices so it notices a cancelled client."""
+    def wait_for_change(self, epoch: int, timeout: float | None,
+                        gone: Callable[[], bool] = lambda: False) -> int:
+        """Block until the epoch differs from `epoch`, `gone()` is true (checked whenever
+        wake() is called) or timeout; the epoch (Unavailable once closed)."""
         with self._changed:
-            self._changed.wait_for(lambda: self._epoch != epoch or self._closed, timeout)
+            self._changed.wait_for(lambda: self._epoch != epoch or self._closed or gone(),
+                                   timeout)
             if self._closed:
                 raise Unavailable("the bootstrap is stopping; watch again once it is back")
             return self._epoch
+
+    def wake(self) -> None:
+        """Wake every wait_for_change to check its `gone` (a watcher left, a server stops)."""
+        with self._changed:
+            self._changed.notify_all()
 
     # ---- the reaper: expiry without anybody heartbeating ----
 
@@ -442,9 +466,12 @@ class Registry:
         return self._cache[1], self._cache[2]
 
     def _save(self, changed: Iterable[PeerView], *, bump: bool,
-              assembled_at: float | None = None) -> None:
+              assembled_at: float | None = None, durable: bool = True) -> None:
         """Commit the changed peers and the run's metadata (epoch +1 if bump; assembled if
-        assembled_at is given) in one transaction, then apply them in memory."""
+        assembled_at is given) in one transaction, then apply them in memory. `durable`: synced
+        to disk before this returns (see the module's "Persistence")."""
+        if self._closed:  # a call still running when the server's grace ran out
+            raise Unavailable("the bootstrap is stopping; call again once it is back")
         changed = list(changed)
         epoch = self._epoch + 1 if bump else self._epoch
         assembled = self._assembled or assembled_at is not None
@@ -452,6 +479,7 @@ class Registry:
         rows = [(p.node_id, p.address, p.num_samples, p.state.value, p.round,
                  None if math.isnan(p.loss) else p.loss, p.health, p.last_seen,
                  *(getattr(p, c) for c in COUNTERS)) for p in changed]
+        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         with self._db:
             self._db.executemany(f"INSERT OR REPLACE INTO peers ({', '.join(PEER_COLUMNS)}) "
                                  f"VALUES ({', '.join('?' * len(PEER_COLUMNS))})", rows)
@@ -459,6 +487,8 @@ class Registry:
                                  _meta_rows(epoch, assembled, since))
         self._peers.update({p.node_id: p for p in changed})
         self._epoch, self._assembled, self._assembled_at = epoch, assembled, since
+        if bump or assembled_at is not None:  # a lease may have begun: scan at the next expire
+            self._expiry_due = 0.0
         if bump:
             self._changed.notify_all()
 

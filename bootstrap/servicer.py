@@ -16,10 +16,12 @@ the read-only calls (GetAssignment, WatchAssignment, ListPeers) are open to any 
 server's gate let in (crossgrad/guard.py). Without mutual TLS node ids are claims.
 
 WatchAssignment holds one server thread per subscriber for as long as it streams, so the server
-is sized for one watcher per node (bootstrap/server.py). It waits on the Registry in short slices
-rather than indefinitely, to notice a client that went away (context.is_active) or a server that
-is stopping; a stopping server ends every watch with UNAVAILABLE, which tells the peer to watch
-again once the bootstrap is back.
+is sized for one watcher per node (bootstrap/server.py). The thread sleeps on the Registry until
+the epoch changes, the client goes away (grpc's termination callback wakes it) or the server
+stops; a stopping server ends every watch with UNAVAILABLE, which tells the peer to watch again
+once the bootstrap is back. It does not poll: 1,000 watchers waking 4 times a second each took
+the GIL and the registry's lock from the heartbeats (docs/benchmarks.md, "Busy bootstrap"); the
+long `watch_poll_seconds` is only a safety net.
 """
 
 from __future__ import annotations
@@ -44,10 +46,10 @@ SERVICE_NAME = "crossgrad.v1.Bootstrap"
 
 
 class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
-    """crossgrad.v1.Bootstrap over one Registry. `watch_poll_seconds` bounds how long a cancelled
-    or stopping watch keeps its thread."""
+    """crossgrad.v1.Bootstrap over one Registry. `watch_poll_seconds`: how often a watch checks
+    on its client even if nothing woke it (a lost termination callback)."""
 
-    def __init__(self, registry: Registry, *, watch_poll_seconds: float = 0.25,
+    def __init__(self, registry: Registry, *, watch_poll_seconds: float = 30.0,
                  refusals: Callable[[], dict[str, int]] = dict) -> None:
         self.registry = registry
         self.refusals = refusals  # the server's count of refused calls, for ListPeers
@@ -65,8 +67,9 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
         return node_id
 
     def stop_watches(self) -> None:
-        """End every WatchAssignment stream (UNAVAILABLE) within one poll slice."""
+        """End every WatchAssignment stream (UNAVAILABLE)."""
         self._stopping.set()
+        self.registry.wake()
 
     @translate_errors
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
@@ -103,16 +106,27 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
         except NotReady:
             view = None
         sent = 0  # the epoch last sent; 0 = none (assembly makes epoch 1)
+        ended = threading.Event()
+
+        def end() -> None:
+            ended.set()
+            self.registry.wake()
+
+        def gone() -> bool:
+            return ended.is_set() or self._stopping.is_set()
+
+        if not context.add_callback(end):
+            return  # the call is already over
         while True:
             if view is not None and view.epoch != sent:
                 yield assignment_to_proto(view, self._settings)
                 sent = view.epoch
             if self._stopping.is_set():
                 raise Unavailable("the bootstrap is stopping; watch again once it is back")
-            if not context.is_active():
+            if ended.is_set() or not context.is_active():
                 log.debug("node %d stopped watching its assignment (epoch %d)", node_id, sent)
                 return
-            if self.registry.wait_for_change(sent, self._poll) != sent:
+            if self.registry.wait_for_change(sent, self._poll, gone) != sent:
                 view = self.registry.assignment(node_id)
 
     @translate_errors

@@ -18,7 +18,14 @@ import pytest
 from bootstrap.registry import FINISHED, PeerState, Registry
 from bootstrap.topology import Topology, build_topology, metropolis_hastings_weights, repair
 from crossgrad.config import RunConfig
-from crossgrad.errors import AlreadyExists, ConfigError, InvalidMessage, NotFound, NotReady
+from crossgrad.errors import (
+    AlreadyExists,
+    ConfigError,
+    InvalidMessage,
+    NotFound,
+    NotReady,
+    Unavailable,
+)
 
 LEASE = 10.0
 
@@ -175,6 +182,41 @@ def test_a_silent_peer_expires_and_the_ring_closes_around_it() -> None:
     assert w[1, 3] == pytest.approx(1 / 3) and w[1, 1] == pytest.approx(1 / 3)
     assert reg.assignment(2).neighbors == [] and reg.assignment(2).self_weight == 1.0
     assert reg.expire() == [] and reg.epoch == 2
+
+
+def test_expiry_skips_its_scan_only_while_no_lease_can_have_run_out() -> None:
+    """expire() scans the peers only once the earliest lease end has passed (a heartbeat only
+    pushes a lease later), so staggered heartbeats must still expire each peer on time."""
+    clock = FakeClock()
+    reg = assembled(nodes=5, topology="ring", clock=clock)
+    start = clock.t
+    clock.t = start + 5
+    reg.heartbeat(0, 1, 0.5, "ok")  # node 0's lease now ends at start + 15
+    clock.t = start + 9
+    assert reg.expire() == []  # the earliest end is start + 10: no scan before it
+    reg.heartbeat(1, 1, 0.5, "ok")  # node 1's ends at start + 19
+    clock.t = start + 10.5
+    assert reg.expire() == [2, 3, 4]
+    clock.t = start + 14.9
+    assert reg.expire() == []
+    clock.t = start + 15.1
+    assert reg.expire() == [0]
+    reg.heartbeat(0, 2, 0.5, "back")  # a revival: a lease that ends before node 1's
+    clock.t = start + 19.05
+    assert reg.expire() == [1]
+    clock.t = start + 25.2
+    assert reg.expire() == [0] and reg.epoch == 6  # assembly, 3 expiries, 1 revival
+
+
+def test_a_call_after_close_is_unavailable_not_a_database_error(tmp_path: Path) -> None:
+    """A call still running when the server's stop grace ran out meets a closed registry: the
+    caller gets UNAVAILABLE (retry once the bootstrap is back), not INTERNAL."""
+    reg = assembled(nodes=3, db=tmp_path / "bootstrap.sqlite")
+    reg.close()
+    with pytest.raises(Unavailable):
+        reg.heartbeat(0, 1, 0.5, "ok")
+    with pytest.raises(Unavailable):
+        reg.leave(1, "draining")
 
 
 def test_a_dead_cut_vertex_is_bypassed_and_a_return_restores_the_original(

@@ -1,0 +1,480 @@
+"""A busy bootstrap: N simulated peers join, heartbeat at 1 Hz and keep a WatchAssignment stream
+open each, while the topology changes under them; per-RPC latency and the epochs they saw.
+
+    python bench/bootstrap_load.py                          # 1,000 peers, 20 s loaded, ring
+    python bench/bootstrap_load.py --peers 50 --seconds 3 --json
+    python bench/bootstrap_load.py --in-process             # server in the driver's process
+    python bench/bootstrap_load.py --watch first            # streams closed as peers do
+
+The bootstrap is the real `crossgrad bootstrap` in a process of its own (plaintext, a SQLite
+state file in a temporary directory, the default per-caller limits); `--in-process` serves it
+from bootstrap.server.serve in the driver's process instead (what the CI test does, to spare a
+process start). The driver is one process with grpc.aio: a thread per stream would need 1,000
+threads on this side as well. Each simulated peer has its own channel and so its own connection,
+as N peers are N hosts (and the bootstrap's per-caller limits count per connection).
+
+Phases:
+  join     every peer Joins, spread over --ramp seconds, and then opens WatchAssignment; the last
+           Join assembles the run (epoch 1) and every stream gets its first assignment
+  loaded   --seconds of heartbeats at --heartbeat-hz per peer (random phases), GetAssignment
+           probes at --probe-hz for random peers and ListPeers at 1 Hz; --churn times a peer
+           Leaves and Joins again (two epoch advances each), one change at a time: the next
+           waits until every peer got the last one ("fan-out": from the start of the call
+           that changed the epoch to the last peer's receipt of it)
+  check    every peer got epochs 1..E exactly once and in order (none missed, none twice),
+           E = 1 + 2 x churn is ListPeers' epoch, and at every epoch each peer's assignment is
+           the run's topology repaired around the peers that had left, with Metropolis-Hastings
+           weights (bootstrap.topology) and the peers' own addresses
+
+How a peer learns of a new epoch, --watch:
+  open     (the default: the issue's load) its WatchAssignment stream stays open and carries
+           every epoch: N streams open for the whole run
+  first    what a crossgrad peer does (peer/session.py): the stream is cancelled after the first
+           assignment; a heartbeat answer naming a newer epoch is followed by GetAssignment, so
+           an epoch reaches every peer within one heartbeat period. A peer that left does not
+           heartbeat; it reads its (lone) assignment once, so every record has every epoch.
+
+Latencies are measured in the driver, from the call to its answer, so they include the driver's
+own event-loop delays; "loop lag" (how late a 20 ms timer fires) shows how much of that is the
+driver. A failed call is counted under its status code, and any failure fails the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bootstrap.convert import assignment_from_proto  # noqa: E402
+from bootstrap.topology import (  # noqa: E402
+    build_topology,
+    metropolis_hastings_weights,
+    repair,
+)
+from crossgrad.rpc import channel_options  # noqa: E402
+from crossgrad.v1 import bootstrap_pb2 as pb  # noqa: E402
+from crossgrad.v1 import bootstrap_pb2_grpc  # noqa: E402
+
+T = TypeVar("T")
+CALL_TIMEOUT_S = 10.0  # far above any latency worth measuring; a timeout is a failure
+FANOUT_TIMEOUT_S = 30.0  # for every stream to get one epoch
+LAG_TICK_S = 0.02  # the loop-lag probe's timer
+METHODS = ("Join", "Heartbeat", "GetAssignment", "ListPeers", "Leave", "epoch fan-out")
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """One load run. The defaults are the issue's: 1,000 peers at 1 Hz."""
+
+    peers: int = 1000  # simulated peers, one connection and one WatchAssignment stream each
+    seconds: float = 20.0  # length of the loaded phase
+    ramp: float = 5.0  # the Joins are spread over this long (200 Joins/s for 1,000 peers)
+    heartbeat_hz: float = 1.0  # heartbeats per second per peer
+    probe_hz: float = 10.0  # GetAssignment calls per second (random peers)
+    churn: int = 4  # Leave + Join-again pairs during the loaded phase (2 epochs each)
+    keep_watching: bool = True  # --watch open; False: first (streams closed as peers do)
+    seed: int = 0  # phases, probes, who churns
+
+
+@dataclass
+class Stats:
+    """What the driver measured: latencies (s) and failures (status code name -> count) per
+    method, every stream's epochs with the assignments that came with them, loop lags (s)."""
+
+    latency: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    failures: dict[str, dict[str, int]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+    lags: list[float] = field(default_factory=list)
+
+    async def timed(self, method: str, call: Awaitable[T]) -> T | None:
+        """Await `call`, recording its latency, or its status code when it fails (None)."""
+        start = time.perf_counter()
+        try:
+            answer = await call
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+            self.failures[method][code.name if code else type(exc).__name__] += 1
+            return None
+        self.latency[method].append(time.perf_counter() - start)
+        return answer
+
+
+class Epochs:
+    """Every stream's epochs as they arrive; wait(e) returns once all N streams have e."""
+
+    def __init__(self, peers: int) -> None:
+        self.peers = peers
+        self.seen: list[list[pb.Assignment]] = [[] for _ in range(peers)]  # per peer, in order
+        self.last_at: dict[int, float] = {}  # epoch -> perf_counter of its last receipt
+        self._count: dict[int, int] = defaultdict(int)
+        self._done: dict[int, asyncio.Event] = defaultdict(asyncio.Event)
+
+    def receive(self, node_id: int, assignment: pb.Assignment) -> None:
+        self.seen[node_id].append(assignment)
+        epoch = assignment.topology_epoch
+        self._count[epoch] += 1
+        if self._count[epoch] == self.peers:
+            self.last_at[epoch] = time.perf_counter()
+            self._done[epoch].set()
+
+    async def wait(self, epoch: int) -> bool:
+        try:
+            await asyncio.wait_for(self._done[epoch].wait(), FANOUT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+
+class SimulatedPeer:
+    """One peer: its own channel, its WatchAssignment stream, its heartbeats. `left` while it
+    has left the run (no heartbeats then); `lock` keeps a heartbeat and a Leave apart."""
+
+    def __init__(self, node_id: int, target: str) -> None:
+        self.node_id = node_id
+        self.address = f"peer-{node_id}.bench.invalid:50051"  # announced, never dialled
+        # A local subchannel pool: channels with equal arguments would otherwise share one
+        # connection, and the bootstrap would see one caller instead of N.
+        self.channel = grpc.aio.insecure_channel(
+            target, options=[*channel_options(), ("grpc.use_local_subchannel_pool", 1)])
+        self.stub = bootstrap_pb2_grpc.BootstrapStub(self.channel)
+        self.left = False
+        self.lock = asyncio.Lock()
+        self.epoch = 0  # the last epoch this peer received
+
+    def join(self) -> Awaitable[pb.JoinResponse]:
+        return self.stub.Join(
+            pb.JoinRequest(node_id=self.node_id, address=self.address, num_samples=100),
+            timeout=CALL_TIMEOUT_S)
+
+    def receive(self, epochs: Epochs, assignment: pb.Assignment) -> None:
+        self.epoch = assignment.topology_epoch
+        epochs.receive(self.node_id, assignment)
+
+    async def watch(self, epochs: Epochs, stats: Stats, keep_open: bool) -> None:
+        call = self.stub.WatchAssignment(pb.GetAssignmentRequest(node_id=self.node_id))
+        try:
+            async for assignment in call:
+                self.receive(epochs, assignment)
+                if not keep_open:
+                    call.cancel()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:  # cancelled: the driver ended it
+                stats.failures["WatchAssignment"][exc.code().name] += 1
+        except asyncio.CancelledError:
+            if keep_open:
+                raise
+
+    async def follow(self, epochs: Epochs, stats: Stats) -> None:
+        """GetAssignment, as a peer does on a heartbeat answer with a newer epoch."""
+        answer = await stats.timed("GetAssignment", self.stub.GetAssignment(
+            pb.GetAssignmentRequest(node_id=self.node_id), timeout=CALL_TIMEOUT_S))
+        if answer is not None and answer.topology_epoch != self.epoch:
+            self.receive(epochs, answer)
+
+    async def heartbeat(self, epochs: Epochs, stats: Stats, hz: float, phase: float,
+                        follow: bool) -> None:
+        await asyncio.sleep(phase)
+        start, beat = time.monotonic(), 0
+        while True:
+            async with self.lock:
+                if not self.left:
+                    answer = await stats.timed("Heartbeat", self.stub.Heartbeat(
+                        pb.HeartbeatRequest(node_id=self.node_id, round=beat, loss=0.5,
+                                            health="ok"), timeout=CALL_TIMEOUT_S))
+                    if follow and answer is not None and answer.topology_epoch != self.epoch:
+                        await self.follow(epochs, stats)
+            beat += 1
+            # On a fixed schedule, so a slow answer does not lower the rate
+            await asyncio.sleep(max(0.0, start + beat / hz - time.monotonic()))
+
+
+async def every(period: float, action: Callable[[], Awaitable[Any]]) -> None:
+    start, tick = time.monotonic(), 0
+    while True:
+        await action()
+        tick += 1
+        await asyncio.sleep(max(0.0, start + tick * period - time.monotonic()))
+
+
+async def lag_probe(stats: Stats) -> None:
+    while True:
+        start = time.perf_counter()
+        await asyncio.sleep(LAG_TICK_S)
+        stats.lags.append(time.perf_counter() - start - LAG_TICK_S)
+
+
+async def fanned_out(epoch: int, start: float, epochs: Epochs, stats: Stats) -> bool:
+    """Wait until every peer has `epoch`; record how long since `start` (the change's call)."""
+    if not await epochs.wait(epoch):
+        return False
+    stats.latency["epoch fan-out"].append(epochs.last_at[epoch] - start)
+    return True
+
+
+async def drive(target: str, config: LoadConfig) -> dict[str, Any]:
+    """Load the bootstrap at `target` as `config` says; the report (see summarize)."""
+    rng = random.Random(config.seed)
+    n = config.peers
+    stats, epochs = Stats(), Epochs(n)
+    peers = [SimulatedPeer(i, target) for i in range(n)]
+    background: list[asyncio.Task[Any]] = [asyncio.create_task(lag_probe(stats))]
+    try:
+        async def join_and_watch(peer: SimulatedPeer, delay: float) -> pb.JoinResponse | None:
+            await asyncio.sleep(delay)
+            answer = await stats.timed("Join", peer.join())
+            background.append(asyncio.create_task(
+                peer.watch(epochs, stats, config.keep_watching)))
+            return answer
+
+        joined = await asyncio.gather(*(join_and_watch(p, config.ramp * i / n)
+                                        for i, p in enumerate(peers)))
+        settings = next(a.settings for a in joined if a is not None)
+        assembled = await epochs.wait(1)
+        live_at = {1: frozenset(range(n))}
+
+        loaded_start = time.perf_counter()
+        background += [asyncio.create_task(p.heartbeat(
+            epochs, stats, config.heartbeat_hz, rng.uniform(0, 1 / config.heartbeat_hz),
+            follow=not config.keep_watching)) for p in peers]
+
+        async def probe() -> None:
+            node = rng.randrange(n)
+            await stats.timed("GetAssignment", peers[node].stub.GetAssignment(
+                pb.GetAssignmentRequest(node_id=node), timeout=CALL_TIMEOUT_S))
+
+        async def list_peers() -> None:
+            await stats.timed("ListPeers", peers[0].stub.ListPeers(pb.ListPeersRequest(),
+                                                                   timeout=CALL_TIMEOUT_S))
+
+        background += [asyncio.create_task(every(1 / config.probe_hz, probe)),
+                       asyncio.create_task(every(1.0, list_peers))]
+
+        changes_ok, epoch = assembled, 1
+        for k in range(config.churn if assembled else 0):
+            await asyncio.sleep(max(0.0, loaded_start + config.seconds * (k + 0.5) / config.churn
+                                    - time.perf_counter()))
+            peer = peers[rng.randrange(n)]
+            async with peer.lock:  # no heartbeat of it in flight while it leaves
+                peer.left = True
+                start = time.perf_counter()
+                ok = await stats.timed("Leave", peer.stub.Leave(
+                    pb.LeaveRequest(node_id=peer.node_id, reason="bench churn"),
+                    timeout=CALL_TIMEOUT_S)) is not None
+                if ok and not config.keep_watching:
+                    await peer.follow(epochs, stats)  # its lone assignment, read once
+            epoch += 1
+            live_at[epoch] = live_at[epoch - 1] - {peer.node_id}
+            ok = ok and await fanned_out(epoch, start, epochs, stats)
+            async with peer.lock:
+                start = time.perf_counter()
+                ok = await stats.timed("Join", peer.join()) is not None and ok
+                peer.left = False
+            epoch += 1
+            live_at[epoch] = live_at[epoch - 1] | {peer.node_id}
+            ok = ok and await fanned_out(epoch, start, epochs, stats)
+            changes_ok = changes_ok and ok
+        await asyncio.sleep(max(0.0, loaded_start + config.seconds - time.perf_counter()))
+        loaded = time.perf_counter() - loaded_start
+        final = await stats.timed("ListPeers", peers[0].stub.ListPeers(
+            pb.ListPeersRequest(), timeout=CALL_TIMEOUT_S))
+    finally:
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await asyncio.gather(*(p.channel.close() for p in peers))
+    problems = [] if changes_ok else ["an epoch change failed or did not reach every stream"]
+    if final is None:
+        problems.append("the final ListPeers failed")
+    else:
+        problems += check_epochs(epochs, live_at, final, settings)
+    return summarize(config, stats, loaded, epoch, problems)
+
+
+def check_epochs(epochs: Epochs, live_at: dict[int, frozenset[int]],
+                 final: pb.ListPeersResponse, settings: pb.RunSettings) -> list[str]:
+    """What went wrong with the epochs and assignments the streams carried (empty: nothing)."""
+    problems: list[str] = []
+    n, last = len(epochs.seen), max(live_at)
+    if final.topology_epoch != last:
+        problems.append(f"the bootstrap is at epoch {final.topology_epoch}; the driver made "
+                        f"{last} (a lease expired under load?)")
+    addresses = {p.node_id: p.address for p in final.peers}
+    topology = build_topology(settings.topology, settings.nodes, settings.seed)
+    expected = {}
+    for epoch, live in live_at.items():
+        mask = np.array([i in live for i in range(n)])  # (n,)
+        graph = repair(topology, mask)
+        expected[epoch] = (graph, metropolis_hastings_weights(graph))
+    for node_id, seen in enumerate(epochs.seen):
+        got = [a.topology_epoch for a in seen]
+        if got != list(range(1, last + 1)):
+            problems.append(f"node {node_id}'s stream carried epochs {got}; expected 1..{last}")
+            continue
+        for assignment in seen:
+            graph, weights = expected[assignment.topology_epoch]
+            view = assignment_from_proto(assignment)  # a peer's own checks
+            want = [(j, addresses[j], float(weights[node_id, j]))
+                    for j in graph.neighbors(node_id)]
+            have = [(j, a, w) for j, a, w in view.neighbors]
+            same = [(j, a) for j, a, _ in have] == [(j, a) for j, a, _ in want] and all(
+                math.isclose(h, w, abs_tol=1e-12)
+                for (_, _, h), (_, _, w) in zip(have, want, strict=True))
+            if not same:
+                problems.append(f"node {node_id} at epoch {view.epoch}: neighbors {have}, "
+                                f"expected {want}")
+    return problems[:20]
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else math.nan
+
+
+def summarize(config: LoadConfig, stats: Stats, loaded: float, epochs: int,
+              problems: list[str]) -> dict[str, Any]:
+    rows: dict[str, dict[str, Any]] = {}
+    for method in METHODS:
+        values = stats.latency.get(method, [])
+        rows[method] = {"calls": len(values), "failed": dict(stats.failures.get(method, {})),
+                        **{f"p{q}_ms": percentile(values, q) * 1e3 for q in (50, 95, 99)},
+                        "max_ms": max(values, default=math.nan) * 1e3}
+    stream_failures = dict(stats.failures.get("WatchAssignment", {}))
+    failed = sum(sum(r["failed"].values()) for r in rows.values()) + sum(
+        stream_failures.values())
+    if failed:
+        problems.append(f"{failed} calls failed")
+    return {"peers": config.peers, "seconds": round(loaded, 2),
+            "heartbeats_per_s": len(stats.latency.get("Heartbeat", [])) / loaded,
+            "epochs": epochs, "stream_failures": stream_failures, "rpcs": rows,
+            "loop_lag_p99_ms": percentile(stats.lags, 99) * 1e3,
+            "epochs_ok": not problems, "problems": problems}
+
+
+# ---- the bootstrap under load ----
+
+class BootstrapProcess:
+    """`crossgrad bootstrap` on 127.0.0.1:0, its port read from the line it prints."""
+
+    def __init__(self, peers: int, topology: str, state: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "crossgrad", "--log-level", "WARNING", "bootstrap",
+             "--nodes", str(peers), "--topology", topology, "--partition", "iid",
+             "--bind", "127.0.0.1:0", "--state", str(state), "--insecure"],
+            cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        port = re.search(r"\(port (\d+)\)", line)
+        if port is None:
+            self.stop()
+            raise RuntimeError(f"the bootstrap did not start: {line!r}")
+        self.address = f"127.0.0.1:{port.group(1)}"
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime+stime
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_in_process(config: LoadConfig, topology: str, state: Path) -> dict[str, Any]:
+    from bootstrap.server import serve
+    from crossgrad.config import RunConfig
+
+    server = serve(RunConfig(nodes=config.peers, topology=topology, partition="iid"),
+                   "127.0.0.1:0", state, lease_seconds=15.0)
+    try:
+        return asyncio.run(drive(server.address, config))
+    finally:
+        server.stop(grace=1.0)
+
+
+def run_process(config: LoadConfig, topology: str, state: Path) -> dict[str, Any]:
+    bootstrap = BootstrapProcess(config.peers, topology, state)
+    try:
+        before, start = bootstrap.cpu_seconds(), time.perf_counter()
+        report = asyncio.run(drive(bootstrap.address, config))
+        report["server_cpu_percent"] = round(
+            100 * (bootstrap.cpu_seconds() - before) / (time.perf_counter() - start), 1)
+        return report
+    finally:
+        bootstrap.stop()
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = ["| RPC | calls | failed | p50 ms | p95 ms | p99 ms | max ms |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for method, row in report["rpcs"].items():
+        lines.append(f"| {method} | {row['calls']} | {sum(row['failed'].values())} | "
+                     f"{row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['p99_ms']:.1f} | "
+                     f"{row['max_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    defaults = LoadConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peers", type=int, default=defaults.peers)
+    parser.add_argument("--seconds", type=float, default=defaults.seconds)
+    parser.add_argument("--ramp", type=float, default=defaults.ramp)
+    parser.add_argument("--heartbeat-hz", type=float, default=defaults.heartbeat_hz)
+    parser.add_argument("--probe-hz", type=float, default=defaults.probe_hz)
+    parser.add_argument("--churn", type=int, default=defaults.churn)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--topology", default="ring")
+    parser.add_argument("--watch", choices=("open", "first"), default="open",
+                        help="keep every WatchAssignment stream open (default), or close it "
+                        "after the first assignment and follow heartbeats, as peers do")
+    parser.add_argument("--in-process", action="store_true",
+                        help="serve the bootstrap in this process (default: its own process)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON too")
+    args = parser.parse_args()
+    config = LoadConfig(peers=args.peers, seconds=args.seconds, ramp=args.ramp,
+                        heartbeat_hz=args.heartbeat_hz, probe_hz=args.probe_hz,
+                        churn=args.churn, keep_watching=args.watch == "open", seed=args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = run_in_process if args.in_process else run_process
+        report = run(config, args.topology, Path(tmp) / "bootstrap.sqlite")
+    where = "in this process" if args.in_process else "in its own process"
+    print(f"{config.peers} peers ({args.topology}), bootstrap {where}, "
+          f"{report['seconds']:.0f} s loaded, {report['heartbeats_per_s']:.0f} heartbeats/s, "
+          f"WatchAssignment streams {args.watch}, {report['epochs']} epochs; "
+          f"{platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
+    print(table(report))
+    print(f"driver loop lag p99 {report['loop_lag_p99_ms']:.1f} ms; bootstrap CPU "
+          f"{report.get('server_cpu_percent', 'n/a')} %; epochs "
+          f"{'correct' if report['epochs_ok'] else 'WRONG'}")
+    for problem in report["problems"]:
+        print(f"  problem: {problem}")
+    if args.json:
+        print(json.dumps(report))
+    return 0 if report["epochs_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
