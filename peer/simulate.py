@@ -58,8 +58,13 @@ def wire_bytes(node: Node, kind: str, requester: int, round_: int, tensors: Para
         if records is not None:
             return sum(frame_bytes(len(raw)) for raw in encode_compressed_raw(
                 node.names, records, sender_id=node.id, round_=round_))
-    return sum(frame_bytes(len(raw)) for raw in encode_raw(node.names, tensors,
-                                                            sender_id=node.id, round_=round_))
+    return dense_wire_bytes(node.names, tensors, node.id, round_)
+
+
+def dense_wire_bytes(names: Sequence[str], tensors: Params, sender: int, round_: int) -> int:
+    """The bytes of one dense message (a model or a cross-gradient) as a peer streams it."""
+    return sum(frame_bytes(len(raw)) for raw in encode_raw(names, tensors, sender_id=sender,
+                                                            round_=round_))
 
 
 class InMemoryNeighborhood:
@@ -183,7 +188,7 @@ class SimulationResult:
     traffic: dict[int, Traffic] = dataclasses.field(default_factory=dict)  # with count_bytes
 
 
-def _bytes_fields(traffic: Traffic | None) -> dict[str, object]:
+def bytes_fields(traffic: Traffic | None) -> dict[str, object]:
     """The bytes a deployed peer adds to its round records (peer/loop.py), when counted: so
     that a plot reads bytes on the wire from either run directory. Only received bytes are
     counted in process (sent is 0); every byte sent is some node's received byte."""
@@ -273,7 +278,7 @@ def run(config: RunConfig, out_dir: Path | None = None,
         for t in range(start, config.rounds):
             records = simulate_round(ordered, hoods)
             for rec in records:  # every request of round t is served by now
-                recorder.round(rec, **_bytes_fields(traffic.get(rec.node)),
+                recorder.round(rec, **bytes_fields(traffic.get(rec.node)),
                                **nodes[rec.node].cross_counts(t))
             if checkpoint_every and (t + 1) % checkpoint_every == 0:
                 for node in ordered:
