@@ -213,9 +213,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from peer import batched, simulate
 
     config = load_config(_overrides(args), args.config)
-    engine = simulate.run
     if args.engine == "batched":
-        engine = batched.run
         batched.refuse_unsupported(config)
     from crossgrad.display import RunDisplay
 
@@ -224,8 +222,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         # Bytes on the wire are counted by encoding each message as a peer would (a few per
         # cent of a round): run records then carry them, as a deployed peer's do, for the live
         # table and `crossgrad plot`.
-        result = engine(config, args.out, progress=display.note,
-                        watch=display.update if display.live else None, count_bytes=True)
+        run = batched.run if args.engine == "batched" else simulate.run
+        result = run(config, args.out, progress=display.note,
+                     watch=display.update if display.live else None, count_bytes=True)
     print(simulate.table(result), flush=True)
     return 0
 

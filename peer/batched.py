@@ -245,9 +245,8 @@ class BatchedEngine:
             if self.cga is not None:
                 w_self = plan.mix_weights[:, 0]  # (N,) pi_ii
                 own = [g * w_self.view(-1, *[1] * (g.dim() - 1)) for g in self_grads]
-                before = sum(s.get("qp_seconds", 0.0) for s in self.cga.stats)
                 direction_in = self.cga.project(own, grads, plan)
-                qp_seconds = sum(s.get("qp_seconds", 0.0) for s in self.cga.stats) - before
+                qp_seconds = clock() - computed  # the Gram matrices and the solves
             else:
                 direction_in = self_grads
             lrs = [trainer.lr(t) for trainer in self.trainers]
