@@ -92,6 +92,9 @@ def build_parser() -> Parser:
     sim.add_argument("--out", type=Path, default=None,
                      help="run directory for metrics and models (default runs/<timestamp>-...)")
     sim.add_argument("--quiet", action="store_true", help="print only the final table")
+    sim.add_argument("--engine", choices=("nodes", "batched"), default="nodes",
+                     help="nodes: every Node's round in turn (default); batched: all nodes' "
+                     "gradients and steps as stacked tensors, for many nodes (dpsgd, cga)")
 
     boot = sub.add_parser("bootstrap", help="serve the rendezvous that assigns neighbors")
     add_run_flags(boot)
@@ -206,9 +209,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from peer import simulate
+    from peer import batched, simulate
 
     config = load_config(_overrides(args), args.config)
+    if args.engine == "batched":
+        batched.refuse_unsupported(config)
     from crossgrad.display import RunDisplay
 
     title = f"simulate: {config.algorithm}, {config.topology}, {config.dataset}/{config.partition}"
@@ -216,9 +221,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         # Bytes on the wire are counted by encoding each message as a peer would (a few per
         # cent of a round): run records then carry them, as a deployed peer's do, for the live
         # table and `crossgrad plot`.
-        result = simulate.run(config, args.out, progress=display.note,
-                              watch=display.update if display.live else None,
-                              count_bytes=True)
+        run = batched.run if args.engine == "batched" else simulate.run
+        result = run(config, args.out, progress=display.note,
+                     watch=display.update if display.live else None, count_bytes=True)
     print(simulate.table(result), flush=True)
     return 0
 

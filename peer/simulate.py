@@ -42,6 +42,7 @@ from peer.training.checkpoint import (
     run_identity,
 )
 from peer.training.partitions import summarize
+from peer.wire import encode_raw
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,11 @@ def wire_bytes(node: Node, kind: str, requester: int, round_: int, tensors: Para
     if kind == "cross_gradient":
         return stream_bytes(cross_gradient_raw(node, requester, round_, tensors))
     return stream_bytes(model_raw(node, round_, tensors))
+
+
+def dense_wire_bytes(names: Sequence[str], tensors: Params, sender: int, round_: int) -> int:
+    """The bytes of one dense message (a model or a cross-gradient) as a peer streams it."""
+    return stream_bytes(encode_raw(names, tensors, sender_id=sender, round_=round_))
 
 
 class InMemoryNeighborhood:
@@ -229,7 +235,7 @@ class SimulationResult:
     traffic: dict[int, Traffic] = dataclasses.field(default_factory=dict)  # with count_bytes
 
 
-def _bytes_fields(traffic: Traffic | None) -> dict[str, object]:
+def bytes_fields(traffic: Traffic | None) -> dict[str, object]:
     """The bytes a deployed peer adds to its round records (peer/loop.py), when counted: so
     that a plot reads bytes on the wire from either run directory. Only received bytes are
     counted in process (sent is 0); every byte sent is some node's received byte."""
@@ -326,7 +332,7 @@ def run(config: RunConfig, out_dir: Path | None = None,
         for t in range(start, config.rounds):
             records = simulate_round(ordered, hoods)
             for rec in records:  # every request of round t is served by now
-                recorder.round(rec, **_bytes_fields(traffic.get(rec.node)),
+                recorder.round(rec, **bytes_fields(traffic.get(rec.node)),
                                **nodes[rec.node].cross_counts(t))
             if checkpoint_every and (t + 1) % checkpoint_every == 0:
                 for node in ordered:

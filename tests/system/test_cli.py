@@ -27,6 +27,7 @@ CASES = [
     (["--topology", "regular:3"], "regular:d needs n*d even"),
     (["--nodes", "3"], "partition 'modulo' needs the number of nodes (3) to divide"),
     (["--algorithm", "compcga", "--feedback", "clag:-1"], "Z must be a finite number >= 0"),
+    (["--engine", "batched", "--algorithm", "ngc"], "--engine batched runs dpsgd and cga, not"),
 ]
 
 

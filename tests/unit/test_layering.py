@@ -29,9 +29,11 @@ ONE_WAY = {
 }
 # The modules that compose the components and so may import across: the CLI (and its
 # `python -m crossgrad` entry), the demo, the builder (the registries' names, every node's
-# parts), a deployed peer, the simulator. The rules above do not walk from these.
+# parts), a deployed peer, the simulator and its batched engine. The rules above do not walk
+# from these.
 COMPOSITION_ROOTS = {"crossgrad/cli.py", "crossgrad/__main__.py", "crossgrad/demo.py",
-                     "peer/builder.py", "peer/service.py", "peer/simulate.py"}
+                     "peer/builder.py", "peer/service.py", "peer/simulate.py",
+                     "peer/batched.py"}
 
 
 def module_file(name: str) -> Path | None:
