@@ -162,3 +162,34 @@ def test_sigterm_checkpoints_leaves_and_resume_goes_on(tmp_path: Path) -> None:
     events = [json.loads(line) for line in
               (out / "node-3" / "metrics.jsonl").read_text().splitlines()]
     assert any(e.get("event") == "resume" and e["round"] == stopped["round"] for e in events)
+
+
+# Long enough that node 2 is back (a lease, then a process start) well before the others finish.
+REPLICA_CONFIG = dataclasses.replace(CONFIG, rounds=900, eval_every=100,
+                                     model_compressor="sign", consensus_step=0.5)
+
+
+def test_under_replicas_a_killed_peer_comes_back_and_every_copy_is_resynchronised(
+        tmp_path: Path) -> None:
+    """Model replicas with a fault: node 2 killed mid-run, its neighbors' copies of it go stale,
+    the repaired ring links 1 and 3 (no copies of each other yet), node 2 resumes from its
+    checkpoint and catches up. Every copy that missed an update is resynchronised from a dense
+    replica (never guessed), and the run ends near the unfaulted one."""
+    out = tmp_path / "run"
+    unfaulted = simulate.run(REPLICA_CONFIG, tmp_path / "sim").final.mean
+    with started(REPLICA_CONFIG, out) as cluster:
+        cluster.wait_round(2, 60, timeout=600)
+        cluster.signal(2, signal.SIGKILL)
+        cluster.wait_state(2, "EXPIRED", timeout=60)
+        cluster.start_peer(2, resume=True)
+        codes = cluster.wait_peers(timeout=900)
+        assert codes == dict.fromkeys(range(5), 0), codes
+    summaries = [summary_of(out, i) for i in range(5)]
+    assert all(s["round"] == REPLICA_CONFIG.rounds for s in summaries)
+    assert summaries[2]["resumes"] == 1 and summaries[2]["catch_ups"] >= 1
+    for i in (1, 2, 3):  # 1 and 3: copies of each other (new link) and of 2 (it came back)
+        assert int(summaries[i]["resyncs"]) > 0, (i, summaries[i]["resyncs"])  # type: ignore[call-overload]
+        assert summaries[i]["bytes_by_kind"]["replica"]["received"] > 0  # type: ignore[index]
+    mean = sum(float(s["accuracy"]) for s in summaries) / 5  # type: ignore[arg-type]
+    print(f"final mean accuracy {mean:.4f} with the fault, {unfaulted:.4f} without")
+    assert abs(mean - unfaulted) <= 0.03, (mean, unfaulted)
