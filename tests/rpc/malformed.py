@@ -87,6 +87,13 @@ METHODS = (
            True, _PEER_STREAM, True),
     Method(PEER, "GetStatus", peer_pb2.GetStatusRequest, peer_pb2.PeerStatus, False, _ANY,
            False),
+    # Under replicas and EF21 / CLAG; a node without them answers FAILED_PRECONDITION.
+    Method(PEER, "GetModelUpdate", peer_pb2.ModelUpdateRequest, tensor_pb2.TensorChunk, True,
+           _PEER_STREAM, True),
+    Method(PEER, "GetReplica", peer_pb2.ReplicaRequest, tensor_pb2.TensorChunk, True,
+           _PEER_STREAM, True),
+    Method(PEER, "GetEstimate", peer_pb2.EstimateRequest, tensor_pb2.TensorChunk, True,
+           _PEER_STREAM, True),
     Method(BOOTSTRAP, "Join", bootstrap_pb2.JoinRequest, bootstrap_pb2.JoinResponse, False,
            _ANY | {Code.PERMISSION_DENIED, Code.ALREADY_EXISTS}, False),
     Method(BOOTSTRAP, "Heartbeat", bootstrap_pb2.HeartbeatRequest,
@@ -187,6 +194,8 @@ def field_values(field: FieldDescriptor, known: Known) -> st.SearchStrategy[Any]
         scalar = _edges(known.ids, U32_EDGES, 32)
     elif kind == FieldDescriptor.TYPE_UINT64:
         scalar = _edges(known.rounds, U64_EDGES, 64)
+    elif kind == FieldDescriptor.TYPE_FIXED64:  # a digest: none, the edges, any
+        scalar = st.one_of(st.sampled_from((0, 1, *U64_EDGES)), st.integers(0, 2**64 - 1))
     elif kind in (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_INT32):
         bits = 64 if kind == FieldDescriptor.TYPE_INT64 else 32
         scalar = st.integers(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)

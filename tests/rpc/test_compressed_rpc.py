@@ -235,9 +235,9 @@ def _carries_bytes(message: Descriptor, seen: frozenset[str] = frozenset()) -> l
     return found
 
 
-def test_no_request_carries_a_tensor_only_two_answers_do() -> None:
+def test_no_request_carries_a_tensor_only_answers_do() -> None:
     """So a bad compressed stream can reach a node only as a neighbor's answer: the fake
-    server below is the whole attack surface for compressed tensors."""
+    servers here and in test_replicas_rpc.py are the whole attack surface for tensors."""
     streams = []
     for module, name in ((peer_pb2, "Peer"), (bootstrap_pb2, "Bootstrap")):
         for method in module.DESCRIPTOR.services_by_name[name].methods:
@@ -246,7 +246,8 @@ def test_no_request_carries_a_tensor_only_two_answers_do() -> None:
                 streams.append(method.full_name)
             else:
                 assert _carries_bytes(method.output_type) == [], method.full_name
-    assert streams == [f"{PEER}.GetModel", f"{PEER}.ComputeCrossGradient"]
+    assert streams == [f"{PEER}.{m}" for m in ("GetModel", "ComputeCrossGradient",
+                                               "GetModelUpdate", "GetReplica", "GetEstimate")]
 
 
 # ================================================================================================

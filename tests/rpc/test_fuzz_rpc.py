@@ -26,6 +26,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -75,9 +76,10 @@ class Target:
                             p.returns, p.resumes) for p in listed.peers if p.node_id != NODES - 1}
 
 
-def start(peers: Cluster, boot: Cluster) -> Target:
-    """The ring on `peers`, the bootstrap on `boot`, each node joined under its own identity."""
-    run = load_run(NODES)
+def start(peers: Cluster, boot: Cluster, **settings: Any) -> Target:
+    """The ring on `peers`, the bootstrap on `boot`, each node joined under its own identity;
+    `settings` of the run (load_run)."""
+    run = load_run(NODES, **settings)
     nodes = run.nodes()
     for node in nodes.values():
         node.publish()
@@ -129,6 +131,28 @@ def test_ten_thousand_malformed_requests_get_documented_answers_and_change_nothi
 
     plain.assert_still_serves(target.node0, round_=0, params=target.params)
     assert target.real_peers() == target.peers
+
+
+def test_malformed_requests_to_a_node_with_replicas_and_estimates_change_nothing(
+        clusters: tuple[Cluster, Cluster]) -> None:
+    """The methods of model replicas and EF21 estimates, served for real (a node that runs
+    them), fuzzed: documented answers only, and its model, replica and copies unchanged."""
+    plain, tls = clusters
+    target = start(plain, tls, algorithm="compcga", compressor="topk:0.1", feedback="ef21",
+                   model_compressor="sign", consensus_step=0.5)
+    node = target.node0.node
+    assert node is not None and node.replicas is not None
+    replicas = node.replicas
+    before = (replicas.current, {j: replicas.latest_copy(j) for j in node.assignment.neighbors})
+    report = fuzz({PEER: plain.channel(target.node0.address)}, 1500, seed_=2)
+    log.info("fuzz: %s", report.table())
+    assert report.failed == 0, report.table()
+    codes = {method: {code for m, code in report.codes if m == method}
+             for method in ("GetModelUpdate", "GetReplica", "GetEstimate")}
+    assert "OK" in codes["GetReplica"] and all(codes.values()), report.table()
+    assert (replicas.current, {j: replicas.latest_copy(j)
+                               for j in node.assignment.neighbors}) == before
+    plain.assert_still_serves(target.node0, round_=0, params=target.params)
 
 
 def test_the_command_line_driver_under_mutual_tls(certs: Made, procs: ProcessGroup) -> None:

@@ -114,7 +114,8 @@ def test_reflection_lists_and_describes_every_service(server: rpc.RunningServer,
     assert set(database.get_services()) == {
         PEER, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
     peer = DescriptorPool(database).FindServiceByName(PEER)
-    assert {m.name for m in peer.methods} == {"GetModel", "ComputeCrossGradient", "GetStatus"}
+    assert {m.name for m in peer.methods} == {"GetModel", "ComputeCrossGradient", "GetStatus",
+                                              "GetModelUpdate", "GetReplica", "GetEstimate"}
 
 
 @pytest.mark.parametrize("cls", ERRORS, ids=lambda c: c.__name__)
