@@ -78,12 +78,12 @@ def test_toml_config_env_and_flags_in_order(procs: ProcessGroup, tmp_path: Path)
 
 
 @pytest.mark.parametrize("command", ["demo", "bootstrap"])
-def test_networked_runs_refuse_three_point_feedback(command: str, procs: ProcessGroup,
-                                                    tmp_path: Path) -> None:
-    """--feedback ef21 / clag:Z runs in the simulator only (docs/algorithms.md)."""
+def test_networked_runs_refuse_three_point_feedback_without_compressed_cross_gradients(
+        command: str, procs: ProcessGroup, tmp_path: Path) -> None:
+    """--feedback ef21 / clag:Z apply to compcga and compngc (docs/algorithms.md): one line."""
     extra = ["--out", str(tmp_path / "run")] if command == "demo" else ["--bind", "127.0.0.1:0"]
-    proc = procs.run(crossgrad(command, "--algorithm", "compcga", "--feedback", "ef21", *extra),
+    proc = procs.run(crossgrad(command, "--algorithm", "cga", "--feedback", "ef21", *extra),
                      timeout=TIMEOUT)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "only in `crossgrad simulate`" in lines[0], proc.stderr
+    assert len(lines) == 1 and "compcga and compngc" in lines[0], proc.stderr
