@@ -84,6 +84,9 @@ class Trainer:
         # Batch orders of the last few epochs: a node serving a neighbor's cross-gradient of
         # round t may already be in the next epoch itself. Guarded: servers call from threads.
         self._perms: dict[int, np.ndarray] = {}
+        # B_i^t of the last rounds, gathered once: the self-gradient and every cross-gradient
+        # of round t take the same batch (1 + degree passes per round).
+        self._batches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
         # functional_call swaps the template module's parameters for the duration of a call, so
         # two threads (the round driver and a server thread) must never run one at once.
@@ -96,25 +99,32 @@ class Trainer:
         return self.schedule.lr * self.schedule.lr_decay ** self.epoch(round_)
 
     def batch(self, round_: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """B_i^t: the same mini-batch for the self-gradient and every cross-gradient of round t."""
+        """B_i^t: the same mini-batch for the self-gradient and every cross-gradient of round t,
+        its images in the run's layout."""
         epoch = self.epoch(round_)
         with self._lock:
+            cached = self._batches.get(round_)
+            if cached is not None:
+                return cached
             perm = self._perms.get(epoch)
             if perm is None:
                 perm = numpy_rng(self.seed, "batches", self.node, epoch).permutation(self.n)
                 self._perms[epoch] = perm
                 for old in [e for e in self._perms if e < epoch - 1]:
                     del self._perms[old]
-        b = min(self.schedule.batch_size, self.n)
-        j = round_ % self.rounds_per_epoch
-        idx = torch.as_tensor(perm[j * b:(j + 1) * b], device=self.device)
-        return self.x[idx], self.y[idx]  # (b, C, H, W), (b,)
+            b = min(self.schedule.batch_size, self.n)
+            j = round_ % self.rounds_per_epoch
+            idx = torch.as_tensor(perm[j * b:(j + 1) * b], device=self.device)
+            batch = to_layout([self.x[idx]], self.layout)[0], self.y[idx]  # (b, C, H, W), (b,)
+            self._batches[round_] = batch
+            for old in [r for r in self._batches if r < round_ - 1]:
+                del self._batches[old]
+            return batch
 
     def gradient(self, params: Sequence[torch.Tensor], round_: int,
                  purpose: str) -> tuple[float, Params]:
         """(loss, grad F_i(params; B_i^round)) with the RNG seeded by (node, round, purpose)."""
-        x, y = self.batch(round_)
-        x = to_layout([x], self.layout)[0]  # (b, C, H, W), strides of the run's layout
+        x, y = self.batch(round_)  # (b, C, H, W) in the run's layout, (b,)
         leaves = [p.requires_grad_(True) for p in
                   to_layout([p.detach().to(self.device) for p in params], self.layout)]
         devices = [self.device] if self.device.type == "cuda" else []
