@@ -123,9 +123,9 @@ def simulate_rows(data_dir: Path, rounds: int) -> list[str]:
                 seconds[name] += time.perf_counter() - started
     base = seconds["contiguous"]
     rows = []
-    for name, (ordered, _, spent) in runs.items():
-        rows.append(f"| {name:<13} | {seconds[name] / rounds:>7.3f} | {base and seconds[name] / base:>5.2f} "
-                    f"| {spent[0] / max(seconds[name], 1e-9):>8.0%} |")
+    for name, (_, _, spent) in runs.items():
+        rows.append(f"| {name:<13} | {seconds[name] / rounds:>7.3f} | "
+                    f"{seconds[name] / base:>5.2f} | {spent[0] / seconds[name]:>8.0%} |")
     models = {name: ordered[0].params for name, (ordered, _, _) in runs.items()}
     rows.append(f"node 0's model after {rounds + 1} rounds, channels_last vs contiguous: max "
                 f"|difference| {max_diff(models['contiguous'], models['channels_last']):.1e}")

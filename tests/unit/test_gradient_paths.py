@@ -91,7 +91,7 @@ def test_to_layout_keeps_values_and_leaves_other_tensors_alone() -> None:
 
 
 def test_an_unknown_memory_format_is_refused_with_the_known_ones() -> None:
-    with pytest.raises(UnknownNameError, match="unknown memory format 'nhwc'.*channels_last"):
+    with pytest.raises(UnknownNameError, match=r"unknown memory format 'nhwc'.*channels_last"):
         validate(RunConfig(memory_format="nhwc"))
     with pytest.raises(UnknownNameError, match="did you mean 'channels_last'"):
         resolve_memory_format("channel_last", "cganet", CPU)
