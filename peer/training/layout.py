@@ -3,16 +3,18 @@
 A cross-gradient round is mostly forward and backward passes (one per neighbor and one of the
 node's own), and on a CPU a convolution runs much faster when its weights and inputs are
 channels_last (oneDNN's native layout) than in PyTorch's default contiguous layout. The two
-layouts sum in different orders, so their gradients differ in the last bits (at most 1e-5
-absolute on every model of the registry; tests/unit/test_gradient_paths.py). That makes the
+layouts sum in different orders, so their gradients differ in the last bits (within 1e-5 on
+every model of the registry in tests/unit/test_gradient_paths.py; at full size at most 6e-7 on
+the models `auto` switches, 2e-4 on vgg11, see docs/benchmarks.md). That makes the
 layout a property of the RUN, never a per-process timing decision: `--memory-format` is a shared
 run setting (RunSettings.memory_format), every node resolves it by the same fixed rule, and the
 simulator and a networked run take the same path and agree bit for bit.
 
-The rule of `auto` (docs/benchmarks.md, "Gradients", measured with bench/gradients.py):
-channels_last on a CPU for every model with convolutions (cganet 0.57x, resnet20 0.80x, vgg11 and
-cnn5 about 0.9x the time of a contiguous pass at batch 128, 2 threads); contiguous for the mlp
-(no convolutions: nothing to gain) and on a GPU (not measured here; cuDNN's own choice is kept).
+The rule of `auto` (docs/benchmarks.md, "Gradients", measured with bench/gradients.py on 2
+threads): channels_last on a CPU for cganet and resnet20, the two models it made clearly faster
+(0.57-0.90x and 0.61-0.84x the time of a contiguous pass, at batch 128 and 32, under every load
+measured); contiguous for cnn5 and vgg11 (no gain, or slower, in the same measurements), for
+the mlp (no convolutions) and on a GPU (not measured here).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ LAYOUTS: dict[str, torch.memory_format] = {
     "channels_last": torch.channels_last,
 }
 
-# Models `auto` runs channels_last on the CPU: those with convolutions, all measured faster.
-CHANNELS_LAST_ON_CPU = frozenset({"cganet", "cnn5", "resnet20", "vgg11"})
+# Models `auto` runs channels_last on the CPU: those measured clearly faster (see above).
+CHANNELS_LAST_ON_CPU = frozenset({"cganet", "resnet20"})
 
 
 def resolve_memory_format(name: str, model: str, device: torch.device) -> torch.memory_format:

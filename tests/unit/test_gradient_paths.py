@@ -72,10 +72,11 @@ def test_each_layout_is_deterministic(model: str) -> None:
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
-def test_auto_picks_channels_last_for_conv_models_on_a_cpu_only() -> None:
-    for model in ("cganet", "cnn5", "resnet20", "vgg11"):
+def test_auto_picks_channels_last_where_it_was_measured_faster_on_a_cpu_only() -> None:
+    for model in ("cganet", "resnet20"):
         assert resolve_memory_format("auto", model, CPU) == torch.channels_last
-    assert resolve_memory_format("auto", "mlp", CPU) == torch.contiguous_format
+    for model in ("mlp", "cnn5", "vgg11"):
+        assert resolve_memory_format("auto", model, CPU) == torch.contiguous_format
     assert resolve_memory_format("auto", "cganet", torch.device("cuda")) == \
         torch.contiguous_format
     for name, layout in LAYOUTS.items():
