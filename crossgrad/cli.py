@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from crossgrad.certs import DEFAULT_DAYS, DEFAULT_HOSTS
-from crossgrad.config import DEVICES, RunConfig
+from crossgrad.config import DEVICES, MEMORY_FORMATS, RunConfig
 from crossgrad.errors import ConfigError, DataError, ProtocolError
 from crossgrad.guard import add_limit_flags, limits_from_args
 from crossgrad.security import Role, add_security_flags, security_from_args
@@ -57,7 +57,7 @@ def _help(name: str) -> str:
         "compressor": list(COMPRESSOR_NAMES), "model_compressor": list(COMPRESSOR_NAMES),
         "algorithm": sorted(ALGORITHMS), "dataset": sorted(DATASETS), "model": sorted(MODELS),
         "topology": list(TOPOLOGY_NAMES), "partition": list(PARTITION_NAMES),
-        "device": list(DEVICES),
+        "device": list(DEVICES), "memory_format": list(MEMORY_FORMATS),
     }.get(name)
     text = f"default {default!r}" if default not in ("", None) else "default: per data set"
     return f"one of {', '.join(known)}; {text}" if known else text

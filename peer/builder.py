@@ -28,6 +28,7 @@ from peer.compression.threepoint import ThreePoint, parse_feedback
 from peer.node import Assignment, Node
 from peer.replicas import Replicas
 from peer.training.datasets import DATASETS, Dataset, load_dataset
+from peer.training.layout import resolve_memory_format
 from peer.training.models import MODELS, make_model
 from peer.training.partitions import partition
 from peer.training.trainer import Schedule, Trainer, seeded_model
@@ -115,7 +116,8 @@ def make_node(config: RunConfig, data: RunData, node_id: int, assignment: Assign
                          config.seed)
     idx = torch.as_tensor(data.parts[node_id])
     trainer = Trainer(node_id, model, ds.train_x[idx], ds.train_y[idx],
-                      Schedule(config.batch_size, config.lr, config.lr_decay), config.seed, device)
+                      Schedule(config.batch_size, config.lr, config.lr_decay), config.seed, device,
+                      resolve_memory_format(config.memory_format, config.model, device))
     hp = algorithms.Hyperparameters(momentum=config.momentum, margin=config.margin,
                                     gamma=config.gamma, alpha=config.alpha,
                                     compressor=config.compressor, feedback=config.feedback)

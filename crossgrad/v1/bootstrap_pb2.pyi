@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RunSettings(_message.Message):
-    __slots__ = ("nodes", "topology", "algorithm", "dataset", "partition", "model", "rounds", "batch_size", "lr", "lr_decay", "momentum", "margin", "gamma", "alpha", "seed", "eval_every", "compressor", "model_compressor", "consensus_step", "feedback")
+    __slots__ = ("nodes", "topology", "algorithm", "dataset", "partition", "model", "rounds", "batch_size", "lr", "lr_decay", "momentum", "margin", "gamma", "alpha", "seed", "eval_every", "compressor", "model_compressor", "consensus_step", "feedback", "memory_format")
     NODES_FIELD_NUMBER: _ClassVar[int]
     TOPOLOGY_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class RunSettings(_message.Message):
     MODEL_COMPRESSOR_FIELD_NUMBER: _ClassVar[int]
     CONSENSUS_STEP_FIELD_NUMBER: _ClassVar[int]
     FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FORMAT_FIELD_NUMBER: _ClassVar[int]
     nodes: int
     topology: str
     algorithm: str
@@ -48,7 +49,8 @@ class RunSettings(_message.Message):
     model_compressor: str
     consensus_step: float
     feedback: str
-    def __init__(self, nodes: _Optional[int] = ..., topology: _Optional[str] = ..., algorithm: _Optional[str] = ..., dataset: _Optional[str] = ..., partition: _Optional[str] = ..., model: _Optional[str] = ..., rounds: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., lr_decay: _Optional[float] = ..., momentum: _Optional[float] = ..., margin: _Optional[float] = ..., gamma: _Optional[float] = ..., alpha: _Optional[float] = ..., seed: _Optional[int] = ..., eval_every: _Optional[int] = ..., compressor: _Optional[str] = ..., model_compressor: _Optional[str] = ..., consensus_step: _Optional[float] = ..., feedback: _Optional[str] = ...) -> None: ...
+    memory_format: str
+    def __init__(self, nodes: _Optional[int] = ..., topology: _Optional[str] = ..., algorithm: _Optional[str] = ..., dataset: _Optional[str] = ..., partition: _Optional[str] = ..., model: _Optional[str] = ..., rounds: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., lr_decay: _Optional[float] = ..., momentum: _Optional[float] = ..., margin: _Optional[float] = ..., gamma: _Optional[float] = ..., alpha: _Optional[float] = ..., seed: _Optional[int] = ..., eval_every: _Optional[int] = ..., compressor: _Optional[str] = ..., model_compressor: _Optional[str] = ..., consensus_step: _Optional[float] = ..., feedback: _Optional[str] = ..., memory_format: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("node_id", "address", "num_samples", "resumed", "checkpoint_round")

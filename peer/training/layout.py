@@ -1,0 +1,59 @@
+"""Memory layout of a run's gradient passes: contiguous (NCHW) or channels_last (NHWC).
+
+A cross-gradient round is mostly forward and backward passes (one per neighbor and one of the
+node's own), and on a CPU a convolution runs much faster when its weights and inputs are
+channels_last (oneDNN's native layout) than in PyTorch's default contiguous layout. The two
+layouts sum in different orders, so their gradients differ in the last bits (within 1e-5 on
+every model of the registry in tests/unit/test_gradient_paths.py; at full size at most 6e-7 on
+the models `auto` switches, 2e-4 on vgg11, see docs/benchmarks.md). That makes the
+layout a property of the RUN, never a per-process timing decision: `--memory-format` is a shared
+run setting (RunSettings.memory_format), every node resolves it by the same fixed rule, and the
+simulator and a networked run take the same path and agree bit for bit.
+
+The rule of `auto` (docs/benchmarks.md, "Gradients", measured with bench/gradients.py on 2
+threads): channels_last on a CPU for cganet and resnet20, the two models it made clearly faster
+(0.57-0.90x and 0.61-0.84x the time of a contiguous pass, at batch 128 and 32, under every load
+measured); contiguous for cnn5 and vgg11 (no gain, or slower, in the same measurements), for
+the mlp (no convolutions) and on a GPU (not measured here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from crossgrad.config import MEMORY_FORMATS
+from crossgrad.errors import UnknownNameError
+
+LAYOUTS: dict[str, torch.memory_format] = {
+    "contiguous": torch.contiguous_format,
+    "channels_last": torch.channels_last,
+}
+
+# Models `auto` runs channels_last on the CPU: those measured clearly faster (see above).
+CHANNELS_LAST_ON_CPU = frozenset({"cganet", "resnet20"})
+
+
+def resolve_memory_format(name: str, model: str, device: torch.device) -> torch.memory_format:
+    """The layout of `--memory-format name` for `model` on `device`; `auto` by the rule above.
+
+    Depends only on the run's settings and the device type, so every node of a run on the same
+    kind of device takes the same path."""
+    if name not in MEMORY_FORMATS:
+        raise UnknownNameError("memory format", name, MEMORY_FORMATS)
+    if name == "auto":
+        fast = device.type == "cpu" and model in CHANNELS_LAST_ON_CPU
+        return torch.channels_last if fast else torch.contiguous_format
+    return LAYOUTS[name]
+
+
+def to_layout(tensors: Sequence[torch.Tensor],
+              layout: torch.memory_format) -> list[torch.Tensor]:
+    """Every 4-D tensor (conv weights, image batches) in `layout`; others as they are.
+
+    Values are unchanged: only the strides differ. A tensor already in the layout is returned
+    as is (no copy)."""
+    if layout == torch.contiguous_format:
+        return list(tensors)
+    return [t.contiguous(memory_format=layout) if t.dim() == 4 else t for t in tensors]
