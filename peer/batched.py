@@ -49,6 +49,7 @@ from peer.simulate import (
     bytes_fields,
     default_out_dir,
     dense_wire_bytes,
+    record_evaluation,
     snapshot,
 )
 from peer.training.partitions import summarize
@@ -347,13 +348,8 @@ def run(config: RunConfig, out_dir: Path | None = None,
                 recorder.round(rec, **bytes_fields(traffic.get(rec.node)))
             if (t + 1) % config.eval_every == 0 or t + 1 == config.rounds:
                 ev = evaluate_all(engine, test_x, test_y, t + 1)
-                fields = {k: v for k, v in dataclasses.asdict(ev).items() if k != "round"}
-                recorder.evaluation(t + 1, **fields, mean=ev.mean, min=ev.min)
-                loss = sum(result.losses) / n
-                say(f"round {t + 1:>5}/{config.rounds}  train loss {loss:.4f}  "
-                    f"test acc mean {ev.mean:.4f} min {ev.min:.4f}  "
-                    f"avg-model {ev.average_accuracy:.4f}  consensus {ev.consensus:.4f}  "
-                    f"[{time.perf_counter() - started:.1f} s]")
+                say(record_evaluation(recorder, ev, config.rounds, sum(result.losses) / n,
+                                      time.perf_counter() - started))
             if watch is not None:
                 watch(snapshot(records, config.rounds, ev, traffic))
     finally:

@@ -205,6 +205,17 @@ def evaluate(nodes: Sequence[Node], test_x: torch.Tensor, test_y: torch.Tensor,
                       consensus=consensus_distance(models))
 
 
+def record_evaluation(recorder: RunRecorder, ev: Evaluation, rounds: int, loss: float,
+                      seconds: float) -> str:
+    """Write an evaluation to metrics.jsonl; the progress line that says it."""
+    fields = {k: v for k, v in dataclasses.asdict(ev).items() if k != "round"}
+    recorder.evaluation(ev.round, **fields, mean=ev.mean, min=ev.min)
+    return (f"round {ev.round:>5}/{rounds}  train loss {loss:.4f}  "
+            f"test acc mean {ev.mean:.4f} min {ev.min:.4f}  "
+            f"avg-model {ev.average_accuracy:.4f}  consensus {ev.consensus:.4f}  "
+            f"[{seconds:.1f} s]")
+
+
 def snapshot(records: Sequence[RoundRecord], rounds: int, ev: Evaluation | None,
              traffic: dict[int, Traffic]) -> Snapshot:
     """Every node's row after a round, for crossgrad.display. Bytes where they are counted:
@@ -340,13 +351,9 @@ def run(config: RunConfig, out_dir: Path | None = None,
                                                          node.state_dict()))
             if (t + 1) % config.eval_every == 0 or t + 1 == config.rounds:
                 ev = evaluate(ordered, test_x, test_y, t + 1)
-                fields = {k: v for k, v in dataclasses.asdict(ev).items() if k != "round"}
-                recorder.evaluation(t + 1, **fields, mean=ev.mean, min=ev.min)
-                loss = sum(r.loss for r in records) / len(records)
-                say(f"round {t + 1:>5}/{config.rounds}  train loss {loss:.4f}  "
-                    f"test acc mean {ev.mean:.4f} min {ev.min:.4f}  "
-                    f"avg-model {ev.average_accuracy:.4f}  consensus {ev.consensus:.4f}  "
-                    f"[{time.perf_counter() - started:.1f} s]")
+                say(record_evaluation(recorder, ev, config.rounds,
+                                      sum(r.loss for r in records) / len(records),
+                                      time.perf_counter() - started))
             if watch is not None:
                 watch(snapshot(records, config.rounds, ev, traffic))
     finally:
