@@ -3,9 +3,14 @@
     sudo .venv/bin/python bench/netns_compression.py                       # 100 rounds, 100mbit
     sudo .venv/bin/python bench/netns_compression.py --rounds 200 --rates 100mbit none
     sudo .venv/bin/python bench/netns_compression.py --configs cga compcga:sign --rounds 20
+    sudo .venv/bin/python bench/netns_compression.py --rounds 500 --target 0.895 \
+        --configs cga compcga:topk:0.01 compcga:topk:0.01+models:sign:0.8
 
 A bootstrap and --nodes peers (default 5) run the same training once per configuration (default
-`cga`, dense cross-gradients; `compcga:sign`; `compcga:topk:0.01`), each process in its own
+`cga`, dense cross-gradients; `compcga:sign`; `compcga:topk:0.01`; a spec may add
+`+models:COMPRESSOR:STEP`, model replicas with --model-compressor and --consensus-step, and
+`+feedback:F`, --feedback ef21 or clag:Z, e.g. `compcga:topk:0.01+models:sign:0.8+feedback:ef21`),
+each process in its own
 network namespace, through the real CLI (`ip netns exec NS python -m crossgrad ...`), with the
 same seed, ring, partition (`modulo`), model (`mlp`) and number of rounds. The data set is MNIST
 from --data-dir, else from $CROSSGRAD_DATA/mnist (or data/mnist) when it is there (the mlp has
@@ -35,7 +40,11 @@ the shaping works: "link check" is its throughput. Per configuration, from each 
 metrics.jsonl and summary.json:
 
   s/round median, mean   per round, the mean over peers of the round's `seconds`; median and
-                         mean over rounds (round 0 includes connection set-up)
+                         mean over rounds (round 0 includes connection set-up). Under model
+                         replicas a round's `seconds` ends before its second half (the
+                         neighbors' model updates and the gossip, Node.finish_round), so these
+                         two columns undercount such rounds: compare wall s/round
+  wall s/round           train s / rounds: every part of a round, evaluations included
   train s                the slowest peer's summary `seconds` (first round to the end, with
                          evaluations and heartbeats)
   wall s                 launch of the bootstrap to the exit of the last peer (start-up, data
@@ -43,16 +52,21 @@ metrics.jsonl and summary.json:
   s to ACC               time until the mean test accuracy over peers first reaches --target
                          (evaluated every --eval-every rounds): the slowest peer's sum of round
                          seconds up to that evaluation, and @ the round; "-" if never reached
+  wall s to ACC          the same by the clock: from the first peer's "serving at ...;
+                         neighbors" log line (round 0 starts next) to the last peer's log line
+                         of that evaluation
   final acc              mean over peers of the last evaluation
   xgrad kB, model kB     bytes received per round per peer, from summary.json "traffic"
-                         ("j:cross_gradient", "j:model", summed over neighbors j; kB = 1000 B;
+                         ("j:cross_gradient" and "j:estimate"; "j:model", or under replicas
+                         "j:model_update" and "j:replica"; summed over neighbors j; kB = 1000 B;
                          gRPC and HTTP/2 framing included, TCP/IP headers not)
   link s                 (xgrad + model bytes) * 8 / rate: the least time per round the link
                          needs to deliver one peer's incoming messages
-  x dense                s/round median / that of the first configuration at the same rate
-  link share             1 - s/round median without shaping (rate "none", same configuration,
-                         same run) / s/round median at this rate: the share of a round that the
-                         link adds (only when --rates includes none)
+  x dense                wall s/round / that of the first configuration at the same rate
+  to target x dense      wall s to ACC / that of the first configuration at the same rate
+  link share             1 - train s without shaping (rate "none", same configuration, same
+                         run) / train s at this rate: the share of the time that the link adds
+                         (only when --rates includes none)
 """
 
 from __future__ import annotations
@@ -64,6 +78,7 @@ import json
 import os
 import platform
 import queue
+import re
 import shlex
 import shutil
 import signal
@@ -82,6 +97,9 @@ REPO = Path(__file__).resolve().parents[1]
 BOOT_PORT, PEER_PORT, CHECK_PORT = 50050, 50051, 50060
 CHECK_BYTES = 4_000_000
 PROXY_VARS = ("http_proxy", "https_proxy", "grpc_proxy", "all_proxy", "no_proxy")
+# a peer's log line (crossgrad's CLI format): its assignment arrived, or a round's evaluation
+LOG_LINE = re.compile(r"(?P<time>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ [\w.]+: node \d+ "
+                      r"(?:(?P<serving>serving at)|round (?P<round>\d+)/\d+: .*test accuracy)")
 
 
 def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -258,13 +276,33 @@ class Procs:
 
 
 # ---- one training run --------------------------------------------------------------------------
+def spec_flags(spec: str) -> list[str]:
+    """The run flags of a configuration spec, ALGORITHM[:COMPRESSOR] then any of
+    `+models:COMPRESSOR:STEP` (--model-compressor, --consensus-step) and `+feedback:F`
+    (--feedback ef|ef21|clag:Z), e.g. `compcga:topk:0.01+models:sign:0.8`. The CLI validates
+    the values; here only the shape is checked, with an error that shows the expected one."""
+    head, *parts = spec.split("+")
+    algorithm, _, compressor = head.partition(":")
+    flags = ["--algorithm", algorithm, *(["--compressor", compressor] if compressor else [])]
+    for part in parts:
+        kind, _, value = part.partition(":")
+        compressor, _, step = value.rpartition(":")
+        if kind == "models" and compressor and step:
+            flags += ["--model-compressor", compressor, "--consensus-step", step]
+        elif kind == "feedback" and value:
+            flags += ["--feedback", value]
+        else:
+            raise ValueError(f"config {spec!r}: cannot read {part!r}; expected "
+                             "models:COMPRESSOR:STEP (e.g. models:sign:0.8) or feedback:F "
+                             "(e.g. feedback:clag:0.5)")
+    return flags
+
+
 def run_flags(args: argparse.Namespace, spec: str) -> list[str]:
-    algorithm, _, compressor = spec.partition(":")
-    flags = ["--nodes", str(args.nodes), "--topology", "ring", "--algorithm", algorithm,
-             "--dataset", args.dataset, "--partition", args.partition, "--model", args.model,
-             "--rounds", str(args.rounds), "--eval-every", str(args.eval_every),
-             "--seed", str(args.seed)]
-    return flags + (["--compressor", compressor] if compressor else [])
+    return ["--nodes", str(args.nodes), "--topology", "ring", *spec_flags(spec),
+            "--dataset", args.dataset, "--partition", args.partition, "--model", args.model,
+            "--rounds", str(args.rounds), "--eval-every", str(args.eval_every),
+            "--seed", str(args.seed)]
 
 
 def train(bed: Testbed, procs: Procs, args: argparse.Namespace, spec: str, out: Path) -> float:
@@ -302,9 +340,30 @@ class Result:
     train_seconds: float
     time_to_target: float | None
     round_at_target: int | None
+    wall_to_target: float | None  # first peer's round 0 to the last peer's evaluation, logs
     final_accuracy: float
-    xgrad_bytes: float  # received per round per peer
-    model_bytes: float
+    xgrad_bytes: float  # received per round per peer: cross-gradients (and estimate resyncs)
+    model_bytes: float  # models, or under replicas model updates (and replica resyncs)
+    resyncs: int  # replicas and estimates resynchronised from dense state, all peers
+
+
+def log_times(out: Path, nodes: int) -> tuple[float, dict[int, float]]:
+    """From the peers' logs (the CLI stamps every line): when the first peer had its neighbors
+    (round 0 starts right after), and per evaluated round when the last peer logged its test
+    accuracy, in seconds since the epoch."""
+    starts: list[float] = []
+    evals: dict[int, float] = {}
+    for i in range(nodes):
+        for line in (out / f"node-{i}.log").read_text().splitlines():
+            match = LOG_LINE.match(line)
+            if match is None:
+                continue
+            at = datetime.strptime(match["time"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            if match["serving"]:
+                starts.append(at)
+            elif match["round"]:
+                evals[int(match["round"])] = max(at, evals.get(int(match["round"]), at))
+    return min(starts), evals
 
 
 def read_result(out: Path, args: argparse.Namespace, spec: str, rate: str, wall: float) -> Result:
@@ -322,23 +381,26 @@ def read_result(out: Path, args: argparse.Namespace, spec: str, rate: str, wall:
         summaries.append(json.loads((out / f"node-{i}" / "summary.json").read_text()))
     n_rounds = min(len(r) for r in rounds)
     per_round = [statistics.fmean(r[k] for r in rounds) for k in range(n_rounds)]
-    reached, at = None, None
+    reached, at, wall_reached = None, None, None
     for r in sorted(evals):
         if len(evals[r]) == args.nodes and statistics.fmean(evals[r]) >= args.target:
             reached, at = max(sum(p[:r]) for p in rounds), r
+            start, logged = log_times(out, args.nodes)
+            wall_reached = logged[r] - start if r in logged else None
             break
 
-    def per_round_received(kind: str) -> float:
+    def per_round_received(*kinds: str) -> float:
         total = sum(n for s in summaries for key, n in s["traffic"]["received"].items()
-                    if key.split(":", 1)[1] == kind)
+                    if key.split(":", 1)[1] in kinds)
         return total / len(summaries) / max(1, summaries[0]["rounds"])
 
     return Result(spec=spec, rate=rate, wall=wall, round_seconds=per_round,
                   train_seconds=max(s["seconds"] for s in summaries), time_to_target=reached,
-                  round_at_target=at,
+                  round_at_target=at, wall_to_target=wall_reached,
                   final_accuracy=statistics.fmean(s["accuracy"] for s in summaries),
-                  xgrad_bytes=per_round_received("cross_gradient"),
-                  model_bytes=per_round_received("model"))
+                  xgrad_bytes=per_round_received("cross_gradient", "estimate"),
+                  model_bytes=per_round_received("model", "model_update", "replica"),
+                  resyncs=sum(s.get("resyncs", 0) for s in summaries))
 
 
 # ---- the link check ----------------------------------------------------------------------------
@@ -390,25 +452,30 @@ def rate_bits(rate: str) -> float | None:
 
 
 def table(results: list[Result], target: float) -> str:
-    head = ["config", "rate", "s/round med", "s/round mean", "train s", "wall s",
-            f"s to {target:.2f}", "final acc", "xgrad kB", "model kB", "link s", "x dense",
-            "link share"]
+    head = ["config", "rate", "s/round med", "s/round mean", "wall s/round", "train s",
+            "wall s", f"s to {target:g}", f"wall s to {target:g}", "final acc", "xgrad kB",
+            "model kB", "link s", "x dense", "to target x dense", "link share"]
     rows = []
     for r in results:
         base = next(b for b in results if b.rate == r.rate)
         free = next((b for b in results if b.rate == "none" and b.spec == r.spec), None)
         median = statistics.median(r.round_seconds)
+        per_round = r.train_seconds / len(r.round_seconds)
         bits = rate_bits(r.rate)
         link = "-" if bits is None else f"{(r.xgrad_bytes + r.model_bytes) * 8 / bits:.3f}"
         rows.append([r.spec, r.rate, f"{median:.3f}", f"{statistics.fmean(r.round_seconds):.3f}",
+                     f"{per_round:.3f}",
                      f"{r.train_seconds:.1f}", f"{r.wall:.1f}",
                      "-" if r.time_to_target is None else
                      f"{r.time_to_target:.1f} @{r.round_at_target}",
+                     "-" if r.wall_to_target is None else f"{r.wall_to_target:.1f}",
                      f"{r.final_accuracy:.4f}", f"{r.xgrad_bytes / 1e3:.1f}",
                      f"{r.model_bytes / 1e3:.1f}", link,
-                     f"{median / statistics.median(base.round_seconds):.2f}",
+                     f"{per_round / (base.train_seconds / len(base.round_seconds)):.2f}",
+                     "-" if r.wall_to_target is None or base.wall_to_target is None else
+                     f"{r.wall_to_target / base.wall_to_target:.2f}",
                      "-" if free is None or r.rate == "none" else
-                     f"{1 - statistics.median(free.round_seconds) / median:.0%}"])
+                     f"{1 - free.train_seconds / r.train_seconds:.0%}"])
     widths = [max(len(h), *(len(row[k]) for row in rows)) for k, h in enumerate(head)]
 
     def line(cells: list[str]) -> str:  # the first two columns left-aligned, numbers right
@@ -452,7 +519,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mnist = Path(os.environ.get("CROSSGRAD_DATA") or "data") / "mnist"
     parser.add_argument("--configs", nargs="+",
                         default=["cga", "compcga:sign", "compcga:topk:0.01"],
-                        help="ALGORITHM[:COMPRESSOR] per run; the first is the baseline")
+                        help="ALGORITHM[:COMPRESSOR][+models:COMPRESSOR:STEP][+feedback:F] "
+                        "per run, e.g. compcga:topk:0.01+models:sign:0.8; the first is the "
+                        "baseline")
     parser.add_argument("--rates", nargs="+", default=["100mbit"],
                         help="tbf rates, each a set of runs ('none': no qdisc)")
     parser.add_argument("--burst", default="256kbit", help="tbf burst")
@@ -478,6 +547,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None,
                         help="run directory (default runs/<timestamp>-netns)")
     args = parser.parse_args(argv)
+    for spec in args.configs:
+        try:
+            spec_flags(spec)
+        except ValueError as err:
+            parser.error(str(err))
     if args.data_dir is None and args.dataset == "mnist":
         args.data_dir = mnist
     return args
@@ -519,13 +593,14 @@ def main(argv: list[str] | None = None) -> int:
             check = link_check(bed, procs, out / f"check-{rate}")
             print(f"link check at {rate}: {check}", flush=True)
             for spec in args.configs:
-                run_dir = out / f"{rate}-{spec.replace(':', '-')}"
+                run_dir = out / f"{rate}-{spec.replace(':', '-').replace('+', '_')}"
                 wall = train(bed, procs, args, spec, run_dir)
                 results.append(read_result(run_dir, args, spec, rate, wall))
                 r = results[-1]
                 print(f"  {spec} at {rate}: {statistics.median(r.round_seconds):.3f} s/round "
-                      f"(median), final mean accuracy {r.final_accuracy:.4f}, wall {wall:.1f} s",
-                      flush=True)
+                      f"(median), final mean accuracy {r.final_accuracy:.4f}, "
+                      f"{(r.xgrad_bytes + r.model_bytes) / 1e3:.1f} kB/round per peer, "
+                      f"{r.resyncs} resyncs, wall {wall:.1f} s", flush=True)
     except KeyboardInterrupt:
         print("interrupted: stopping the processes and removing the namespaces", file=sys.stderr)
         return 130
