@@ -102,7 +102,7 @@ def top_k(x: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def test_topk_replicas_are_choco_sgd_written_out() -> None:
-    """CHOCO-SGD (Koloskova et al. 2019, algorithm 1) with Nesterov momentum, written out with
+    """CHOCO-SGD (Koloskova et al. 2019, algorithm 2) with Nesterov momentum, written out with
     one replica per node: x^{t+1/2} = x - lr d; x^_i += topk(x^{t+1/2} - x^_i);
     x_i += gamma sum_l pi_il (x^_l - x^_i). Bit for bit over 12 rounds; top-k meets ties on
     this data within them (torch.topk's tie rule fails here), so the tie rule is checked too."""
