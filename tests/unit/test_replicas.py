@@ -91,6 +91,52 @@ def test_none_with_step_one_is_adapt_then_combine() -> None:
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def top_k(x: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The k largest magnitudes of x kept, the rest zeroed; ties toward the lower index."""
+    flat = x.reshape(-1)
+    k = min(flat.numel(), max(1, round(fraction * flat.numel())))
+    kept = torch.argsort(-flat.abs(), stable=True)[:k]
+    out = torch.zeros_like(flat)
+    out[kept] = flat[kept]
+    return out.reshape(x.shape)
+
+
+def test_topk_replicas_are_choco_sgd_written_out() -> None:
+    """CHOCO-SGD (Koloskova et al. 2019, algorithm 2) with Nesterov momentum, written out with
+    one replica per node: x^{t+1/2} = x - lr d; x^_i += topk(x^{t+1/2} - x^_i);
+    x_i += gamma sum_l pi_il (x^_l - x^_i). Bit for bit over 12 rounds; top-k meets ties on
+    this data within them (torch.topk's tie rule fails here), so the tie rule is checked too."""
+    step, fraction = 0.1, 0.01
+    cfg = config(algorithm="dpsgd", model_compressor=f"topk:{fraction}",
+                 consensus_step=step, rounds=12)
+    nodes, hoods = build(cfg)
+    reference, _ = build(config(algorithm="dpsgd", rounds=12))
+    _, assigned = assignments(cfg)
+    xs: dict[int, Params] = {n.id: [p.clone() for p in n.params] for n in reference}
+    hats: dict[int, Params] = {i: [p.clone() for p in x] for i, x in xs.items()}
+    momentum = {i: [torch.zeros_like(p) for p in x] for i, x in xs.items()}
+    for t in range(cfg.rounds):
+        simulate_round(nodes, hoods)
+        half: dict[int, Params] = {}
+        for node in reference:
+            i = node.id
+            _, grads = node.trainer.gradient(xs[i], t, "self")
+            lr = node.trainer.lr(t)
+            for m, g in zip(momentum[i], grads, strict=True):
+                m.mul_(cfg.momentum).add_(g)
+            half[i] = [x - lr * (g + cfg.momentum * m)
+                       for x, g, m in zip(xs[i], grads, momentum[i], strict=True)]
+            hats[i] = [h + top_k(x - h, fraction) for x, h in zip(half[i], hats[i], strict=True)]
+        xs = {i: [x + step * sum(assigned[i].weights[l] * (hats[l][k] - hats[i][k])
+                                 for l in sorted(assigned[i].neighbors))
+                  for k, x in enumerate(half[i])] for i in half}
+        for node in nodes:
+            assert node.replicas is not None
+            assert all(torch.equal(a, b) for a, b in zip(node.params, xs[node.id], strict=True))
+            assert all(torch.equal(a, b)
+                       for a, b in zip(node.replicas.own, hats[node.id], strict=True))
+
+
 def test_a_checkpoint_mid_run_continues_bit_for_bit() -> None:
     cfg = config(algorithm="cga", model_compressor="topk:0.05", consensus_step=0.4)
     straight, hoods = build(cfg)
