@@ -1,5 +1,5 @@
 """Model replicas: CHOCO-style gossip on compressed model updates (Koloskova, Stich, Jaggi,
-ICML 2019, algorithm 1; ICLR 2020). docs/algorithms.md, "Compressed models: replicas".
+ICML 2019, algorithm 2, CHOCO-SGD; ICLR 2020). docs/algorithms.md, "Compressed models: replicas".
 
 Node i keeps a replica x^_i of its own model and a copy of each neighbor's replica x^_l; all start
 at the shared initial model x^0. Invariant: at the start of every round, each neighbor's copy of
