@@ -31,6 +31,7 @@ import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -130,10 +131,13 @@ class RoundRecord:
     seconds: float
     stats: dict[str, float] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # RoundPhases.as_dict()
+    # Seconds this node spent computing cross-gradients for its neighbors during the round,
+    # off the round driver (server threads, the precompute worker): it overlaps the phases.
+    served_seconds: float = 0.0
 
 
 # The parts of a round's time, in the order a round runs them (RoundPhases).
-PHASES = ("compute", "wait", "transfer", "qp", "mix")
+PHASES = ("compute", "wait", "transfer", "qp", "mix", "checkpoint")
 
 
 @dataclass
@@ -144,10 +148,12 @@ class RoundPhases:
     compute    gradients on this node (its own, NGC's model-variant ones) and the checks of
                the fetched models; in the simulator also the neighbors' answers, computed here
     wait       from asking the neighbors until the last of them began to answer: their own
-               computing (a cross-gradient is computed on request) and their lateness
+               computing and their lateness; and the round driver's wait for this node's
+               gradient engine while it computed a neighbor's cross-gradient (served_seconds)
     transfer   the rest of the calls: bytes on the wire, decoding and validating them
     qp         CGA's quadratic programs (the algorithm's stats["qp_seconds"])
     mix        the rest of the algorithm's step: mixing, momentum, self-gradient compression
+    checkpoint writing the node's checkpoint after the round (a deployed peer, every K rounds)
     """
 
     compute: float = 0.0
@@ -155,6 +161,7 @@ class RoundPhases:
     transfer: float = 0.0
     qp: float = 0.0
     mix: float = 0.0
+    checkpoint: float = 0.0
 
     def called(self, neighborhood: Neighborhood, seconds: float) -> None:
         """Book `seconds` spent in one call of `neighborhood` (see wait_seconds)."""
@@ -254,6 +261,21 @@ class Node:
         self._updates: dict[int, tuple[list[Compressed], int]] = {}
         self._gossip_weights: dict[int, float] = {}  # pi_il of the last round's participants
         self.resyncs = 0  # neighbors' replicas and estimates resynchronised from dense state
+        # Overlap (docs/metrics.md, "Where a round's time goes"). Every gradient this node
+        # computes goes through _gradient_lock, one at a time, so that its time is measured
+        # once: a neighbor's cross-gradient (served) or the round driver's own (compute).
+        self._gradient_lock = threading.Lock()
+        self._times_lock = threading.Lock()  # the three below; never held while waiting
+        self._driver: int | None = None  # the thread running run_round (its ident)
+        self._served = 0.0  # seconds computing cross-gradients off the round driver, in all
+        self._blocked = 0.0  # of this round, the driver's wait for _gradient_lock
+        # Cross-gradients being computed, by (requester, round): a server thread asking for
+        # one that the precompute worker is computing waits for it instead of computing twice.
+        self._computing: dict[tuple[int, int], futures.Future[Params]] = {}
+        # One worker computes each neighbor's cross-gradient as soon as its model arrives
+        # (prepare_cross_gradient), so that it is ready when the neighbor asks.
+        self._worker = futures.ThreadPoolExecutor(max_workers=1,
+                                                  thread_name_prefix=f"cross-{node_id}")
 
     @property
     def names(self) -> list[str]:
@@ -450,7 +472,7 @@ class Node:
         key = (requester, round_)
         with self._lock:
             if key not in self._cross:
-                _, grads = self.trainer.gradient(requester_params, round_, f"cross:{requester}")
+                _, grads = self._gradient(requester_params, round_, f"cross:{requester}")
                 if self.threepoint is not None:
                     grads = self._send_three_point(requester, round_, grads)
                 elif self.feedback is not None:
@@ -463,6 +485,36 @@ class Node:
                              for r, g in zip(records, grads, strict=True)]
                 self._cross[key] = grads
             return self._cross[key]
+
+    def _gradient(self, params: Params, round_: int, purpose: str) -> tuple[float, Params]:
+        """trainer.gradient, one at a time, timed: off the round driver as served seconds; on
+        it, the wait for a served one to end as blocked (RoundPhases: wait, not compute)."""
+        asked = began = time.perf_counter()
+        if not self._gradient_lock.acquire(blocking=False):  # another gradient under way
+            self._gradient_lock.acquire()
+            began = time.perf_counter()
+        try:
+            result = self.trainer.gradient(params, round_, purpose)
+            ended = time.perf_counter()
+        finally:
+            self._gradient_lock.release()
+        with self._times_lock:
+            if threading.get_ident() == self._driver:
+                self._blocked += began - asked
+            else:
+                self._served += ended - began
+        return result
+
+    @property
+    def served_seconds(self) -> float:
+        """Seconds spent computing cross-gradients for neighbors off the round driver, in all
+        (RoundRecord.served_seconds is its increase over a round)."""
+        with self._times_lock:
+            return self._served
+
+    def close(self) -> None:
+        """Stop the precompute worker (a computation under way finishes)."""
+        self._worker.shutdown(wait=False, cancel_futures=True)
 
     def _send_three_point(self, requester: int, round_: int, grads: Params) -> Params:
         """EF21 / CLAG at the sender: the message to the requester is kept in _cross_deltas;
@@ -617,6 +669,8 @@ class Node:
         clock = time.perf_counter
         started = mark = clock()
         phases = RoundPhases()
+        with self._times_lock:
+            self._driver, self._blocked = threading.get_ident(), 0.0
         t = self.round
         algo = self.algorithm
         neighbors = list(self.assignment.neighbors)
@@ -639,8 +693,11 @@ class Node:
         weights = effective_weights(self.id, self.assignment, sorted(nbr_params))
         own = None if replicas is None else self.own_replica(t).params
         point = algo.self_grad_point(self.id, self.params, nbr_params, weights, own)
-        loss, self_grad = self.trainer.gradient(point, t, "self")
-        phases.compute += clock() - mark
+        loss, self_grad = self._gradient(point, t, "self")
+        with self._times_lock:
+            blocked = min(self._blocked, clock() - mark)
+        phases.compute += clock() - mark - blocked
+        phases.wait += blocked  # this node's gradient engine served a neighbor meanwhile
         received: dict[int, Params] = {}
         if algo.uses_received and nbr_params:
             mark = clock()
