@@ -91,6 +91,7 @@ class RoundLoop:
         self.catch_ups = CatchUps()
         self.times = RoundTimes()  # read by the metrics endpoint (peer/exporter.py)
         self.last_record: RoundRecord | None = None  # the last round's breakdown (GetStatus)
+        hood.prefetch_until = settings.rounds - 1  # the next round's models, fetched early
         self.stop_event = threading.Event()
         self._lock = threading.Lock()
         self._pending: AssignmentView | None = None

@@ -468,11 +468,25 @@ class Node:
         return replica.params
 
     def cross_gradient(self, requester: int, round_: int, requester_params: Params) -> Params:
-        """grad F_i(x_requester^round; B_i^round): the requester's model on this node's data."""
+        """grad F_i(x_requester^round; B_i^round): the requester's model on this node's data.
+
+        Computed once per (requester, round), whoever asks first (a server thread, the
+        precompute worker, NGC's round driver); the others wait for that computation. The
+        gradient runs outside the node's lock, so that models are served meanwhile."""
         key = (requester, round_)
         with self._lock:
-            if key not in self._cross:
-                _, grads = self._gradient(requester_params, round_, f"cross:{requester}")
+            done = self._cross.get(key)
+            if done is not None:
+                return done
+            pending = self._computing.get(key)
+            owner = pending is None
+            if pending is None:
+                pending = self._computing[key] = futures.Future()
+        if not owner:
+            return pending.result()
+        try:
+            _, grads = self._gradient(requester_params, round_, f"cross:{requester}")
+            with self._lock:
                 if self.threepoint is not None:
                     grads = self._send_three_point(requester, round_, grads)
                 elif self.feedback is not None:
@@ -484,7 +498,38 @@ class Node:
                     grads = [self.feedback.compressor.decompress(r).to(g.dtype)
                              for r, g in zip(records, grads, strict=True)]
                 self._cross[key] = grads
-            return self._cross[key]
+        except BaseException as exc:
+            pending.set_exception(exc)
+            raise
+        else:
+            pending.set_result(grads)
+            return grads
+        finally:
+            with self._lock:
+                self._computing.pop(key, None)
+
+    def prepare_cross_gradient(self, requester: int, round_: int, params: Params) -> None:
+        """x_requester^round has arrived for this node's round or the next (prefetched): compute
+        the requester's cross-gradient now, on the worker, exactly as cross_gradient would on
+        its request (same batch, seed and compression: they depend on the round, not on this
+        node's state), so that it is ready when asked. Only where the neighbor will ask (the
+        algorithm gathers cross-gradients) and a model was fetched (not under replicas)."""
+        if self.replicas is not None or not self.algorithm.uses_received:
+            return
+        if requester not in self.assignment.neighbors or round_ not in (self.round,
+                                                                         self.round + 1):
+            return
+        with self._lock:
+            if (requester, round_) in self._cross or (requester, round_) in self._computing:
+                return
+        self._worker.submit(self._precompute, requester, round_, params)
+
+    def _precompute(self, requester: int, round_: int, params: Params) -> None:
+        try:
+            self.cross_gradient(requester, round_, params)
+        except Exception as exc:  # the neighbor's request computes it again, and says why
+            log.warning("node %d round %d: precomputing node %d's cross-gradient failed: %s",
+                        self.id, round_, requester, exc)
 
     def _gradient(self, params: Params, round_: int, purpose: str) -> tuple[float, Params]:
         """trainer.gradient, one at a time, timed: off the round driver as served seconds; on
