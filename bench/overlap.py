@@ -8,10 +8,14 @@ A real run through the real CLI (crossgrad.cluster.LocalCluster): a bootstrap an
 each its own process, on loopback, plaintext, training CGA on a ring with --model on `digits`,
 evaluating only at the end. Each peer's metrics.jsonl gives, per round, its time (`seconds`), its
 phases and `served_seconds` (docs/metrics.md, "Where a round's time goes"). The node's own compute
-time for a round is `compute + served_seconds`: its own gradient and the cross-gradients it
-computed for its neighbors, each counted once. The table gives, over every node's rounds after
---warmup, the median round time, the median compute time and the median and 90th percentile of
-their ratio: 1.0 would be a round with no time spent on anything but computing.
+time for a round is counted two ways: its gradients, `compute + served_seconds` (its own and the
+cross-gradients it computed for its neighbors, each counted once), and all of it, the QP and the
+mixing (`qp + mix`) too. The table gives, over every node's rounds after --warmup, the median
+round time, the median compute time and the median and 90th percentile of the round's time over
+it: 1.0 would be a round with no time spent on anything but computing.
+
+--threads N runs each peer with N torch threads (OMP_NUM_THREADS); by default torch's own
+choice (one per core: with 3 peers on 2 cores, 6 threads contend for 2 cores).
 
 --baseline DIR runs everything first with the crossgrad checkout in DIR (e.g. `git archive
 COMMIT | tar -x -C DIR`; it must record served_seconds), then with this one.
@@ -44,8 +48,11 @@ class Figures:
 
     rounds: int
     wall: float  # median round seconds
-    compute: float  # median compute + served_seconds
-    ratio_median: float
+    gradients: float  # median compute + served_seconds
+    grad_median: float  # of round seconds / gradient seconds
+    grad_p90: float
+    compute: float  # median compute + served_seconds + qp + mix
+    ratio_median: float  # of round seconds / compute seconds
     ratio_p90: float
     load: float  # 1-minute load average before the run
 
@@ -56,18 +63,24 @@ def quantile(values: list[float], q: float) -> float:
 
 
 def summarize(out: Path, nodes: int, warmup: int, load: float) -> Figures:
-    walls, computes, ratios = [], [], []
+    walls, grads, grad_ratios, computes, ratios = [], [], [], [], []
     for i in range(nodes):
         for line in (out / f"node-{i}" / "metrics.jsonl").read_text().splitlines():
             r = json.loads(line)
             if r["kind"] != "round" or r["round"] < warmup:
                 continue
-            own = r["phases"]["compute"] + r.get("served_seconds", 0.0)
+            phases = r["phases"]
+            gradients = phases["compute"] + r["served_seconds"]
+            own = gradients + phases["qp"] + phases["mix"]
             walls.append(r["seconds"])
+            grads.append(gradients)
+            grad_ratios.append(r["seconds"] / gradients)
             computes.append(own)
             ratios.append(r["seconds"] / own)
-    return Figures(len(walls), statistics.median(walls), statistics.median(computes),
-                   statistics.median(ratios), quantile(ratios, 0.9), load)
+    return Figures(len(walls), statistics.median(walls), statistics.median(grads),
+                   statistics.median(grad_ratios), quantile(grad_ratios, 0.9),
+                   statistics.median(computes), statistics.median(ratios),
+                   quantile(ratios, 0.9), load)
 
 
 def run_cluster(args: argparse.Namespace, nodes: int, out: Path) -> None:
@@ -90,6 +103,8 @@ def measure(args: argparse.Namespace, code: Path, nodes: int, out: Path) -> Figu
     """Run the cluster in a child process whose imports (and peers) come from `code`."""
     load = os.getloadavg()[0]
     env = {**os.environ, "OVERLAP_CODE": str(code), "PYTHONPATH": str(code)}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(out),
                     "--nodes", str(nodes), "--rounds", str(args.rounds), "--model", args.model,
                     "--batch-size", str(args.batch_size)], env=env, cwd=code, check=True)
@@ -103,6 +118,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="first rounds left out")
     parser.add_argument("--model", default="cganet")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per peer")
     parser.add_argument("--baseline", type=Path, help="a checkout to measure first")
     parser.add_argument("--run-timeout", type=float, default=900.0)
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -115,16 +131,17 @@ def main() -> None:
     codes.append(("this", REPO))
     print(f"# {platform.node()}: {os.cpu_count()} cores, python {platform.python_version()}; "
           f"CGA, ring, {args.model} on digits, batch {args.batch_size}, {args.rounds} rounds "
-          f"(first {args.warmup} left out)")
-    print("| code | peers | rounds | round (ms, median) | compute (ms, median) | "
-          "round / compute median | p90 | load avg |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"(first {args.warmup} left out), torch threads per peer: {args.threads or 'default'}")
+    print("| code | peers | rounds | round ms | gradients ms | round / gradients (p90) | "
+          "compute ms | round / compute (p90) | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="overlap-") as tmp:
         for nodes in args.nodes:
             for label, code in codes:
                 f = measure(args, code, nodes, Path(tmp) / f"{label}-{nodes}")
                 print(f"| {label} | {nodes} | {f.rounds} | {1e3 * f.wall:.1f} | "
-                      f"{1e3 * f.compute:.1f} | {f.ratio_median:.2f} | {f.ratio_p90:.2f} | "
+                      f"{1e3 * f.gradients:.1f} | {f.grad_median:.2f} ({f.grad_p90:.2f}) | "
+                      f"{1e3 * f.compute:.1f} | {f.ratio_median:.2f} ({f.ratio_p90:.2f}) | "
                       f"{f.load:.1f} |", flush=True)
 
 

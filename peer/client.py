@@ -153,7 +153,13 @@ class GrpcNeighborhood:
         # (the run's last; None: never). The round loop sets it; the fetch is shared with the
         # round's own (fetch_model), so each model still crosses each link once.
         self.prefetch_until: int | None = None
+        self._last_ready = 0.0  # perf_counter of the last gather's last first message
         self._pool = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="neighbors")
+        # Apart from _pool: a prefetch may wait a whole round for a neighbor to publish, and
+        # must never keep the round's own calls from a thread.
+        self._prefetcher = futures.ThreadPoolExecutor(max_workers=16,
+                                                      thread_name_prefix="prefetch")
+        self._asker = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="asking")
         self.update(addresses)
 
     def update(self, addresses: Mapping[int, str]) -> None:
@@ -447,7 +453,8 @@ class GrpcNeighborhood:
                      for j, end in ended.items()]
             for key in [k for k in self._arrivals if k[2] < round_]:
                 del self._arrivals[key]  # fetched for a server thread, never gathered
-            self._last_wait = max(ready, default=started) - started
+            self._last_ready = max(ready, default=started)
+            self._last_wait = self._last_ready - started
 
     def wait_seconds(self) -> float | None:
         """Of the last models() or cross_gradients() call, the seconds before the last
@@ -483,7 +490,7 @@ class GrpcNeighborhood:
             return
         for j in neighbors:
             if self.node.neighbor_model(j, round_) is None:
-                self._pool.submit(self._prefetch_one, j, round_)
+                self._prefetcher.submit(self._prefetch_one, j, round_)
 
     def _prefetch_one(self, peer: int, round_: int) -> None:
         try:
@@ -508,6 +515,17 @@ class GrpcNeighborhood:
             return self.fetch_cross_gradient(peer, r, left)
 
         return self._gather(round_, neighbors, "cross_gradient", fetch)
+
+    def start_cross_gradients(self, round_: int, neighbors: Sequence[int],
+                              ) -> futures.Future[dict[int, Params]]:
+        """cross_gradients in the background: the round asks while it computes its own
+        gradient, and the answers cross the wire meanwhile (Node.run_round)."""
+        return self._asker.submit(self.cross_gradients, round_, neighbors)
+
+    def last_ready(self) -> float:
+        """When (time.perf_counter) the last neighbor of the last gather began to answer."""
+        with self._lock:
+            return self._last_ready
 
     def estimate_updates(self, round_: int, neighbors: Sequence[int]) -> dict[int, Update]:
         """Under EF21 / CLAG: cross_gradients, as the messages for this node's estimates."""
@@ -557,7 +575,8 @@ class GrpcNeighborhood:
             raise from_rpc_error(err, f"GetStatus of node {peer}") from None
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._prefetcher, self._asker):
+            pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             for channel in self._channels.values():
                 channel.close()

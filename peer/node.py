@@ -276,6 +276,7 @@ class Node:
         # (prepare_cross_gradient), so that it is ready when the neighbor asks.
         self._worker = futures.ThreadPoolExecutor(max_workers=1,
                                                   thread_name_prefix=f"cross-{node_id}")
+        self._prepared: dict[tuple[int, int], futures.Future[None]] = {}  # the worker's jobs
 
     @property
     def names(self) -> list[str]:
@@ -519,10 +520,22 @@ class Node:
         if requester not in self.assignment.neighbors or round_ not in (self.round,
                                                                          self.round + 1):
             return
+        key = (requester, round_)
         with self._lock:
-            if (requester, round_) in self._cross or (requester, round_) in self._computing:
+            if key in self._cross or key in self._computing or key in self._prepared:
                 return
-        self._worker.submit(self._precompute, requester, round_, params)
+            for old in [k for k in self._prepared if k[1] < self.round]:
+                del self._prepared[old]
+            self._prepared[key] = self._worker.submit(self._precompute, requester, round_,
+                                                      params)
+
+    def _serve_first(self, round_: int) -> None:
+        """Wait until the cross-gradients of round_ the worker was given are computed: the
+        neighbors wait for them, while only this node waits for its own gradient. Computing
+        theirs first, every node gets its answers sooner (docs/benchmarks.md, "Overlap")."""
+        with self._lock:
+            jobs = [job for key, job in self._prepared.items() if key[1] == round_]
+        futures.wait(jobs)
 
     def _precompute(self, requester: int, round_: int, params: Params) -> None:
         try:
@@ -734,6 +747,16 @@ class Node:
             phases.called(neighborhood, clock() - mark)
             mark = clock()
         self._drop_implausible(t, nbr_params)
+        early = None  # asked now, answered while this node computes (a networked neighborhood)
+        ask_early = getattr(neighborhood, "start_cross_gradients", None)
+        if ask_early is not None and algo.uses_received and not algo.uses_local and \
+                self.threepoint is None and nbr_params:
+            early = ask_early(t, sorted(nbr_params))
+        phases.compute += clock() - mark
+        mark = clock()
+        self._serve_first(t)
+        phases.wait += clock() - mark  # the node computed its neighbors' cross-gradients
+        mark = clock()
         local = self._local_cross_gradients(t, nbr_params) if algo.uses_local else {}
         weights = effective_weights(self.id, self.assignment, sorted(nbr_params))
         own = None if replicas is None else self.own_replica(t).params
@@ -744,7 +767,15 @@ class Node:
         phases.compute += clock() - mark - blocked
         phases.wait += blocked  # this node's gradient engine served a neighbor meanwhile
         received: dict[int, Params] = {}
-        if algo.uses_received and nbr_params:
+        if early is not None:
+            mark = clock()
+            received = early.result()
+            elapsed = clock() - mark
+            waited = min(max(neighborhood.last_ready() - mark, 0.0),  # type: ignore[attr-defined]
+                         elapsed)
+            phases.wait += waited
+            phases.transfer += elapsed - waited
+        elif algo.uses_received and nbr_params:
             mark = clock()
             if self.threepoint is not None:
                 source3: EstimateSource = neighborhood  # type: ignore[assignment]
