@@ -18,7 +18,8 @@ it: 1.0 would be a round with no time spent on anything but computing.
 choice (one per core: with 3 peers on 2 cores, 6 threads contend for 2 cores).
 
 --baseline DIR runs everything first with the crossgrad checkout in DIR (e.g. `git archive
-COMMIT | tar -x -C DIR`; it must record served_seconds), then with this one.
+COMMIT | tar -x -C DIR`; it must record served_seconds), then with this one; --repeat N does
+that N times, alternating, so that a change in the machine's load hits both alike.
 
 The peers share the machine's cores with each other (and here with other jobs): the load average
 before each run is printed, and compute times include the slowdown that sharing causes.
@@ -27,6 +28,7 @@ before each run is printed, and compute times include the slowdown that sharing 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -120,6 +122,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per peer")
     parser.add_argument("--baseline", type=Path, help="a checkout to measure first")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each, alternating")
     parser.add_argument("--run-timeout", type=float, default=900.0)
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -137,8 +140,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="overlap-") as tmp:
         for nodes in args.nodes:
-            for label, code in codes:
-                f = measure(args, code, nodes, Path(tmp) / f"{label}-{nodes}")
+            for rep, (label, code) in itertools.product(range(args.repeat), codes):
+                f = measure(args, code, nodes, Path(tmp) / f"{label}-{nodes}-{rep}")
                 print(f"| {label} | {nodes} | {f.rounds} | {1e3 * f.wall:.1f} | "
                       f"{1e3 * f.gradients:.1f} | {f.grad_median:.2f} ({f.grad_p90:.2f}) | "
                       f"{1e3 * f.compute:.1f} | {f.ratio_median:.2f} ({f.ratio_p90:.2f}) | "

@@ -16,6 +16,13 @@ A neighbor that does not answer is left out of the round: its weight goes to the
 Serving side: `model(t)` and `cross_gradient(requester, t, x_requester)` answer neighbors; a
 cross-gradient is computed once per (requester, round) and cached.
 
+Overlap (a deployed peer; docs/benchmarks.md, "Overlap"): as each neighbor's model arrives (in
+step 2, or prefetched by the neighborhood as soon as the neighbor published it), its
+cross-gradient is computed on a worker (prepare_cross_gradient), exactly as on its request; the
+round driver lets those finish before its own gradient (the neighbors wait for them), and a
+networked neighborhood asks for step 4's cross-gradients before step 3, so that they cross the
+wire while the node computes. What is computed, and in which order per link, is unchanged.
+
 With model replicas (peer/replicas.py) step 2 reads the node's copies of the neighbors' replicas
 instead of fetching models (a copy that is missing is resynchronised from the neighbor's dense
 replica first), a cross-gradient is taken at the server's copy of the requester's replica, step 5
@@ -148,8 +155,8 @@ class RoundPhases:
     compute    gradients on this node (its own, NGC's model-variant ones) and the checks of
                the fetched models; in the simulator also the neighbors' answers, computed here
     wait       from asking the neighbors until the last of them began to answer: their own
-               computing and their lateness; and the round driver's wait for this node's
-               gradient engine while it computed a neighbor's cross-gradient (served_seconds)
+               computing and their lateness; and the round driver's wait while this node
+               computed its neighbors' cross-gradients first (served_seconds)
     transfer   the rest of the calls: bytes on the wire, decoding and validating them
     qp         CGA's quadratic programs (the algorithm's stats["qp_seconds"])
     mix        the rest of the algorithm's step: mixing, momentum, self-gradient compression
@@ -529,13 +536,10 @@ class Node:
             self._prepared[key] = self._worker.submit(self._precompute, requester, round_,
                                                       params)
 
-    def _serve_first(self, round_: int) -> None:
-        """Wait until the cross-gradients of round_ the worker was given are computed: the
-        neighbors wait for them, while only this node waits for its own gradient. Computing
-        theirs first, every node gets its answers sooner (docs/benchmarks.md, "Overlap")."""
+    def _prepared_jobs(self, round_: int) -> list[futures.Future[None]]:
+        """The worker's cross-gradients of round_ (done or not)."""
         with self._lock:
-            jobs = [job for key, job in self._prepared.items() if key[1] == round_]
-        futures.wait(jobs)
+            return [job for key, job in self._prepared.items() if key[1] == round_]
 
     def _precompute(self, requester: int, round_: int, params: Params) -> None:
         try:
@@ -752,11 +756,15 @@ class Node:
         if ask_early is not None and algo.uses_received and not algo.uses_local and \
                 self.threepoint is None and nbr_params:
             early = ask_early(t, sorted(nbr_params))
-        phases.compute += clock() - mark
-        mark = clock()
-        self._serve_first(t)
-        phases.wait += clock() - mark  # the node computed its neighbors' cross-gradients
-        mark = clock()
+        # The neighbors' cross-gradients before this node's own gradient: they wait for theirs,
+        # while only this node waits for its own, so every node gets its answers sooner.
+        jobs = self._prepared_jobs(t)
+        if jobs:
+            phases.compute += clock() - mark
+            mark = clock()
+            futures.wait(jobs)
+            phases.wait += clock() - mark  # the node computed its neighbors' cross-gradients
+            mark = clock()
         local = self._local_cross_gradients(t, nbr_params) if algo.uses_local else {}
         weights = effective_weights(self.id, self.assignment, sorted(nbr_params))
         own = None if replicas is None else self.own_replica(t).params
