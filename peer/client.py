@@ -149,7 +149,17 @@ class GrpcNeighborhood:
         # wait of the last gather (wait_seconds)
         self._arrivals: dict[tuple[str, int, int], float] = {}
         self._last_wait = 0.0
+        # Fetch x_j^{t+1} in the background once round t's models are in, up to this round
+        # (the run's last; None: never). The round loop sets it; the fetch is shared with the
+        # round's own (fetch_model), so each model still crosses each link once.
+        self.prefetch_until: int | None = None
+        self._last_ready = 0.0  # perf_counter of the last gather's last first message
         self._pool = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="neighbors")
+        # Apart from _pool: a prefetch may wait a whole round for a neighbor to publish, and
+        # must never keep the round's own calls from a thread.
+        self._prefetcher = futures.ThreadPoolExecutor(max_workers=16,
+                                                      thread_name_prefix="prefetch")
+        self._asker = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="asking")
         self.update(addresses)
 
     def update(self, addresses: Mapping[int, str]) -> None:
@@ -443,7 +453,8 @@ class GrpcNeighborhood:
                      for j, end in ended.items()]
             for key in [k for k in self._arrivals if k[2] < round_]:
                 del self._arrivals[key]  # fetched for a server thread, never gathered
-            self._last_wait = max(ready, default=started) - started
+            self._last_ready = max(ready, default=started)
+            self._last_wait = self._last_ready - started
 
     def wait_seconds(self) -> float | None:
         """Of the last models() or cross_gradients() call, the seconds before the last
@@ -452,10 +463,42 @@ class GrpcNeighborhood:
             return self._last_wait
 
     def models(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
-        """x_j^round from each neighbor; starts the round's deadline (see cross_gradients)."""
+        """x_j^round from each neighbor; starts the round's deadline (see cross_gradients).
+
+        Each model, as it arrives, starts the node computing that neighbor's cross-gradient
+        (Node.prepare_cross_gradient); once all are in, the next round's are prefetched."""
         with self._lock:
             self._round_deadline = (round_, time.monotonic() + self.timeout)
-        return self._gather(round_, neighbors, "model", self.fetch_model)
+
+        def fetch(peer: int, r: int) -> Params:
+            params = self.fetch_model(peer, r)
+            self.node.prepare_cross_gradient(peer, r, params)
+            return params
+
+        out = self._gather(round_, neighbors, "model", fetch)
+        self._prefetch(round_ + 1, sorted(out))
+        return out
+
+    def _prefetch(self, round_: int, neighbors: Sequence[int]) -> None:
+        """Fetch x_j^round of each neighbor in the background: a neighbor's server answers as
+        soon as it publishes it, while this node may still be in its round before, and this
+        node starts on that neighbor's cross-gradient of round at once. Not across
+        an announced change of neighbors, nor past prefetch_until. A failure is forgotten: the
+        round fetches again (and a dead neighbor still costs it at most its deadline)."""
+        last = self.prefetch_until
+        if last is None or round_ > last or self.node.upcoming:
+            return
+        for j in neighbors:
+            if self.node.neighbor_model(j, round_) is None:
+                self._prefetcher.submit(self._prefetch_one, j, round_)
+
+    def _prefetch_one(self, peer: int, round_: int) -> None:
+        try:
+            params = self.fetch_model(peer, round_)
+            self.node.prepare_cross_gradient(peer, round_, params)
+        except Exception as exc:  # the round's own fetch tries again, and reports it
+            log.debug("node %d: prefetching node %d's model of round %d: %s", self.node.id,
+                      peer, round_, exc)
 
     def cross_gradients(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
         """g_ij from each neighbor, within what is left of the round's deadline: a neighbor
@@ -472,6 +515,17 @@ class GrpcNeighborhood:
             return self.fetch_cross_gradient(peer, r, left)
 
         return self._gather(round_, neighbors, "cross_gradient", fetch)
+
+    def start_cross_gradients(self, round_: int, neighbors: Sequence[int],
+                              ) -> futures.Future[dict[int, Params]]:
+        """cross_gradients in the background: the round asks while it computes its own
+        gradient, and the answers cross the wire meanwhile (Node.run_round)."""
+        return self._asker.submit(self.cross_gradients, round_, neighbors)
+
+    def last_ready(self) -> float:
+        """When (time.perf_counter) the last neighbor of the last gather began to answer."""
+        with self._lock:
+            return self._last_ready
 
     def estimate_updates(self, round_: int, neighbors: Sequence[int]) -> dict[int, Update]:
         """Under EF21 / CLAG: cross_gradients, as the messages for this node's estimates."""
@@ -521,7 +575,8 @@ class GrpcNeighborhood:
             raise from_rpc_error(err, f"GetStatus of node {peer}") from None
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._prefetcher, self._asker):
+            pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             for channel in self._channels.values():
                 channel.close()

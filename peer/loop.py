@@ -90,6 +90,8 @@ class RoundLoop:
         self.evaluated_round = 0  # the round of last_accuracy (PeerStatus.evaluated_round)
         self.catch_ups = CatchUps()
         self.times = RoundTimes()  # read by the metrics endpoint (peer/exporter.py)
+        self.last_record: RoundRecord | None = None  # the last round's breakdown (GetStatus)
+        hood.prefetch_until = settings.rounds - 1  # the next round's models, fetched early
         self.stop_event = threading.Event()
         self._lock = threading.Lock()
         self._pending: AssignmentView | None = None
@@ -196,18 +198,19 @@ class RoundLoop:
                 self.catch_up_if_behind()
                 if node.round >= cfg.rounds:
                     break
+            served = node.served_seconds
             node.publish()
             record = node.run_round(self.hood)
             node.finish_round(self.hood, record)  # under replicas: updates applied, gossip
+            self._checkpoint(record)
+            record.served_seconds = node.served_seconds - served
             self.last_loss = record.loss
+            self.last_record = record
             self.times.observe(record.seconds, record.phases)
             self._note_round(record)
             per_kind = self.traffic.per_kind()
             self.recorder.round(record, bytes=pair_sum(per_kind.values()),
                                 bytes_by_kind=kinds_json(per_kind), epoch=node.assignment.epoch)
-            if self.checkpoint is not None and self.checkpoint_every and \
-                    node.round % self.checkpoint_every == 0:
-                self.checkpoint("periodic")
             if node.round % cfg.eval_every == 0 or node.round == cfg.rounds:
                 self.evaluate(record)
         if node.round >= cfg.rounds:
@@ -216,6 +219,18 @@ class RoundLoop:
         else:  # stopped: its next round will not come, and neighbors must not wait for it
             self.state = PeerState.DRAINING
             node.stop_publishing()
+
+    def _checkpoint(self, record: RoundRecord) -> None:
+        """Every checkpoint_every rounds, save the node's state; its time is the round's
+        `checkpoint` phase (and part of the round's seconds)."""
+        if self.checkpoint is None or not self.checkpoint_every or \
+                self.node.round % self.checkpoint_every:
+            return
+        started = time.perf_counter()
+        self.checkpoint("periodic")
+        seconds = time.perf_counter() - started
+        record.phases["checkpoint"] = record.phases.get("checkpoint", 0.0) + seconds
+        record.seconds += seconds
 
     def evaluate(self, record: RoundRecord | None = None) -> None:
         loss, acc = self.node.trainer.evaluate(self.node.params, self.test_x, self.test_y)

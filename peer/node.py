@@ -16,6 +16,13 @@ A neighbor that does not answer is left out of the round: its weight goes to the
 Serving side: `model(t)` and `cross_gradient(requester, t, x_requester)` answer neighbors; a
 cross-gradient is computed once per (requester, round) and cached.
 
+Overlap (a deployed peer; docs/benchmarks.md, "Overlap"): as each neighbor's model arrives (in
+step 2, or prefetched by the neighborhood as soon as the neighbor published it), its
+cross-gradient is computed on a worker (prepare_cross_gradient), exactly as on its request; the
+round driver lets those finish before its own gradient (the neighbors wait for them), and a
+networked neighborhood asks for step 4's cross-gradients before step 3, so that they cross the
+wire while the node computes. What is computed, and in which order per link, is unchanged.
+
 With model replicas (peer/replicas.py) step 2 reads the node's copies of the neighbors' replicas
 instead of fetching models (a copy that is missing is resynchronised from the neighbor's dense
 replica first), a cross-gradient is taken at the server's copy of the requester's replica, step 5
@@ -31,6 +38,7 @@ import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -130,10 +138,13 @@ class RoundRecord:
     seconds: float
     stats: dict[str, float] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # RoundPhases.as_dict()
+    # Seconds this node spent computing cross-gradients for its neighbors during the round,
+    # off the round driver (server threads, the precompute worker): it overlaps the phases.
+    served_seconds: float = 0.0
 
 
 # The parts of a round's time, in the order a round runs them (RoundPhases).
-PHASES = ("compute", "wait", "transfer", "qp", "mix")
+PHASES = ("compute", "wait", "transfer", "qp", "mix", "checkpoint")
 
 
 @dataclass
@@ -144,10 +155,12 @@ class RoundPhases:
     compute    gradients on this node (its own, NGC's model-variant ones) and the checks of
                the fetched models; in the simulator also the neighbors' answers, computed here
     wait       from asking the neighbors until the last of them began to answer: their own
-               computing (a cross-gradient is computed on request) and their lateness
+               computing and their lateness; and the round driver's wait while this node
+               computed its neighbors' cross-gradients first (served_seconds)
     transfer   the rest of the calls: bytes on the wire, decoding and validating them
     qp         CGA's quadratic programs (the algorithm's stats["qp_seconds"])
     mix        the rest of the algorithm's step: mixing, momentum, self-gradient compression
+    checkpoint writing the node's checkpoint after the round (a deployed peer, every K rounds)
     """
 
     compute: float = 0.0
@@ -155,6 +168,7 @@ class RoundPhases:
     transfer: float = 0.0
     qp: float = 0.0
     mix: float = 0.0
+    checkpoint: float = 0.0
 
     def called(self, neighborhood: Neighborhood, seconds: float) -> None:
         """Book `seconds` spent in one call of `neighborhood` (see wait_seconds)."""
@@ -254,6 +268,22 @@ class Node:
         self._updates: dict[int, tuple[list[Compressed], int]] = {}
         self._gossip_weights: dict[int, float] = {}  # pi_il of the last round's participants
         self.resyncs = 0  # neighbors' replicas and estimates resynchronised from dense state
+        # Overlap (docs/metrics.md, "Where a round's time goes"). Every gradient this node
+        # computes goes through _gradient_lock, one at a time, so that its time is measured
+        # once: a neighbor's cross-gradient (served) or the round driver's own (compute).
+        self._gradient_lock = threading.Lock()
+        self._times_lock = threading.Lock()  # the three below; never held while waiting
+        self._driver: int | None = None  # the thread running run_round (its ident)
+        self._served = 0.0  # seconds computing cross-gradients off the round driver, in all
+        self._blocked = 0.0  # of this round, the driver's wait for _gradient_lock
+        # Cross-gradients being computed, by (requester, round): a server thread asking for
+        # one that the precompute worker is computing waits for it instead of computing twice.
+        self._computing: dict[tuple[int, int], futures.Future[Params]] = {}
+        # One worker computes each neighbor's cross-gradient as soon as its model arrives
+        # (prepare_cross_gradient), so that it is ready when the neighbor asks.
+        self._worker = futures.ThreadPoolExecutor(max_workers=1,
+                                                  thread_name_prefix=f"cross-{node_id}")
+        self._prepared: dict[tuple[int, int], futures.Future[None]] = {}  # the worker's jobs
 
     @property
     def names(self) -> list[str]:
@@ -446,11 +476,25 @@ class Node:
         return replica.params
 
     def cross_gradient(self, requester: int, round_: int, requester_params: Params) -> Params:
-        """grad F_i(x_requester^round; B_i^round): the requester's model on this node's data."""
+        """grad F_i(x_requester^round; B_i^round): the requester's model on this node's data.
+
+        Computed once per (requester, round), whoever asks first (a server thread, the
+        precompute worker, NGC's round driver); the others wait for that computation. The
+        gradient runs outside the node's lock, so that models are served meanwhile."""
         key = (requester, round_)
         with self._lock:
-            if key not in self._cross:
-                _, grads = self.trainer.gradient(requester_params, round_, f"cross:{requester}")
+            done = self._cross.get(key)
+            if done is not None:
+                return done
+            pending = self._computing.get(key)
+            owner = pending is None
+            if pending is None:
+                pending = self._computing[key] = futures.Future()
+        if not owner:
+            return pending.result()
+        try:
+            _, grads = self._gradient(requester_params, round_, f"cross:{requester}")
+            with self._lock:
                 if self.threepoint is not None:
                     grads = self._send_three_point(requester, round_, grads)
                 elif self.feedback is not None:
@@ -462,7 +506,77 @@ class Node:
                     grads = [self.feedback.compressor.decompress(r).to(g.dtype)
                              for r, g in zip(records, grads, strict=True)]
                 self._cross[key] = grads
-            return self._cross[key]
+        except BaseException as exc:
+            pending.set_exception(exc)
+            raise
+        else:
+            pending.set_result(grads)
+            return grads
+        finally:
+            with self._lock:
+                self._computing.pop(key, None)
+
+    def prepare_cross_gradient(self, requester: int, round_: int, params: Params) -> None:
+        """x_requester^round has arrived for this node's round or the next (prefetched): compute
+        the requester's cross-gradient now, on the worker, exactly as cross_gradient would on
+        its request (same batch, seed and compression: they depend on the round, not on this
+        node's state), so that it is ready when asked. Only where the neighbor will ask (the
+        algorithm gathers cross-gradients) and a model was fetched (not under replicas)."""
+        if self.replicas is not None or not self.algorithm.uses_received:
+            return
+        if requester not in self.assignment.neighbors or round_ not in (self.round,
+                                                                         self.round + 1):
+            return
+        key = (requester, round_)
+        with self._lock:
+            if key in self._cross or key in self._computing or key in self._prepared:
+                return
+            for old in [k for k in self._prepared if k[1] < self.round]:
+                del self._prepared[old]
+            self._prepared[key] = self._worker.submit(self._precompute, requester, round_,
+                                                      params)
+
+    def _prepared_jobs(self, round_: int) -> list[futures.Future[None]]:
+        """The worker's cross-gradients of round_ (done or not)."""
+        with self._lock:
+            return [job for key, job in self._prepared.items() if key[1] == round_]
+
+    def _precompute(self, requester: int, round_: int, params: Params) -> None:
+        try:
+            self.cross_gradient(requester, round_, params)
+        except Exception as exc:  # the neighbor's request computes it again, and says why
+            log.warning("node %d round %d: precomputing node %d's cross-gradient failed: %s",
+                        self.id, round_, requester, exc)
+
+    def _gradient(self, params: Params, round_: int, purpose: str) -> tuple[float, Params]:
+        """trainer.gradient, one at a time, timed: off the round driver as served seconds; on
+        it, the wait for a served one to end as blocked (RoundPhases: wait, not compute)."""
+        asked = began = time.perf_counter()
+        if not self._gradient_lock.acquire(blocking=False):  # another gradient under way
+            self._gradient_lock.acquire()
+            began = time.perf_counter()
+        try:
+            result = self.trainer.gradient(params, round_, purpose)
+            ended = time.perf_counter()
+        finally:
+            self._gradient_lock.release()
+        with self._times_lock:
+            if threading.get_ident() == self._driver:
+                self._blocked += began - asked
+            else:
+                self._served += ended - began
+        return result
+
+    @property
+    def served_seconds(self) -> float:
+        """Seconds spent computing cross-gradients for neighbors off the round driver, in all
+        (RoundRecord.served_seconds is its increase over a round)."""
+        with self._times_lock:
+            return self._served
+
+    def close(self) -> None:
+        """Stop the precompute worker (a computation under way finishes)."""
+        self._worker.shutdown(wait=False, cancel_futures=True)
 
     def _send_three_point(self, requester: int, round_: int, grads: Params) -> Params:
         """EF21 / CLAG at the sender: the message to the requester is kept in _cross_deltas;
@@ -617,6 +731,8 @@ class Node:
         clock = time.perf_counter
         started = mark = clock()
         phases = RoundPhases()
+        with self._times_lock:
+            self._driver, self._blocked = threading.get_ident(), 0.0
         t = self.round
         algo = self.algorithm
         neighbors = list(self.assignment.neighbors)
@@ -635,14 +751,39 @@ class Node:
             phases.called(neighborhood, clock() - mark)
             mark = clock()
         self._drop_implausible(t, nbr_params)
+        early = None  # asked now, answered while this node computes (a networked neighborhood)
+        ask_early = getattr(neighborhood, "start_cross_gradients", None)
+        if ask_early is not None and algo.uses_received and not algo.uses_local and \
+                self.threepoint is None and nbr_params:
+            early = ask_early(t, sorted(nbr_params))
+        # The neighbors' cross-gradients before this node's own gradient: they wait for theirs,
+        # while only this node waits for its own, so every node gets its answers sooner.
+        jobs = self._prepared_jobs(t)
+        if jobs:
+            phases.compute += clock() - mark
+            mark = clock()
+            futures.wait(jobs)
+            phases.wait += clock() - mark  # the node computed its neighbors' cross-gradients
+            mark = clock()
         local = self._local_cross_gradients(t, nbr_params) if algo.uses_local else {}
         weights = effective_weights(self.id, self.assignment, sorted(nbr_params))
         own = None if replicas is None else self.own_replica(t).params
         point = algo.self_grad_point(self.id, self.params, nbr_params, weights, own)
-        loss, self_grad = self.trainer.gradient(point, t, "self")
-        phases.compute += clock() - mark
+        loss, self_grad = self._gradient(point, t, "self")
+        with self._times_lock:
+            blocked = min(self._blocked, clock() - mark)
+        phases.compute += clock() - mark - blocked
+        phases.wait += blocked  # this node's gradient engine served a neighbor meanwhile
         received: dict[int, Params] = {}
-        if algo.uses_received and nbr_params:
+        if early is not None:
+            mark = clock()
+            received = early.result()
+            elapsed = clock() - mark
+            waited = min(max(neighborhood.last_ready() - mark, 0.0),  # type: ignore[attr-defined]
+                         elapsed)
+            phases.wait += waited
+            phases.transfer += elapsed - waited
+        elif algo.uses_received and nbr_params:
             mark = clock()
             if self.threepoint is not None:
                 source3: EstimateSource = neighborhood  # type: ignore[assignment]

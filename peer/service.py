@@ -290,6 +290,12 @@ class PeerRuntime:
             status.catch_ups = loop.catch_ups.count
             status.caught_up_to_round = loop.catch_ups.last_round
             status.evaluated_round = loop.evaluated_round
+            record = loop.last_record
+            if record is not None:
+                status.last_round = record.round
+                status.last_round_seconds = record.seconds
+                status.last_round_phases.update(record.phases)
+                status.last_round_served_seconds = record.served_seconds
         else:
             status.last_loss = status.last_accuracy = float("nan")
         status.resumes = self.resumes
@@ -515,3 +521,5 @@ class PeerRuntime:
             self.metrics = None
         if self.hood is not None:
             self.hood.close()
+        if self.node is not None:
+            self.node.close()

@@ -78,7 +78,7 @@ class KindBytes(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., sent_bytes: _Optional[int] = ..., received_bytes: _Optional[int] = ...) -> None: ...
 
 class PeerStatus(_message.Message):
-    __slots__ = ("node_id", "address", "round", "total_rounds", "algorithm", "neighbor_ids", "weights", "self_weight", "topology_epoch", "last_loss", "last_accuracy", "bytes_sent", "bytes_received", "links", "qp_fallbacks", "missed_neighbor_answers", "rejected_messages", "state", "kinds", "resumes", "resumed_from_round", "caught_up_to_round", "catch_ups", "refusals", "waiting_on", "evaluated_round", "resyncs", "cross_skips", "cross_sent")
+    __slots__ = ("node_id", "address", "round", "total_rounds", "algorithm", "neighbor_ids", "weights", "self_weight", "topology_epoch", "last_loss", "last_accuracy", "bytes_sent", "bytes_received", "links", "qp_fallbacks", "missed_neighbor_answers", "rejected_messages", "state", "kinds", "resumes", "resumed_from_round", "caught_up_to_round", "catch_ups", "refusals", "waiting_on", "evaluated_round", "resyncs", "cross_skips", "cross_sent", "last_round", "last_round_seconds", "last_round_phases", "last_round_served_seconds")
     class WeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,13 @@ class PeerStatus(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class LastRoundPhasesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +129,10 @@ class PeerStatus(_message.Message):
     RESYNCS_FIELD_NUMBER: _ClassVar[int]
     CROSS_SKIPS_FIELD_NUMBER: _ClassVar[int]
     CROSS_SENT_FIELD_NUMBER: _ClassVar[int]
+    LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    LAST_ROUND_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ROUND_PHASES_FIELD_NUMBER: _ClassVar[int]
+    LAST_ROUND_SERVED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     address: str
     round: int
@@ -151,4 +162,8 @@ class PeerStatus(_message.Message):
     resyncs: int
     cross_skips: int
     cross_sent: int
-    def __init__(self, node_id: _Optional[int] = ..., address: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., algorithm: _Optional[str] = ..., neighbor_ids: _Optional[_Iterable[int]] = ..., weights: _Optional[_Mapping[int, float]] = ..., self_weight: _Optional[float] = ..., topology_epoch: _Optional[int] = ..., last_loss: _Optional[float] = ..., last_accuracy: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkBytes, _Mapping]]] = ..., qp_fallbacks: _Optional[int] = ..., missed_neighbor_answers: _Optional[int] = ..., rejected_messages: _Optional[int] = ..., state: _Optional[str] = ..., kinds: _Optional[_Iterable[_Union[KindBytes, _Mapping]]] = ..., resumes: _Optional[int] = ..., resumed_from_round: _Optional[int] = ..., caught_up_to_round: _Optional[int] = ..., catch_ups: _Optional[int] = ..., refusals: _Optional[_Mapping[str, int]] = ..., waiting_on: _Optional[_Iterable[int]] = ..., evaluated_round: _Optional[int] = ..., resyncs: _Optional[int] = ..., cross_skips: _Optional[int] = ..., cross_sent: _Optional[int] = ...) -> None: ...
+    last_round: int
+    last_round_seconds: float
+    last_round_phases: _containers.ScalarMap[str, float]
+    last_round_served_seconds: float
+    def __init__(self, node_id: _Optional[int] = ..., address: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., algorithm: _Optional[str] = ..., neighbor_ids: _Optional[_Iterable[int]] = ..., weights: _Optional[_Mapping[int, float]] = ..., self_weight: _Optional[float] = ..., topology_epoch: _Optional[int] = ..., last_loss: _Optional[float] = ..., last_accuracy: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkBytes, _Mapping]]] = ..., qp_fallbacks: _Optional[int] = ..., missed_neighbor_answers: _Optional[int] = ..., rejected_messages: _Optional[int] = ..., state: _Optional[str] = ..., kinds: _Optional[_Iterable[_Union[KindBytes, _Mapping]]] = ..., resumes: _Optional[int] = ..., resumed_from_round: _Optional[int] = ..., caught_up_to_round: _Optional[int] = ..., catch_ups: _Optional[int] = ..., refusals: _Optional[_Mapping[str, int]] = ..., waiting_on: _Optional[_Iterable[int]] = ..., evaluated_round: _Optional[int] = ..., resyncs: _Optional[int] = ..., cross_skips: _Optional[int] = ..., cross_sent: _Optional[int] = ..., last_round: _Optional[int] = ..., last_round_seconds: _Optional[float] = ..., last_round_phases: _Optional[_Mapping[str, float]] = ..., last_round_served_seconds: _Optional[float] = ...) -> None: ...

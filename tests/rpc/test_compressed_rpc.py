@@ -164,7 +164,9 @@ def warm(runs: dict[str, Run]) -> Iterator[dict[str, Compressing]]:
             c.node0.publish()
             assert ask(cluster.peer_stub(c.rt0.address), "ComputeCrossGradient", 2, 0,
                        timeout=10)
-            assert c.node0.feedback is not None and len(c.node0.feedback) == 6
+            # Both links' memories: node 2 asked; node 1's cross-gradient was computed when its
+            # model arrived (peer/node.py, prepare_cross_gradient), whether or not it asks.
+            assert c.node0.feedback is not None and len(c.node0.feedback) == 12
         yield clusters
 
 

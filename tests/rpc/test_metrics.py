@@ -12,10 +12,12 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bootstrap.server import BootstrapServer
 from crossgrad.config import RunConfig
+from crossgrad.v1 import peer_pb2
 from peer.node import PHASES
 from peer.service import PeerRuntime
 
@@ -69,7 +71,9 @@ def test_a_live_run_exports_the_listed_metrics_and_they_grow(tmp_path: Path,
     assert (one(empty, "crossgrad_live_peers"), one(empty, "crossgrad_topology_epoch")) == (0, 0)
 
     runtimes = {i: cluster.runtime(i, serve=False, bootstrap=boot.address, metrics_port=0,
-                                   out=tmp_path / f"node-{i}", join_timeout=60.0, timeout=30.0)
+                                   out=tmp_path / f"node-{i}", join_timeout=60.0, timeout=30.0,
+                                   **({"checkpoint_dir": tmp_path / "ckpt", "checkpoint_every": 2}
+                                      if i == 0 else {}))
                 for i in range(SETTINGS.nodes)}
     in_threads(runtimes, PeerRuntime.start)  # joined, assigned, SERVING; no round run yet
     ports = {i: r.metrics.port for i, r in runtimes.items() if r.metrics is not None}
@@ -131,3 +135,19 @@ def test_a_live_run_exports_the_listed_metrics_and_they_grow(tmp_path: Path,
         assert sorted(r["phases"]) == sorted(PHASES)
         assert sum(r["phases"].values()) <= r["seconds"]
     assert sum(r["phases"]["wait"] + r["phases"]["transfer"] for r in rounds) > 0
+
+    # Every part of the round is in its phases, the served cross-gradients beside them: node 0
+    # computed one per neighbor and round (cga asks for them), and wrote a checkpoint every
+    # second round. GetStatus gives the last round's record as metrics.jsonl has it.
+    for r in rounds:
+        assert sum(r["phases"].values()) == pytest.approx(r["seconds"], rel=0.05, abs=0.005)
+        assert r["served_seconds"] >= 0
+        assert (r["phases"]["checkpoint"] > 0) == ((r["round"] + 1) % 2 == 0), r
+    assert sum(r["served_seconds"] for r in rounds) > 0
+    status = cluster.peer_stub(runtimes[0].address).GetStatus(
+        peer_pb2.GetStatusRequest(requester="test"), timeout=10)
+    last = rounds[-1]
+    assert status.last_round == last["round"] == SETTINGS.rounds - 1
+    assert status.last_round_seconds == pytest.approx(last["seconds"])
+    assert dict(status.last_round_phases) == pytest.approx(last["phases"])
+    assert status.last_round_served_seconds == pytest.approx(last["served_seconds"])
