@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import torch
 
 from crossgrad.certs import Made
 from crossgrad.guard import CallerLimits
@@ -143,15 +144,24 @@ def test_malformed_requests_to_a_node_with_replicas_and_estimates_change_nothing
     node = target.node0.node
     assert node is not None and node.replicas is not None
     replicas = node.replicas
-    before = (replicas.current, {j: replicas.latest_copy(j) for j in node.assignment.neighbors})
+
+    def state() -> list[tuple[int, int, list[torch.Tensor]]]:
+        """The replica and the copies, by value: a request naming another digest makes the
+        node resynchronise its copy from that very neighbor, which changes no value."""
+        held = [replicas.current, *(replicas.latest_copy(j) for j in node.assignment.neighbors)]
+        return [(r.round, r.digest, list(r.params)) for r in held if r is not None]
+
+    before = state()
     report = fuzz({PEER: plain.channel(target.node0.address)}, 1500, seed_=2)
     log.info("fuzz: %s", report.table())
     assert report.failed == 0, report.table()
     codes = {method: {code for m, code in report.codes if m == method}
              for method in ("GetModelUpdate", "GetReplica", "GetEstimate")}
     assert "OK" in codes["GetReplica"] and all(codes.values()), report.table()
-    assert (replicas.current, {j: replicas.latest_copy(j)
-                               for j in node.assignment.neighbors}) == before
+    after = state()
+    assert [(r, d) for r, d, _ in after] == [(r, d) for r, d, _ in before]
+    assert all(torch.equal(x, y) for (_, _, xs), (_, _, ys) in zip(after, before, strict=True)
+               for x, y in zip(xs, ys, strict=True))
     plain.assert_still_serves(target.node0, round_=0, params=target.params)
 
 
