@@ -39,7 +39,8 @@ sys.path.insert(0, str(REPO))
 from crossgrad.config import RunConfig  # noqa: E402
 from peer import algorithms  # noqa: E402
 from peer.compression import ErrorFeedback  # noqa: E402
-from peer.node import Assignment, Node  # noqa: E402
+from peer.node import Node  # noqa: E402
+from peer.rounds import Assignment  # noqa: E402
 from peer.simulate import InMemoryNeighborhood  # noqa: E402
 from peer.training.checkpoint import CheckpointStore, make_checkpoint  # noqa: E402
 from peer.training.models import make_model  # noqa: E402

@@ -53,7 +53,8 @@ sys.path.insert(0, str(REPO))
 
 from peer import algorithms  # noqa: E402
 from peer.client import GrpcNeighborhood  # noqa: E402
-from peer.node import Assignment, Node  # noqa: E402
+from peer.node import Node  # noqa: E402
+from peer.rounds import Assignment  # noqa: E402
 from peer.service import PeerOptions, PeerRuntime, keep_freed_memory  # noqa: E402
 from peer.training.trainer import Schedule, Trainer  # noqa: E402
 from peer.wire import checksums  # noqa: E402

@@ -75,7 +75,8 @@ from crossgrad.security import Security  # noqa: E402
 from crossgrad.v1 import peer_pb2, peer_pb2_grpc  # noqa: E402
 from peer import wire  # noqa: E402
 from peer.metrics import Traffic  # noqa: E402
-from peer.node import Assignment, Node  # noqa: E402
+from peer.node import Node  # noqa: E402
+from peer.rounds import Assignment  # noqa: E402
 from peer.service import MAX_ROUND, keep_freed_memory  # noqa: E402
 from peer.servicer import PeerServicer, add_to_server  # noqa: E402
 

@@ -41,8 +41,8 @@ from peer.algorithms.cga import DivergedError
 from peer.algorithms.qp import QPOptions, solve_duals
 from peer.builder import RunData, assignments, load_run_data, make_node, resolve_device
 from peer.metrics import Traffic, average, consensus_distance, digest
-from peer.node import Assignment, RoundRecord
 from peer.records import RunRecorder
+from peer.rounds import Assignment, RoundRecord
 from peer.simulate import (
     Evaluation,
     SimulationResult,

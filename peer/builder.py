@@ -25,8 +25,9 @@ from peer import algorithms
 from peer.compression import ErrorFeedback
 from peer.compression import make as make_compressor
 from peer.compression.threepoint import ThreePoint, parse_feedback
-from peer.node import Assignment, Node
+from peer.node import Node
 from peer.replicas import Replicas
+from peer.rounds import Assignment
 from peer.training.datasets import DATASETS, Dataset, load_dataset
 from peer.training.layout import resolve_memory_format
 from peer.training.models import MODELS, make_model

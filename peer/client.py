@@ -1,6 +1,6 @@
 """The gRPC Neighborhood: a node's view of its neighbors over the network.
 
-It implements the same interface as the simulator's InMemoryNeighborhood (peer/node.py,
+It implements the same interface as the simulator's InMemoryNeighborhood (peer/rounds.py,
 Neighborhood): `models(round, neighbors)` and `cross_gradients(round, neighbors)`, each asking
 all neighbors in parallel with a deadline. A neighbor that fails, times out or sends a stream
 that does not validate is left out of the round (the node gives its weight to itself), logged
@@ -458,7 +458,7 @@ class GrpcNeighborhood:
 
     def wait_seconds(self) -> float | None:
         """Of the last models() or cross_gradients() call, the seconds before the last
-        neighbor's first message (peer/node.py, RoundPhases)."""
+        neighbor's first message (peer/rounds.py, RoundPhases)."""
         with self._lock:
             return self._last_wait
 

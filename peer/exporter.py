@@ -17,7 +17,7 @@ from prometheus_client.core import Metric
 from crossgrad.exporter import counter, gauge, histogram, refused_calls
 from peer.client import REJECTED_ANSWERS
 from peer.metrics import KINDS, Tally
-from peer.node import PHASES
+from peer.rounds import PHASES
 
 if TYPE_CHECKING:
     from peer.service import PeerRuntime

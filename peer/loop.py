@@ -32,8 +32,9 @@ from crossgrad.config import RunConfig
 from crossgrad.errors import ProtocolError
 from peer.client import GrpcNeighborhood
 from peer.metrics import RoundTimes, Traffic, kinds_json, pair_sum
-from peer.node import Assignment, Node, Params, RoundRecord
+from peer.node import Node, Params
 from peer.records import RunRecorder
+from peer.rounds import Assignment, RoundRecord
 from peer.session import Progress
 
 log = logging.getLogger(__name__)

@@ -151,7 +151,7 @@ class Tally(NamedTuple):
 
 
 class RoundTimes:
-    """Histograms of a peer's round times and of their parts (peer.node.RoundPhases), kept by
+    """Histograms of a peer's round times and of their parts (peer.rounds.RoundPhases), kept by
     the round loop and read by a metrics scrape from another thread (peer/exporter.py)."""
 
     def __init__(self, bounds: Sequence[float] = ROUND_BUCKETS) -> None:

@@ -34,25 +34,33 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent import futures
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-import google_crc32c
 import torch
 
 from crossgrad.errors import InvalidMessage, StaleRound
 from crossgrad.seeding import derive_seed
 from peer.algorithms.base import Algorithm, Params, StepInputs
 from peer.compression import Compressed, ErrorFeedback
-from peer.compression.base import check_finite
 from peer.compression.digests import chain
 from peer.compression.threepoint import ThreePoint
 from peer.replicas import Replica, Replicas, Update, UpdateSource
+from peer.rounds import (
+    PLAUSIBLE_RATIO,
+    Assignment,
+    EstimateSource,
+    Neighborhood,
+    RoundPhases,
+    RoundRecord,
+    ThreePointMessage,
+    check_finite_tensor,
+    effective_weights,
+    max_abs,
+)
 from peer.training.checkpoint import (
     CheckpointError,
     check_residuals,
@@ -63,166 +71,6 @@ from peer.training.checkpoint import (
 from peer.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
-
-
-class Neighborhood(Protocol):
-    """How a node reaches its neighbors. Missing neighbors are simply absent from the result."""
-
-    def models(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
-        """x_j^round for each neighbor j that answered."""
-        ...
-
-    def cross_gradients(self, round_: int, neighbors: Sequence[int]) -> dict[int, Params]:
-        """grad F_j(x_me^round; B_j^round), computed at j, for each neighbor j that answered."""
-        ...
-
-    def wait_seconds(self) -> float | None:
-        """Of the last models() or cross_gradients() call, the seconds spent before the last
-        neighbor began to answer (the rest moved and decoded bytes); None when the neighbors
-        live in this process and the call's time was their computing (the simulator)."""
-        ...
-
-
-class EstimateSource(Protocol):
-    """Under EF21 / CLAG, where the messages of the neighbors' cross-gradients come from."""
-
-    def estimate_updates(self, round_: int, neighbors: Sequence[int]) -> dict[int, Update]:
-        """Each neighbor's cross-gradient message of round_ for this node, decoded."""
-        ...
-
-    def estimates(self, round_: int, neighbors: Sequence[int]) -> dict[int, Replica]:
-        """Each neighbor's dense estimates of the cross-gradients it sends this node, after
-        round_'s message (a resync), with their digest."""
-        ...
-
-
-@dataclass(frozen=True)
-class ThreePointMessage:
-    """What a sender under EF21 / CLAG sent a requester for a round: the records (None for a
-    skipped tensor), their decoded deltas, the digest of the estimates they build on (base)
-    and of those after them (digest)."""
-
-    records: list[Compressed | None]
-    deltas: Params
-    base: int
-    digest: int
-
-    @property
-    def crcs(self) -> tuple[int, ...]:
-        return tuple(0 if r is None else google_crc32c.value(r.payload) for r in self.records)
-
-    @property
-    def skipped(self) -> tuple[bool, ...]:
-        return tuple(r is None for r in self.records)
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """What the bootstrap tells a node: its neighbors and mixing weights (self included)."""
-
-    neighbors: tuple[int, ...]
-    weights: Mapping[int, float]
-    epoch: int = 0
-
-
-@dataclass
-class RoundRecord:
-    """What one round did, for metrics and the progress display."""
-
-    node: int
-    round: int
-    loss: float
-    lr: float
-    answered: list[int]
-    missing: list[int]
-    seconds: float
-    stats: dict[str, float] = field(default_factory=dict)
-    phases: dict[str, float] = field(default_factory=dict)  # RoundPhases.as_dict()
-    # Seconds this node spent computing cross-gradients for its neighbors during the round,
-    # off the round driver (server threads, the precompute worker): it overlaps the phases.
-    served_seconds: float = 0.0
-
-
-# The parts of a round's time, in the order a round runs them (RoundPhases).
-PHASES = ("compute", "wait", "transfer", "qp", "mix", "checkpoint")
-
-
-@dataclass
-class RoundPhases:
-    """Where one round's time went, in seconds; the parts add up to RoundRecord.seconds but
-    for the bookkeeping between them (microseconds).
-
-    compute    gradients on this node (its own, NGC's model-variant ones) and the checks of
-               the fetched models; in the simulator also the neighbors' answers, computed here
-    wait       from asking the neighbors until the last of them began to answer: their own
-               computing and their lateness; and the round driver's wait while this node
-               computed its neighbors' cross-gradients first (served_seconds)
-    transfer   the rest of the calls: bytes on the wire, decoding and validating them
-    qp         CGA's quadratic programs (the algorithm's stats["qp_seconds"])
-    mix        the rest of the algorithm's step: mixing, momentum, self-gradient compression
-    checkpoint writing the node's checkpoint after the round (a deployed peer, every K rounds)
-    """
-
-    compute: float = 0.0
-    wait: float = 0.0
-    transfer: float = 0.0
-    qp: float = 0.0
-    mix: float = 0.0
-    checkpoint: float = 0.0
-
-    def called(self, neighborhood: Neighborhood, seconds: float) -> None:
-        """Book `seconds` spent in one call of `neighborhood` (see wait_seconds)."""
-        waited = neighborhood.wait_seconds()
-        if waited is None:
-            self.compute += seconds
-            return
-        waited = min(max(waited, 0.0), seconds)
-        self.wait += waited
-        self.transfer += seconds - waited
-
-    def stepped(self, seconds: float, qp_seconds: float) -> None:
-        """Book the algorithm's step: `qp_seconds` of it solving QPs, the rest mixing."""
-        qp = min(max(qp_seconds, 0.0), seconds)
-        self.qp += qp
-        self.mix += seconds - qp
-
-    def as_dict(self) -> dict[str, float]:
-        return {name: getattr(self, name) for name in PHASES}
-
-
-def effective_weights(node: int, assignment: Assignment,
-                      answered: Sequence[int]) -> dict[int, float]:
-    """Weights over the answering neighbors and the node; absentees' weight goes to the node."""
-    weights = {l: float(assignment.weights[l]) for l in answered}
-    weights[node] = 1.0 - sum(weights.values())
-    return weights
-
-
-# A neighbor's model whose values are this many times larger than the node's own is left out
-# of the round (Node._drop_implausible).
-PLAUSIBLE_RATIO = 1e3
-
-
-def _max_abs(t: torch.Tensor) -> float:
-    """max |t| (0 for an empty tensor), NaN-propagating; two reductions, no temporary."""
-    if t.numel() == 0:
-        return 0.0
-    t = t.detach()
-    if t.device.type == "cpu" and t.dtype in (torch.float16, torch.float32, torch.float64):
-        a = t.numpy()  # numpy's reductions: single-threaded, no wait on torch's thread pool
-        lo, hi = float(a.min()), float(a.max())
-    else:
-        lo_t, hi_t = torch.aminmax(t)
-        lo, hi = float(lo_t), float(hi_t)
-    return math.nan if math.isnan(lo) or math.isnan(hi) else max(hi, -lo)
-
-
-def _check_finite(t: torch.Tensor, what: str) -> None:
-    """InvalidMessage when t holds NaN or Inf (numpy's exponent-bit scan on the CPU)."""
-    if t.device.type == "cpu":
-        check_finite(t.detach().reshape(-1), what)
-    elif not bool(torch.isfinite(t).all()):
-        raise InvalidMessage(f"{what}: NaN or Inf among the values")
 
 
 class Node:
@@ -686,10 +534,10 @@ class Node:
         """
         if not nbr_params:
             return
-        own = [_max_abs(x) for x in self.params]
+        own = [max_abs(x) for x in self.params]
         for j in sorted(nbr_params):
             for name, x, mine in zip(self.names, nbr_params[j], own, strict=True):
-                largest = _max_abs(x)
+                largest = max_abs(x)
                 if not largest <= PLAUSIBLE_RATIO * max(1.0, mine):  # NaN fails too
                     log.warning("node %d round %d: node %d's model is left out of the round: "
                                 "tensor %r holds values up to %.3g, where this node's largest "
@@ -711,7 +559,8 @@ class Node:
             try:
                 grads = self.cross_gradient(j, t, nbr_params[j])
                 for g in grads:
-                    _check_finite(g, f"the gradient of node {j}'s model on node {self.id}'s data")
+                    check_finite_tensor(
+                        g, f"the gradient of node {j}'s model on node {self.id}'s data")
             except InvalidMessage as exc:
                 log.warning("node %d round %d: node %d's model is left out of the round: %s",
                             self.id, t, j, exc)

@@ -27,7 +27,7 @@ import torch
 
 from crossgrad.config import RunConfig
 from peer.metrics import MetricsWriter
-from peer.node import RoundRecord
+from peer.rounds import RoundRecord
 
 
 class RunRecorder:

@@ -30,9 +30,10 @@ from peer.messages import (
     stream_bytes,
 )
 from peer.metrics import Traffic, average, consensus_distance, digest, kinds_json, pair_sum
-from peer.node import Node, Params, RoundRecord
+from peer.node import Node, Params
 from peer.records import RunRecorder
 from peer.replicas import Replica, Update
+from peer.rounds import RoundRecord
 from peer.training.checkpoint import (
     Checkpoint,
     CheckpointError,

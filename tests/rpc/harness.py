@@ -40,7 +40,8 @@ from crossgrad.security import Role, Security, SecurityFlags, load_security, nod
 from crossgrad.v1 import bootstrap_pb2_grpc, peer_pb2, peer_pb2_grpc, tensor_pb2
 from peer.builder import RunData, assignments, load_run_data, make_node, validate_config
 from peer.client import GrpcNeighborhood
-from peer.node import Assignment, Node, Params
+from peer.node import Node, Params
+from peer.rounds import Assignment
 from peer.service import PeerOptions, PeerRuntime
 from peer.simulate import InMemoryNeighborhood
 from peer.wire import decode, encode, specs_of

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bootstrap.server import BootstrapServer
 from crossgrad.config import RunConfig
 from crossgrad.v1 import peer_pb2
-from peer.node import PHASES
+from peer.rounds import PHASES
 from peer.service import PeerRuntime
 
 from harness import Cluster, ask, rpc_error

@@ -12,7 +12,8 @@ import torch
 
 from crossgrad.config import RunConfig
 from peer import simulate
-from peer.node import PHASES, Node, Params
+from peer.node import Node, Params
+from peer.rounds import PHASES
 from peer.simulate import InMemoryNeighborhood
 
 from runs import build, run_config
