@@ -65,6 +65,22 @@ def test_every_neighbor_holds_the_nodes_replica_bit_for_bit(algorithm: str,
     assert not all(torch.equal(a, b) for a, b in zip(own, nodes[0].params, strict=True))
 
 
+def local_steps(reference: list[Node], xs: dict[int, Params], momentum: dict[int, Params],
+                t: int, mu: float) -> dict[int, Params]:
+    """dpsgd's local step written out: x - lr (g + mu m), m <- mu m + g (Nesterov), per node
+    (`momentum` updated in place)."""
+    half: dict[int, Params] = {}
+    for node in reference:
+        i = node.id
+        _, grads = node.trainer.gradient(xs[i], t, "self")
+        lr = node.trainer.lr(t)
+        for m, g in zip(momentum[i], grads, strict=True):
+            m.mul_(mu).add_(g)
+        half[i] = [x - lr * (g + mu * m) for x, g, m in zip(xs[i], grads, momentum[i],
+                                                               strict=True)]
+    return half
+
+
 def test_none_with_step_one_is_adapt_then_combine() -> None:
     """x_i^{t+1} = sum_l pi_il (x_l^t - lr (g_l + mu m_l)), written out here for dpsgd."""
     cfg = config(algorithm="dpsgd", model_compressor="none", consensus_step=1.0, rounds=6)
@@ -75,15 +91,7 @@ def test_none_with_step_one_is_adapt_then_combine() -> None:
     momentum = {i: [torch.zeros_like(p) for p in x] for i, x in xs.items()}
     for t in range(cfg.rounds):
         simulate_round(nodes, hoods)
-        half: dict[int, Params] = {}
-        for node in reference:
-            i = node.id
-            _, grads = node.trainer.gradient(xs[i], t, "self")
-            lr = node.trainer.lr(t)
-            for m, g in zip(momentum[i], grads, strict=True):
-                m.mul_(cfg.momentum).add_(g)
-            half[i] = [x - lr * (g + cfg.momentum * m)
-                       for x, g, m in zip(xs[i], grads, momentum[i], strict=True)]
+        half = local_steps(reference, xs, momentum, t, cfg.momentum)
         xs = {i: [sum(w * half[l][k] for l, w in sorted(assigned[i].weights.items()))
                   for k in range(len(half[i]))] for i in half}  # type: ignore[misc]
         for node in nodes:  # equal up to the rounding of x^ + (x - x^), a few ulps a round
@@ -117,16 +125,9 @@ def test_topk_replicas_are_choco_sgd_written_out() -> None:
     momentum = {i: [torch.zeros_like(p) for p in x] for i, x in xs.items()}
     for t in range(cfg.rounds):
         simulate_round(nodes, hoods)
-        half: dict[int, Params] = {}
-        for node in reference:
-            i = node.id
-            _, grads = node.trainer.gradient(xs[i], t, "self")
-            lr = node.trainer.lr(t)
-            for m, g in zip(momentum[i], grads, strict=True):
-                m.mul_(cfg.momentum).add_(g)
-            half[i] = [x - lr * (g + cfg.momentum * m)
-                       for x, g, m in zip(xs[i], grads, momentum[i], strict=True)]
-            hats[i] = [h + top_k(x - h, fraction) for x, h in zip(half[i], hats[i], strict=True)]
+        half = local_steps(reference, xs, momentum, t, cfg.momentum)
+        hats = {i: [h + top_k(x - h, fraction) for x, h in zip(half[i], hats[i], strict=True)]
+                for i in half}
         xs = {i: [x + step * sum(assigned[i].weights[l] * (hats[l][k] - hats[i][k])
                                  for l in sorted(assigned[i].neighbors))
                   for k, x in enumerate(half[i])] for i in half}
