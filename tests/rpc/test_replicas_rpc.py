@@ -53,9 +53,14 @@ def in_memory(run: Run, drop: frozenset[tuple[str, int, int, int]] = frozenset()
     return nodes
 
 
-def networked(cluster: Cluster, run: Run, check: bool = True) -> dict[int, Node]:
+def networked(cluster: Cluster, run: Run, check: bool = True,
+              runtimes: dict[int, PeerRuntime] | None = None) -> dict[int, Node]:
+    """ROUNDS rounds of `run` over gRPC; `runtimes`, when given, gets the peers' runtimes."""
     nodes = run.nodes()
-    runtimes = cluster.peers(nodes)
+    started = cluster.peers(nodes)
+    if runtimes is not None:
+        runtimes.update(started)
+    runtimes = started
     for _ in range(ROUNDS):
         for node in nodes.values():
             node.publish()
@@ -154,13 +159,8 @@ def test_a_missed_cross_gradient_message_resynchronises_the_estimates(
         cluster: Cluster, refuse: set[tuple[str, int, int, int]]) -> None:
     run = load_run(3, **CASES["compcga+ef21"])
     refuse.add(("ComputeCrossGradient", 2, 0, 1))  # node 0 misses node 2's message of round 1
-    nodes = run.nodes()
-    runtimes = cluster.peers(nodes)
-    for _ in range(ROUNDS):
-        for node in nodes.values():
-            node.publish()
-        for i, node in nodes.items():
-            node.run_round(hood(runtimes[i]))
+    runtimes: dict[int, PeerRuntime] = {}
+    nodes = networked(cluster, run, check=False, runtimes=runtimes)
     assert hood(runtimes[0]).misses.by_peer == {2: 1}  # round 1 went on without it
     assert_both_ends_agree(nodes)  # round 2's message did not apply: a resync did
     want = in_memory(run, drop=frozenset({("cross_gradient", 0, 2, 1)}))
