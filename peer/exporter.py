@@ -57,6 +57,14 @@ class PeerCollector:
                       {(reason,): n for reason, n in rejected.items()})
         yield counter("crossgrad_catch_ups", "Jumps to the neighbors' round from their models",
                       [], {(): loop.catch_ups.count if loop is not None else 0})
+        yield counter("crossgrad_resyncs", "Replicas and EF21/CLAG estimates resynchronised from "
+                      "a neighbor's dense state after a missed update", [],
+                      {(): node.resyncs if node is not None else 0})
+        threepoint = node.threepoint if node is not None else None
+        yield counter("crossgrad_cross_gradient_tensors", "Under EF21/CLAG: cross-gradient "
+                      "tensors this node sent or skipped (clag), by outcome", ["outcome"],
+                      {("sent",): threepoint.sent, ("skipped",): threepoint.skips}
+                      if threepoint is not None else {})
         if runtime.server is not None:
             yield refused_calls(runtime.server.refusals)
         yield from self._round_times()

@@ -22,6 +22,7 @@ import torch
 
 from crossgrad.v1 import tensor_pb2
 from peer.compression import make as make_compressor
+from peer.exporter import PeerCollector
 from peer.messages import model_update_raw
 from peer.node import Node
 from peer.service import PeerRuntime
@@ -148,11 +149,17 @@ def test_a_missed_model_update_is_resynchronised_and_equals_the_simulated_repair
         cluster: Cluster, refuse: set[tuple[str, int, int, int]]) -> None:
     run = load_run(3, **CASES["cga+topk"])
     refuse.add(("GetModelUpdate", 1, 0, 1))  # node 0 misses node 1's update of round 1
-    got = networked(cluster, run)  # both ends agree after every round: the repair is exact
+    runtimes: dict[int, PeerRuntime] = {}
+    got = networked(cluster, run, runtimes=runtimes)  # both ends agree after every round
     want = in_memory(run, drop=frozenset({("model_update", 0, 1, 1)}))
     assert want[0].resyncs == 1
     assert_same_run(got, want)
     assert not refuse  # the fault happened
+    # counted where a person looks: GetStatus and the Prometheus collector
+    assert runtimes[0].status().resyncs == 1
+    scraped = {s.name: s.value for family in PeerCollector(runtimes[0]).collect()
+               for s in family.samples}
+    assert scraped["crossgrad_resyncs_total"] == 1
 
 
 def test_a_missed_cross_gradient_message_resynchronises_the_estimates(
