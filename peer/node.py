@@ -28,11 +28,11 @@ instead of fetching models (a copy that is missing is resynchronised from the ne
 replica first), a cross-gradient is taken at the server's copy of the requester's replica, step 5
 is the local step without mixing, and the round has a second half, finish_round: publish q_i^t
 (model_update(t)), apply the neighbors' q_l^t to their copies, then gossip on the replicas.
+Those parts live in peer/replica_round.py (and EF21 / CLAG's in peer/three_point_round.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -46,9 +46,9 @@ from crossgrad.errors import InvalidMessage, StaleRound
 from crossgrad.seeding import derive_seed
 from peer.algorithms.base import Algorithm, Params, StepInputs
 from peer.compression import Compressed, ErrorFeedback
-from peer.compression.digests import chain
 from peer.compression.threepoint import ThreePoint
-from peer.replicas import Replica, Replicas, Update, UpdateSource
+from peer.replica_round import ReplicaRound
+from peer.replicas import Replicas, UpdateSource
 from peer.rounds import (
     PLAUSIBLE_RATIO,
     Assignment,
@@ -61,6 +61,7 @@ from peer.rounds import (
     effective_weights,
     max_abs,
 )
+from peer.three_point_round import ThreePointRound
 from peer.training.checkpoint import (
     CheckpointError,
     check_residuals,
@@ -73,7 +74,7 @@ from peer.training.trainer import Trainer
 log = logging.getLogger(__name__)
 
 
-class Node:
+class Node(ReplicaRound, ThreePointRound):
     """One participant: state, the round driver over a Neighborhood, and what it serves."""
 
     def __init__(self, node_id: int, trainer: Trainer, algorithm: Algorithm,
@@ -248,81 +249,6 @@ class Node:
                                  f"not round {round_}")
             return self._snapshots[round_]
 
-    def model_update(self, round_: int) -> tuple[list[Compressed], int]:
-        """q_i^round under replicas and the digest of the replica it applies to, if still kept
-        (StaleRound otherwise)."""
-        with self._lock:
-            if round_ not in self._updates:
-                raise StaleRound(f"node {self.id} keeps the model updates of rounds "
-                                 f"{sorted(self._updates)}, not round {round_}")
-            return self._updates[round_]
-
-    def wait_update(self, round_: int, timeout: float | None) -> bool:
-        """Block until q_i^round is computed (or the node is past it), at most timeout s;
-        False at once once the node stopped before it."""
-        with self._published:
-            self._published.wait_for(lambda: self.round > round_ or self._stopped, timeout)
-            return self.round > round_
-
-    def own_replica(self, round_: int) -> Replica:
-        """x^_i at the start of round_, if still kept (StaleRound otherwise)."""
-        replicas = self.replicas
-        if replicas is None:
-            raise StaleRound(f"node {self.id} keeps no model replicas (this run sends models "
-                             "dense)")
-        with self._lock:
-            replica = replicas.own_at(round_)
-            if replica is None:
-                raise StaleRound(f"node {self.id} holds its replica of round "
-                                 f"{replicas.current.round}, not of round {round_}")
-            return replica
-
-    def replica_copy(self, node_id: int, round_: int, source: UpdateSource,
-                     digest: int = 0) -> Params | None:
-        """This node's copy of `node_id`'s replica at the start of round_, brought there when
-        it is not: the missing updates applied, or else resynchronised from the dense replica.
-        `digest`: the replica's digest as its owner says (a request names it); a copy with
-        another one is resynchronised. None when neither worked (the neighbor is left out).
-
-        No lock is held while fetching: the neighbor may be waiting for this node's answer
-        before it publishes what is fetched here."""
-        replicas = self.replicas
-        assert replicas is not None
-        with self._lock:
-            copy = replicas.copy_at(node_id, round_)
-            latest = replicas.latest_copy(node_id)
-        if copy is not None and digest in (0, copy.digest):
-            return copy.params
-        if copy is None and latest is not None and latest.round < round_:
-            for r in range(latest.round, round_):
-                update = source.model_updates(r, [node_id]).get(node_id)
-                if update is None:
-                    break
-                with self._lock:
-                    if replicas.copy_at(node_id, r + 1) is None:
-                        try:
-                            replicas.apply(update)
-                        except InvalidMessage as exc:
-                            log.warning("node %d: its copy of node %d's replica needs a resync: "
-                                        "%s", self.id, node_id, exc)
-                            break
-            with self._lock:
-                copy = replicas.copy_at(node_id, round_)
-            if copy is not None and digest in (0, copy.digest):
-                return copy.params
-        return self._resync(node_id, round_, source)
-
-    def _resync(self, node_id: int, round_: int, source: UpdateSource) -> Params | None:
-        replica = source.replicas(round_, [node_id]).get(node_id)
-        if replica is None:
-            return None
-        with self._lock:
-            self.replicas.resync(node_id, replica)  # type: ignore[union-attr]
-            self.resyncs += 1
-        log.info("node %d: resynchronised its copy of node %d's replica at round %d",
-                 self.id, node_id, round_)
-        return replica.params
-
     def cross_gradient(self, requester: int, round_: int, requester_params: Params) -> Params:
         """grad F_i(x_requester^round; B_i^round): the requester's model on this node's data.
 
@@ -425,89 +351,6 @@ class Node:
     def close(self) -> None:
         """Stop the precompute worker (a computation under way finishes)."""
         self._worker.shutdown(wait=False, cancel_futures=True)
-
-    def _send_three_point(self, requester: int, round_: int, grads: Params) -> Params:
-        """EF21 / CLAG at the sender: the message to the requester is kept in _cross_deltas;
-        returns the sender's estimates h (what NGC's model-variant term uses). Under the lock."""
-        assert self.threepoint is not None
-        records: list[Compressed | None] = []
-        deltas: Params = []
-        estimates: Params = []
-        for k, g in enumerate(grads):
-            seed = derive_seed(self.trainer.seed, self.id, round_, "compress", requester, k)
-            record, delta, h = self.threepoint.send(requester, k, g, seed=seed)
-            self._round_counts.setdefault(round_, [0, 0])[record is not None] += 1
-            records.append(record)
-            deltas.append(delta)
-            estimates.append(h)
-        base = self.threepoint.digest("sent", requester)
-        message = ThreePointMessage(records, deltas, base, 0)
-        digest = chain(base, round_, message.crcs, message.skipped)
-        self.threepoint.set_digest("sent", requester, digest)
-        self._cross_deltas[(requester, round_)] = dataclasses.replace(message, digest=digest)
-        return estimates
-
-    def three_point_message(self, requester: int, round_: int) -> ThreePointMessage | None:
-        """Under EF21 / CLAG, the message of a computed cross-gradient (None otherwise)."""
-        with self._lock:
-            return self._cross_deltas.get((requester, round_))
-
-    def three_point_estimates(self, requester: int, round_: int) -> Replica:
-        """Under EF21 / CLAG, the dense estimates sent to `requester` after round_'s message,
-        with their digest (a resync: GetEstimate); StaleRound when not kept."""
-        with self._lock:
-            message = self._cross_deltas.get((requester, round_))
-            estimates = self._cross.get((requester, round_))
-        if message is None or estimates is None:
-            raise StaleRound(f"node {self.id} holds no cross-gradient estimates for node "
-                             f"{requester} of round {round_}")
-        return Replica(estimates, round_, message.digest)
-
-    def cross_counts(self, round_: int) -> dict[str, int]:
-        """Under EF21 / CLAG, the cross-gradient tensors this node skipped and sent for round_
-        (all requests of that round served so far); {} otherwise."""
-        if self.threepoint is None:
-            return {}
-        with self._lock:
-            skipped, sent = self._round_counts.get(round_, (0, 0))
-        return {"cross_skips": skipped, "cross_sent": sent}
-
-    def _receive_three_point(self, t: int, updates: dict[int, Update],
-                             source: EstimateSource) -> dict[int, Params]:
-        """EF21 / CLAG at the receiver: h_j <- h_j + delta per tensor when the message builds on
-        this node's estimates (same digest), else a resync from j's dense estimates; the
-        estimates are the cross-gradients the algorithm uses. A neighbor whose message does not
-        fit the model, or that sends neither, is left out of the round with its estimates
-        untouched."""
-        tp = self.threepoint
-        assert tp is not None
-        out: dict[int, Params] = {}
-        for j in sorted(updates):
-            update = updates[j]
-            fits = len(update.deltas) == len(self.params) and all(
-                d.shape == p.shape and d.dtype == p.dtype
-                for d, p in zip(update.deltas, self.params, strict=False))
-            if not fits:
-                log.warning("node %d round %d: node %d's cross-gradient update does not fit "
-                            "the model; left out of the round", self.id, t, j)
-                continue
-            if tp.digest("received", j) == update.base:
-                out[j] = [tp.receive(j, k, d) for k, d in enumerate(update.deltas)]
-                tp.set_digest("received", j, update.digest)
-                continue
-            log.warning("node %d round %d: node %d's cross-gradient message builds on other "
-                        "estimates than this node's (a message was missed); resynchronising",
-                        self.id, t, j)
-            dense = source.estimates(t, [j]).get(j)
-            if dense is None or dense.digest != update.digest:
-                log.warning("node %d round %d: node %d sent no usable estimates; left out of "
-                            "the round", self.id, t, j)
-                continue
-            tp.resync(j, list(dense.params), dense.digest)
-            with self._lock:
-                self.resyncs += 1
-            out[j] = list(dense.params)
-        return out
 
     def cross_gradient_records(self, requester: int, round_: int) -> list[Compressed] | None:
         """The compressed form of a computed cross-gradient (None when sent dense)."""
@@ -665,53 +508,6 @@ class Node:
                            answered=sorted(nbr_params),
                            missing=sorted(set(neighbors) - set(nbr_params)),
                            seconds=clock() - started, stats=stats, phases=phases.as_dict())
-
-    def finish_round(self, source: UpdateSource, record: RoundRecord | None = None) -> list[int]:
-        """The second half of a round under replicas (after every neighbor's run_round): apply
-        the neighbors' q_l^t to their copies, then, but for NGC, gossip on the replicas:
-        x_i^{t+1} = x_i^{t+1/2} + gamma_c sum_l pi_il (x^_l^{t+1} - x^_i^{t+1}).
-
-        A neighbor whose update is missing, refused or not for this node's copy is
-        resynchronised from its dense replica of round t+1 (never guessed); one that sends
-        neither is left out of the gossip. Returns the neighbors left out. `record`: the
-        round's record, whose time and phases gain this half's (fetching: transfer, or compute
-        in the simulator; gossip: mix)."""
-        replicas = self.replicas
-        if replicas is None:
-            return []
-        started = time.perf_counter()
-        t = self.round - 1
-        taking_part = sorted(j for j in self._gossip_weights if j != self.id)
-        with self._lock:
-            needed = [j for j in taking_part if replicas.copy_at(j, t + 1) is None]
-        updates = source.model_updates(t, needed) if needed else {}
-        lost: list[int] = []
-        for j in taking_part:
-            with self._lock:
-                if j in updates and replicas.copy_at(j, t + 1) is None:
-                    try:
-                        replicas.apply(updates[j])
-                    except InvalidMessage as exc:
-                        log.warning("node %d round %d: %s; resynchronising", self.id, t, exc)
-                done = replicas.copy_at(j, t + 1) is not None
-            if not done and self._resync(j, t + 1, source) is None:
-                log.warning("node %d round %d: node %d sent neither its model update nor its "
-                            "replica: left out of the gossip", self.id, t, j)
-                lost.append(j)
-        fetched = time.perf_counter()
-        if not self.algorithm.gossips_first:
-            weights = {j: w for j, w in self._gossip_weights.items() if j not in lost}
-            with torch.no_grad(), self._lock:
-                self.params = replicas.gossip(self.params, weights, t + 1)
-        if record is not None:
-            ended = time.perf_counter()
-            # in process (the simulator: no wait_seconds) fetching is the neighbors' computing
-            in_process = getattr(source, "wait_seconds", lambda: None)() is None
-            fetch_phase = "compute" if in_process else "transfer"
-            record.phases[fetch_phase] = record.phases.get(fetch_phase, 0.0) + fetched - started
-            record.phases["mix"] = record.phases.get("mix", 0.0) + ended - fetched
-            record.seconds += ended - started
-        return lost
 
     # ---- checkpoints (peer/training/checkpoint.py) --------------------------------------
     def state_dict(self) -> dict[str, Any]:
