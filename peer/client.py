@@ -287,29 +287,38 @@ class GrpcNeighborhood:
         cached = self.node.neighbor_model(peer, round_)
         if cached is not None:
             return cached
-        key = (peer, round_)
+        return self._shared(self._inflight, (peer, round_), f"model of round {round_} from "
+                            f"node {peer}", lambda: self._fetch_model_now(peer, round_, timeout),
+                            timeout, keep=False)  # the node remembers it (remember_model)
+
+    def _shared(self, table: dict[tuple[int, int], futures.Future[T]], key: tuple[int, int],
+                what: str, fetch: Callable[[], T], timeout: float | None, *, keep: bool) -> T:
+        """fetch() once per key of `table`: a second caller while it runs waits for its result
+        (a DeadlineExceeded naming `what` after `timeout`). A failure is forgotten (the next
+        call fetches again); a result stays in `table` when `keep` (the caller prunes it)."""
         with self._lock:
-            pending = self._inflight.get(key)
+            pending = table.get(key)
             owner = pending is None
             if pending is None:
-                pending = self._inflight[key] = futures.Future()
+                pending = table[key] = futures.Future()
         if not owner:
             try:
                 return pending.result(timeout=timeout if timeout is not None else self.timeout)
             except futures.TimeoutError:
-                raise DeadlineExceeded(f"model of round {round_} from node {peer}: the transfer "
-                                       "already under way did not finish in time") from None
+                raise DeadlineExceeded(f"{what}: the transfer already under way did not finish "
+                                       "in time") from None
         try:
-            params = self._fetch_model_now(peer, round_, timeout)
+            value = fetch()
         except BaseException as exc:
             pending.set_exception(exc)
-            raise
-        else:
-            pending.set_result(params)
-            return params
-        finally:
             with self._lock:
-                self._inflight.pop(key, None)
+                table.pop(key, None)
+            raise
+        pending.set_result(value)
+        if not keep:
+            with self._lock:
+                table.pop(key, None)
+        return value
 
     def _fetch_model_now(self, peer: int, round_: int, timeout: float | None) -> Params:
         start = self._raw_stream(peer, "GetModel", peer_pb2.GetModelRequest.SerializeToString)
@@ -347,30 +356,13 @@ class GrpcNeighborhood:
                            timeout: float | None = None) -> Update:
         """Under replicas: q_peer^round, decoded with the run's model compressor; fetched once
         (a failed fetch is forgotten, so that it can be retried)."""
-        key = (peer, round_)
         with self._lock:
-            pending = self._updates.get(key)
-            owner = pending is None
-            if pending is None:
-                pending = self._updates[key] = futures.Future()
             for old in [k for k in self._updates if k[1] < round_ - 2]:
                 del self._updates[old]
-        if not owner:
-            try:
-                return pending.result(timeout=timeout if timeout is not None else self.timeout)
-            except futures.TimeoutError:
-                raise DeadlineExceeded(f"model update of round {round_} from node {peer}: the "
-                                       "transfer already under way did not finish in time"
-                                       ) from None
-        try:
-            update = self._fetch_model_update_now(peer, round_, timeout)
-        except BaseException as exc:
-            pending.set_exception(exc)
-            with self._lock:
-                self._updates.pop(key, None)
-            raise
-        pending.set_result(update)
-        return update
+        return self._shared(self._updates, (peer, round_), f"model update of round {round_} "
+                            f"from node {peer}",
+                            lambda: self._fetch_model_update_now(peer, round_, timeout),
+                            timeout, keep=True)
 
     def _fetch_model_update_now(self, peer: int, round_: int, timeout: float | None) -> Update:
         replicas = self.node.replicas
