@@ -51,9 +51,24 @@ def resolve_memory_format(name: str, model: str, device: torch.device) -> torch.
 def to_layout(tensors: Sequence[torch.Tensor],
               layout: torch.memory_format) -> list[torch.Tensor]:
     """Every 4-D tensor (conv weights, image batches) in `layout`; others as they are.
-
     Values are unchanged: only the strides differ. A tensor already in the layout is returned
-    as is (no copy)."""
+    as is (no copy).
+
+    "In the layout" means the layout's own strides, not merely strides it accepts: a tensor
+    with a dimension of size 1 (a 1-channel image batch, the first conv weight of an MNIST
+    model, a 1x1 kernel) is contiguous in both layouts at once, so `Tensor.contiguous` leaves
+    it in NCHW strides, and PyTorch then runs that convolution in NCHW and reorders its output
+    for the next layer, forward and backward. With the layout's own strides the whole network
+    runs NHWC: a cganet pass at batch 128 took 0.74x as long (docs/benchmarks.md, "Gradients").
+    """
     if layout == torch.contiguous_format:
         return list(tensors)
-    return [t.contiguous(memory_format=layout) if t.dim() == 4 else t for t in tensors]
+    return [_strided(t, layout) if t.dim() == 4 else t for t in tensors]
+
+
+def _strided(t: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+    """`t` with exactly the strides an empty tensor of its shape has in `layout`."""
+    _, c, h, w = t.shape  # (N, C, H, W)
+    if layout == torch.channels_last and t.stride() == (h * w * c, 1, w * c, c):
+        return t
+    return torch.empty_like(t, memory_format=layout).copy_(t)

@@ -91,6 +91,21 @@ def test_to_layout_keeps_values_and_leaves_other_tensors_alone() -> None:
     assert to_layout([w], torch.contiguous_format)[0] is w
 
 
+def test_to_layout_gives_the_layouts_own_strides_when_a_dimension_is_1() -> None:
+    """A 1-channel batch and an MNIST model's first conv weight are "contiguous" in both
+    layouts; Tensor.contiguous would leave their NCHW strides, and the first convolution would
+    then run NCHW and reorder its output for the next layer (0.74x the pass time without)."""
+    x, w = torch.randn(4, 1, 28, 28), torch.randn(32, 1, 3, 3)  # (B, 1, H, W), (out, 1, kH, kW)
+    x2, w2 = to_layout([x, w], torch.channels_last)
+    for before, after in ((x, x2), (w, w2)):
+        nhwc = torch.empty_like(before, memory_format=torch.channels_last)
+        assert after.stride() == nhwc.stride()
+        assert torch.equal(before, after)
+        assert to_layout([after], torch.channels_last)[0] is after  # no second copy
+    out = torch.nn.functional.conv2d(x2, w2, padding=1)  # (4, 32, 28, 28)
+    assert out.stride()[1] == 1, "the first convolution must run (and answer) NHWC"
+
+
 def test_an_unknown_memory_format_is_refused_with_the_known_ones() -> None:
     with pytest.raises(UnknownNameError, match=r"unknown memory format 'nhwc'.*channels_last"):
         validate(RunConfig(memory_format="nhwc"))
