@@ -63,7 +63,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from bootstrap.fanout import Fanout, Watch
 from bootstrap.topology import Topology, build_topology, metropolis_hastings_weights, repair
 from crossgrad.config import RunConfig
 from crossgrad.errors import (
@@ -170,7 +169,7 @@ class Registry:
         self.lease_seconds = float(lease_seconds)
         self._clock = clock
         self._lock = threading.Lock()
-        self._fanout = Fanout()  # WatchAssignment's subscribers, woken a few at a time
+        self._changed = threading.Condition(self._lock)
         self._closed = False
         self._expiry_due = 0.0  # no lease runs out before this; 0: scan at the next expire()
         self._reaper: tuple[threading.Thread, threading.Event] | None = None
@@ -192,7 +191,6 @@ class Registry:
         except BaseException:
             self._db.close()  # another run's file, or a bad topology: release it
             raise
-        self._fanout.publish(self._epoch)  # a resumed run's epoch; nobody watches yet
 
     def _start(self) -> None:
         """A new run: build the topology now, so a bad spec fails at start, not at assembly."""
@@ -373,23 +371,21 @@ class Registry:
         with self._lock:
             return [self._peers[i] for i in sorted(self._peers)]
 
-    def watch(self) -> Watch:
-        """A place among the subscribers to epoch changes (bootstrap.fanout): its wait() blocks
-        until the epoch changes and it is this subscriber's turn to read its assignment."""
-        return self._fanout.watch()
+    def wait_for_change(self, epoch: int, timeout: float | None,
+                        gone: Callable[[], bool] = lambda: False) -> int:
+        """Block until the epoch differs from `epoch`, `gone()` is true (checked whenever
+        wake() is called) or timeout; the epoch (Unavailable once closed)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._epoch != epoch or self._closed or gone(),
+                                   timeout)
+            if self._closed:
+                raise Unavailable("the bootstrap is stopping; watch again once it is back")
+            return self._epoch
 
-    def wait_for_change(self, epoch: int, timeout: float | None) -> int:
-        """Block until the epoch differs from `epoch` or timeout; the epoch (Unavailable once
-        closed)."""
-        watch = self._fanout.watch()
-        try:
-            return watch.wait(epoch, timeout)
-        finally:
-            watch.close()
-
-    def stop_watches(self) -> None:
-        """Wake every subscriber for good: their waits raise Unavailable (a stopping server)."""
-        self._fanout.close()
+    def wake(self) -> None:
+        """Wake every wait_for_change to check its `gone` (a watcher left, a server stops)."""
+        with self._changed:
+            self._changed.notify_all()
 
     # ---- the reaper: expiry without anybody heartbeating ----
 
@@ -420,9 +416,9 @@ class Registry:
     def close(self) -> None:
         """Stop the reaper, wake every waiter, release the database."""
         self.stop_reaper()
-        self._fanout.close()
-        with self._lock:
+        with self._changed:
             self._closed = True
+            self._changed.notify_all()
             self._db.close()
 
     # ---- helpers (lock held) ----
@@ -494,7 +490,7 @@ class Registry:
         if bump or assembled_at is not None:  # a lease may have begun: scan at the next expire
             self._expiry_due = 0.0
         if bump:
-            self._fanout.publish(epoch)
+            self._changed.notify_all()
 
 
 def _migrate(db: sqlite3.Connection) -> None:

@@ -16,12 +16,11 @@ the read-only calls (GetAssignment, WatchAssignment, ListPeers) are open to any 
 server's gate let in (crossgrad/guard.py). Without mutual TLS node ids are claims.
 
 WatchAssignment holds one server thread per subscriber for as long as it streams, so the server
-is sized for one watcher per node (bootstrap/server.py). The thread sleeps in a bootstrap.fanout
-Watch until the epoch changes, the client goes away (grpc's termination callback cancels the
-watch) or the server stops; a stopping server ends every watch with UNAVAILABLE, which tells the
-peer to watch again once the bootstrap is back. A change wakes the watchers a few at a time, each
-reading its assignment in its turn, so the Heartbeats and GetAssignments arriving meanwhile do
-not queue behind 1,000 threads (docs/benchmarks.md, "Busy bootstrap"). It does not poll: the
+is sized for one watcher per node (bootstrap/server.py). The thread sleeps on the Registry until
+the epoch changes, the client goes away (grpc's termination callback wakes it) or the server
+stops; a stopping server ends every watch with UNAVAILABLE, which tells the peer to watch again
+once the bootstrap is back. It does not poll: 1,000 watchers waking 4 times a second each took
+the GIL and the registry's lock from the heartbeats (docs/benchmarks.md, "Busy bootstrap"); the
 long `watch_poll_seconds` is only a safety net.
 """
 
@@ -70,7 +69,7 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
     def stop_watches(self) -> None:
         """End every WatchAssignment stream (UNAVAILABLE)."""
         self._stopping.set()
-        self.registry.stop_watches()
+        self.registry.wake()
 
     @translate_errors
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
@@ -107,30 +106,28 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
         except NotReady:
             view = None
         sent = 0  # the epoch last sent; 0 = none (assembly makes epoch 1)
-        watch = self.registry.watch()
-        if not context.add_callback(watch.cancel):
-            watch.close()
+        ended = threading.Event()
+
+        def end() -> None:
+            ended.set()
+            self.registry.wake()
+
+        def gone() -> bool:
+            return ended.is_set() or self._stopping.is_set()
+
+        if not context.add_callback(end):
             return  # the call is already over
-        try:
-            while True:
-                if view is not None and view.epoch != sent:
-                    message = assignment_to_proto(view, self._settings)
-                    # the turn covers reading the assignment, not sending it: a client that
-                    # does not read its stream cannot hold up the others
-                    watch.done()
-                    yield message
-                    sent = view.epoch
-                watch.done()
-                if self._stopping.is_set():
-                    raise Unavailable("the bootstrap is stopping; watch again once it is back")
-                if watch.cancelled or not context.is_active():
-                    log.debug("node %d stopped watching its assignment (epoch %d)", node_id,
-                              sent)
-                    return
-                if watch.wait(sent, self._poll) != sent:
-                    view = self.registry.assignment(node_id)
-        finally:
-            watch.close()
+        while True:
+            if view is not None and view.epoch != sent:
+                yield assignment_to_proto(view, self._settings)
+                sent = view.epoch
+            if self._stopping.is_set():
+                raise Unavailable("the bootstrap is stopping; watch again once it is back")
+            if ended.is_set() or not context.is_active():
+                log.debug("node %d stopped watching its assignment (epoch %d)", node_id, sent)
+                return
+            if self.registry.wait_for_change(sent, self._poll, gone) != sent:
+                view = self.registry.assignment(node_id)
 
     @translate_errors
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
