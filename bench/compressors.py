@@ -14,10 +14,11 @@ turn, so that load from other work on the machine falls on all rows alike.
 "bytes" is Compressed.nbytes, what the codec puts on the wire (payload + 8 bytes per codec
 parameter; the transport's headers come on top); "ratio" is 4 * numel / bytes.
 
---malloc: "peer" (default) first calls peer.service.keep_freed_memory(), as every peer does at
-start, so freed memory is reused and a new 40 MB tensor costs no page faults; "default" keeps
-glibc's defaults, where each new tensor above 128 KiB is mapped fresh (about 20 ms of page faults
-per 40 MB on the 2-core VM these numbers were taken on), which shows in clone and in decompress.
+--malloc: "peer" (default) first calls peer.training.allocator.keep_freed_memory(), as every
+peer does at start, so freed memory is reused and a new 40 MB tensor costs no page faults;
+"default" keeps glibc's defaults, where each new tensor above 128 KiB is mapped fresh (about 20
+ms of page faults per 40 MB on the 2-core VM these numbers were taken on), which shows in clone
+and in decompress.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.malloc == "peer":
-        from peer.service import keep_freed_memory
+        from peer.training.allocator import keep_freed_memory
         keep_freed_memory()
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.numel, generator=gen)  # (d,) float32, like a large gradient tensor

@@ -55,7 +55,8 @@ from peer import algorithms  # noqa: E402
 from peer.client import GrpcNeighborhood  # noqa: E402
 from peer.node import Node  # noqa: E402
 from peer.rounds import Assignment  # noqa: E402
-from peer.service import PeerOptions, PeerRuntime, keep_freed_memory  # noqa: E402
+from peer.service import PeerOptions, PeerRuntime  # noqa: E402
+from peer.training.allocator import keep_freed_memory  # noqa: E402
 from peer.training.trainer import Schedule, Trainer  # noqa: E402
 from peer.wire import checksums  # noqa: E402
 

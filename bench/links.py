@@ -53,7 +53,7 @@ from bench import transfer  # noqa: E402
 from bench.netns_compression import PROXY_VARS, machine  # noqa: E402
 from crossgrad import rpc  # noqa: E402
 from peer import wire  # noqa: E402
-from peer.service import keep_freed_memory  # noqa: E402
+from peer.training.allocator import keep_freed_memory  # noqa: E402
 
 SENDER, RECEIVER = 0, 1  # peers of the Namespaces layout
 METHODS = ("raw TCP", "GetModel")

@@ -82,7 +82,8 @@ from crossgrad.security import (  # noqa: E402
 )
 from crossgrad.v1 import peer_pb2, peer_pb2_grpc  # noqa: E402
 from peer import wire  # noqa: E402
-from peer.service import PeerOptions, PeerRuntime, keep_freed_memory  # noqa: E402
+from peer.service import PeerOptions, PeerRuntime  # noqa: E402
+from peer.training.allocator import keep_freed_memory  # noqa: E402
 
 TLS_RECORD_BYTES = 1 << 14  # the most plaintext one TLS record carries (RFC 8446, 5.1)
 

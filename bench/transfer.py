@@ -77,8 +77,9 @@ from peer import wire  # noqa: E402
 from peer.metrics import Traffic  # noqa: E402
 from peer.node import Node  # noqa: E402
 from peer.rounds import Assignment  # noqa: E402
-from peer.service import MAX_ROUND, keep_freed_memory  # noqa: E402
+from peer.service import MAX_ROUND  # noqa: E402
 from peer.servicer import PeerServicer, add_to_server  # noqa: E402
+from peer.training.allocator import keep_freed_memory  # noqa: E402
 
 # The baselines' service (no proto): a unary method, and a stream of GetModel's exact bytes
 # serialized once at start (identity serializers: no protobuf work on either side).

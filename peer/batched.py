@@ -52,6 +52,7 @@ from peer.simulate import (
     record_evaluation,
     snapshot,
 )
+from peer.training.allocator import keep_freed_memory
 from peer.training.partitions import summarize
 from peer.training.stacked import Params, StackedModel, stack
 from peer.training.trainer import Trainer
@@ -318,6 +319,7 @@ def run(config: RunConfig, out_dir: Path | None = None,
     refuse_unsupported(config)
     say = progress or (lambda line: None)
     started = time.perf_counter()
+    keep_freed_memory()  # every pass reuses the last one's buffers (peer/training/allocator.py)
     device = resolve_device(config.device)
     data = load_run_data(config)
     say(f"data set {config.dataset}, partition {config.partition}, {config.nodes} nodes "

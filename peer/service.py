@@ -17,7 +17,6 @@ the same.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 import math
@@ -59,6 +58,7 @@ from peer.node import Node, Params
 from peer.records import RunRecorder
 from peer.servicer import PeerServicer, add_to_server
 from peer.session import BootstrapSession, Progress, Stopped
+from peer.training.allocator import keep_freed_memory
 from peer.training.checkpoint import (
     DEFAULT_EVERY,
     Checkpoint,
@@ -130,25 +130,6 @@ class PeerOptions:
                               f"neighbor in a round); got {self.max_streams}")
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("--resume needs a checkpoint directory (--checkpoint-dir)")
-
-
-def keep_freed_memory(limit_bytes: int = 1 << 30) -> bool:
-    """Ask glibc to serve allocations up to `limit_bytes` from its heap and to keep freed memory.
-
-    By default glibc maps every allocation above 128 KiB fresh from the kernel and unmaps it on
-    free, so each received model lands in new pages and pays a page fault per 4 KiB: decoding a
-    100 MB stream ran at 1.1 GB/s here, 3.9 GB/s with this (bench/transfer.py). A peer receives
-    same-sized tensors every round, so keeping freed memory is what it wants. No-op (False)
-    where the C library has no mallopt.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(mallopt(m_mmap_threshold, limit_bytes)) and bool(
-        mallopt(m_trim_threshold, 2 * limit_bytes))
 
 
 # How much lower than the server's threads the compute runs (nice levels, Linux).

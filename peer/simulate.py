@@ -34,6 +34,7 @@ from peer.node import Node, Params
 from peer.records import RunRecorder
 from peer.replicas import Replica, Update
 from peer.rounds import RoundRecord
+from peer.training.allocator import keep_freed_memory
 from peer.training.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -320,6 +321,7 @@ def run(config: RunConfig, out_dir: Path | None = None,
     """
     say = progress or (lambda line: None)
     started = time.perf_counter()
+    keep_freed_memory()  # every pass reuses the last one's buffers (peer/training/allocator.py)
     device = resolve_device(config.device)
     data = load_run_data(config)
     say(f"data set {config.dataset}, partition {config.partition}, {config.nodes} nodes:")
