@@ -15,6 +15,11 @@ Part 2 (with --data-dir, MNIST's IDX files): `crossgrad simulate`'s setup of iss
 nodes, ring, cganet, batch 128, bytes counted as the CLI counts them), one node set per layout,
 rounds alternating between the two sets: the mean time per round, the share of it spent in
 gradient passes, and whether the two runs' models still agree within the tolerance.
+
+--malloc: "kept" (default) first calls peer.training.allocator.keep_freed_memory(), as
+`crossgrad simulate` and every peer do, so each pass reuses the memory the last one freed;
+"default" keeps glibc's defaults, where a pass faults its ~100 MB of activations in afresh (the
+path before that call was added). It applies to the whole process, so to both layouts alike.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from peer.builder import assignments, load_run_data, make_node  # noqa: E402
 from peer.metrics import Traffic  # noqa: E402
 from peer.node import Node  # noqa: E402
 from peer.simulate import InMemoryNeighborhood, simulate_round  # noqa: E402
+from peer.training.allocator import keep_freed_memory  # noqa: E402
 from peer.training.datasets import data_home  # noqa: E402
 from peer.training.layout import LAYOUTS, resolve_memory_format  # noqa: E402
 from peer.training.models import MODELS, make_model  # noqa: E402
@@ -142,10 +148,15 @@ def main() -> int:
     parser.add_argument("--data-dir", type=Path, default=None,
                         help=f"MNIST's IDX files for part 2 (e.g. {data_home('mnist')})")
     parser.add_argument("--rounds", type=int, default=10, help="timed CGA rounds per layout")
+    parser.add_argument("--malloc", choices=("kept", "default"), default="kept",
+                        help="keep freed memory for the next pass (as crossgrad does) or not")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.malloc == "kept":
+        keep_freed_memory()
     print(f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{args.threads} torch threads, load average {os.getloadavg()[0]:.2f}; "
+          f"{args.threads} torch threads, malloc {args.malloc}, "
+          f"load average {os.getloadavg()[0]:.2f}; "
           f"means over {args.reps} passes per layout")
     print("| model    | batch | contig ms | chlast ms | ratio | max|dg|  | auto picks    |")
     print("|----------|------:|----------:|----------:|------:|---------:|---------------|")
