@@ -3,9 +3,10 @@
     python bench/overlap.py                              # 3 and 5 peers, cganet on digits
     python bench/overlap.py --baseline /tmp/before       # the same, first with the code in DIR
     python bench/overlap.py --nodes 3 --rounds 60 --batch-size 256
+    python bench/overlap.py --nodes 3 --dataset mnist --data-dir DATA/mnist --threads 1
 
 A real run through the real CLI (crossgrad.cluster.LocalCluster): a bootstrap and --nodes peers,
-each its own process, on loopback, plaintext, training CGA on a ring with --model on `digits`,
+each its own process, on loopback, plaintext, training CGA on a ring with --model on --dataset,
 evaluating only at the end. Each peer's metrics.jsonl gives, per round, its time (`seconds`), its
 phases and `served_seconds` (docs/metrics.md, "Where a round's time goes"). The node's own compute
 time for a round is counted two ways: its gradients, `compute + served_seconds` (its own and the
@@ -90,7 +91,8 @@ def run_cluster(args: argparse.Namespace, nodes: int, out: Path) -> None:
     from crossgrad.cluster import LocalCluster
     from crossgrad.config import RunConfig
 
-    config = RunConfig(nodes=nodes, topology="ring", algorithm="cga", dataset="digits",
+    config = RunConfig(nodes=nodes, topology="ring", algorithm="cga", dataset=args.dataset,
+                       data_dir=None if args.data_dir is None else str(args.data_dir),
                        partition="iid", rounds=args.rounds, eval_every=args.rounds,
                        batch_size=args.batch_size, model=args.model, seed=1, device="cpu")
     with LocalCluster(config, out, peer_args=["--timeout", "60"]) as cluster:
@@ -109,7 +111,9 @@ def measure(args: argparse.Namespace, code: Path, nodes: int, out: Path) -> Figu
         env["OMP_NUM_THREADS"] = str(args.threads)
     subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(out),
                     "--nodes", str(nodes), "--rounds", str(args.rounds), "--model", args.model,
-                    "--batch-size", str(args.batch_size)], env=env, cwd=code, check=True)
+                    "--batch-size", str(args.batch_size), "--dataset", args.dataset,
+                    *([] if args.data_dir is None else ["--data-dir", str(args.data_dir)])],
+                   env=env, cwd=code, check=True)
     return summarize(out, nodes, args.warmup, load)
 
 
@@ -119,6 +123,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5, help="first rounds left out")
     parser.add_argument("--model", default="cganet")
+    parser.add_argument("--dataset", default="digits",
+                        help="digits (shipped with scikit-learn) or e.g. mnist with --data-dir")
+    parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per peer")
     parser.add_argument("--baseline", type=Path, help="a checkout to measure first")
@@ -133,8 +140,9 @@ def main() -> None:
     codes = [("before", args.baseline)] if args.baseline is not None else []
     codes.append(("this", REPO))
     print(f"# {platform.node()}: {os.cpu_count()} cores, python {platform.python_version()}; "
-          f"CGA, ring, {args.model} on digits, batch {args.batch_size}, {args.rounds} rounds "
-          f"(first {args.warmup} left out), torch threads per peer: {args.threads or 'default'}")
+          f"CGA, ring, {args.model} on {args.dataset}, batch {args.batch_size}, "
+          f"{args.rounds} rounds (first {args.warmup} left out), torch threads per peer: "
+          f"{args.threads or 'default'}")
     print("| code | peers | rounds | round ms | gradients ms | round / gradients (p90) | "
           "compute ms | round / compute (p90) | load avg |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -75,9 +75,10 @@ class RunConfig:
     # compcga / compngc: ef (error feedback), ef21 or clag:Z (three-point compressors, shared
     # estimates on both ends of a link; docs/algorithms.md); simulate only for now
     feedback: str = "ef"
-    # Layout of every gradient pass: auto (channels_last for cganet and resnet20 on a CPU: faster,
-    # same gradients within 1e-5), contiguous (PyTorch's default) or channels_last. A run setting:
-    # every node takes the same path, so runs stay bit-identical (peer/training/layout.py)
+    # Layout of every gradient pass: auto (channels_last for the conv models but vgg11 on a CPU:
+    # faster, same gradients within 1e-5), contiguous (PyTorch's default) or channels_last. A
+    # run setting: every node takes the same path, so runs stay bit-identical
+    # (peer/training/layout.py)
     memory_format: str = "auto"
 
     def __post_init__(self) -> None:

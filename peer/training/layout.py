@@ -11,10 +11,11 @@ run setting (RunSettings.memory_format), every node resolves it by the same fixe
 simulator and a networked run take the same path and agree bit for bit.
 
 The rule of `auto` (docs/benchmarks.md, "Gradients", measured with bench/gradients.py on 2
-threads): channels_last on a CPU for cganet and resnet20, the two models it made clearly faster
-(0.57-0.90x and 0.61-0.84x the time of a contiguous pass, at batch 128 and 32, under every load
-measured); contiguous for cnn5 and vgg11 (no gain, or slower, in the same measurements), for
-the mlp (no convolutions) and on a GPU (not measured here).
+threads): channels_last on a CPU for cganet, cnn5 and resnet20, the models it made faster at
+batch 128 and 32 (0.68-0.70x, 0.78-0.79x and 0.84-0.89x the time of a contiguous pass on a quiet
+machine; cnn5 gained only once 1-channel tensors got the layout's own strides, see to_layout);
+contiguous for vgg11 (1.15-1.24x: slower), for the mlp (no convolutions) and on a GPU (not
+measured here).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ LAYOUTS: dict[str, torch.memory_format] = {
 }
 
 # Models `auto` runs channels_last on the CPU: those measured clearly faster (see above).
-CHANNELS_LAST_ON_CPU = frozenset({"cganet", "resnet20"})
+CHANNELS_LAST_ON_CPU = frozenset({"cganet", "cnn5", "resnet20"})
 
 
 def resolve_memory_format(name: str, model: str, device: torch.device) -> torch.memory_format:
