@@ -27,7 +27,8 @@ reaper when a lease runs out), which hands it to the loop with call_soon_threads
 watcher reads its assignment at the current epoch, so it never misses the newest, and sends it
 if its epoch is not the one last sent. At most FANOUT_TURNS watchers build and write their
 assignment at once, so an epoch's fan-out to 1,000 streams leaves the loop free for heartbeats
-in between (docs/benchmarks.md, "Busy bootstrap"). A client that goes away (or whose deadline
+in between (docs/benchmarks.md, "Busy bootstrap"); a write that waits longer than TURN_SECONDS
+(a client that does not read) gives its turn up. A client that goes away (or whose deadline
 passes) has its coroutine cancelled by grpc; a stopping server sets its event once more and
 every watch ends with UNAVAILABLE, which tells the peer to watch again once the bootstrap is back.
 """
@@ -56,6 +57,9 @@ SERVICE_NAME = "crossgrad.v1.Bootstrap"
 
 # Watchers that build and write their assignment at once after an epoch bump.
 FANOUT_TURNS = 16
+# How long one write may hold its turn: a client that stops reading (its HTTP/2 window full)
+# must not hold up the fan-out to the others; its write goes on waiting without a turn.
+TURN_SECONDS = 1.0
 STOPPING = "the bootstrap is stopping; watch again once it is back"
 
 
@@ -149,9 +153,13 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
                         view = self.registry.assignment(node_id)
                     except NotReady:
                         view = None
+                    write = None
                     if view is not None and view.epoch != sent:
-                        await context.write(assignment_to_proto(view, self._settings))
+                        write = await _started_write(
+                            context, assignment_to_proto(view, self._settings))
                         sent = view.epoch
+                if write is not None:
+                    await write  # a client slow to read waits for it without a turn
                 await changed.wait()
         finally:  # the end of the stream, or grpc cancelled it (the client went away)
             self.watching -= 1
@@ -175,3 +183,16 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
             settings=self._settings,
             refusals=self.refusals(),
         )
+
+
+async def _started_write(context: grpc.aio.ServicerContext,
+                         message: pb.Assignment) -> asyncio.Future[None]:
+    """`context.write(message)`, started and waited for up to TURN_SECONDS; the write (it may
+    not be done: await it). Cancelled with the watch if that is cancelled meanwhile."""
+    write = asyncio.ensure_future(context.write(message))
+    try:
+        await asyncio.wait((write,), timeout=TURN_SECONDS)
+    except BaseException:
+        write.cancel()
+        raise
+    return write

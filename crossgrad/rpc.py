@@ -313,12 +313,14 @@ class AioRunningServer(RunningServer):
                          refusals)
         self.loop = loop
         self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
 
     def stop(self, grace: float = 5.0) -> None:
         """As RunningServer.stop; once stopped, the event loop is closed: a second stop does
         nothing."""
-        if not self._stopped.is_set():
-            super().stop(grace)
+        with self._stop_lock:
+            if not self._stopped.is_set():
+                super().stop(grace)
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return not self._stopped.wait(timeout)
