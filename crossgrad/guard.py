@@ -241,7 +241,8 @@ class GuardInterceptor(Interceptor):
 
 
 def accounting(refusals: Refusals) -> GuardInterceptor:
-    """Count and log every refused call, whoever refused it."""
+    """Count and log every refused call, whoever refused it. (On grpc.aio, whose abort sends
+    the status at once, the caller may see the refusal a moment before it is counted.)"""
 
     @contextlib.contextmanager
     def guard(context: grpc.ServicerContext, method: str, stream: bool) -> Iterator[None]:
