@@ -173,6 +173,7 @@ class Registry:
         self._closed = False
         self._expiry_due = 0.0  # no lease runs out before this; 0: scan at the next expire()
         self._reaper: tuple[threading.Thread, threading.Event] | None = None
+        self._listeners: list[Callable[[int], None]] = []
         self._cache: tuple[int, Topology, np.ndarray] | None = None  # epoch, live graph, MH
         self._peers: dict[int, PeerView] = {}
         self._path = ":memory:" if db_path is None else str(db_path)
@@ -371,27 +372,28 @@ class Registry:
         with self._lock:
             return [self._peers[i] for i in sorted(self._peers)]
 
-    def wait_for_change(self, epoch: int, timeout: float | None,
-                        gone: Callable[[], bool] = lambda: False) -> int:
-        """Block until the epoch differs from `epoch`, `gone()` is true (checked whenever
-        wake() is called) or timeout; the epoch (Unavailable once closed)."""
+    def wait_for_change(self, epoch: int, timeout: float | None) -> int:
+        """Block until the epoch differs from `epoch` or timeout; the epoch (Unavailable once
+        closed). For a thread; an event loop listens with on_epoch instead."""
         with self._changed:
-            self._changed.wait_for(lambda: self._epoch != epoch or self._closed or gone(),
-                                   timeout)
+            self._changed.wait_for(lambda: self._epoch != epoch or self._closed, timeout)
             if self._closed:
                 raise Unavailable("the bootstrap is stopping; watch again once it is back")
             return self._epoch
 
-    def wake(self) -> None:
-        """Wake every wait_for_change to check its `gone` (a watcher left, a server stops)."""
-        with self._changed:
-            self._changed.notify_all()
+    def on_epoch(self, listener: Callable[[int], None]) -> None:
+        """Call `listener(epoch)` at every epoch bump, from whichever thread made it (a call's,
+        the reaper's), with the registry's lock held: it must be quick and must not call back
+        into the registry (the bootstrap's servicer hands it to its event loop)."""
+        with self._lock:
+            self._listeners.append(listener)
 
     # ---- the reaper: expiry without anybody heartbeating ----
 
     def start_reaper(self, interval: float | None = None) -> None:
         """A daemon thread calling expire() every `interval` s (default a quarter lease), so
-        WatchAssignment subscribers learn of dead peers even when nobody heartbeats."""
+        WatchAssignment subscribers learn of dead peers even when nobody heartbeats (its epoch
+        bumps reach them through on_epoch)."""
         if self._reaper is not None:
             return
         stop = threading.Event()
@@ -491,6 +493,8 @@ class Registry:
             self._expiry_due = 0.0
         if bump:
             self._changed.notify_all()
+            for listener in self._listeners:
+                listener(epoch)
 
 
 def _migrate(db: sqlite3.Connection) -> None:

@@ -1,14 +1,17 @@
-"""Start the bootstrap: a Registry, its servicer, and a server from crossgrad.rpc.make_server.
+"""Start the bootstrap: a Registry, its servicer, and a server from crossgrad.rpc.make_aio_server.
 
     server = serve(settings, "0.0.0.0:50050", state_path="bootstrap.sqlite", lease_seconds=15)
     install_signal_handlers(stop.set); stop.wait(); server.stop(grace=5)
 
 The CLI owns flags, logging and signals; this module only wires the pieces and decides the order
-of starting and stopping. The server reports SERVING only once the registry is open (its state
-resumed, its topology built) and the reaper runs; stopping ends the watches first (so the grace
-period is not spent on streams that never finish by themselves), drains the unary calls, and only
-then closes the registry, so no call sees a closed database and the reaper stops writing before
-another process may open the same state file.
+of starting and stopping. The server is grpc.aio on an event loop of its own thread (one loop for
+every call and every WatchAssignment stream, bootstrap/servicer.py) behind the same synchronous
+interface as every other crossgrad server, so `serve` and `stop` are plain calls. The server
+reports SERVING only once the registry is open (its state resumed, its topology built) and the
+reaper runs; stopping ends the watches first (so the grace period is not spent on streams that
+never finish by themselves), drains the unary calls, and only then closes the registry, so no call
+sees a closed database and the reaper stops writing before another process may open the same
+state file.
 """
 
 from __future__ import annotations
@@ -22,24 +25,24 @@ from bootstrap.servicer import SERVICE_NAME, BootstrapServicer
 from crossgrad.config import RunConfig
 from crossgrad.exporter import MetricsEndpoint, metrics_host
 from crossgrad.guard import CallerLimits
-from crossgrad.rpc import RunningServer, Service, make_server
+from crossgrad.rpc import AioRunningServer, Service, make_aio_server
 from crossgrad.security import Security
-from crossgrad.v1 import bootstrap_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# Threads beyond one per node: every peer may hold a WatchAssignment stream (one thread each)
-# while Join, Heartbeat and ListPeers still need threads to answer in.
-SPARE_WORKERS = 16
+# Streams beyond one per node (a WatchAssignment each) the server takes at once: room for
+# probes and for a peer's new watch while its old one is still being torn down.
+SPARE_STREAMS = 8
 
 
-class BootstrapServer(RunningServer):
-    """A RunningServer that also stops the watches before the drain and closes the registry
-    after it. RunningServer has no stop hook, so this takes over the started server's parts."""
+class BootstrapServer(AioRunningServer):
+    """An AioRunningServer that also stops the watches before the drain and closes the registry
+    after it. AioRunningServer has no stop hook, so this takes over the started server's
+    parts."""
 
-    def __init__(self, running: RunningServer, registry: Registry,
+    def __init__(self, running: AioRunningServer, registry: Registry,
                  servicer: BootstrapServicer) -> None:
-        super().__init__(running._server, running._executor, running.port, running.address,
+        super().__init__(running._server, running.loop, running.port, running.address,
                          running.health, running.service_names, running.security,
                          running.refusals)
         self.registry = registry
@@ -65,7 +68,7 @@ def serve(settings: RunConfig, bind: str, state_path: str | Path | None,
     """Open (or resume) the run's registry at state_path (None: in memory, lost on exit) and
     serve crossgrad.v1.Bootstrap on `bind`; the server is started and SERVING when this returns.
 
-    `security` and `limits` as crossgrad.rpc.make_server (None: plaintext, default limits).
+    `security` and `limits` as crossgrad.rpc.make_aio_server (None: plaintext, default limits).
     `metrics_port`: serve Prometheus metrics over HTTP on that port of the host of `bind` (0:
     any free port; None: none), as `server.metrics`.
     Raises ConfigError for a state file of another run, a bad topology or an unusable bind.
@@ -73,14 +76,9 @@ def serve(settings: RunConfig, bind: str, state_path: str | Path | None,
     registry = Registry(settings, state_path, lease_seconds=lease_seconds)
     servicer = BootstrapServicer(registry)
     try:
-        running = make_server(
-            bind,
-            [Service(SERVICE_NAME,
-                     lambda server: bootstrap_pb2_grpc.add_BootstrapServicer_to_server(
-                         servicer, server))],
-            max_workers=settings.nodes + SPARE_WORKERS,
-            security=security, limits=limits,
-        )
+        running = make_aio_server(bind, [Service(SERVICE_NAME, servicer.add_to_server)],
+                                  max_streams=settings.nodes + SPARE_STREAMS,
+                                  security=security, limits=limits)
     except BaseException:
         registry.close()
         raise

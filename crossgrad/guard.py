@@ -1,6 +1,7 @@
 """The gate in front of every crossgrad server: who may call, how much, and what was refused.
 
-crossgrad.rpc.make_server puts three interceptors in front of the services, outermost first:
+crossgrad.rpc.make_server (and make_aio_server) puts three interceptors in front of the services,
+outermost first:
 
     Accounting     every refusal (UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED), wherever
                    it was decided (here or in a servicer), gets one log line and a count in
@@ -14,21 +15,29 @@ What a servicer may do with whom (GetModel only for the caller's neighbors, Join
 caller's own id) is decided in the servicers, with the identity from crossgrad.security.caller_of.
 A TLS handshake that fails (a certificate from another CA, no client certificate where mutual TLS
 is on, a plaintext client) never becomes a call: grpc refuses the connection and logs it itself.
+
+One gate for both kinds of server. A guard decides, as a context manager around the call, and
+refuses by raising Abort (code, details, trailers); it never touches the transport. Only the
+mechanics differ: on a synchronous server (the peers) an Interceptor answers an Abort with
+context.abort around a function or generator; on a grpc.aio server (the bootstrap), wrapped in
+AioInterceptor, with `await context.abort` around a coroutine or async generator.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
+import grpc.aio
 
 from crossgrad.errors import ConfigError
 from crossgrad.security import Caller, CallerKind, Security, caller_of
@@ -80,57 +89,160 @@ class Refusals:
             return dict(self._counts)
 
 
-# guard(context, method, streaming): entered before the call, left when it ends.
+class Abort(Exception):
+    """The end of a call decided before (a gate's refusal) or after (an error the method raised,
+    crossgrad.rpc.translate_errors) its method ran: the status code, the details and the trailing
+    metadata it is answered with.
+
+    The decision is the same for every kind of server; only answering it differs, hence two
+    ways: `end` on a synchronous server's context, `end_async` on a grpc.aio one's.
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str,
+                 trailers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+        self.trailers = trailers
+
+    def end(self, context: grpc.ServicerContext) -> NoReturn:
+        """Answer the call (context.abort raises); never returns."""
+        if self.trailers:
+            context.set_trailing_metadata(self.trailers)
+        context.abort(self.code, self.details)
+        raise AssertionError("context.abort returned")  # it always raises
+
+    async def end_async(self, context: grpc.aio.ServicerContext) -> NoReturn:
+        """Answer a grpc.aio call (its context.abort raises AbortError); never returns."""
+        if self.trailers:
+            context.set_trailing_metadata(self.trailers)
+        await context.abort(self.code, self.details)
+        raise AssertionError("context.abort returned")
+
+
+# guard(context, method, streaming): entered before the call, left when it ends; it refuses a
+# call by raising Abort as it is entered.
 Guard = Callable[[grpc.ServicerContext, str, bool],
                 contextlib.AbstractContextManager[None]]
+# around(request, context): the same for one call, with its request (a stream's iterator).
+Around = Callable[[Any, grpc.ServicerContext], contextlib.AbstractContextManager[None]]
 
 
-class GuardInterceptor(grpc.ServerInterceptor):
-    """Runs `guard(context, method)` around every call of the methods it applies to, for unary
-    and streaming calls alike (a stream's guard ends when the stream does)."""
+class Interceptor(grpc.ServerInterceptor):
+    """A server interceptor that serves synchronous and grpc.aio servers alike: `rewrap`
+    decides what happens around a method's calls, once for both; `intercept_service` applies it
+    on a synchronous server, `AioInterceptor(self)` on a grpc.aio one."""
+
+    def rewrap(self, handler: Any, details: grpc.HandlerCallDetails, *, aio: bool) -> Any:
+        raise NotImplementedError
+
+    def intercept_service(self, continuation: Callable[[Any], Any],
+                          details: grpc.HandlerCallDetails) -> Any:
+        return self.rewrap(continuation(details), details, aio=False)
+
+
+class AioInterceptor(grpc.aio.ServerInterceptor):
+    """An Interceptor on a grpc.aio server: the same decisions, awaited mechanics."""
+
+    def __init__(self, interceptor: Interceptor) -> None:
+        self.interceptor = interceptor
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        return self.interceptor.rewrap(await continuation(details), details, aio=True)
+
+
+def wrap_handler(handler: Any, around: Around, *, aio: bool,
+                 request_deserializer: Callable[[bytes], Any] | None = None) -> Any:
+    """`handler` (a grpc.RpcMethodHandler) with every call run inside `around(request,
+    context)`, unary and streaming calls alike (a stream's `around` is left when the stream
+    ends or is cancelled); an Abort raised as `around` is entered answers the call instead.
+    `aio`: the handler is a grpc.aio server's (its behaviors coroutines or async generators).
+    `request_deserializer` replaces the handler's."""
+    wrap = _wrap_aio if aio else _wrap_sync
+    serializers = {"request_deserializer": request_deserializer or handler.request_deserializer,
+                   "response_serializer": handler.response_serializer}
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            wrap(handler.unary_unary, around, stream=False), **serializers)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            wrap(handler.unary_stream, around, stream=True), **serializers)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(
+            wrap(handler.stream_unary, around, stream=False), **serializers)
+    return grpc.stream_stream_rpc_method_handler(
+        wrap(handler.stream_stream, around, stream=True), **serializers)
+
+
+def _wrap_sync(behavior: Callable[..., Any], around: Around, *,
+               stream: bool) -> Callable[..., Any]:
+    if stream:
+        def streamed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:  # grpc closes the generator when the call ends or is cancelled
+                with around(request, context):
+                    yield from behavior(request, context)
+            except Abort as refused:
+                refused.end(context)
+        return streamed
+
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            with around(request, context):
+                return behavior(request, context)
+        except Abort as refused:
+            refused.end(context)
+    return unary
+
+
+def _wrap_aio(behavior: Callable[..., Any], around: Around, *,
+              stream: bool) -> Callable[..., Any]:
+    """grpc.aio runs a coroutine function as it is (a stream's writes with context.write) and
+    iterates an async generator function; so the wrapper is whichever the behavior is."""
+    if inspect.isasyncgenfunction(behavior):
+        async def generated(request: Any, context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[Any]:
+            try:  # a cancelled call raises CancelledError here, leaving `around`
+                with around(request, context):
+                    async for item in behavior(request, context):
+                        yield item
+            except Abort as refused:
+                await refused.end_async(context)
+        return generated
+    if not inspect.iscoroutinefunction(behavior):
+        raise TypeError(f"{behavior!r} is not a coroutine or async generator function; a "
+                        "grpc.aio server's methods must be (async def)")
+
+    async def awaited(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            with around(request, context):
+                return await behavior(request, context)
+        except Abort as refused:
+            await refused.end_async(context)
+    return awaited
+
+
+class GuardInterceptor(Interceptor):
+    """Runs `guard(context, method, streaming)` around every call of the methods it applies
+    to, for unary and streaming calls alike (a stream's guard ends when the stream does)."""
 
     def __init__(self, guard: Guard, *, applies: Callable[[str], bool] = lambda m: True) -> None:
         self.guard = guard
         self.applies = applies
 
-    def intercept_service(self, continuation: Callable[[Any], Any],
-                          details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(details)
+    def rewrap(self, handler: Any, details: grpc.HandlerCallDetails, *, aio: bool) -> Any:
         method = getattr(details, "method", "?")
         if handler is None or not self.applies(method):
             return handler
         guard = self.guard
         streaming = bool(handler.request_streaming or handler.response_streaming)
-
-        def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            def call(request: Any, context: grpc.ServicerContext) -> Any:
-                with guard(context, method, streaming):
-                    return behavior(request, context)
-            return call
-
-        def streamed(behavior: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
-            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                # grpc closes the generator when the call ends or is cancelled
-                with guard(context, method, streaming):
-                    yield from behavior(request, context)
-            return call
-
-        serializers = {"request_deserializer": handler.request_deserializer,
-                       "response_serializer": handler.response_serializer}
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **serializers)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(streamed(handler.unary_stream),
-                                                        **serializers)
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary),
-                                                        **serializers)
-        return grpc.stream_stream_rpc_method_handler(streamed(handler.stream_stream),
-                                                     **serializers)
+        return wrap_handler(handler, lambda request, context: guard(context, method, streaming),
+                            aio=aio)
 
 
 def accounting(refusals: Refusals) -> GuardInterceptor:
-    """Count and log every refused call, whoever refused it."""
+    """Count and log every refused call, whoever refused it. (On grpc.aio, whose abort sends
+    the status at once, the caller may see the refusal a moment before it is counted.)"""
 
     @contextlib.contextmanager
     def guard(context: grpc.ServicerContext, method: str, stream: bool) -> Iterator[None]:
@@ -157,15 +269,15 @@ def authentication(security: Security) -> GuardInterceptor:
     def guard(context: grpc.ServicerContext, method: str, stream: bool) -> Iterator[None]:
         caller = caller_of(context)
         if security.mutual and caller.kind in (CallerKind.ANONYMOUS, CallerKind.UNNAMED):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          f"{method}: {caller} is not a crossgrad identity: this server uses "
-                          "mutual TLS and accepts certificates that name crossgrad://node/ID, "
-                          "crossgrad://bootstrap or crossgrad://client/NAME (`crossgrad certs`)")
+            raise Abort(grpc.StatusCode.UNAUTHENTICATED,
+                        f"{method}: {caller} is not a crossgrad identity: this server uses "
+                        "mutual TLS and accepts certificates that name crossgrad://node/ID, "
+                        "crossgrad://bootstrap or crossgrad://client/NAME (`crossgrad certs`)")
         if security.token is not None and not security.token_matches(
                 dict(context.invocation_metadata() or ())):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          f"{method}: missing or wrong token: send 'authorization: Bearer "
-                          "TOKEN' (crossgrad reads it from --token-file or CROSSGRAD_TOKEN)")
+            raise Abort(grpc.StatusCode.UNAUTHENTICATED,
+                        f"{method}: missing or wrong token: send 'authorization: Bearer "
+                        "TOKEN' (crossgrad reads it from --token-file or CROSSGRAD_TOKEN)")
         yield
 
     return GuardInterceptor(guard, applies=lambda method: not method.startswith(OPEN_PREFIXES))
@@ -186,9 +298,9 @@ def caller_limits(limits: CallerLimits,
     table: dict[str, _Allowance] = {}
     lock = threading.Lock()
 
-    def refuse(context: grpc.ServicerContext, wait: float, why: str) -> None:
-        context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(max(1, round(wait * 1e3)))),))
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{why}; retry in {wait:.2f} s")
+    def refuse(wait: float, why: str) -> Abort:
+        return Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{why}; retry in {wait:.2f} s",
+                     ((RETRY_PUSHBACK_KEY, str(max(1, round(wait * 1e3)))),))
 
     def forget_idle(now: float) -> None:
         for key in [k for k, a in table.items()
@@ -215,11 +327,11 @@ def caller_limits(limits: CallerLimits,
                 allowance.tokens -= 1.0
                 allowance.streams += stream
         if over_rate:
-            refuse(context, (1.0 - allowance.tokens) / limits.rate,
-                   f"{method}: {caller} is over its {limits.rate:g} calls per second")
+            raise refuse((1.0 - allowance.tokens) / limits.rate,
+                         f"{method}: {caller} is over its {limits.rate:g} calls per second")
         if over_streams:
-            refuse(context, 1.0, f"{method}: {caller} already holds {limits.streams} streams, "
-                   "its limit; retry when one ends")
+            raise refuse(1.0, f"{method}: {caller} already holds {limits.streams} streams, "
+                         "its limit; retry when one ends")
         try:
             yield
         finally:
@@ -228,7 +340,6 @@ def caller_limits(limits: CallerLimits,
                     allowance.streams -= 1
 
     return GuardInterceptor(guard, applies=lambda method: not method.startswith(OPEN_PREFIXES))
-
 
 
 def add_limit_flags(parser: argparse.ArgumentParser) -> None:

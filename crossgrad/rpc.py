@@ -14,30 +14,44 @@ limits and a keepalive that the servers permit (docs/architecture.md, "The contr
     ...
     server.stop(grace=5.0)       # NOT_SERVING first, then drain in-flight calls
 
+Two kinds of server, one interface (RunningServer). make_server is grpc's synchronous server, a
+thread per call, for the peers: their streams compute and send, and a thread each is what they
+cost anyway. make_aio_server is the same server on grpc.aio, one event loop in a thread of its
+own, for the bootstrap, whose streams (a WatchAssignment per node, a thousand of them) mostly
+wait: there a thread per stream cost the heartbeats a second at every epoch change
+(docs/benchmarks.md, "Busy bootstrap"). Both get the same options, gate (crossgrad/guard.py),
+malformed-request check, stream limit, health, reflection and error translation: the decisions
+are made once, in code both share, and only how a call is ended differs (context.abort, or
+`await context.abort`; guard.Abort carries the decision).
+
 Errors cross the wire at one boundary each way (docs/conventions.md, "One exception tree, one
 mapping to status codes"). Servicer methods raise the ProtocolError classes of crossgrad.errors;
-`translate_errors` turns them into status codes with the table STATUS, and anything unexpected into
-INTERNAL. Clients turn a grpc.RpcError back into the same classes with `from_rpc_error`. Two classes
-share FAILED_PRECONDITION (StaleRound, NotReady), so the server also names the class in the trailing
-metadata key ERROR_CLASS_KEY; a client trusts that name only when it agrees with the status code.
+`translate_errors` (`translate_errors_async` on grpc.aio) turns them into status codes with the
+table STATUS, and anything unexpected into INTERNAL. Clients turn a grpc.RpcError back into the
+same classes with `from_rpc_error`. Two classes share FAILED_PRECONDITION (StaleRound, NotReady),
+so the server also names the class in the trailing metadata key ERROR_CLASS_KEY; a client trusts
+that name only when it agrees with the status code.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import inspect
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, NoReturn, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import grpc
+import grpc.aio
 from google.protobuf import descriptor_pool
+from grpc_health.v1 import _async as aio_health
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -89,7 +103,8 @@ CLIENT_KEEPALIVE_TIMEOUT_MS = 10_000
 MAX_RECONNECT_BACKOFF_MS = 1_000
 # Threads of every server's pool that streams may not take. A stream holds its thread for as
 # long as it lasts: a GetModel waiting for the next round to be published, a cross-gradient
-# being computed, a WatchAssignment or a Health/Watch for the whole run. If streams could take
+# being computed, a Health/Watch for the whole run. (The bootstrap's WatchAssignment streams are
+# coroutines of make_aio_server, which holds no thread per call.) If streams could take
 # every thread, health checks, GetStatus and heartbeats would queue behind them for seconds
 # (a node with 8 neighbors serves 16 streams each round); with this many kept, a unary call
 # always finds a thread (tests/rpc/test_liveness_rpc.py, docs/benchmarks.md "Liveness").
@@ -143,6 +158,7 @@ _HINTS: dict[grpc.StatusCode, str] = {
 _UNSPECIFIED_HOSTS = ("0.0.0.0", "[::]", "::", "*")
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -162,10 +178,12 @@ class RunningServer:
 
     Health starts NOT_SERVING for "" and every service, because a node that is still loading its
     checkpoint or joining the bootstrap must not be picked by a health check or a neighbor.
+    This one is a synchronous server (a thread pool, make_server); AioRunningServer has the same
+    interface over grpc.aio (make_aio_server).
     """
 
-    def __init__(self, server: grpc.Server, executor: futures.ThreadPoolExecutor, port: int,
-                 address: str, health_servicer: health.HealthServicer,
+    def __init__(self, server: grpc.Server, executor: futures.ThreadPoolExecutor | None,
+                 port: int, address: str, health_servicer: health.HealthServicer,
                  service_names: Sequence[str], security: Security,
                  refusals: guard.Refusals) -> None:
         self._server = server
@@ -181,8 +199,7 @@ class RunningServer:
         """Report SERVING (or NOT_SERVING) for the server ("") and every service at once."""
         status = (health_pb2.HealthCheckResponse.SERVING if serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
-        for name in ("", *self.service_names):
-            self.health.set(name, status)
+        self._set_health(("", *self.service_names), status)
         log.info("server at %s is %s", self.address, "serving" if serving else "not serving")
 
     def stop(self, grace: float = 5.0) -> None:
@@ -192,10 +209,9 @@ class RunningServer:
         the server still answers. enter_graceful_shutdown also ignores any later set_serving(),
         so a round driver racing with the stop cannot flip health back to SERVING.
         """
-        self.health.enter_graceful_shutdown()
+        self._enter_graceful_shutdown()
         log.info("stopping server at %s (grace %.1f s)", self.address, grace)
-        self._server.stop(grace).wait()
-        self._executor.shutdown(wait=False)
+        self._shutdown(grace)
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         """Block until the server stops; True if `timeout` passed first (grpc's convention)."""
@@ -206,6 +222,131 @@ class RunningServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+    # the mechanics, which AioRunningServer does on its event loop
+
+    def _set_health(self, names: Sequence[str], status: int) -> None:
+        for name in names:
+            self.health.set(name, status)
+
+    def _enter_graceful_shutdown(self) -> None:
+        self.health.enter_graceful_shutdown()
+
+    def _shutdown(self, grace: float) -> None:
+        self._server.stop(grace).wait()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+
+class EventLoopThread:
+    """An asyncio event loop running in a daemon thread of its own, for a grpc.aio server
+    behind a synchronous interface: `run` a coroutine on it from any other thread and wait
+    for its result, `call_soon` a function on it from any thread, `close` it once."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._closing = False
+        self._lock = threading.Lock()  # no coroutine is handed to a loop that is stopping
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:  # what asyncio.run does at the end: nothing is left pending, nobody waits
+            tasks = asyncio.all_tasks(self.loop)
+            for task in tasks:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run `coroutine` on the loop and return its result (raise its exception); from any
+        thread but the loop's own. RuntimeError once the loop is closed."""
+        with self._lock:
+            if self._closing or threading.current_thread() is self._thread:
+                coroutine.close()
+                raise RuntimeError("the event loop is closed" if self._closing else
+                                   "EventLoopThread.run on its own loop would wait for itself")
+            future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        return future.result(timeout)
+
+    def call_soon(self, callback: Callable[[], object]) -> bool:
+        """call_soon(self.loop, callback)."""
+        return call_soon(self.loop, callback)
+
+    def close(self) -> None:
+        """Stop the loop (cancelling what is left on it) and wait for its thread to end."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+
+
+def call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> bool:
+    """Call `callback` on `loop`, soon, from any thread; False (and nothing called) once the
+    loop is closed, so a thread that outlives a server's loop may still notify it."""
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:  # the loop is closed
+        return False
+    return True
+
+
+class AioRunningServer(RunningServer):
+    """RunningServer over a grpc.aio server whose event loop runs in a thread of its own
+    (EventLoopThread): health, stop and wait_for_termination are callable from any thread, and
+    run their part on the loop. `loop` is that thread, for a servicer that needs it."""
+
+    def __init__(self, server: grpc.aio.Server, loop: EventLoopThread, port: int, address: str,
+                 health_servicer: aio_health.HealthServicer, service_names: Sequence[str],
+                 security: Security, refusals: guard.Refusals) -> None:
+        super().__init__(server, None, port, address, health_servicer, service_names, security,
+                         refusals)
+        self.loop = loop
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+
+    def stop(self, grace: float = 5.0) -> None:
+        """As RunningServer.stop; once stopped, the event loop is closed: a second stop does
+        nothing."""
+        with self._stop_lock:
+            if not self._stopped.is_set():
+                super().stop(grace)
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return not self._stopped.wait(timeout)
+
+    def __enter__(self) -> AioRunningServer:
+        return self
+
+    def _set_health(self, names: Sequence[str], status: int) -> None:
+        async def set_all() -> None:
+            for name in names:
+                await self.health.set(name, status)
+        try:
+            self.loop.run(set_all())
+        except RuntimeError:
+            if not self.loop.closed:
+                raise  # a stopped server stays NOT_SERVING, as RunningServer's: nothing to do
+
+    def _enter_graceful_shutdown(self) -> None:
+        self.loop.run(self.health.enter_graceful_shutdown())
+
+    def _shutdown(self, grace: float) -> None:
+        try:
+            self.loop.run(self._server.stop(grace))
+        finally:
+            self.loop.close()
+            self._stopped.set()
 
 
 def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
@@ -255,13 +396,11 @@ class _Malformed:
         self.error = error
 
 
-class _RejectMalformedRequests(grpc.ServerInterceptor):
+class _RejectMalformedRequests(guard.Interceptor):
     """A request that is not valid protobuf gets INVALID_ARGUMENT (peer.proto), not grpc's
     default INTERNAL "Exception deserializing request!", and the method never sees it."""
 
-    def intercept_service(self, continuation: Callable[[Any], Any],
-                          details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(details)
+    def rewrap(self, handler: Any, details: grpc.HandlerCallDetails, *, aio: bool) -> Any:
         if handler is None or handler.request_deserializer is None or handler.request_streaming:
             return handler
         parse = handler.request_deserializer
@@ -273,33 +412,27 @@ class _RejectMalformedRequests(grpc.ServerInterceptor):
             except Exception as exc:  # protobuf raises DecodeError and friends
                 return _Malformed(exc)
 
-        def guard(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            def call(request: Any, context: grpc.ServicerContext) -> Any:
-                if isinstance(request, _Malformed):
-                    log.info("%s: rejected a request that is not valid protobuf (%s)", method,
-                             request.error)
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+        @contextlib.contextmanager
+        def parsed(request: Any, context: grpc.ServicerContext) -> Iterator[None]:
+            if isinstance(request, _Malformed):
+                log.info("%s: rejected a request that is not valid protobuf (%s)", method,
+                         request.error)
+                raise guard.Abort(grpc.StatusCode.INVALID_ARGUMENT,
                                   f"the request to {method} is not a valid protobuf message "
                                   f"({type(request.error).__name__}); use the crossgrad.v1 "
                                   "messages (grpcurl: describe the method)")
-                return behavior(request, context)
-            return call
+            yield
 
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(
-                guard(handler.unary_stream), request_deserializer=deserialize,
-                response_serializer=handler.response_serializer)
-        return grpc.unary_unary_rpc_method_handler(
-            guard(handler.unary_unary), request_deserializer=deserialize,
-            response_serializer=handler.response_serializer)
+        return guard.wrap_handler(handler, parsed, aio=aio, request_deserializer=deserialize)
 
 
 def _stream_limit(limit: int) -> guard.GuardInterceptor:
-    """At most `limit` streams (request- or response-streaming calls) hold a thread at once.
+    """At most `limit` streams (request- or response-streaming calls) at once.
 
-    The pool's other threads are then free for unary calls whatever the streams do. A stream
-    over the limit is answered UNAVAILABLE at once: queued, it would wait for a stream to end,
-    which may be the whole run, and its caller's deadline would pass anyway.
+    On a synchronous server each holds a thread: the pool's other threads are then free for
+    unary calls whatever the streams do. A stream over the limit is answered UNAVAILABLE at
+    once: queued, it would wait for a stream to end, which may be the whole run, and its
+    caller's deadline would pass anyway.
     """
     slots = threading.BoundedSemaphore(limit)
 
@@ -310,15 +443,75 @@ def _stream_limit(limit: int) -> guard.GuardInterceptor:
             return
         if not slots.acquire(blocking=False):
             log.warning("%s: refused a stream: %d streams in flight already", method, limit)
-            context.abort(grpc.StatusCode.UNAVAILABLE,
-                          f"{method}: this server already serves {limit} streams, its "
-                          "limit (threads are kept for unary calls); retry when one ends")
+            raise guard.Abort(grpc.StatusCode.UNAVAILABLE,
+                              f"{method}: this server already serves {limit} streams, its "
+                              "limit; retry when one ends")
         try:
             yield
         finally:
             slots.release()
 
     return guard.GuardInterceptor(admit)
+
+
+def _interceptors(security: Security, limits: guard.CallerLimits | None,
+                  refusals: guard.Refusals, streams: int) -> list[guard.Interceptor]:
+    """What every server puts in front of its services, outermost first: the gate of
+    crossgrad/guard.py, the malformed-request check, the stream limit."""
+    gate: list[guard.Interceptor] = [guard.accounting(refusals),
+                                     guard.caller_limits(limits or guard.CallerLimits())]
+    if not security.insecure:
+        gate.append(guard.authentication(security))
+    return [*gate, _RejectMalformedRequests(), _stream_limit(streams)]
+
+
+def _check_services(services: Sequence[Service]) -> list[str]:
+    """The services' names, each a service of the default descriptor pool (ConfigError)."""
+    names = [service.name for service in services]
+    for name in names:
+        try:
+            descriptor_pool.Default().FindServiceByName(name)
+        except KeyError:
+            raise ConfigError(f"service {name!r} is not a known gRPC service; give its full "
+                              f"name (e.g. 'crossgrad.v1.Peer') and import its generated "
+                              f"module") from None
+    return names
+
+
+def _register(server: Any, services: Sequence[Service], health_servicer: Any) -> None:
+    """The services, health and reflection, on a synchronous or a grpc.aio server."""
+    for service in services:
+        service.register(server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*(s.name for s in services), health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+
+
+def _bind(server: Any, bind: str, security: Security) -> int:
+    """Listen on `bind` with `security`'s credentials; the port (ConfigError if none)."""
+    reason = "no port bound"
+    credentials = security.server_credentials()
+    try:
+        port = (server.add_insecure_port(bind) if credentials is None
+                else server.add_secure_port(bind, credentials))
+    except RuntimeError as exc:  # recent grpc raises; older versions returned 0
+        port, reason = 0, str(exc)
+    if not port:
+        raise ConfigError(f"cannot listen on {bind}: the port is taken or the host is not an "
+                          f"address of this machine (grpc: {reason.rstrip('.')}). Pick a free "
+                          f"port, or port 0 for any free one")
+    return int(port)
+
+
+def _started(running: RunningServer, bind: str, host: str) -> RunningServer:
+    running.refusals.server = f"server at {host}:{running.port}"
+    log.info("listening on %s (%s), services %s; %s", bind, running.address,
+             ", ".join(running.service_names) or "-", running.security.describe())
+    return running
+
+
+def _local_address(host: str, port: int) -> str:
+    return f"{'127.0.0.1' if host in _UNSPECIFIED_HOSTS else host}:{port}"
 
 
 def make_server(bind: str, services: Sequence[Service], *,
@@ -342,59 +535,82 @@ def make_server(bind: str, services: Sequence[Service], *,
     room for streams, or a port that cannot be bound.
     """
     host = _host_of(bind)
-    if max_message_bytes <= 0:
-        raise ConfigError(f"max_message_bytes must be positive, got {max_message_bytes}")
+    _check_message_bytes(max_message_bytes)
     if max_workers <= RESERVED_UNARY_WORKERS:
         raise ConfigError(f"max_workers must exceed the {RESERVED_UNARY_WORKERS} threads kept "
                           f"for unary calls, so that streams get some; got {max_workers}")
-    names = [service.name for service in services]
-    for name in names:
-        try:
-            descriptor_pool.Default().FindServiceByName(name)
-        except KeyError:
-            raise ConfigError(f"service {name!r} is not a known gRPC service; give its full "
-                              f"name (e.g. 'crossgrad.v1.Peer') and import its generated "
-                              f"module") from None
-
+    names = _check_services(services)
     security = security or Security.plaintext()
     refusals = guard.Refusals(f"server at {bind}")
-    gate = [guard.accounting(refusals),
-            guard.caller_limits(limits or guard.CallerLimits())]
-    if not security.insecure:
-        gate.append(guard.authentication(security))
     executor = futures.ThreadPoolExecutor(max_workers, thread_name_prefix="crossgrad-rpc")
     server = grpc.server(executor, options=server_options(max_message_bytes),
-                         interceptors=[*gate, _RejectMalformedRequests(),
-                                       _stream_limit(max_workers - RESERVED_UNARY_WORKERS)])
-    for service in services:
-        service.register(server)
+                         interceptors=_interceptors(security, limits, refusals,
+                                                    max_workers - RESERVED_UNARY_WORKERS))
     health_servicer = health.HealthServicer()
     for name in ("", *names):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-
-    reason = "no port bound"
-    credentials = security.server_credentials()
+    _register(server, services, health_servicer)
     try:
-        port = (server.add_insecure_port(bind) if credentials is None
-                else server.add_secure_port(bind, credentials))
-    except RuntimeError as exc:  # recent grpc raises; older versions returned 0
-        port, reason = 0, str(exc)
-    if not port:
+        port = _bind(server, bind, security)
+    except ConfigError:
         executor.shutdown(wait=False)
-        raise ConfigError(f"cannot listen on {bind}: the port is taken or the host is not an "
-                          f"address of this machine (grpc: {reason.rstrip('.')}). Pick a free "
-                          f"port, or port 0 for any free one")
+        raise
     server.start()
-    local_host = "127.0.0.1" if host in _UNSPECIFIED_HOSTS else host
-    refusals.server = f"server at {host}:{port}"
-    running = RunningServer(server, executor, port, f"{local_host}:{port}", health_servicer, names,
-                            security, refusals)
-    log.info("listening on %s (%s), services %s; %s", bind, running.address,
-             ", ".join(names) or "-", security.describe())
-    return running
+    return _started(RunningServer(server, executor, port, _local_address(host, port),
+                                  health_servicer, names, security, refusals), bind, host)
+
+
+def make_aio_server(bind: str, services: Sequence[Service], *,
+                    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                    max_streams: int = DEFAULT_MAX_WORKERS - RESERVED_UNARY_WORKERS,
+                    security: Security | None = None,
+                    limits: guard.CallerLimits | None = None) -> AioRunningServer:
+    """make_server on grpc.aio: the same options, gate, health, reflection and errors, served
+    by one event loop in a daemon thread of its own instead of a thread per call.
+
+    For a server whose streams mostly wait (the bootstrap's WatchAssignment, one per node): a
+    waiting stream is a suspended coroutine, not a thread, and waking a thousand of them is a
+    thousand callbacks on one loop, not a thousand threads contending for the GIL. Its methods
+    must be coroutine (or async generator) functions (translate_errors_async), and must not
+    block the loop for long. Each `Service.register` runs on that loop, so a servicer may take
+    its loop there (asyncio.get_running_loop()).
+
+    At most `max_streams` streams are served at once (one more is answered UNAVAILABLE); with
+    no thread per stream this only bounds what the streams may hold. The returned server has
+    RunningServer's interface, callable from any thread.
+
+    Raises ConfigError as make_server.
+    """
+    host = _host_of(bind)
+    _check_message_bytes(max_message_bytes)
+    if max_streams < 1:
+        raise ConfigError(f"max_streams must be positive; got {max_streams}")
+    names = _check_services(services)
+    security = security or Security.plaintext()
+    refusals = guard.Refusals(f"server at {bind}")
+    interceptors = [guard.AioInterceptor(interceptor) for interceptor
+                    in _interceptors(security, limits, refusals, max_streams)]
+
+    async def start() -> tuple[grpc.aio.Server, aio_health.HealthServicer, int]:
+        server = grpc.aio.server(options=server_options(max_message_bytes),
+                                 interceptors=interceptors)
+        health_servicer = aio_health.HealthServicer()
+        for name in ("", *names):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        _register(server, services, health_servicer)
+        port = _bind(server, bind, security)
+        await server.start()
+        return server, health_servicer, port
+
+    loop = EventLoopThread(f"crossgrad-aio-{bind}")
+    try:
+        server, health_servicer, port = loop.run(start())
+    except BaseException:
+        loop.close()
+        raise
+    return cast(AioRunningServer, _started(
+        AioRunningServer(server, loop, port, _local_address(host, port), health_servicer, names,
+                         security, refusals), bind, host))
 
 
 def make_channel(address: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -424,15 +640,6 @@ def status_of(exc: ProtocolError) -> tuple[type[ProtocolError], grpc.StatusCode]
     return ProtocolError, grpc.StatusCode.UNKNOWN
 
 
-def abort(context: grpc.ServicerContext, exc: ProtocolError) -> NoReturn:
-    """End the call with the status code of `exc` and its message; never returns."""
-    cls, code = status_of(exc)
-    metadata = tuple(context.trailing_metadata() or ())
-    context.set_trailing_metadata((*metadata, (ERROR_CLASS_KEY, cls.__name__)))
-    context.abort(code, _bounded(str(exc)))
-    raise AssertionError("context.abort returned")  # it always raises
-
-
 def translate_errors(method: F) -> F:
     """Decorate a servicer method (unary or server-streaming) so errors become status codes.
 
@@ -440,7 +647,7 @@ def translate_errors(method: F) -> F:
     INTERNAL with a short message, the traceback going to the log: a bad request must never
     take the node down or leak its internals to a peer. A call the method already aborted with
     context.abort keeps its code. The context is the method's last positional argument (or
-    `context=`), as grpc calls it.
+    `context=`), as grpc calls it. For a grpc.aio servicer: translate_errors_async.
     """
     where = method.__qualname__
     if inspect.isgeneratorfunction(method):
@@ -449,7 +656,8 @@ def translate_errors(method: F) -> F:
             try:
                 yield from method(*args, **kwargs)
             except Exception as exc:
-                _translate(_context_of(args, kwargs), exc, where)
+                context = _context_of(args, kwargs)
+                _translation(context, exc, where).end(context)
         return cast(F, stream)
 
     @functools.wraps(method)
@@ -457,8 +665,28 @@ def translate_errors(method: F) -> F:
         try:
             return method(*args, **kwargs)
         except Exception as exc:
-            _translate(_context_of(args, kwargs), exc, where)
+            context = _context_of(args, kwargs)
+            _translation(context, exc, where).end(context)
     return cast(F, unary)
+
+
+def translate_errors_async(method: F) -> F:
+    """translate_errors for a grpc.aio servicer's coroutine method (unary, or a stream that
+    writes with `await context.write`): the same codes, details and trailers, answered with
+    `await context.abort`. A cancelled call (its client gone) is no error: it is left alone."""
+    if not inspect.iscoroutinefunction(method):
+        raise TypeError(f"translate_errors_async: {method.__qualname__} is not a coroutine "
+                        "function (async def); a synchronous servicer takes translate_errors")
+    where = method.__qualname__
+
+    @functools.wraps(method)
+    async def awaited(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(*args, **kwargs)
+        except Exception as exc:
+            context = _context_of(args, kwargs)
+            await _translation(context, exc, where).end_async(context)
+    return cast(F, awaited)
 
 
 def from_rpc_error(err: grpc.RpcError, what: str) -> ProtocolError:
@@ -504,20 +732,24 @@ def install_signal_handlers(on_stop: Callable[[], None]) -> None:
     signal.signal(signal.SIGINT, handle)
 
 
-def _translate(context: grpc.ServicerContext, exc: Exception, where: str) -> NoReturn:
+def _translation(context: grpc.ServicerContext, exc: Exception, where: str) -> guard.Abort:
+    """How translate_errors ends a call whose method raised `exc`, logged; re-raises `exc` for a
+    call the method aborted itself (context.abort), which keeps its code and details."""
     if isinstance(exc, ProtocolError):
-        log.info("%s rejected a call: %s: %s", where, status_of(exc)[1].name, exc)
-        abort(context, exc)
+        cls, code = status_of(exc)
+        log.info("%s rejected a call: %s: %s", where, code.name, exc)
+        metadata = tuple(context.trailing_metadata() or ())
+        return guard.Abort(code, _bounded(str(exc)),
+                           (*metadata, (ERROR_CLASS_KEY, cls.__name__)))
     if isinstance(exc, ConfigError):
         log.info("%s rejected a call: INVALID_ARGUMENT: %s", where, exc)
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, _bounded(str(exc)))
-    if context.code() not in (None, grpc.StatusCode.OK):
+        return guard.Abort(grpc.StatusCode.INVALID_ARGUMENT, _bounded(str(exc)))
+    if isinstance(exc, grpc.aio.AbortError) or context.code() not in (None, grpc.StatusCode.OK):
         raise exc  # the method called context.abort itself: keep its code and details
     log.error("unexpected error in %s", where, exc_info=exc)
-    context.abort(grpc.StatusCode.INTERNAL,
-                  f"internal error in {where} ({type(exc).__name__}); the server logged it "
-                  f"and keeps serving")
-    raise AssertionError("context.abort returned")
+    return guard.Abort(grpc.StatusCode.INTERNAL,
+                       f"internal error in {where} ({type(exc).__name__}); the server logged "
+                       f"it and keeps serving")
 
 
 def _context_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> grpc.ServicerContext:
@@ -536,6 +768,11 @@ def _call_attr(err: grpc.RpcError, name: str) -> Any:
 
 def _bounded(text: str) -> str:
     return text if len(text) <= MAX_DETAILS_CHARS else text[: MAX_DETAILS_CHARS - 3] + "..."
+
+
+def _check_message_bytes(max_message_bytes: int) -> None:
+    if max_message_bytes <= 0:
+        raise ConfigError(f"max_message_bytes must be positive, got {max_message_bytes}")
 
 
 def _host_of(bind: str) -> str:

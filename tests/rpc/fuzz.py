@@ -177,10 +177,10 @@ def fuzz(channels: Mapping[str, grpc.Channel], count: int, seed_: int = 0, *,
     """`count` malformed requests, to every method of the services in `channels` (PEER,
     BOOTSTRAP: a channel to each), `workers` in flight; the Report once all are answered.
 
-    WORKERS is kept small for the bootstrap: a WatchAssignment's server thread outlives its
-    caller's deadline by up to one poll (bootstrap/servicer.py), so `workers` watches may hold
-    twice as many threads, and the bootstrap serves 16 - 8 + nodes streams at once (above that
-    UNAVAILABLE, documented). With 6, a 4-node run's 12 are never all taken."""
+    WORKERS is kept small for the bootstrap, which serves nodes + 8 streams at once (above that
+    UNAVAILABLE, documented; bootstrap/server.py): a WatchAssignment waits until its deadline,
+    and its coroutine ends a moment after the caller saw the deadline pass, so `workers` watches
+    may briefly count twice. With 6, a 4-node run's 12 are never all taken."""
     known = learn(channels)
     methods = [m for m in METHODS if m.service in channels]
     report = Report()

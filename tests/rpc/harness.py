@@ -289,10 +289,13 @@ class Cluster:
 
     # ---- servers --------------------------------------------------------------------------
     def serve(self, services: Sequence[rpc.Service], bind: str = "127.0.0.1:0",
-              identity: str = "node-0", **kwargs: Any) -> rpc.RunningServer:
+              identity: str = "node-0", *, aio: bool = False,
+              **kwargs: Any) -> rpc.RunningServer:
         """A server through the one server factory (health NOT_SERVING until set_serving),
-        under `identity`'s certificate when the cluster has certificates."""
-        server = rpc.make_server(bind, services, security=self.security(identity), **kwargs)
+        under `identity`'s certificate when the cluster has certificates; `aio`: on grpc.aio
+        (make_aio_server, whose servicers are async)."""
+        make = rpc.make_aio_server if aio else rpc.make_server
+        server = make(bind, services, security=self.security(identity), **kwargs)
         self._stack.callback(server.stop, grace=0)
         return server
 

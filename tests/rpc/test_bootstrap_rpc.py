@@ -1,14 +1,23 @@
 """The Bootstrap service over real gRPC: a server from bootstrap/server.py on 127.0.0.1:0, real
 stubs over crossgrad.rpc.make_channel, every bad request answered with its exact status code.
 
-No sleeps: streams are consumed in a thread into a queue, read with a timeout.
+No sleeps: streams are consumed in a thread into a queue, read with a timeout (a wait for the
+server's own state polls it, `until`).
+
+The last part is what grpc.aio (crossgrad.rpc.make_aio_server, bootstrap/servicer.py) changes:
+the gate of crossgrad/guard.py refuses, counts and logs there as on the peers' servers (the
+decisions are shared; only `await context.abort` differs); the stream limit; watches end with
+UNAVAILABLE when the server stops (opened before assembly too), end their coroutine when the
+client goes away, and hear of an epoch bump the registry's reaper thread made, off the loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,10 +33,13 @@ from bootstrap.convert import (
     settings_to_proto,
 )
 from bootstrap.registry import LOCAL_FIELDS
-from bootstrap.server import BootstrapServer
+from bootstrap.server import SPARE_STREAMS, BootstrapServer
+from crossgrad.certs import Made
 from crossgrad.config import RunConfig
 from crossgrad.errors import ConfigError, InvalidMessage
-from crossgrad.rpc import DEFAULT_MAX_MESSAGE_BYTES, RunningServer
+from crossgrad.guard import RETRY_PUSHBACK_KEY, CallerLimits
+from crossgrad.rpc import DEFAULT_MAX_MESSAGE_BYTES, ERROR_CLASS_KEY, RunningServer, make_channel
+from crossgrad.security import Role, SecurityFlags, load_security
 from crossgrad.status import format_peers
 from crossgrad.v1 import bootstrap_pb2 as pb
 from crossgrad.v1 import bootstrap_pb2_grpc
@@ -349,3 +361,132 @@ def test_a_peer_refuses_run_settings_it_cannot_run_before_loading_data(
                               "cannot run here: ")
     assert named in message
     assert fake.joins == 1  # refused at the first answer: no second Join, no data loaded
+
+
+# ---- on grpc.aio ----
+
+
+def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait (briefly polling) for `condition`, failing after TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def boot(cluster: Cluster, tmp_path: Path, **kwargs: object) -> BootstrapServer:
+    server = cluster.bootstrap(SETTINGS, state=str(tmp_path / "bootstrap.sqlite"), **kwargs)
+    assert isinstance(server, BootstrapServer)
+    return server
+
+
+def test_the_rate_limit_refuses_counts_and_logs_on_the_aio_server(
+        cluster: Cluster, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    server = boot(cluster, tmp_path, limits=CallerLimits(streams=8, rate=0.5, burst=2))
+    stub = cluster.bootstrap_stub(server.address)
+    request = pb.ListPeersRequest()
+    with caplog.at_level(logging.WARNING, logger="crossgrad.guard"):
+        stub.ListPeers(request, timeout=TIMEOUT)
+        stub.ListPeers(request, timeout=TIMEOUT)
+        err = rpc_error(lambda: stub.ListPeers(request, timeout=TIMEOUT))
+        # grpc.aio sends the status as the call is aborted, before the gate's accounting has
+        # seen it end: the count and the log line (in that order) follow within the loop's
+        # next steps.
+        until(lambda: any(r.name == "crossgrad.guard" for r in caplog.records), "the log line")
+    assert server.refusals.snapshot() == {"RESOURCE_EXHAUSTED": 1}
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+    assert "over its 0.5 calls per second" in (err.details() or "")
+    pushback = dict(err.trailing_metadata() or ()).get(RETRY_PUSHBACK_KEY)
+    assert pushback is not None and int(pushback) > 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "crossgrad.guard"]
+    assert len(lines) == 1, lines
+    assert f"server at 127.0.0.1:{server.port} refused /crossgrad.v1.Bootstrap/ListPeers" in (
+        lines[0]) and "RESOURCE_EXHAUSTED" in lines[0]
+
+
+def test_the_aio_server_authenticates_and_leaves_health_open(run_certs: Made,
+                                                             tmp_path: Path) -> None:
+    with Cluster(run_certs, token=True) as cluster:
+        server = boot(cluster, tmp_path)
+        stranger = load_security(SecurityFlags(ca=str(run_certs.ca)), Role.CLIENT,
+                                 command="test", environ={})
+        with make_channel(server.address, security=stranger,
+                          server_name="bootstrap.crossgrad") as channel:
+            stub = bootstrap_pb2_grpc.BootstrapStub(channel)
+            err = rpc_error(lambda: stub.ListPeers(pb.ListPeersRequest(), timeout=TIMEOUT))
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "missing or wrong token" in (err.details() or "")
+            health = channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=TIMEOUT)
+            assert health == b"\x08\x01"  # SERVING
+        listed = cluster.bootstrap_stub(server.address).ListPeers(pb.ListPeersRequest(),
+                                                                 timeout=TIMEOUT)
+        assert dict(listed.refusals) == {"UNAUTHENTICATED": 1}
+
+
+def test_streams_over_the_limit_are_unavailable(cluster: Cluster, tmp_path: Path) -> None:
+    server = boot(cluster, tmp_path, limits=CallerLimits(streams=100))
+    stub = cluster.bootstrap_stub(server.address)
+    limit = SETTINGS.nodes + SPARE_STREAMS
+    join(stub, 0)
+    watches = [Watch(stub, 0) for _ in range(limit)]  # before assembly: they all wait
+    try:
+        until(lambda: server.servicer.watching == limit, f"{limit} watches")
+        extra = Watch(stub, 0)
+        end = extra.next()
+        assert isinstance(end, grpc.RpcError) and end.code() == grpc.StatusCode.UNAVAILABLE
+        assert f"already serves {limit} streams" in (end.details() or "")
+    finally:
+        for watch in watches:
+            watch.close()
+    until(lambda: server.servicer.watching == 0, "the watches' coroutines to end")
+
+
+def test_a_stopping_server_ends_waiting_watches_with_unavailable(cluster: Cluster,
+                                                                 tmp_path: Path) -> None:
+    server = boot(cluster, tmp_path)
+    stub = cluster.bootstrap_stub(server.address)
+    join(stub, 0)
+    waiting = Watch(stub, 0)  # before assembly: nothing sent yet
+    until(lambda: server.servicer.watching == 1, "the watch")
+    server.stop(grace=TIMEOUT)
+    end = waiting.next()
+    assert isinstance(end, grpc.RpcError) and end.code() == grpc.StatusCode.UNAVAILABLE
+    assert "the bootstrap is stopping; watch again once it is back" in (end.details() or "")
+    assert dict(end.trailing_metadata() or ()).get(ERROR_CLASS_KEY) == "Unavailable"
+    assert server.wait_for_termination(timeout=0) is False
+    server.stop(grace=0)  # again: nothing left to do
+    waiting.close()
+
+
+def test_a_client_that_goes_away_ends_its_watch(cluster: Cluster, tmp_path: Path) -> None:
+    server = boot(cluster, tmp_path)
+    stub = cluster.bootstrap_stub(server.address)
+    for i in range(3):
+        join(stub, i)
+    watch = Watch(stub, 1)
+    assert isinstance(watch.next(), pb.Assignment)
+    assert server.servicer.watching == 1
+    watch.close()
+    until(lambda: server.servicer.watching == 0, "the watch's coroutine to end")
+
+
+def test_an_epoch_bump_from_the_reaper_thread_reaches_an_open_watch(cluster: Cluster,
+                                                                    tmp_path: Path) -> None:
+    server = boot(cluster, tmp_path, lease_seconds=0.5)
+    bumped_in: list[str] = []
+    server.registry.on_epoch(lambda epoch: bumped_in.append(threading.current_thread().name))
+    stub = cluster.bootstrap_stub(server.address)
+    for i in range(3):
+        join(stub, i)
+    watch = Watch(stub, 0)
+    try:
+        first = watch.next()
+        assert isinstance(first, pb.Assignment) and first.topology_epoch == 1
+        # Nobody heartbeats and nothing else calls: only the reaper can expire the leases.
+        second = watch.next()
+        assert isinstance(second, pb.Assignment), second
+        assert (second.topology_epoch, neighbor_ids(second)) == (2, [])  # all dead: alone
+        assert bumped_in[-1] == "bootstrap-reaper"
+        assert watch.items.empty()
+    finally:
+        watch.close()

@@ -2,7 +2,9 @@
 
 The servicer is the generated PeerServicer with canned behavior: GetStatus (unary) and GetModel
 (server-streaming) raise what the request asks for, so that every ProtocolError class is checked
-on both kinds of method, through the wire, with its exact status code and message.
+on both kinds of method, through the wire, with its exact status code and message. The tests on
+the `server` fixture run twice: on make_server, and on make_aio_server with the same behavior
+from coroutines (AioCannedPeer), whose mechanics differ and whose answers must not.
 """
 
 from __future__ import annotations
@@ -70,9 +72,28 @@ class CannedPeer(peer_pb2_grpc.PeerServicer):
         yield tensor_pb2.TensorChunk(data=b"\x00" * 16)
 
 
-@pytest.fixture
-def server(serve: Serve) -> rpc.RunningServer:
-    running = serve([peer_service(CannedPeer())])
+class AioCannedPeer(peer_pb2_grpc.PeerServicer):
+    """CannedPeer's answers from coroutines, for grpc.aio: a stream writes its chunks."""
+
+    @rpc.translate_errors_async
+    async def GetStatus(self, request: peer_pb2.GetStatusRequest,
+                        context: Any) -> peer_pb2.PeerStatus:
+        if request.requester == "abort:":
+            await context.abort(grpc.StatusCode.NOT_FOUND, "aborted by the method itself")
+        status: peer_pb2.PeerStatus = CannedPeer.GetStatus.__wrapped__(  # type: ignore[attr-defined]
+            self, request, context)
+        return status
+
+    @rpc.translate_errors_async
+    async def GetModel(self, request: peer_pb2.GetModelRequest, context: Any) -> None:
+        for chunk in CannedPeer.GetModel.__wrapped__(self, request, context):  # type: ignore[attr-defined]
+            await context.write(chunk)
+
+
+@pytest.fixture(params=["sync", "aio"])
+def server(serve: Serve, request: pytest.FixtureRequest) -> rpc.RunningServer:
+    aio = request.param == "aio"
+    running = serve([peer_service(AioCannedPeer() if aio else CannedPeer())], aio=aio)
     running.set_serving()
     return running
 
@@ -94,8 +115,9 @@ def test_unspecified_host_gives_a_loopback_address(serve: Serve) -> None:
     assert running.address == f"127.0.0.1:{running.port}"
 
 
-def test_health_is_not_serving_until_set_serving(serve: Serve, channel: Open) -> None:
-    running = serve([peer_service(CannedPeer())])
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+def test_health_is_not_serving_until_set_serving(serve: Serve, channel: Open, aio: bool) -> None:
+    running = serve([peer_service(AioCannedPeer() if aio else CannedPeer())], aio=aio)
     health = health_pb2_grpc.HealthStub(channel(running.address))
 
     def status(service: str) -> int:
@@ -172,9 +194,11 @@ def test_unexpected_error_is_internal_logged_and_the_server_keeps_serving(
     assert [c.WhichOneof("part") for c in chunks] == ["header", "data"]
 
 
-def test_request_above_the_server_limit_is_resource_exhausted(serve: Serve,
-                                                              channel: Open) -> None:
-    running = serve([peer_service(CannedPeer())], max_message_bytes=1024)
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+def test_request_above_the_server_limit_is_resource_exhausted(serve: Serve, channel: Open,
+                                                              aio: bool) -> None:
+    running = serve([peer_service(AioCannedPeer() if aio else CannedPeer())],
+                    max_message_bytes=1024, aio=aio)
     stub = peer_pb2_grpc.PeerStub(channel(running.address))
     err = rpc_error(lambda: stub.GetStatus(peer_pb2.GetStatusRequest(requester="x" * 2048),
                                               timeout=5))
@@ -278,8 +302,22 @@ def test_stop_reports_not_serving_before_shutting_down(server: rpc.RunningServer
         next(watch)  # then the server went away
     assert server.wait_for_termination(timeout=1) is False
     server.set_serving()  # a late set_serving cannot flip a stopped server back
-    assert server.health.Check(health_pb2.HealthCheckRequest(service=PEER), None).status \
-        == NOT_SERVING
+    if not isinstance(server, rpc.AioRunningServer):  # whose health servicer is async
+        assert server.health.Check(health_pb2.HealthCheckRequest(service=PEER), None).status \
+            == NOT_SERVING
+
+
+def test_a_request_that_is_not_protobuf_is_invalid_argument(server: rpc.RunningServer,
+                                                            channel: Open) -> None:
+    call = channel(server.address).unary_unary(f"/{PEER}/GetStatus")
+    err = rpc_error(lambda: call(b"\xff\xff\xff", timeout=5))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "is not a valid protobuf message" in (err.details() or "")
+
+
+def test_an_aio_server_takes_only_coroutines() -> None:
+    with pytest.raises(TypeError, match="not a coroutine function"):
+        rpc.translate_errors_async(CannedPeer.GetStatus)
 
 
 @pytest.fixture

@@ -315,6 +315,22 @@ def test_wait_for_change_returns_at_once_times_out_or_wakes_on_a_change() -> Non
     assert seen == [2]
 
 
+def test_listeners_hear_every_epoch_bump_and_nothing_else() -> None:
+    clock = FakeClock()
+    reg = make(RunConfig(nodes=3, topology="ring"), clock, None)
+    heard: list[int] = []
+    reg.on_epoch(heard.append)
+    for i in range(3):
+        reg.join(i, addr(i), 100)
+    assert heard == [1]  # assembly
+    reg.heartbeat(0, 1, 0.5, "")  # a renewed lease changes no epoch
+    reg.leave(1, "draining")
+    reg.join(1, addr(1), 100)
+    clock.t += LEASE + 1
+    reg.expire()  # all three at once: one bump
+    assert heard == [1, 2, 3, 4] and reg.epoch == 4
+
+
 def test_the_reaper_expires_leases_with_nobody_heartbeating() -> None:
     clock = FakeClock()
     reg = assembled(nodes=3, clock=clock)
