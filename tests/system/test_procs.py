@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,15 @@ def running(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while running(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def test_a_child_that_ignores_sigterm_is_killed(procs: ProcessGroup) -> None:
@@ -98,7 +108,9 @@ def test_run_kills_the_whole_group_on_timeout(procs: ProcessGroup) -> None:
     with pytest.raises(subprocess.TimeoutExpired) as raised:
         procs.run([PY, "-c", STARTS_GRANDCHILD, "wait"], timeout=3)
     assert raised.value.stdout is not None
-    assert not running(int(raised.value.stdout))  # the grandchild went with its parent
+    # the grandchild went with its parent: SIGKILL is delivered at once, but the kernel may take
+    # a moment to tear the process down on a loaded machine
+    assert gone_within(int(raised.value.stdout), seconds=10)
 
 
 def test_a_process_from_elsewhere_is_refused(procs: ProcessGroup) -> None:
