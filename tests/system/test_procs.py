@@ -4,10 +4,11 @@ dispositions its children start with. Real processes (Python one-liners and cat)
 from __future__ import annotations
 
 import json
+import os
+import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -37,12 +38,17 @@ def running(pid: int) -> bool:
 
 
 def gone_within(pid: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while running(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+    """Whether `pid` has ended (or is a zombie) within `seconds`: waits on a pidfd, which
+    becomes readable when the process terminates."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True  # already gone
+    try:
+        readable, _, _ = select.select([fd], [], [], seconds)
+        return bool(readable) or not running(pid)
+    finally:
+        os.close(fd)
 
 
 def test_a_child_that_ignores_sigterm_is_killed(procs: ProcessGroup) -> None:
