@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 
 import grpc
@@ -71,13 +72,30 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
                  refusals: Callable[[], dict[str, int]] = dict) -> None:
         self.registry = registry
         self.refusals = refusals  # the server's count of refused calls, for ListPeers
-        self.watching = 0  # WatchAssignment streams open
+        self._watching = 0  # WatchAssignment streams open
+        self._watching_changed = threading.Condition()  # for threads waiting on that count
         self._settings = settings_to_proto(registry.settings)  # the same in every answer
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed = asyncio.Event()  # set at the next epoch bump (then replaced)
         self._turns = asyncio.Semaphore(FANOUT_TURNS)
         self._stopping = False
         registry.on_epoch(self._epoch_bumped)
+
+    @property
+    def watching(self) -> int:
+        """WatchAssignment streams open now."""
+        return self._watching
+
+    def wait_watching(self, count: int, timeout: float) -> bool:
+        """Block until exactly `count` WatchAssignment streams are open; False after timeout.
+        For another thread than the server's loop (a test, an operator's tool)."""
+        with self._watching_changed:
+            return self._watching_changed.wait_for(lambda: self._watching == count, timeout)
+
+    def _count_watch(self, delta: int) -> None:
+        with self._watching_changed:
+            self._watching += delta
+            self._watching_changed.notify_all()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Serve on `server`; called on its event loop (crossgrad.rpc.Service.register)."""
@@ -142,7 +160,7 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
         """The current assignment once the run is assembled, then one per epoch change."""
         node_id = request.node_id
         sent = 0  # the epoch last sent; 0 = none (assembly makes epoch 1)
-        self.watching += 1
+        self._count_watch(1)
         try:
             while True:
                 changed = self._changed  # taken before reading: a later bump sets it
@@ -162,7 +180,7 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
                     await write  # a client slow to read waits for it without a turn
                 await changed.wait()
         finally:  # the end of the stream, or grpc cancelled it (the client went away)
-            self.watching -= 1
+            self._count_watch(-1)
             log.debug("node %d stopped watching its assignment (epoch %d)", node_id, sent)
 
     @translate_errors_async

@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -366,12 +365,17 @@ def test_a_peer_refuses_run_settings_it_cannot_run_before_loading_data(
 # ---- on grpc.aio ----
 
 
-def until(condition: Callable[[], bool], what: str) -> None:
-    """Wait (briefly polling) for `condition`, failing after TIMEOUT."""
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
+class Logged(logging.Handler):
+    """Sets `seen` at the first record of `logger`."""
+
+    def __init__(self, logger: str) -> None:
+        super().__init__()
+        self.logger = logger
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == self.logger:
+            self.seen.set()
 
 
 def boot(cluster: Cluster, tmp_path: Path, **kwargs: object) -> BootstrapServer:
@@ -385,6 +389,8 @@ def test_the_rate_limit_refuses_counts_and_logs_on_the_aio_server(
     server = boot(cluster, tmp_path, limits=CallerLimits(streams=8, rate=0.5, burst=2))
     stub = cluster.bootstrap_stub(server.address)
     request = pb.ListPeersRequest()
+    logged = Logged("crossgrad.guard")
+    logging.getLogger("crossgrad.guard").addHandler(logged)
     with caplog.at_level(logging.WARNING, logger="crossgrad.guard"):
         stub.ListPeers(request, timeout=TIMEOUT)
         stub.ListPeers(request, timeout=TIMEOUT)
@@ -392,7 +398,10 @@ def test_the_rate_limit_refuses_counts_and_logs_on_the_aio_server(
         # grpc.aio sends the status as the call is aborted, before the gate's accounting has
         # seen it end: the count and the log line (in that order) follow within the loop's
         # next steps.
-        until(lambda: any(r.name == "crossgrad.guard" for r in caplog.records), "the log line")
+        try:
+            assert logged.seen.wait(TIMEOUT), "no log line for the refusal"
+        finally:
+            logging.getLogger("crossgrad.guard").removeHandler(logged)
     assert server.refusals.snapshot() == {"RESOURCE_EXHAUSTED": 1}
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
     assert "over its 0.5 calls per second" in (err.details() or "")
@@ -430,7 +439,7 @@ def test_streams_over_the_limit_are_unavailable(cluster: Cluster, tmp_path: Path
     join(stub, 0)
     watches = [Watch(stub, 0) for _ in range(limit)]  # before assembly: they all wait
     try:
-        until(lambda: server.servicer.watching == limit, f"{limit} watches")
+        assert server.servicer.wait_watching(limit, TIMEOUT), f"{limit} watches"
         extra = Watch(stub, 0)
         end = extra.next()
         assert isinstance(end, grpc.RpcError) and end.code() == grpc.StatusCode.UNAVAILABLE
@@ -438,7 +447,7 @@ def test_streams_over_the_limit_are_unavailable(cluster: Cluster, tmp_path: Path
     finally:
         for watch in watches:
             watch.close()
-    until(lambda: server.servicer.watching == 0, "the watches' coroutines to end")
+    assert server.servicer.wait_watching(0, TIMEOUT), "the watches' coroutines to end"
 
 
 def test_a_stopping_server_ends_waiting_watches_with_unavailable(cluster: Cluster,
@@ -447,7 +456,7 @@ def test_a_stopping_server_ends_waiting_watches_with_unavailable(cluster: Cluste
     stub = cluster.bootstrap_stub(server.address)
     join(stub, 0)
     waiting = Watch(stub, 0)  # before assembly: nothing sent yet
-    until(lambda: server.servicer.watching == 1, "the watch")
+    assert server.servicer.wait_watching(1, TIMEOUT), "the watch"
     server.stop(grace=TIMEOUT)
     end = waiting.next()
     assert isinstance(end, grpc.RpcError) and end.code() == grpc.StatusCode.UNAVAILABLE
@@ -467,7 +476,7 @@ def test_a_client_that_goes_away_ends_its_watch(cluster: Cluster, tmp_path: Path
     assert isinstance(watch.next(), pb.Assignment)
     assert server.servicer.watching == 1
     watch.close()
-    until(lambda: server.servicer.watching == 0, "the watch's coroutine to end")
+    assert server.servicer.wait_watching(0, TIMEOUT), "the watch's coroutine to end"
 
 
 def test_an_epoch_bump_from_the_reaper_thread_reaches_an_open_watch(cluster: Cluster,
