@@ -8,8 +8,6 @@ fast path), and a bad setting is refused with the known names.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -28,13 +26,7 @@ SHAPES = {"mlp": (1, 8, 8), "cganet": (1, 8, 8), "cnn5": (1, 8, 8), "resnet20": 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny batches: intra-op threads cost more in contention than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gradients(model: str, layout: torch.memory_format, round_: int = 0) -> Params:
