@@ -60,7 +60,7 @@ def to_layout(tensors: Sequence[torch.Tensor],
     model, a 1x1 kernel) is contiguous in both layouts at once, so `Tensor.contiguous` leaves
     it in NCHW strides, and PyTorch then runs that convolution in NCHW and reorders its output
     for the next layer, forward and backward. With the layout's own strides the whole network
-    runs NHWC: a cganet pass at batch 128 took 0.74x as long (docs/benchmarks.md, "Gradients").
+    runs NHWC: a cganet pass at batch 128 took 0.75x as long (docs/benchmarks.md, "Gradients").
     """
     if layout == torch.contiguous_format:
         return list(tensors)
