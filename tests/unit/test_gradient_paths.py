@@ -86,7 +86,7 @@ def test_to_layout_keeps_values_and_leaves_other_tensors_alone() -> None:
 def test_to_layout_gives_the_layouts_own_strides_when_a_dimension_is_1() -> None:
     """A 1-channel batch and an MNIST model's first conv weight are "contiguous" in both
     layouts; Tensor.contiguous would leave their NCHW strides, and the first convolution would
-    then run NCHW and reorder its output for the next layer (0.74x the pass time without)."""
+    then run NCHW and reorder its output for the next layer (0.75x the pass time without)."""
     x, w = torch.randn(4, 1, 28, 28), torch.randn(32, 1, 3, 3)  # (B, 1, H, W), (out, 1, kH, kW)
     x2, w2 = to_layout([x, w], torch.channels_last)
     for before, after in ((x, x2), (w, w2)):
