@@ -19,19 +19,21 @@ Phases:
   loaded   --seconds of heartbeats at --heartbeat-hz per peer (random phases), GetAssignment
            probes at --probe-hz for random peers and ListPeers at 1 Hz; --churn times a peer
            Leaves and Joins again (two epoch advances each), one change at a time: the next
-           waits until every peer got the last one ("fan-out": from the start of the call
-           that changed the epoch to the last peer's receipt of it)
-  check    every peer got epochs 1..E exactly once and in order (none missed, none twice),
-           E = 1 + 2 x churn is ListPeers' epoch, and at every epoch each peer's assignment is
-           the run's topology repaired around the peers that had left, with Metropolis-Hastings
-           weights (bootstrap.topology) and the peers' own addresses
+           waits until every peer that must learn of the last one did ("fan-out": from the
+           start of the call that changed the epoch to the last such peer's receipt of it)
+  check    every peer received exactly the epochs it must (none missed, none twice, in order),
+           E = 1 + 2 x churn is ListPeers' epoch, and each assignment it received is the run's
+           topology at that epoch, repaired around the peers that had left, with
+           Metropolis-Hastings weights (bootstrap.topology) and the peers' own addresses
 
 How a peer learns of a new epoch, --watch:
-  open     (the default: the issue's load) its WatchAssignment stream stays open and carries
-           every epoch: N streams open for the whole run
+  open     (the default: the issue's load) its WatchAssignment stream stays open for the whole
+           run: N streams open. A stream carries the first assignment (epoch 1), then a new one
+           at each epoch that changes that peer's neighbors or weights: in a ring, the peer
+           that left or came back and the two it borders
   first    what a crossgrad peer does (peer/session.py): the stream is cancelled after the first
            assignment; a heartbeat answer naming a newer epoch is followed by GetAssignment, so
-           an epoch reaches every peer within one heartbeat period. A peer that left does not
+           every epoch reaches every peer within one heartbeat period. A peer that left does not
            heartbeat; it reads its (lone) assignment once, so every record has every epoch.
 
 Latencies are measured in the driver, from the call to its answer, so they include the driver's
@@ -54,7 +56,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -67,6 +69,7 @@ sys.path.insert(0, str(REPO))
 
 from bootstrap.convert import assignment_from_proto  # noqa: E402
 from bootstrap.topology import (  # noqa: E402
+    Topology,
     build_topology,
     metropolis_hastings_weights,
     repair,
@@ -120,29 +123,50 @@ class Stats:
 
 
 class Epochs:
-    """Every stream's epochs as they arrive; wait(e) returns once all N streams have e."""
+    """Every stream's assignments as they arrive; wait(e, ids) returns once each of ids has e."""
 
     def __init__(self, peers: int) -> None:
         self.peers = peers
         self.seen: list[list[pb.Assignment]] = [[] for _ in range(peers)]  # per peer, in order
-        self.last_at: dict[int, float] = {}  # epoch -> perf_counter of its last receipt
-        self._count: dict[int, int] = defaultdict(int)
-        self._done: dict[int, asyncio.Event] = defaultdict(asyncio.Event)
+        self.at: dict[int, dict[int, float]] = defaultdict(dict)  # epoch -> peer -> receipt
+        self._waiting: dict[int, tuple[frozenset[int], asyncio.Event]] = {}
 
     def receive(self, node_id: int, assignment: pb.Assignment) -> None:
         self.seen[node_id].append(assignment)
         epoch = assignment.topology_epoch
-        self._count[epoch] += 1
-        if self._count[epoch] == self.peers:
-            self.last_at[epoch] = time.perf_counter()
-            self._done[epoch].set()
+        self.at[epoch].setdefault(node_id, time.perf_counter())
+        self._settle(epoch)
 
-    async def wait(self, epoch: int) -> bool:
+    def _settle(self, epoch: int) -> None:
+        if epoch in self._waiting:
+            peers, done = self._waiting[epoch]
+            if peers <= self.at[epoch].keys():
+                done.set()
+
+    async def wait(self, epoch: int, peers: Iterable[int]) -> bool:
+        """Wait until each of `peers` has received `epoch` (False after FANOUT_TIMEOUT_S)."""
+        done = asyncio.Event()
+        self._waiting[epoch] = (frozenset(peers), done)
+        self._settle(epoch)
         try:
-            await asyncio.wait_for(self._done[epoch].wait(), FANOUT_TIMEOUT_S)
+            await asyncio.wait_for(done.wait(), FANOUT_TIMEOUT_S)
         except asyncio.TimeoutError:
             return False
         return True
+
+
+Table = tuple[Topology, np.ndarray]  # the repaired graph at an epoch and its MH weights
+
+
+def expected_table(topology: Topology, live: frozenset[int]) -> Table:
+    """What the bootstrap must hand out while `live` are the live peers."""
+    graph = repair(topology, np.array([i in live for i in range(topology.n)]))
+    return graph, metropolis_hastings_weights(graph)
+
+
+def changed_peers(before: Table, after: Table) -> list[int]:
+    """The peers whose neighbors or weights differ (addresses stay: peers rejoin from theirs)."""
+    return np.flatnonzero((before[1] != after[1]).any(axis=1)).tolist()
 
 
 class SimulatedPeer:
@@ -223,11 +247,13 @@ async def lag_probe(stats: Stats) -> None:
         stats.lags.append(time.perf_counter() - start - LAG_TICK_S)
 
 
-async def fanned_out(epoch: int, start: float, epochs: Epochs, stats: Stats) -> bool:
-    """Wait until every peer has `epoch`; record how long since `start` (the change's call)."""
-    if not await epochs.wait(epoch):
+async def fanned_out(epoch: int, peers: list[int], start: float, epochs: Epochs,
+                     stats: Stats) -> bool:
+    """Wait until each of `peers` has `epoch`; record how long since `start` (the change's
+    call) the last of them took."""
+    if not await epochs.wait(epoch, peers):
         return False
-    stats.latency["epoch fan-out"].append(epochs.last_at[epoch] - start)
+    stats.latency["epoch fan-out"].append(max(epochs.at[epoch][i] for i in peers) - start)
     return True
 
 
@@ -249,8 +275,18 @@ async def drive(target: str, config: LoadConfig) -> dict[str, Any]:
         joined = await asyncio.gather(*(join_and_watch(p, config.ramp * i / n)
                                         for i, p in enumerate(peers)))
         settings = next(a.settings for a in joined if a is not None)
-        assembled = await epochs.wait(1)
+        topology = build_topology(settings.topology, settings.nodes, settings.seed)
+        assembled = await epochs.wait(1, range(n))
         live_at = {1: frozenset(range(n))}
+        tables = {1: expected_table(topology, live_at[1])}
+
+        def receivers(epoch: int) -> list[int]:
+            """Who learns of `epoch`: with streams open, the peers whose assignment changed;
+            following heartbeats, every peer."""
+            tables[epoch] = expected_table(topology, live_at[epoch])
+            if not config.keep_watching:
+                return list(range(n))
+            return changed_peers(tables[epoch - 1], tables[epoch])
 
         loaded_start = time.perf_counter()
         background += [asyncio.create_task(p.heartbeat(
@@ -284,14 +320,14 @@ async def drive(target: str, config: LoadConfig) -> dict[str, Any]:
                     await peer.follow(epochs, stats)  # its lone assignment, read once
             epoch += 1
             live_at[epoch] = live_at[epoch - 1] - {peer.node_id}
-            ok = ok and await fanned_out(epoch, start, epochs, stats)
+            ok = ok and await fanned_out(epoch, receivers(epoch), start, epochs, stats)
             async with peer.lock:
                 start = time.perf_counter()
                 ok = await stats.timed("Join", peer.join()) is not None and ok
                 peer.left = False
             epoch += 1
             live_at[epoch] = live_at[epoch - 1] | {peer.node_id}
-            ok = ok and await fanned_out(epoch, start, epochs, stats)
+            ok = ok and await fanned_out(epoch, receivers(epoch), start, epochs, stats)
             changes_ok = changes_ok and ok
         await asyncio.sleep(max(0.0, loaded_start + config.seconds - time.perf_counter()))
         loaded = time.perf_counter() - loaded_start
@@ -302,33 +338,39 @@ async def drive(target: str, config: LoadConfig) -> dict[str, Any]:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await asyncio.gather(*(p.channel.close() for p in peers))
-    problems = [] if changes_ok else ["an epoch change failed or did not reach every stream"]
+    problems = [] if changes_ok else ["an epoch change failed or did not reach its peers"]
     if final is None:
         problems.append("the final ListPeers failed")
     else:
-        problems += check_epochs(epochs, live_at, final, settings)
+        problems += check_epochs(epochs, live_at, final, settings,
+                                 every_epoch=not config.keep_watching)
     return summarize(config, stats, loaded, epoch, problems)
 
 
 def check_epochs(epochs: Epochs, live_at: dict[int, frozenset[int]],
-                 final: pb.ListPeersResponse, settings: pb.RunSettings) -> list[str]:
-    """What went wrong with the epochs and assignments the streams carried (empty: nothing)."""
+                 final: pb.ListPeersResponse, settings: pb.RunSettings, *,
+                 every_epoch: bool) -> list[str]:
+    """What went wrong with the epochs and assignments the peers received (empty: nothing).
+    `every_epoch`: each peer must have every epoch (peers following heartbeats); otherwise
+    (streams open) exactly the epochs at which its assignment changed, 1 (assembly) first."""
     problems: list[str] = []
-    n, last = len(epochs.seen), max(live_at)
+    last = max(live_at)
     if final.topology_epoch != last:
         problems.append(f"the bootstrap is at epoch {final.topology_epoch}; the driver made "
                         f"{last} (a lease expired under load?)")
     addresses = {p.node_id: p.address for p in final.peers}
     topology = build_topology(settings.topology, settings.nodes, settings.seed)
-    expected = {}
-    for epoch, live in live_at.items():
-        mask = np.array([i in live for i in range(n)])  # (n,)
-        graph = repair(topology, mask)
-        expected[epoch] = (graph, metropolis_hastings_weights(graph))
+    expected = {epoch: expected_table(topology, live) for epoch, live in live_at.items()}
+    receivers: dict[int, set[int]] = defaultdict(set)  # peer -> the epochs it must receive
+    for epoch in range(1, last + 1):
+        changed = (range(topology.n) if every_epoch or epoch == 1
+                   else changed_peers(expected[epoch - 1], expected[epoch]))
+        for node_id in changed:
+            receivers[node_id].add(epoch)
     for node_id, seen in enumerate(epochs.seen):
-        got = [a.topology_epoch for a in seen]
-        if got != list(range(1, last + 1)):
-            problems.append(f"node {node_id}'s stream carried epochs {got}; expected 1..{last}")
+        got, want = [a.topology_epoch for a in seen], sorted(receivers[node_id])
+        if got != want:
+            problems.append(f"node {node_id} received epochs {got}; expected {want}")
             continue
         for assignment in seen:
             graph, weights = expected[assignment.topology_epoch]

@@ -34,11 +34,14 @@ Persistence: SQLite, a row per peer and a key/value table of run metadata (setti
 assembled flag, topology adjacency; JSON), committed before each call returns. One lock. Columns
 added since the first schema (COUNTERS) are added to an older file when it is opened, with 0.
 The file is in WAL mode. Every change of membership or epoch is synced to disk before its call
-returns (synchronous=FULL); a plain heartbeat (a renewed lease, a round, a loss) is committed
-but not synced (synchronous=NORMAL): it survives the bootstrap's crash, and only a power loss
-can take the last few back, which costs nothing, since a reopened registry grants every lease
-afresh. Syncing each one held the lock for 1-8 ms, which capped a bootstrap at some 130
-heartbeats a second (docs/benchmarks.md, "Busy bootstrap").
+returns (synchronous=FULL). A plain heartbeat (a renewed lease, a round, a loss) changes the
+peer in memory only; the peers it changed are written together, not synced (synchronous=NORMAL),
+at most FLUSH_SECONDS later (by the next heartbeat or expire() after that, the reaper's
+included), with any other commit, and at close. A crash can take back the last second of
+heartbeats, which costs nothing, since a reopened registry grants every lease afresh. Syncing
+each heartbeat held the lock for 1-8 ms, which capped a bootstrap at some 130 heartbeats a
+second, and a commit per heartbeat still took a sixth of a busy bootstrap's CPU
+(docs/benchmarks.md, "Busy bootstrap").
 
 Expiry is checked before every liveness answer, so it must not cost a scan of every peer each
 time: the registry keeps the earliest moment a lease can run out (a heartbeat only pushes a
@@ -76,6 +79,7 @@ from crossgrad.errors import (
 
 log = logging.getLogger(__name__)
 
+FLUSH_SECONDS = 1.0  # heartbeats are written at most this long after they arrive
 LOCAL_FIELDS = ("data_dir", "device")  # each process's own business, not part of the run
 MAX_UINT = 2**63 - 1  # SQLite integers are signed 64-bit; the proto's uint64 may exceed them
 MAX_NOTE = 256  # characters of a health note or leave reason kept
@@ -176,6 +180,8 @@ class Registry:
         self._listeners: list[Callable[[int], None]] = []
         self._cache: tuple[int, Topology, np.ndarray] | None = None  # epoch, live graph, MH
         self._peers: dict[int, PeerView] = {}
+        self._unsaved: set[int] = set()  # peers changed by heartbeats since the last commit
+        self._saved_at = clock()  # when the last commit was made
         self._path = ":memory:" if db_path is None else str(db_path)
         try:
             self._db = sqlite3.connect(self._path, check_same_thread=False)
@@ -309,7 +315,13 @@ class Registry:
                            returns=old.returns + revived)
             reported = [replace(p, unreachable_reports=min(p.unreachable_reports + 1, MAX_UINT))
                         for p in self._reported(node_id, round, unreachable)]
-            self._save([peer, *reported], bump=revived, durable=revived)
+            if revived or reported:
+                self._save([peer, *reported], bump=revived, durable=revived)
+            else:  # written within FLUSH_SECONDS (the module's "Persistence")
+                self._check_open()
+                self._peers[node_id] = peer
+                self._unsaved.add(node_id)
+                self._flush(peer.last_seen)
             if revived:
                 log.warning("node %d round %d: heartbeat after its lease expired; back in the "
                             "run at epoch %d", node_id, round, self._epoch)
@@ -330,6 +342,18 @@ class Registry:
                          for j in graph.neighbors(node_id)]
             return AssignmentView(node_id, neighbors, float(weights[node_id, node_id]),
                                   self._epoch, self.settings)
+
+    def mixing(self) -> Mixing | None:
+        """Every node's assignment at once, for telling whose changed: the MH weights over the
+        repaired graph (n, n; shared, read only: a new epoch makes a new array) and each node's
+        address ("" before it joined). None before the run is assembled."""
+        with self._lock:
+            if not self._assembled:
+                return None
+            _, weights = self._live_graph()
+            n = self._topology.n
+            peers = self._peers
+            return weights, tuple(peers[i].address if i in peers else "" for i in range(n))
 
     def leave(self, node_id: int, reason: str) -> None:
         """A peer leaves (drained, or done). Idempotent; bumps the epoch if it was live,
@@ -352,6 +376,7 @@ class Registry:
             if not self._assembled:
                 return []
             now = self._clock() if now is None else now
+            self._flush(now)
             if now <= self._expiry_due:
                 return []
             floor = max(self._assembled_at, self._opened_at)
@@ -419,6 +444,7 @@ class Registry:
         """Stop the reaper, wake every waiter, release the database."""
         self.stop_reaper()
         with self._changed:
+            self._flush(self._clock(), due=False)
             self._closed = True
             self._changed.notify_all()
             self._db.close()
@@ -467,14 +493,27 @@ class Registry:
             self._cache = (self._epoch, graph, metropolis_hastings_weights(graph))
         return self._cache[1], self._cache[2]
 
+    def _check_open(self) -> None:
+        if self._closed:  # a call still running when the server's grace ran out
+            raise Unavailable("the bootstrap is stopping; call again once it is back")
+
+    def _flush(self, now: float, *, due: bool = True) -> None:
+        """Write the peers that heartbeats changed, if FLUSH_SECONDS have passed since the
+        last write (any time if not `due`)."""
+        if self._unsaved and not self._closed and (not due or
+                                                   now - self._saved_at >= FLUSH_SECONDS):
+            self._save([], bump=False, durable=False)
+
     def _save(self, changed: Iterable[PeerView], *, bump: bool,
               assembled_at: float | None = None, durable: bool = True) -> None:
         """Commit the changed peers and the run's metadata (epoch +1 if bump; assembled if
         assembled_at is given) in one transaction, then apply them in memory. `durable`: synced
-        to disk before this returns (see the module's "Persistence")."""
-        if self._closed:  # a call still running when the server's grace ran out
-            raise Unavailable("the bootstrap is stopping; call again once it is back")
+        to disk before this returns (see the module's "Persistence"). The peers that heartbeats
+        changed since the last commit are written with them."""
+        self._check_open()
         changed = list(changed)
+        ids = {p.node_id for p in changed}
+        changed += [self._peers[i] for i in sorted(self._unsaved - ids)]
         epoch = self._epoch + 1 if bump else self._epoch
         assembled = self._assembled or assembled_at is not None
         since = self._assembled_at if assembled_at is None else assembled_at
@@ -488,6 +527,8 @@ class Registry:
             self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                                  _meta_rows(epoch, assembled, since))
         self._peers.update({p.node_id: p for p in changed})
+        self._unsaved.clear()
+        self._saved_at = self._clock()
         self._epoch, self._assembled, self._assembled_at = epoch, assembled, since
         if bump or assembled_at is not None:  # a lease may have begun: scan at the next expire
             self._expiry_due = 0.0
@@ -495,6 +536,20 @@ class Registry:
             self._changed.notify_all()
             for listener in self._listeners:
                 listener(epoch)
+
+
+Mixing = tuple[np.ndarray, tuple[str, ...]]  # Registry.mixing: weights (n, n), addresses
+
+
+def changed_assignments(before: Mixing, after: Mixing) -> np.ndarray:
+    """The ids of the nodes whose assignment differs between two Registry.mixing tables: a
+    neighbor, a weight (its own included) or a neighbor's address. Sorted."""
+    (w0, addresses0), (w1, addresses1) = before, after
+    changed = (w0 != w1).any(axis=1)  # (n,)
+    moved = np.array([a != b for a, b in zip(addresses0, addresses1, strict=True)])  # (n,)
+    if moved.any():
+        changed |= (w1[:, moved] != 0).any(axis=1)  # a neighbor's (or its own) address
+    return np.flatnonzero(changed)
 
 
 def _migrate(db: sqlite3.Connection) -> None:

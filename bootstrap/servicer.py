@@ -20,17 +20,24 @@ Registry calls run on the loop as they are: each is a lock and a SQLite statemen
 millisecond, the durable commits of Join and Leave included (0.3 ms measured on ext4); moving them
 to threads would not free the loop, since every other call waits on the same lock.
 
-WatchAssignment is a coroutine per subscriber, not a thread. It waits on an asyncio.Event that
-is set, and replaced by a fresh one, at every epoch bump: the Registry announces each bump to
-`_epoch_bumped` (Registry.on_epoch) from whichever thread made it (a call on the loop, or the
-reaper when a lease runs out), which hands it to the loop with call_soon_threadsafe. A woken
-watcher reads its assignment at the current epoch, so it never misses the newest, and sends it
-if its epoch is not the one last sent. At most FANOUT_TURNS watchers build and write their
-assignment at once, so an epoch's fan-out to 1,000 streams leaves the loop free for heartbeats
-in between (docs/benchmarks.md, "Busy bootstrap"); a write that waits longer than TURN_SECONDS
-(a client that does not read) gives its turn up. A client that goes away (or whose deadline
-passes) has its coroutine cancelled by grpc; a stopping server sets its event once more and
-every watch ends with UNAVAILABLE, which tells the peer to watch again once the bootstrap is back.
+WatchAssignment is a coroutine per subscriber, not a thread, and it sends what changes for its
+node: the assignment once the run is assembled, then a new one whenever the node's neighbors,
+their weights or their addresses change. An epoch bump that leaves a node's assignment as it was
+(most of a sparse graph when one peer leaves: in a ring, all but the two it bordered) sends that
+node nothing; the epoch itself reaches every peer in its heartbeat answers. The Registry
+announces each bump to `_epoch_bumped` (Registry.on_epoch) from whichever thread made it (a call
+on the loop, or the reaper when a lease runs out), which hands it to the loop with
+call_soon_threadsafe; there the servicer compares the whole mixing table with the one it last
+saw (bootstrap.registry.changed_assignments, one array comparison) and wakes only the watchers
+of the nodes whose row changed. A woken watcher reads its assignment at the current epoch, so it
+never misses the newest, and sends it if it differs from the one last sent. Waking every watcher
+at every bump cost the loop a thousand coroutine steps and writes per epoch, and grpc.aio accepts
+each new call only after a few turns of that same loop: heartbeats waited behind the fan-out
+(docs/benchmarks.md, "Busy bootstrap"). At most FANOUT_TURNS watchers build and write their
+assignment at once (a dense graph can still change every row); a write that waits longer than
+TURN_SECONDS (a client that does not read) gives its turn up. A client that goes away (or
+whose deadline passes) has its coroutine cancelled by grpc; a stopping server wakes every watch,
+and each ends with UNAVAILABLE, which tells the peer to watch again once the bootstrap is back.
 """
 
 from __future__ import annotations
@@ -38,13 +45,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import grpc
 import grpc.aio
 
 from bootstrap.convert import assignment_to_proto, peer_to_proto, settings_to_proto
-from bootstrap.registry import Registry
+from bootstrap.registry import Mixing, Registry, changed_assignments
 from crossgrad.errors import NotReady, PermissionDenied, Unavailable
 from crossgrad.rpc import call_soon, translate_errors_async
 from crossgrad.security import caller_of
@@ -76,7 +83,8 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
         self._watching_changed = threading.Condition()  # for threads waiting on that count
         self._settings = settings_to_proto(registry.settings)  # the same in every answer
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._changed = asyncio.Event()  # set at the next epoch bump (then replaced)
+        self._watchers: dict[int, set[asyncio.Event]] = {}  # node id -> its watches' wake-ups
+        self._mixing: Mixing | None = None  # the table the watchers were last woken for
         self._turns = asyncio.Semaphore(FANOUT_TURNS)
         self._stopping = False
         registry.on_epoch(self._epoch_bumped)
@@ -117,8 +125,17 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
             call_soon(self._loop, self._wake)
 
     def _wake(self) -> None:  # on the loop
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        """Wake the watchers whose assignment changed since the last wake (all of them at
+        assembly, and when the server stops)."""
+        before, after = self._mixing, self.registry.mixing()
+        self._mixing = after
+        if self._stopping or before is None or after is None:
+            nodes: Iterable[int] = list(self._watchers)
+        else:
+            nodes = changed_assignments(before, after).tolist()
+        for node_id in nodes:
+            for wake in self._watchers.get(node_id, ()):
+                wake.set()
 
     def stop_watches(self) -> None:
         """End every WatchAssignment stream with UNAVAILABLE; from any thread."""
@@ -157,13 +174,17 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
     @translate_errors_async
     async def WatchAssignment(self, request: pb.GetAssignmentRequest,
                               context: grpc.aio.ServicerContext) -> None:
-        """The current assignment once the run is assembled, then one per epoch change."""
+        """The current assignment once the run is assembled, then each one that differs."""
         node_id = request.node_id
-        sent = 0  # the epoch last sent; 0 = none (assembly makes epoch 1)
+        sent: tuple[object, ...] | None = None  # what was last sent: neighbors, self weight
+        epoch = 0  # ... and at which epoch (for the log)
+        wake = asyncio.Event()
+        wakes = self._watchers.setdefault(node_id, set())
+        wakes.add(wake)
         self._count_watch(1)
         try:
             while True:
-                changed = self._changed  # taken before reading: a later bump sets it
+                wake.clear()  # before reading: a later change sets it again
                 if self._stopping:
                     raise Unavailable(STOPPING)
                 async with self._turns:
@@ -172,16 +193,19 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
                     except NotReady:
                         view = None
                     write = None
-                    if view is not None and view.epoch != sent:
+                    if view is not None and (view.neighbors, view.self_weight) != sent:
                         write = await _started_write(
                             context, assignment_to_proto(view, self._settings))
-                        sent = view.epoch
+                        sent, epoch = (view.neighbors, view.self_weight), view.epoch
                 if write is not None:
                     await write  # a client slow to read waits for it without a turn
-                await changed.wait()
+                await wake.wait()
         finally:  # the end of the stream, or grpc cancelled it (the client went away)
+            wakes.discard(wake)
+            if not wakes and self._watchers.get(node_id) is wakes:
+                del self._watchers[node_id]
             self._count_watch(-1)
-            log.debug("node %d stopped watching its assignment (epoch %d)", node_id, sent)
+            log.debug("node %d stopped watching its assignment (epoch %d)", node_id, epoch)
 
     @translate_errors_async
     async def Leave(self, request: pb.LeaveRequest,

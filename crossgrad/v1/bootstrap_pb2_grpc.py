@@ -91,7 +91,9 @@ class BootstrapServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchAssignment(self, request, context):
-        """The current assignment once the run is assembled, then every new one (epoch changes).
+        """The current assignment once the run is assembled, then each new one that differs: its
+        neighbors, their weights or their addresses changed. An epoch that leaves the assignment as
+        it was sends nothing (Heartbeat answers carry every epoch).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -192,6 +192,32 @@ def test_watch_delivers_the_first_assignment_and_each_change(
         watch.close()
 
 
+def test_a_watch_hears_only_of_changes_to_its_own_assignment(cluster: Cluster,
+                                                              tmp_path: Path) -> None:
+    """A 5-ring: node 4 leaves and comes back. Node 0 borders it and hears of both epochs;
+    node 2 keeps its neighbors and weights (every degree stays 2) and hears of neither."""
+    server = cluster.bootstrap(RunConfig(nodes=5, topology="ring"),
+                               state=str(tmp_path / "bootstrap.sqlite"), lease_seconds=30.0)
+    stub = cluster.bootstrap_stub(server.address)
+    for i in range(5):
+        join(stub, i)
+    bordering, apart = Watch(stub, 0), Watch(stub, 2)
+    try:
+        for watch in (bordering, apart):
+            first = watch.next()
+            assert isinstance(first, pb.Assignment) and first.topology_epoch == 1
+        stub.Leave(pb.LeaveRequest(node_id=4, reason="draining"), timeout=TIMEOUT)
+        join(stub, 4)
+        changes = [bordering.next(), bordering.next()]
+        assert [(a.topology_epoch, neighbor_ids(a)) for a in changes
+                if isinstance(a, pb.Assignment)] == [(2, [1, 3]), (3, [1, 4])]
+        assert bordering.items.empty() and apart.items.empty()  # woken together: none coming
+        assert stub.Heartbeat(pb.HeartbeatRequest(node_id=2), timeout=TIMEOUT).topology_epoch == 3
+    finally:
+        bordering.close()
+        apart.close()
+
+
 def test_a_stopping_server_ends_watches_with_unavailable(server: RunningServer,
                                                          stub: bootstrap_pb2_grpc.BootstrapStub
                                                          ) -> None:

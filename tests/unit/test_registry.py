@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bootstrap.registry import FINISHED, PeerState, Registry
+from bootstrap.registry import FINISHED, FLUSH_SECONDS, PeerState, Registry, changed_assignments
 from bootstrap.topology import Topology, build_topology, metropolis_hastings_weights, repair
 from crossgrad.config import RunConfig
 from crossgrad.errors import (
@@ -363,6 +363,49 @@ def test_a_reopened_registry_resumes_peers_epoch_and_assignments(tmp_path: Path)
         [(p.node_id, p.address, p.state, p.round, p.health) for p in before[1]]
     assert math.isnan(after[1][0].loss) and after[1][1].loss == 0.75
     reopened.close()
+
+
+def stored_rounds(db: Path) -> dict[int, int]:
+    """Each peer's round as the state file holds it (another connection: what a crash leaves)."""
+    with closing(sqlite3.connect(db)) as con:
+        return dict(con.execute("SELECT node_id, round FROM peers").fetchall())
+
+
+def test_heartbeats_are_written_within_flush_seconds_and_at_close(tmp_path: Path) -> None:
+    db = tmp_path / "bootstrap.sqlite"
+    clock = FakeClock()
+    reg = assembled(nodes=3, clock=clock, db=db)
+    reg.heartbeat(0, 7, 0.5, "ok")
+    reg.heartbeat(1, 8, 0.5, "ok")
+    assert stored_rounds(db) == {0: 0, 1: 0, 2: 0}  # in memory only, for now
+    assert [p.round for p in reg.peers()] == [7, 8, 0]  # ... where every answer reads it
+    clock.t += FLUSH_SECONDS
+    reg.heartbeat(2, 9, 0.5, "ok")  # the first call after FLUSH_SECONDS writes them all
+    assert stored_rounds(db) == {0: 7, 1: 8, 2: 9}
+    reg.heartbeat(0, 10, 0.5, "ok")
+    clock.t += FLUSH_SECONDS
+    reg.expire()  # the reaper's call: nobody else calls
+    assert stored_rounds(db) == {0: 10, 1: 8, 2: 9}
+    reg.heartbeat(1, 11, 0.5, "ok")
+    reg.leave(2, "draining")  # another commit takes the heartbeats along
+    assert stored_rounds(db) == {0: 10, 1: 11, 2: 9}
+    reg.heartbeat(0, 12, 0.5, "ok")
+    reg.close()
+    assert stored_rounds(db) == {0: 12, 1: 11, 2: 9}
+
+
+def test_changed_assignments_names_the_rows_that_differ_and_the_neighbors_of_a_move() -> None:
+    reg = assembled(nodes=6, topology="ring")
+    before = reg.mixing()
+    assert before is not None and before[1] == tuple(addr(i) for i in range(6))
+    assert changed_assignments(before, before).tolist() == []
+    reg.leave(3, "draining")  # 3 alone; 2 and 4 joined by a bypass; degrees stay 2
+    after = reg.mixing()
+    assert after is not None
+    assert changed_assignments(before, after).tolist() == [2, 3, 4]
+    moved = (after[0], tuple("10.9.9.9:1" if i == 0 else a for i, a in enumerate(after[1])))
+    assert changed_assignments(after, moved).tolist() == [0, 1, 5]  # 0 and its neighbors
+    assert make(RunConfig(nodes=2), FakeClock()).mixing() is None  # before assembly
 
 
 def test_counters_survive_a_restart(tmp_path: Path) -> None:
