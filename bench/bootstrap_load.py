@@ -32,9 +32,11 @@ How a peer learns of a new epoch, --watch:
            at each epoch that changes that peer's neighbors or weights: in a ring, the peer
            that left or came back and the two it borders
   first    what a crossgrad peer does (peer/session.py): the stream is cancelled after the first
-           assignment; a heartbeat answer naming a newer epoch is followed by GetAssignment, so
-           every epoch reaches every peer within one heartbeat period. A peer that left does not
-           heartbeat; it reads its (lone) assignment once, so every record has every epoch.
+           assignment; each heartbeat names the epoch the peer holds, and an answer at a newer
+           epoch carries the new assignment, so every epoch reaches every peer within one
+           heartbeat period, without a second call. A peer that left does not heartbeat; it
+           reads its (lone) assignment once with GetAssignment, so every record has every
+           epoch.
 
 Latencies are measured in the driver, from the call to its answer, so they include the driver's
 own event-loop delays; "loop lag" (how late a 20 ms timer fires) shows how much of that is the
@@ -208,8 +210,8 @@ class SimulatedPeer:
             if keep_open:
                 raise
 
-    async def follow(self, epochs: Epochs, stats: Stats) -> None:
-        """GetAssignment, as a peer does on a heartbeat answer with a newer epoch."""
+    async def read_assignment(self, epochs: Epochs, stats: Stats) -> None:
+        """GetAssignment, the assignment a peer that left reads once."""
         answer = await stats.timed("GetAssignment", self.stub.GetAssignment(
             pb.GetAssignmentRequest(node_id=self.node_id), timeout=CALL_TIMEOUT_S))
         if answer is not None and answer.topology_epoch != self.epoch:
@@ -222,11 +224,15 @@ class SimulatedPeer:
         while True:
             async with self.lock:
                 if not self.left:
+                    request = pb.HeartbeatRequest(node_id=self.node_id, round=beat, loss=0.5,
+                                                  health="ok")
+                    if follow:  # say which epoch it holds: a newer one comes in the answer
+                        request.assignment_epoch = self.epoch
                     answer = await stats.timed("Heartbeat", self.stub.Heartbeat(
-                        pb.HeartbeatRequest(node_id=self.node_id, round=beat, loss=0.5,
-                                            health="ok"), timeout=CALL_TIMEOUT_S))
-                    if follow and answer is not None and answer.topology_epoch != self.epoch:
-                        await self.follow(epochs, stats)
+                        request, timeout=CALL_TIMEOUT_S))
+                    if (follow and answer is not None and answer.HasField("assignment")
+                            and answer.assignment.topology_epoch != self.epoch):
+                        self.receive(epochs, answer.assignment)
             beat += 1
             # On a fixed schedule, so a slow answer does not lower the rate
             await asyncio.sleep(max(0.0, start + beat / hz - time.monotonic()))
@@ -317,7 +323,7 @@ async def drive(target: str, config: LoadConfig) -> dict[str, Any]:
                     pb.LeaveRequest(node_id=peer.node_id, reason="bench churn"),
                     timeout=CALL_TIMEOUT_S)) is not None
                 if ok and not config.keep_watching:
-                    await peer.follow(epochs, stats)  # its lone assignment, read once
+                    await peer.read_assignment(epochs, stats)  # its lone assignment, read once
             epoch += 1
             live_at[epoch] = live_at[epoch - 1] - {peer.node_id}
             ok = ok and await fanned_out(epoch, receivers(epoch), start, epochs, stats)

@@ -163,7 +163,14 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
                                                request.round, request.loss,
                                                request.health,
                                                unreachable=request.unreachable_neighbors)
-        return pb.HeartbeatResponse(topology_epoch=epoch, lease_seconds=lease)
+        answer = pb.HeartbeatResponse(topology_epoch=epoch, lease_seconds=lease)
+        if request.HasField("assignment_epoch") and request.assignment_epoch != epoch:
+            try:  # the peer follows epochs from here: no GetAssignment after this answer
+                view = self.registry.assignment(request.node_id)
+            except NotReady:  # not assembled: nobody holds an assignment yet
+                return answer
+            answer.assignment.CopyFrom(assignment_to_proto(view, self._settings))
+        return answer
 
     @translate_errors_async
     async def GetAssignment(self, request: pb.GetAssignmentRequest,

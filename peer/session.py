@@ -8,8 +8,10 @@ peers do not need it between epochs). This session does, from its own thread:
     wait_assignment()   the first assignment, from WatchAssignment (cancelled by stop())
     start(progress, on_assignment)
                         a daemon thread: Heartbeat every quarter lease with the node's round,
-                        loss and the neighbors it missed; an answer with a newer topology epoch
-                        fetches the assignment (GetAssignment) and hands it to on_assignment.
+                        loss, the neighbors it missed and the epoch of the assignment it
+                        holds; an answer with a newer topology epoch carries the assignment
+                        (from a bootstrap that does not send it, GetAssignment fetches it),
+                        which goes to on_assignment.
                         A failed heartbeat is retried with exponential backoff and full jitter,
                         so peers whose bootstrap restarts do not all call at once when it is
                         back; a bootstrap that no longer knows this node (NOT_FOUND: it lost
@@ -198,7 +200,7 @@ class BootstrapSession:
         """One heartbeat; fetch and hand over the assignment when the epoch moved on."""
         request = bootstrap_pb2.HeartbeatRequest(
             node_id=self.node_id, round=now.round, loss=now.loss, health=now.health,
-            unreachable_neighbors=list(now.unreachable))
+            unreachable_neighbors=list(now.unreachable), assignment_epoch=self.epoch)
         try:
             reply = self.stub.Heartbeat(request, timeout=CALL_TIMEOUT_S)
         except grpc.RpcError as err:
@@ -211,7 +213,9 @@ class BootstrapSession:
                 return
             raise from_rpc_error(err, f"Heartbeat at bootstrap {self.address}") from None
         self.lease_seconds = reply.lease_seconds if reply.lease_seconds > 0 else 15.0
-        if reply.topology_epoch != self.epoch:
+        if reply.HasField("assignment"):  # the new one came with the answer
+            self._hand_over(assignment_from_proto(reply.assignment), on_assignment)
+        elif reply.topology_epoch != self.epoch:  # a bootstrap that does not send it
             self._fetch_assignment(on_assignment)
 
     def _rejoin(self) -> None:
@@ -228,6 +232,10 @@ class BootstrapSession:
                                                                  timeout=CALL_TIMEOUT_S))
         except grpc.RpcError as err:
             raise from_rpc_error(err, f"GetAssignment at bootstrap {self.address}") from None
+        self._hand_over(view, on_assignment)
+
+    def _hand_over(self, view: AssignmentView,
+                   on_assignment: Callable[[AssignmentView], None]) -> None:
         if view.epoch != self.epoch:
             log.info("node %d: topology epoch %d -> %d: neighbors %s", self.node_id, self.epoch,
                      view.epoch, [n.node_id for n in view.neighbors])

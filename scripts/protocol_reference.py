@@ -131,7 +131,9 @@ def message_section(message: pb.DescriptorProto, path: tuple[int, ...], comments
             kind = type_name(field, maps)
             if field.label == pb.FieldDescriptorProto.LABEL_REPEATED and not kind.startswith("map"):
                 kind = f"repeated {kind}"
-            if field.HasField("oneof_index") and not field.proto3_optional:
+            if field.proto3_optional:  # presence: set or not is part of the message
+                kind = f"optional {kind}"
+            elif field.HasField("oneof_index"):
                 kind += f" (oneof `{message.oneof_decl[field.oneof_index].name}`)"
             note = comments.get((*path, MESSAGE_FIELD, i), "")
             yield f"| `{field.name}` | {field.number} | {kind} | {cell(note)} |"

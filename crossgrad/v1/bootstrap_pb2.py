@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63rossgrad/v1/bootstrap.proto\x12\x0c\x63rossgrad.v1\"\x87\x03\n\x0bRunSettings\x12\r\n\x05nodes\x18\x01 \x01(\r\x12\x10\n\x08topology\x18\x02 \x01(\t\x12\x11\n\talgorithm\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x11\n\tpartition\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x0e\n\x06rounds\x18\x07 \x01(\x04\x12\x12\n\nbatch_size\x18\x08 \x01(\r\x12\n\n\x02lr\x18\t \x01(\x01\x12\x10\n\x08lr_decay\x18\n \x01(\x01\x12\x10\n\x08momentum\x18\x0b \x01(\x01\x12\x0e\n\x06margin\x18\x0c \x01(\x01\x12\r\n\x05gamma\x18\r \x01(\x01\x12\r\n\x05\x61lpha\x18\x0e \x01(\x01\x12\x0c\n\x04seed\x18\x0f \x01(\x04\x12\x12\n\neval_every\x18\x10 \x01(\r\x12\x12\n\ncompressor\x18\x11 \x01(\t\x12\x18\n\x10model_compressor\x18\x12 \x01(\t\x12\x16\n\x0e\x63onsensus_step\x18\x13 \x01(\x01\x12\x10\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x14 \x01(\t\x12\x15\n\rmemory_format\x18\x15 \x01(\t\"o\n\x0bJoinRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\x12\x0f\n\x07resumed\x18\x04 \x01(\x08\x12\x18\n\x10\x63heckpoint_round\x18\x05 \x01(\x04\"l\n\x0cJoinResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0e\n\x06joined\x18\x02 \x01(\r\x12\x10\n\x08\x65xpected\x18\x03 \x01(\r\x12+\n\x08settings\x18\x04 \x01(\x0b\x32\x19.crossgrad.v1.RunSettings\"o\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x0e\n\x06health\x18\x04 \x01(\t\x12\x1d\n\x15unreachable_neighbors\x18\x05 \x03(\r\"B\n\x11HeartbeatResponse\x12\x16\n\x0etopology_epoch\x18\x01 \x01(\x04\x12\x15\n\rlease_seconds\x18\x02 \x01(\x01\"\'\n\x14GetAssignmentRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\"<\n\x08Neighbor\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"\xa2\x01\n\nAssignment\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12)\n\tneighbors\x18\x02 \x03(\x0b\x32\x16.crossgrad.v1.Neighbor\x12\x13\n\x0bself_weight\x18\x03 \x01(\x01\x12\x16\n\x0etopology_epoch\x18\x04 \x01(\x04\x12+\n\x08settings\x18\x05 \x01(\x0b\x32\x19.crossgrad.v1.RunSettings\"/\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0f\n\rLeaveResponse\"\x12\n\x10ListPeersRequest\"\xdb\x01\n\x08PeerInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\x12\r\n\x05state\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x04\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x1d\n\x15last_seen_seconds_ago\x18\x07 \x01(\x01\x12\x0f\n\x07returns\x18\x08 \x01(\r\x12\x0f\n\x07resumes\x18\t \x01(\r\x12\x1b\n\x13unreachable_reports\x18\n \x01(\x04\x12\x0e\n\x06health\x18\x0b \x01(\t\"\x83\x02\n\x11ListPeersResponse\x12%\n\x05peers\x18\x01 \x03(\x0b\x32\x16.crossgrad.v1.PeerInfo\x12\x10\n\x08\x65xpected\x18\x02 \x01(\r\x12\x16\n\x0etopology_epoch\x18\x03 \x01(\x04\x12+\n\x08settings\x18\x04 \x01(\x0b\x32\x19.crossgrad.v1.RunSettings\x12?\n\x08refusals\x18\x05 \x03(\x0b\x32-.crossgrad.v1.ListPeersResponse.RefusalsEntry\x1a/\n\rRefusalsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xca\x03\n\tBootstrap\x12=\n\x04Join\x12\x19.crossgrad.v1.JoinRequest\x1a\x1a.crossgrad.v1.JoinResponse\x12L\n\tHeartbeat\x12\x1e.crossgrad.v1.HeartbeatRequest\x1a\x1f.crossgrad.v1.HeartbeatResponse\x12M\n\rGetAssignment\x12\".crossgrad.v1.GetAssignmentRequest\x1a\x18.crossgrad.v1.Assignment\x12Q\n\x0fWatchAssignment\x12\".crossgrad.v1.GetAssignmentRequest\x1a\x18.crossgrad.v1.Assignment0\x01\x12@\n\x05Leave\x12\x1a.crossgrad.v1.LeaveRequest\x1a\x1b.crossgrad.v1.LeaveResponse\x12L\n\tListPeers\x12\x1e.crossgrad.v1.ListPeersRequest\x1a\x1f.crossgrad.v1.ListPeersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63rossgrad/v1/bootstrap.proto\x12\x0c\x63rossgrad.v1\"\x87\x03\n\x0bRunSettings\x12\r\n\x05nodes\x18\x01 \x01(\r\x12\x10\n\x08topology\x18\x02 \x01(\t\x12\x11\n\talgorithm\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x11\n\tpartition\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x0e\n\x06rounds\x18\x07 \x01(\x04\x12\x12\n\nbatch_size\x18\x08 \x01(\r\x12\n\n\x02lr\x18\t \x01(\x01\x12\x10\n\x08lr_decay\x18\n \x01(\x01\x12\x10\n\x08momentum\x18\x0b \x01(\x01\x12\x0e\n\x06margin\x18\x0c \x01(\x01\x12\r\n\x05gamma\x18\r \x01(\x01\x12\r\n\x05\x61lpha\x18\x0e \x01(\x01\x12\x0c\n\x04seed\x18\x0f \x01(\x04\x12\x12\n\neval_every\x18\x10 \x01(\r\x12\x12\n\ncompressor\x18\x11 \x01(\t\x12\x18\n\x10model_compressor\x18\x12 \x01(\t\x12\x16\n\x0e\x63onsensus_step\x18\x13 \x01(\x01\x12\x10\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x14 \x01(\t\x12\x15\n\rmemory_format\x18\x15 \x01(\t\"o\n\x0bJoinRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\x12\x0f\n\x07resumed\x18\x04 \x01(\x08\x12\x18\n\x10\x63heckpoint_round\x18\x05 \x01(\x04\"l\n\x0cJoinResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0e\n\x06joined\x18\x02 \x01(\r\x12\x10\n\x08\x65xpected\x18\x03 \x01(\r\x12+\n\x08settings\x18\x04 \x01(\x0b\x32\x19.crossgrad.v1.RunSettings\"\xa3\x01\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x0e\n\x06health\x18\x04 \x01(\t\x12\x1d\n\x15unreachable_neighbors\x18\x05 \x03(\r\x12\x1d\n\x10\x61ssignment_epoch\x18\x06 \x01(\x04H\x00\x88\x01\x01\x42\x13\n\x11_assignment_epoch\"p\n\x11HeartbeatResponse\x12\x16\n\x0etopology_epoch\x18\x01 \x01(\x04\x12\x15\n\rlease_seconds\x18\x02 \x01(\x01\x12,\n\nassignment\x18\x03 \x01(\x0b\x32\x18.crossgrad.v1.Assignment\"\'\n\x14GetAssignmentRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\"<\n\x08Neighbor\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"\xa2\x01\n\nAssignment\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12)\n\tneighbors\x18\x02 \x03(\x0b\x32\x16.crossgrad.v1.Neighbor\x12\x13\n\x0bself_weight\x18\x03 \x01(\x01\x12\x16\n\x0etopology_epoch\x18\x04 \x01(\x04\x12+\n\x08settings\x18\x05 \x01(\x0b\x32\x19.crossgrad.v1.RunSettings\"/\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0f\n\rLeaveResponse\"\x12\n\x10ListPeersRequest\"\xdb\x01\n\x08PeerInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\x12\r\n\x05state\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x04\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x1d\n\x15last_seen_seconds_ago\x18\x07 \x01(\x01\x12\x0f\n\x07returns\x18\x08 \x01(\r\x12\x0f\n\x07resumes\x18\t \x01(\r\x12\x1b\n\x13unreachable_reports\x18\n \x01(\x04\x12\x0e\n\x06health\x18\x0b \x01(\t\"\x83\x02\n\x11ListPeersResponse\x12%\n\x05peers\x18\x01 \x03(\x0b\x32\x16.crossgrad.v1.PeerInfo\x12\x10\n\x08\x65xpected\x18\x02 \x01(\r\x12\x16\n\x0etopology_epoch\x18\x03 \x01(\x04\x12+\n\x08settings\x18\x04 \x01(\x0b\x32\x19.crossgrad.v1.RunSettings\x12?\n\x08refusals\x18\x05 \x03(\x0b\x32-.crossgrad.v1.ListPeersResponse.RefusalsEntry\x1a/\n\rRefusalsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xca\x03\n\tBootstrap\x12=\n\x04Join\x12\x19.crossgrad.v1.JoinRequest\x1a\x1a.crossgrad.v1.JoinResponse\x12L\n\tHeartbeat\x12\x1e.crossgrad.v1.HeartbeatRequest\x1a\x1f.crossgrad.v1.HeartbeatResponse\x12M\n\rGetAssignment\x12\".crossgrad.v1.GetAssignmentRequest\x1a\x18.crossgrad.v1.Assignment\x12Q\n\x0fWatchAssignment\x12\".crossgrad.v1.GetAssignmentRequest\x1a\x18.crossgrad.v1.Assignment0\x01\x12@\n\x05Leave\x12\x1a.crossgrad.v1.LeaveRequest\x1a\x1b.crossgrad.v1.LeaveResponse\x12L\n\tListPeers\x12\x1e.crossgrad.v1.ListPeersRequest\x1a\x1f.crossgrad.v1.ListPeersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,28 +39,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREQUEST']._serialized_end=551
   _globals['_JOINRESPONSE']._serialized_start=553
   _globals['_JOINRESPONSE']._serialized_end=661
-  _globals['_HEARTBEATREQUEST']._serialized_start=663
-  _globals['_HEARTBEATREQUEST']._serialized_end=774
-  _globals['_HEARTBEATRESPONSE']._serialized_start=776
-  _globals['_HEARTBEATRESPONSE']._serialized_end=842
-  _globals['_GETASSIGNMENTREQUEST']._serialized_start=844
-  _globals['_GETASSIGNMENTREQUEST']._serialized_end=883
-  _globals['_NEIGHBOR']._serialized_start=885
-  _globals['_NEIGHBOR']._serialized_end=945
-  _globals['_ASSIGNMENT']._serialized_start=948
-  _globals['_ASSIGNMENT']._serialized_end=1110
-  _globals['_LEAVEREQUEST']._serialized_start=1112
-  _globals['_LEAVEREQUEST']._serialized_end=1159
-  _globals['_LEAVERESPONSE']._serialized_start=1161
-  _globals['_LEAVERESPONSE']._serialized_end=1176
-  _globals['_LISTPEERSREQUEST']._serialized_start=1178
-  _globals['_LISTPEERSREQUEST']._serialized_end=1196
-  _globals['_PEERINFO']._serialized_start=1199
-  _globals['_PEERINFO']._serialized_end=1418
-  _globals['_LISTPEERSRESPONSE']._serialized_start=1421
-  _globals['_LISTPEERSRESPONSE']._serialized_end=1680
-  _globals['_LISTPEERSRESPONSE_REFUSALSENTRY']._serialized_start=1633
-  _globals['_LISTPEERSRESPONSE_REFUSALSENTRY']._serialized_end=1680
-  _globals['_BOOTSTRAP']._serialized_start=1683
-  _globals['_BOOTSTRAP']._serialized_end=2141
+  _globals['_HEARTBEATREQUEST']._serialized_start=664
+  _globals['_HEARTBEATREQUEST']._serialized_end=827
+  _globals['_HEARTBEATRESPONSE']._serialized_start=829
+  _globals['_HEARTBEATRESPONSE']._serialized_end=941
+  _globals['_GETASSIGNMENTREQUEST']._serialized_start=943
+  _globals['_GETASSIGNMENTREQUEST']._serialized_end=982
+  _globals['_NEIGHBOR']._serialized_start=984
+  _globals['_NEIGHBOR']._serialized_end=1044
+  _globals['_ASSIGNMENT']._serialized_start=1047
+  _globals['_ASSIGNMENT']._serialized_end=1209
+  _globals['_LEAVEREQUEST']._serialized_start=1211
+  _globals['_LEAVEREQUEST']._serialized_end=1258
+  _globals['_LEAVERESPONSE']._serialized_start=1260
+  _globals['_LEAVERESPONSE']._serialized_end=1275
+  _globals['_LISTPEERSREQUEST']._serialized_start=1277
+  _globals['_LISTPEERSREQUEST']._serialized_end=1295
+  _globals['_PEERINFO']._serialized_start=1298
+  _globals['_PEERINFO']._serialized_end=1517
+  _globals['_LISTPEERSRESPONSE']._serialized_start=1520
+  _globals['_LISTPEERSRESPONSE']._serialized_end=1779
+  _globals['_LISTPEERSRESPONSE_REFUSALSENTRY']._serialized_start=1732
+  _globals['_LISTPEERSRESPONSE_REFUSALSENTRY']._serialized_end=1779
+  _globals['_BOOTSTRAP']._serialized_start=1782
+  _globals['_BOOTSTRAP']._serialized_end=2240
 # @@protoc_insertion_point(module_scope)

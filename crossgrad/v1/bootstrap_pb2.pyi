@@ -79,26 +79,30 @@ class JoinResponse(_message.Message):
     def __init__(self, ready: _Optional[bool] = ..., joined: _Optional[int] = ..., expected: _Optional[int] = ..., settings: _Optional[_Union[RunSettings, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "round", "loss", "health", "unreachable_neighbors")
+    __slots__ = ("node_id", "round", "loss", "health", "unreachable_neighbors", "assignment_epoch")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     UNREACHABLE_NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_EPOCH_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     round: int
     loss: float
     health: str
     unreachable_neighbors: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, node_id: _Optional[int] = ..., round: _Optional[int] = ..., loss: _Optional[float] = ..., health: _Optional[str] = ..., unreachable_neighbors: _Optional[_Iterable[int]] = ...) -> None: ...
+    assignment_epoch: int
+    def __init__(self, node_id: _Optional[int] = ..., round: _Optional[int] = ..., loss: _Optional[float] = ..., health: _Optional[str] = ..., unreachable_neighbors: _Optional[_Iterable[int]] = ..., assignment_epoch: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("topology_epoch", "lease_seconds")
+    __slots__ = ("topology_epoch", "lease_seconds", "assignment")
     TOPOLOGY_EPOCH_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     topology_epoch: int
     lease_seconds: float
-    def __init__(self, topology_epoch: _Optional[int] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+    assignment: Assignment
+    def __init__(self, topology_epoch: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ...) -> None: ...
 
 class GetAssignmentRequest(_message.Message):
     __slots__ = ("node_id",)

@@ -192,6 +192,29 @@ def test_watch_delivers_the_first_assignment_and_each_change(
         watch.close()
 
 
+def test_a_heartbeat_naming_an_old_epoch_gets_the_new_assignment(
+        stub: bootstrap_pb2_grpc.BootstrapStub) -> None:
+    def beat(node_id: int, **held: int) -> pb.HeartbeatResponse:
+        answer: pb.HeartbeatResponse = stub.Heartbeat(
+            pb.HeartbeatRequest(node_id=node_id, **held), timeout=TIMEOUT)
+        return answer
+
+    join(stub, 0)
+    join(stub, 1)
+    assert not beat(0, assignment_epoch=0).HasField("assignment")  # not assembled: none yet
+    join(stub, 2)
+    first = beat(0, assignment_epoch=0)  # assembled at epoch 1; it holds none
+    assert (first.topology_epoch, first.assignment.topology_epoch,
+            neighbor_ids(first.assignment)) == (1, 1, [1, 2])
+    assert not beat(0, assignment_epoch=1).HasField("assignment")  # it holds the current one
+    stub.Leave(pb.LeaveRequest(node_id=1, reason="draining"), timeout=TIMEOUT)
+    assert not beat(0).HasField("assignment")  # it did not say: it fetches them itself
+    moved = beat(0, assignment_epoch=1)
+    assert (moved.topology_epoch, moved.assignment.topology_epoch,
+            neighbor_ids(moved.assignment)) == (2, 2, [2])
+    assert assignment_from_proto(moved.assignment).self_weight == pytest.approx(0.5)
+
+
 def test_a_watch_hears_only_of_changes_to_its_own_assignment(cluster: Cluster,
                                                               tmp_path: Path) -> None:
     """A 5-ring: node 4 leaves and comes back. Node 0 borders it and hears of both epochs;

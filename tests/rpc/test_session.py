@@ -1,7 +1,8 @@
 """A peer's bootstrap session and round loop against a real bootstrap on 127.0.0.1 (issue: faults).
 
 - Join waits for a bootstrap that is not up yet, with backoff and jitter.
-- The heartbeat thread hands every new topology epoch to the peer (a neighbor that left).
+- The heartbeat thread hands every new topology epoch to the peer (a neighbor that left), from
+  the heartbeat's answer, or with GetAssignment from a bootstrap that does not send it.
 - A node whose neighbors are far ahead catches up from their models (Node.catch_up).
 """
 
@@ -12,14 +13,18 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
+import grpc.aio
 import pytest
 import torch
 
 import peer.session
 from bootstrap.registry import AssignmentView
+from bootstrap.servicer import BootstrapServicer
 from crossgrad.cluster import free_port
 from crossgrad.config import RunConfig
 from crossgrad.rpc import RunningServer
+from crossgrad.v1 import bootstrap_pb2 as pb
 from peer.builder import assignments, load_run_data, make_node
 from peer.loop import RoundLoop
 from peer.metrics import Traffic
@@ -63,7 +68,29 @@ def test_join_waits_for_a_bootstrap_that_comes_up_later(cluster: Cluster) -> Non
         thread.join(timeout=5)
 
 
-def test_heartbeats_hand_over_each_new_epoch(bootstrap: RunningServer) -> None:
+@pytest.mark.parametrize("sends", [True, False], ids=["in-the-answer", "older-bootstrap"])
+def test_heartbeats_hand_over_each_new_epoch(cluster: Cluster, monkeypatch: pytest.MonkeyPatch,
+                                             sends: bool) -> None:
+    """The answer to a heartbeat carries the new assignment, so no GetAssignment follows; from
+    a bootstrap that does not send it (one older than HeartbeatResponse.assignment), the
+    session fetches it."""
+    if not sends:
+        heartbeat = BootstrapServicer.Heartbeat
+
+        async def older(self: BootstrapServicer, request: pb.HeartbeatRequest,
+                        context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
+            answer = await heartbeat(self, request, context)
+            answer.ClearField("assignment")
+            return answer
+        monkeypatch.setattr(BootstrapServicer, "Heartbeat", older)
+    fetched: list[int] = []
+    fetch = BootstrapSession._fetch_assignment
+
+    def counted(self: BootstrapSession, on_assignment: Callable[[AssignmentView], None]) -> None:
+        fetched.append(self.node_id)
+        fetch(self, on_assignment)
+    monkeypatch.setattr(BootstrapSession, "_fetch_assignment", counted)
+    bootstrap = cluster.bootstrap(SETTINGS, lease_seconds=LEASE)
     sessions = [BootstrapSession(bootstrap.address, i, join_timeout=30.0) for i in range(3)]
     seen: dict[int, list[AssignmentView]] = {i: [] for i in range(3)}
     changed = threading.Event()
@@ -87,6 +114,7 @@ def test_heartbeats_hand_over_each_new_epoch(bootstrap: RunningServer) -> None:
         assert changed.wait(timeout=30)
         view = seen[0][-1]
         assert view.epoch > first[0].epoch and view.self_weight == pytest.approx(0.5)
+        assert (0 in fetched) != sends
     finally:
         for session in sessions:
             session.close()
