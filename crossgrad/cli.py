@@ -18,6 +18,7 @@ and exit code 2, never a traceback. Choices shown in --help come from the regist
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -228,8 +229,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def freeze_startup() -> None:
+    """For a long-lived server, once it is up: what it loaded to start (torch and numpy, which
+    the settings' checks import: some 180,000 objects; a peer's model and data) lives as long as
+    the process, so the collector's full passes need not scan it again. Such a pass stopped a
+    bootstrap under 1,000 peers for 190 ms, and a peer's round for up to 100 ms; frozen, it
+    scans what the process made since (docs/benchmarks.md, "Busy bootstrap")."""
+    gc.freeze()
+
+
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    import gc
     import threading
 
     from bootstrap.server import serve
@@ -239,10 +248,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     security = security_from_args(args, Role.SERVER, "bootstrap")
     server = serve(config, args.bind, args.state, args.lease_seconds, security=security,
                    limits=limits_from_args(args), metrics_port=metrics_port(args))
-    # Everything loaded so far (torch and numpy come with the settings' checks) lives as long
-    # as the process: out of the collector's way, a full collection under 1,000 peers pauses
-    # the loop for tens of ms instead of 190 (docs/benchmarks.md, "Busy bootstrap").
-    gc.freeze()
+    freeze_startup()
     stop = threading.Event()
     install_signal_handlers(stop.set)  # before the line that tells a supervisor it is up
     print(f"bootstrap serving on {server.address} (port {server.port}); waiting for "
@@ -275,6 +281,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
         except Stopped:
             print(f"peer {args.node_id} stopped before the run assembled", flush=True)
             return 0
+        freeze_startup()
         print(f"peer {args.node_id} serving on {runtime.address}", flush=True)
         summary = runtime.run()
         verb = "done" if summary["round"] == summary["rounds"] else "stopped"
