@@ -315,6 +315,32 @@ def test_a_request_that_is_not_protobuf_is_invalid_argument(server: rpc.RunningS
     assert "is not a valid protobuf message" in (err.details() or "")
 
 
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+def test_an_interceptor_builds_a_methods_wrappers_once(serve: Serve, channel: Open,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       aio: bool) -> None:
+    """Wrappers are kept per method (guard.Interceptor.rewrapped), not built for every call;
+    a method the server does not have is not kept, since a caller may name any number."""
+    built: list[str] = []
+    rewrap = rpc._RejectMalformedRequests.rewrap
+
+    def counted(self: Any, handler: Any, details: Any, *, aio: bool) -> Any:
+        built.append(details.method)
+        return rewrap(self, handler, details, aio=aio)
+    monkeypatch.setattr(rpc._RejectMalformedRequests, "rewrap", counted)
+    running = serve([peer_service(AioCannedPeer() if aio else CannedPeer())], aio=aio)
+    running.set_serving()
+    opened = channel(running.address)
+    stub = peer_pb2_grpc.PeerStub(opened)
+    for _ in range(5):
+        assert stub.GetStatus(peer_pb2.GetStatusRequest(requester="t"), timeout=5).node_id == 7
+    missing = opened.unary_unary(f"/{PEER}/NoSuchMethod")
+    for _ in range(3):
+        assert rpc_error(lambda: missing(b"", timeout=5)).code() == grpc.StatusCode.UNIMPLEMENTED
+    assert built.count(f"/{PEER}/GetStatus") == 1
+    assert built.count(f"/{PEER}/NoSuchMethod") == 3
+
+
 def test_an_aio_server_takes_only_coroutines() -> None:
     with pytest.raises(TypeError, match="not a coroutine function"):
         rpc.translate_errors_async(CannedPeer.GetStatus)
