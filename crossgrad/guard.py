@@ -135,7 +135,8 @@ class Interceptor(grpc.ServerInterceptor):
 
     `rewrap` must depend on the handler and the method's name alone: what it returns is kept
     and reused for every later call of that method with that handler (`rewrapped`). Building
-    the wrappers anew for each call took 5% of a busy bootstrap's CPU."""
+    the wrappers anew for each call cost a bootstrap under 1,000 heartbeats a second some 6-8%
+    of a core (docs/benchmarks.md, "Busy bootstrap")."""
 
     _made: dict[tuple[str, bool], tuple[Any, Any]] | None = None  # (method, aio) -> in, out
 
