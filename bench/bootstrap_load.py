@@ -128,7 +128,6 @@ class Epochs:
     """Every stream's assignments as they arrive; wait(e, ids) returns once each of ids has e."""
 
     def __init__(self, peers: int) -> None:
-        self.peers = peers
         self.seen: list[list[pb.Assignment]] = [[] for _ in range(peers)]  # per peer, in order
         self.at: dict[int, dict[int, float]] = defaultdict(dict)  # epoch -> peer -> receipt
         self._waiting: dict[int, tuple[frozenset[int], asyncio.Event]] = {}
@@ -169,6 +168,14 @@ def expected_table(topology: Topology, live: frozenset[int]) -> Table:
 def changed_peers(before: Table, after: Table) -> list[int]:
     """The peers whose neighbors or weights differ (addresses stay: peers rejoin from theirs)."""
     return np.flatnonzero((before[1] != after[1]).any(axis=1)).tolist()
+
+
+def receivers(tables: dict[int, Table], epoch: int, every_epoch: bool) -> list[int]:
+    """Who must learn of `epoch`: every peer at assembly (1) and when peers follow heartbeats
+    (`every_epoch`); with streams open, the peers whose assignment it changed."""
+    if every_epoch or epoch == 1:
+        return list(range(tables[epoch][0].n))
+    return changed_peers(tables[epoch - 1], tables[epoch])
 
 
 class SimulatedPeer:
@@ -286,13 +293,10 @@ async def drive(target: str, config: LoadConfig) -> dict[str, Any]:
         live_at = {1: frozenset(range(n))}
         tables = {1: expected_table(topology, live_at[1])}
 
-        def receivers(epoch: int) -> list[int]:
-            """Who learns of `epoch`: with streams open, the peers whose assignment changed;
-            following heartbeats, every peer."""
+        def changed_to(epoch: int) -> list[int]:
+            """Who must learn of `epoch`, now that live_at has it."""
             tables[epoch] = expected_table(topology, live_at[epoch])
-            if not config.keep_watching:
-                return list(range(n))
-            return changed_peers(tables[epoch - 1], tables[epoch])
+            return receivers(tables, epoch, every_epoch=not config.keep_watching)
 
         loaded_start = time.perf_counter()
         background += [asyncio.create_task(p.heartbeat(
@@ -326,14 +330,14 @@ async def drive(target: str, config: LoadConfig) -> dict[str, Any]:
                     await peer.read_assignment(epochs, stats)  # its lone assignment, read once
             epoch += 1
             live_at[epoch] = live_at[epoch - 1] - {peer.node_id}
-            ok = ok and await fanned_out(epoch, receivers(epoch), start, epochs, stats)
+            ok = ok and await fanned_out(epoch, changed_to(epoch), start, epochs, stats)
             async with peer.lock:
                 start = time.perf_counter()
                 ok = await stats.timed("Join", peer.join()) is not None and ok
                 peer.left = False
             epoch += 1
             live_at[epoch] = live_at[epoch - 1] | {peer.node_id}
-            ok = ok and await fanned_out(epoch, receivers(epoch), start, epochs, stats)
+            ok = ok and await fanned_out(epoch, changed_to(epoch), start, epochs, stats)
             changes_ok = changes_ok and ok
         await asyncio.sleep(max(0.0, loaded_start + config.seconds - time.perf_counter()))
         loaded = time.perf_counter() - loaded_start
@@ -367,14 +371,12 @@ def check_epochs(epochs: Epochs, live_at: dict[int, frozenset[int]],
     addresses = {p.node_id: p.address for p in final.peers}
     topology = build_topology(settings.topology, settings.nodes, settings.seed)
     expected = {epoch: expected_table(topology, live) for epoch, live in live_at.items()}
-    receivers: dict[int, set[int]] = defaultdict(set)  # peer -> the epochs it must receive
+    owed: dict[int, set[int]] = defaultdict(set)  # peer -> the epochs it must receive
     for epoch in range(1, last + 1):
-        changed = (range(topology.n) if every_epoch or epoch == 1
-                   else changed_peers(expected[epoch - 1], expected[epoch]))
-        for node_id in changed:
-            receivers[node_id].add(epoch)
+        for node_id in receivers(expected, epoch, every_epoch):
+            owed[node_id].add(epoch)
     for node_id, seen in enumerate(epochs.seen):
-        got, want = [a.topology_epoch for a in seen], sorted(receivers[node_id])
+        got, want = [a.topology_epoch for a in seen], sorted(owed[node_id])
         if got != want:
             problems.append(f"node {node_id} received epochs {got}; expected {want}")
             continue

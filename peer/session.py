@@ -197,7 +197,8 @@ class BootstrapSession:
             wait = min(HEARTBEAT_MAX_S, max(HEARTBEAT_MIN_S, self.lease_seconds / 4))
 
     def heartbeat(self, now: Progress, on_assignment: Callable[[AssignmentView], None]) -> None:
-        """One heartbeat; fetch and hand over the assignment when the epoch moved on."""
+        """One heartbeat; hand over the assignment when the epoch moved on (the answer's, or
+        one fetched from a bootstrap that does not send it)."""
         request = bootstrap_pb2.HeartbeatRequest(
             node_id=self.node_id, round=now.round, loss=now.loss, health=now.health,
             unreachable_neighbors=list(now.unreachable), assignment_epoch=self.epoch)

@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/ is no pac
 from bench.bootstrap_load import (
     Epochs,
     LoadConfig,
-    changed_peers,
     check_epochs,
     drive,
     expected_table,
+    receivers,
 )
 
 PEERS = 50
@@ -43,8 +43,8 @@ LOOSE_P99_MS = 1000.0  # 20x the goal at 1,000 peers: only a stuck or polling bo
 def test_50_peers_see_their_epochs_once_with_the_right_neighbors(
         cluster: Cluster, tmp_path: Path, keep_watching: bool) -> None:
     """Streams open: each carries the epochs that change its assignment. As peers do: each
-    peer learns of every epoch from a heartbeat answer and fetches it (4 Hz here, so a change
-    reaches all in 0.25 s)."""
+    peer gets every epoch's assignment in a heartbeat answer (4 Hz here, so a change reaches
+    all in 0.25 s)."""
     server = cluster.bootstrap(RunConfig(nodes=PEERS, topology="ring", partition="iid"),
                                tmp_path / "bootstrap.sqlite")
     config = LoadConfig(peers=PEERS, seconds=2.0, ramp=0.25, probe_hz=10.0, churn=CHURN,
@@ -75,9 +75,7 @@ def ring_streams(nodes: int, live_at: dict[int, frozenset[int]], every_epoch: bo
     tables = {epoch: expected_table(topology, live) for epoch, live in live_at.items()}
     streams = Epochs(nodes)
     for epoch, (graph, weights) in sorted(tables.items()):
-        changed = (range(nodes) if every_epoch or epoch == 1
-                   else changed_peers(tables[epoch - 1], tables[epoch]))
-        for i in changed:
+        for i in receivers(tables, epoch, every_epoch):
             streams.receive(i, pb.Assignment(
                 node_id=i, topology_epoch=epoch, self_weight=float(weights[i, i]),
                 settings=settings,
