@@ -5,6 +5,7 @@ open each, while the topology changes under them; per-RPC latency and the epochs
     python bench/bootstrap_load.py --peers 50 --seconds 3 --json
     python bench/bootstrap_load.py --in-process             # server in the driver's process
     python bench/bootstrap_load.py --watch first            # streams closed as peers do
+    python bench/bootstrap_load.py --heartbeat call         # a Heartbeat call per heartbeat
 
 The bootstrap is the real `crossgrad bootstrap` in a process of its own (plaintext, a SQLite
 state file in a temporary directory, the default per-caller limits); `--in-process` serves it
@@ -38,6 +39,12 @@ How a peer learns of a new epoch, --watch:
            reads its (lone) assignment once with GetAssignment, so every record has every
            epoch.
 
+How a peer heartbeats, --heartbeat:
+  stream   (the default, what a crossgrad peer does) one Heartbeats stream per peer, opened as
+           it joins; each heartbeat is a message and its answer ("Heartbeat" in the table: from
+           the write to the answer read)
+  call     a Heartbeat call each (peers before the stream, and older bootstraps)
+
 Latencies are measured in the driver, from the call to its answer, so they include the driver's
 own event-loop delays; "loop lag" (how late a 20 ms timer fires) shows how much of that is the
 driver. A failed call is counted under its status code, and any failure fails the check.
@@ -53,6 +60,7 @@ import os
 import platform
 import random
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -98,6 +106,7 @@ class LoadConfig:
     probe_hz: float = 10.0  # GetAssignment calls per second (random peers)
     churn: int = 4  # Leave + Join-again pairs during the loaded phase (2 epochs each)
     keep_watching: bool = True  # --watch open; False: first (streams closed as peers do)
+    heartbeat_stream: bool = True  # --heartbeat stream (as peers do); False: call (one each)
     seed: int = 0  # phases, probes, who churns
 
 
@@ -119,6 +128,9 @@ class Stats:
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
             self.failures[method][code.name if code else type(exc).__name__] += 1
+            return None
+        except asyncio.TimeoutError:  # a stream's message past CALL_TIMEOUT_S
+            self.failures[method][grpc.StatusCode.DEADLINE_EXCEEDED.name] += 1
             return None
         self.latency[method].append(time.perf_counter() - start)
         return answer
@@ -193,6 +205,7 @@ class SimulatedPeer:
         self.left = False
         self.lock = asyncio.Lock()
         self.epoch = 0  # the last epoch this peer received
+        self.beats: grpc.aio.StreamStreamCall | None = None  # its Heartbeats stream
 
     def join(self) -> Awaitable[pb.JoinResponse]:
         return self.stub.Join(
@@ -224,8 +237,38 @@ class SimulatedPeer:
         if answer is not None and answer.topology_epoch != self.epoch:
             self.receive(epochs, answer)
 
+    def open_heartbeats(self) -> None:
+        self.beats = self.stub.Heartbeats()
+
+    async def beat(self, request: pb.HeartbeatRequest, stream: bool) -> pb.HeartbeatResponse:
+        """One heartbeat: a message on the Heartbeats stream (opened again after a failure,
+        as peer/session.py does), or a Heartbeat call."""
+        if not stream:
+            answer: pb.HeartbeatResponse = await self.stub.Heartbeat(request,
+                                                                     timeout=CALL_TIMEOUT_S)
+            return answer
+        if self.beats is None:
+            self.open_heartbeats()
+        beats = self.beats
+        assert beats is not None
+
+        async def round_trip() -> pb.HeartbeatResponse:
+            await beats.write(request)
+            answer = await beats.read()
+            if answer is grpc.aio.EOF:  # the stream ended without an error: it never should
+                await beats.code()
+                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                                           grpc.aio.Metadata(), "the Heartbeats stream ended")
+            return answer
+        try:
+            return await asyncio.wait_for(round_trip(), CALL_TIMEOUT_S)
+        except BaseException:
+            beats.cancel()
+            self.beats = None
+            raise
+
     async def heartbeat(self, epochs: Epochs, stats: Stats, hz: float, phase: float,
-                        follow: bool) -> None:
+                        follow: bool, stream: bool) -> None:
         await asyncio.sleep(phase)
         start, beat = time.monotonic(), 0
         while True:
@@ -235,8 +278,7 @@ class SimulatedPeer:
                                                   health="ok")
                     if follow:  # say which epoch it holds: a newer one comes in the answer
                         request.assignment_epoch = self.epoch
-                    answer = await stats.timed("Heartbeat", self.stub.Heartbeat(
-                        request, timeout=CALL_TIMEOUT_S))
+                    answer = await stats.timed("Heartbeat", self.beat(request, stream))
                     if (follow and answer is not None and answer.HasField("assignment")
                             and answer.assignment.topology_epoch != self.epoch):
                         self.receive(epochs, answer.assignment)
@@ -281,6 +323,8 @@ async def drive(target: str, config: LoadConfig) -> dict[str, Any]:
         async def join_and_watch(peer: SimulatedPeer, delay: float) -> pb.JoinResponse | None:
             await asyncio.sleep(delay)
             answer = await stats.timed("Join", peer.join())
+            if config.heartbeat_stream:  # opened as the peer starts, as peers do
+                peer.open_heartbeats()
             background.append(asyncio.create_task(
                 peer.watch(epochs, stats, config.keep_watching)))
             return answer
@@ -301,7 +345,7 @@ async def drive(target: str, config: LoadConfig) -> dict[str, Any]:
         loaded_start = time.perf_counter()
         background += [asyncio.create_task(p.heartbeat(
             epochs, stats, config.heartbeat_hz, rng.uniform(0, 1 / config.heartbeat_hz),
-            follow=not config.keep_watching)) for p in peers]
+            follow=not config.keep_watching, stream=config.heartbeat_stream)) for p in peers]
 
         async def probe() -> None:
             node = rng.randrange(n)
@@ -486,6 +530,8 @@ def table(report: dict[str, Any]) -> str:
 
 
 def main() -> int:
+    # A driver stopped from outside (timeout, kill) still stops its bootstrap, in `finally`.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     defaults = LoadConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -500,20 +546,25 @@ def main() -> int:
     parser.add_argument("--watch", choices=("open", "first"), default="open",
                         help="keep every WatchAssignment stream open (default), or close it "
                         "after the first assignment and follow heartbeats, as peers do")
+    parser.add_argument("--heartbeat", choices=("stream", "call"), default="stream",
+                        help="heartbeat on one open Heartbeats stream per peer, as peers do "
+                        "(default), or with a Heartbeat call each, as they did before")
     parser.add_argument("--in-process", action="store_true",
                         help="serve the bootstrap in this process (default: its own process)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON too")
     args = parser.parse_args()
     config = LoadConfig(peers=args.peers, seconds=args.seconds, ramp=args.ramp,
                         heartbeat_hz=args.heartbeat_hz, probe_hz=args.probe_hz,
-                        churn=args.churn, keep_watching=args.watch == "open", seed=args.seed)
+                        churn=args.churn, keep_watching=args.watch == "open", seed=args.seed,
+                        heartbeat_stream=args.heartbeat == "stream")
     with tempfile.TemporaryDirectory() as tmp:
         run = run_in_process if args.in_process else run_process
         report = run(config, args.topology, Path(tmp) / "bootstrap.sqlite")
     where = "in this process" if args.in_process else "in its own process"
     print(f"{config.peers} peers ({args.topology}), bootstrap {where}, "
           f"{report['seconds']:.0f} s loaded, {report['heartbeats_per_s']:.0f} heartbeats/s, "
-          f"WatchAssignment streams {args.watch}, {report['epochs']} epochs; "
+          f"WatchAssignment streams {args.watch}, heartbeats by {args.heartbeat}, "
+          f"{report['epochs']} epochs; "
           f"{platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
     print(table(report))
     print(f"driver loop lag p99 {report['loop_lag_p99_ms']:.1f} ms; bootstrap CPU "

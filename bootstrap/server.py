@@ -30,13 +30,15 @@ from crossgrad.security import Security
 
 log = logging.getLogger(__name__)
 
-# Streams beyond one per node (a WatchAssignment each) the server takes at once: room for
-# probes and for a peer's new watch while its old one is still being torn down.
+# Streams per node (its Heartbeats and a WatchAssignment), and beyond those, the streams the
+# server takes at once: room for probes and for a peer's new stream while its old one is still
+# being torn down.
+STREAMS_PER_NODE = 2
 SPARE_STREAMS = 8
 
 
 class BootstrapServer(AioRunningServer):
-    """An AioRunningServer that also stops the watches before the drain and closes the registry
+    """An AioRunningServer that also ends the streams before the drain and closes the registry
     after it. AioRunningServer has no stop hook, so this takes over the started server's
     parts."""
 
@@ -50,7 +52,7 @@ class BootstrapServer(AioRunningServer):
         self.metrics: MetricsEndpoint | None = None  # /metrics, when asked for (serve)
 
     def stop(self, grace: float = 5.0) -> None:
-        self.servicer.stop_watches()
+        self.servicer.stop_streams()
         try:
             super().stop(grace)
         finally:
@@ -77,7 +79,7 @@ def serve(settings: RunConfig, bind: str, state_path: str | Path | None,
     servicer = BootstrapServicer(registry)
     try:
         running = make_aio_server(bind, [Service(SERVICE_NAME, servicer.add_to_server)],
-                                  max_streams=settings.nodes + SPARE_STREAMS,
+                                  max_streams=STREAMS_PER_NODE * settings.nodes + SPARE_STREAMS,
                                   security=security, limits=limits)
     except BaseException:
         registry.close()

@@ -45,7 +45,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -53,6 +55,7 @@ import grpc.aio
 from bootstrap.convert import assignment_to_proto, peer_to_proto, settings_to_proto
 from bootstrap.registry import Mixing, Registry, changed_assignments
 from crossgrad.errors import NotReady, PermissionDenied, Unavailable
+from crossgrad.guard import TokenBucket, refusal
 from crossgrad.rpc import call_soon, translate_errors_async
 from crossgrad.security import caller_of
 from crossgrad.v1 import bootstrap_pb2 as pb
@@ -68,7 +71,11 @@ FANOUT_TURNS = 16
 # How long one write may hold its turn: a client that stops reading (its HTTP/2 window full)
 # must not hold up the fan-out to the others; its write goes on waiting without a turn.
 TURN_SECONDS = 1.0
-STOPPING = "the bootstrap is stopping; watch again once it is back"
+STOPPING = "the bootstrap is stopping; {} again once it is back"
+# Heartbeats one Heartbeats stream may carry a second (BEATS_BURST at once): a peer beats at
+# most every 0.2 s (peer/session.py); more is a misbehaving caller, whose stream then ends.
+BEATS_PER_SECOND = 10.0
+BEATS_BURST = 20
 
 
 class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
@@ -86,6 +93,7 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
         self._watchers: dict[int, set[asyncio.Event]] = {}  # node id -> its watches' wake-ups
         self._mixing: Mixing | None = None  # the table the watchers were last woken for
         self._turns = asyncio.Semaphore(FANOUT_TURNS)
+        self._beating: set[asyncio.Task[Any]] = set()  # the Heartbeats streams' tasks
         self._stopping = False
         registry.on_epoch(self._epoch_bumped)
 
@@ -137,11 +145,14 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
             for wake in self._watchers.get(node_id, ()):
                 wake.set()
 
-    def stop_watches(self) -> None:
-        """End every WatchAssignment stream with UNAVAILABLE; from any thread."""
+    def stop_streams(self) -> None:
+        """End every WatchAssignment and Heartbeats stream with UNAVAILABLE; from any thread.
+        (Left to the server's stop, they would hold it for its whole grace.)"""
         def stop() -> None:
             self._stopping = True
             self._wake()
+            for task in self._beating:
+                task.cancel()
         if self._loop is not None:
             call_soon(self._loop, stop)
 
@@ -158,6 +169,37 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
     @translate_errors_async
     async def Heartbeat(self, request: pb.HeartbeatRequest,
                         context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
+        return self._heartbeat(request, context)
+
+    @translate_errors_async
+    async def Heartbeats(self, requests: AsyncIterator[pb.HeartbeatRequest],
+                         context: grpc.aio.ServicerContext) -> None:
+        """Heartbeat, a message at a time on one call, each answered as Heartbeat answers it.
+
+        A unary call costs the bootstrap the acceptance of a new call (grpc.aio takes them one
+        at a time, each a few turns of the loop), the gate's checks and a task; a message on an
+        open stream, a read and a write. The gate checked this call once, as it opened; the
+        caller's own id is checked at every heartbeat, and so is the stream's rate."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._beating.add(task)
+        bucket = TokenBucket(BEATS_PER_SECOND, BEATS_BURST, time.monotonic())
+        try:
+            async for request in requests:
+                wait = bucket.take(time.monotonic())
+                if wait:
+                    raise refusal(wait, f"Heartbeats: over {BEATS_PER_SECOND:g} heartbeats a "
+                                  "second on one stream")
+                await context.write(self._heartbeat(request, context))
+        except asyncio.CancelledError:
+            if not self._stopping:  # the client went away
+                raise
+            raise Unavailable(STOPPING.format("heartbeat")) from None
+        finally:
+            self._beating.discard(task)
+
+    def _heartbeat(self, request: pb.HeartbeatRequest,
+                   context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
         self.registry.expire()
         epoch, lease = self.registry.heartbeat(self._own(request.node_id, context, "Heartbeat"),
                                                request.round, request.loss,
@@ -193,7 +235,7 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
             while True:
                 wake.clear()  # before reading: a later change sets it again
                 if self._stopping:
-                    raise Unavailable(STOPPING)
+                    raise Unavailable(STOPPING.format("watch"))
                 async with self._turns:
                     try:  # a bad or unknown id fails here, before any wait
                         view = self.registry.assignment(node_id)

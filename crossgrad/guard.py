@@ -303,12 +303,45 @@ def authentication(security: Security) -> GuardInterceptor:
     return GuardInterceptor(guard, applies=lambda method: not method.startswith(OPEN_PREFIXES))
 
 
+class TokenBucket:
+    """`rate` tokens a second, at most `burst` kept (full at the start); a call or message
+    spends one."""
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = now  # when the tokens were last counted
+
+    def refill(self, now: float) -> bool:
+        """Count the tokens earned since the last refill; whether one is there to spend."""
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        return self.tokens >= 1.0
+
+    def wait(self) -> float:
+        """Seconds until a token is there (as of the last refill)."""
+        return max(0.0, (1.0 - self.tokens) / self.rate)
+
+    def take(self, now: float) -> float:
+        """Spend a token: 0.0, or (none there, none spent) the seconds until one is."""
+        if not self.refill(now):
+            return self.wait()
+        self.tokens -= 1.0
+        return 0.0
+
+
+def refusal(wait: float, why: str) -> Abort:
+    """RESOURCE_EXHAUSTED, with the standard retry hint: come back in `wait` seconds."""
+    return Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{why}; retry in {wait:.2f} s",
+                 ((RETRY_PUSHBACK_KEY, str(max(1, round(wait * 1e3)))),))
+
+
 class _Allowance:
     """One caller's token bucket and stream count."""
 
-    def __init__(self, burst: int, now: float) -> None:
-        self.tokens = float(burst)
-        self.stamp = now
+    def __init__(self, limits: CallerLimits, now: float) -> None:
+        self.bucket = TokenBucket(limits.rate, limits.burst, now)
         self.streams = 0
 
 
@@ -318,13 +351,9 @@ def caller_limits(limits: CallerLimits,
     table: dict[str, _Allowance] = {}
     lock = threading.Lock()
 
-    def refuse(wait: float, why: str) -> Abort:
-        return Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{why}; retry in {wait:.2f} s",
-                     ((RETRY_PUSHBACK_KEY, str(max(1, round(wait * 1e3)))),))
-
     def forget_idle(now: float) -> None:
         for key in [k for k, a in table.items()
-                    if a.streams == 0 and now - a.stamp > IDLE_FORGET_SECONDS]:
+                    if a.streams == 0 and now - a.bucket.stamp > IDLE_FORGET_SECONDS]:
             del table[key]
 
     @contextlib.contextmanager
@@ -337,21 +366,18 @@ def caller_limits(limits: CallerLimits,
                 forget_idle(now)
             allowance = table.get(key)
             if allowance is None:
-                allowance = table[key] = _Allowance(limits.burst, now)
-            allowance.tokens = min(float(limits.burst),
-                                   allowance.tokens + (now - allowance.stamp) * limits.rate)
-            allowance.stamp = now
-            over_rate = allowance.tokens < 1.0
+                allowance = table[key] = _Allowance(limits, now)
+            over_rate = not allowance.bucket.refill(now)
             over_streams = stream and allowance.streams >= limits.streams
             if not (over_rate or over_streams):
-                allowance.tokens -= 1.0
+                allowance.bucket.tokens -= 1.0
                 allowance.streams += stream
         if over_rate:
-            raise refuse((1.0 - allowance.tokens) / limits.rate,
-                         f"{method}: {caller} is over its {limits.rate:g} calls per second")
+            raise refusal(allowance.bucket.wait(),
+                          f"{method}: {caller} is over its {limits.rate:g} calls per second")
         if over_streams:
-            raise refuse(1.0, f"{method}: {caller} already holds {limits.streams} streams, "
-                         "its limit; retry when one ends")
+            raise refusal(1.0, f"{method}: {caller} already holds {limits.streams} streams, "
+                          "its limit; retry when one ends")
         try:
             yield
         finally:

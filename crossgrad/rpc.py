@@ -42,7 +42,7 @@ import inspect
 import logging
 import signal
 import threading
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from types import FrameType
@@ -398,10 +398,12 @@ class _Malformed:
 
 class _RejectMalformedRequests(guard.Interceptor):
     """A request that is not valid protobuf gets INVALID_ARGUMENT (peer.proto), not grpc's
-    default INTERNAL "Exception deserializing request!", and the method never sees it."""
+    default INTERNAL "Exception deserializing request!", and the method never sees it. On a
+    request stream (the bootstrap's Heartbeats) the first such message ends the call so, from
+    the method's loop over its requests (crossgrad.rpc.translate_errors answers the Abort)."""
 
     def rewrap(self, handler: Any, details: grpc.HandlerCallDetails, *, aio: bool) -> Any:
-        if handler is None or handler.request_deserializer is None or handler.request_streaming:
+        if handler is None or handler.request_deserializer is None:
             return handler
         parse = handler.request_deserializer
         method = getattr(details, "method", "?")
@@ -412,8 +414,7 @@ class _RejectMalformedRequests(guard.Interceptor):
             except Exception as exc:  # protobuf raises DecodeError and friends
                 return _Malformed(exc)
 
-        @contextlib.contextmanager
-        def parsed(request: Any, context: grpc.ServicerContext) -> Iterator[None]:
+        def check(request: Any) -> Any:
             if isinstance(request, _Malformed):
                 log.info("%s: rejected a request that is not valid protobuf (%s)", method,
                          request.error)
@@ -421,9 +422,47 @@ class _RejectMalformedRequests(guard.Interceptor):
                                   f"the request to {method} is not a valid protobuf message "
                                   f"({type(request.error).__name__}); use the crossgrad.v1 "
                                   "messages (grpcurl: describe the method)")
+            return request
+
+        if handler.request_streaming:
+            return _checked_request_stream(handler, check, deserialize, aio=aio)
+
+        @contextlib.contextmanager
+        def parsed(request: Any, context: grpc.ServicerContext) -> Iterator[None]:
+            check(request)
             yield
 
         return guard.wrap_handler(handler, parsed, aio=aio, request_deserializer=deserialize)
+
+
+def _checked_request_stream(handler: Any, check: Callable[[Any], Any],
+                            deserialize: Callable[[bytes], Any], *, aio: bool) -> Any:
+    """`handler` (request-streaming) whose method iterates its requests through `check`."""
+    serializers = {"request_deserializer": deserialize,
+                   "response_serializer": handler.response_serializer}
+    behavior = handler.stream_stream or handler.stream_unary
+    if aio:
+        async def checked_async(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            async for request in requests:
+                yield check(request)
+
+        if inspect.isasyncgenfunction(behavior):
+            async def generated(requests: Any, context: grpc.aio.ServicerContext
+                                ) -> AsyncIterator[Any]:
+                async for item in behavior(checked_async(requests), context):
+                    yield item
+            wrapped: Callable[..., Any] = generated
+        else:
+            async def awaited(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await behavior(checked_async(requests), context)
+            wrapped = awaited
+    else:
+        def plain(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            return behavior((check(request) for request in requests), context)
+        wrapped = plain
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(wrapped, **serializers)
+    return grpc.stream_unary_rpc_method_handler(wrapped, **serializers)
 
 
 def _stream_limit(limit: int) -> guard.GuardInterceptor:
@@ -735,6 +774,9 @@ def install_signal_handlers(on_stop: Callable[[], None]) -> None:
 def _translation(context: grpc.ServicerContext, exc: Exception, where: str) -> guard.Abort:
     """How translate_errors ends a call whose method raised `exc`, logged; re-raises `exc` for a
     call the method aborted itself (context.abort), which keeps its code and details."""
+    if isinstance(exc, guard.Abort):  # the method's own refusal (a stream over its rate)
+        log.info("%s refused a call: %s", where, exc)
+        return exc
     if isinstance(exc, ProtocolError):
         cls, code = status_of(exc)
         log.info("%s rejected a call: %s: %s", where, code.name, exc)

@@ -7,9 +7,11 @@ peers do not need it between epochs). This session does, from its own thread:
                         id is still held by this node's previous life (its lease has not expired)
     wait_assignment()   the first assignment, from WatchAssignment (cancelled by stop())
     start(progress, on_assignment)
-                        a daemon thread: Heartbeat every quarter lease with the node's round,
+                        a daemon thread: a heartbeat every quarter lease with the node's round,
                         loss, the neighbors it missed and the epoch of the assignment it
-                        holds; an answer with a newer topology epoch carries the assignment
+                        holds, on one open Heartbeats stream (a unary Heartbeat each to a
+                        bootstrap without it); an answer with a newer topology epoch carries
+                        the assignment
                         (from a bootstrap that does not send it, GetAssignment fetches it),
                         which goes to on_assignment.
                         A failed heartbeat is retried with exponential backoff and full jitter,
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import random
 import threading
 import time
@@ -95,6 +98,8 @@ class BootstrapSession:
         self._watch: grpc.Future | None = None
         self._thread: threading.Thread | None = None
         self._delay = backoff_delays()
+        self._beats: HeartbeatStream | None = None  # open by the first heartbeat
+        self._streams_served = True  # False once the bootstrap answered UNIMPLEMENTED
 
     # ---- start-up ------------------------------------------------------------------------
     def join(self, advertise: str, samples: int, *, resumed: bool = False,
@@ -203,7 +208,7 @@ class BootstrapSession:
             node_id=self.node_id, round=now.round, loss=now.loss, health=now.health,
             unreachable_neighbors=list(now.unreachable), assignment_epoch=self.epoch)
         try:
-            reply = self.stub.Heartbeat(request, timeout=CALL_TIMEOUT_S)
+            reply = self._send_heartbeat(request)
         except grpc.RpcError as err:
             if err.code() is grpc.StatusCode.NOT_FOUND and self._join_request is not None:
                 # The bootstrap does not know this node (it left, or the bootstrap lost its
@@ -218,6 +223,25 @@ class BootstrapSession:
             self._hand_over(assignment_from_proto(reply.assignment), on_assignment)
         elif reply.topology_epoch != self.epoch:  # a bootstrap that does not send it
             self._fetch_assignment(on_assignment)
+
+    def _send_heartbeat(self, request: bootstrap_pb2.HeartbeatRequest
+                        ) -> bootstrap_pb2.HeartbeatResponse:
+        """On the Heartbeats stream (opened again after any failure), or as a unary call to a
+        bootstrap that does not serve the stream (UNIMPLEMENTED: an older one)."""
+        if self._streams_served:
+            if self._beats is None:
+                self._beats = HeartbeatStream(self.stub)
+            try:
+                return self._beats.send(request, CALL_TIMEOUT_S)
+            except grpc.RpcError as err:
+                self._beats.close()
+                self._beats = None
+                if err.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                log.info("node %d: bootstrap %s has no Heartbeats stream; heartbeating with "
+                         "a call each", self.node_id, self.address)
+                self._streams_served = False
+        return self.stub.Heartbeat(request, timeout=CALL_TIMEOUT_S)
 
     def _rejoin(self) -> None:
         assert self._join_request is not None
@@ -270,7 +294,69 @@ class BootstrapSession:
         self.stop()
         if self._thread is not None:
             self._thread.join(timeout=CALL_TIMEOUT_S + 1)
+        if self._beats is not None:
+            self._beats.close()
         self.channel.close()
+
+
+class HeartbeatStream:
+    """Heartbeats on one open Heartbeats call: send(request) is one heartbeat's round trip.
+
+    The requests go out from a queue the call reads; an answer that does not come within the
+    timeout cancels the call (a stalled bootstrap, a cut link), and send raises an error with
+    code DEADLINE_EXCEEDED, as a unary Heartbeat past its deadline would. After any error the
+    stream is done: open another."""
+
+    def __init__(self, stub: bootstrap_pb2_grpc.BootstrapStub) -> None:
+        self._requests: queue.SimpleQueue[bootstrap_pb2.HeartbeatRequest | None] = (
+            queue.SimpleQueue())
+        self._call = stub.Heartbeats(iter(self._requests.get, None))
+        self._late = threading.Event()
+
+    def send(self, request: bootstrap_pb2.HeartbeatRequest,
+             timeout: float) -> bootstrap_pb2.HeartbeatResponse:
+        self._requests.put(request)
+        timer = threading.Timer(timeout, self._give_up)
+        timer.daemon = True
+        timer.start()
+        try:
+            return next(self._call)
+        except StopIteration:  # the bootstrap ended the stream with OK: it never should
+            raise _StreamEnded(grpc.StatusCode.UNAVAILABLE,
+                               "the bootstrap ended the Heartbeats stream") from None
+        except grpc.RpcError:
+            if self._late.is_set():
+                raise _StreamEnded(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   f"no answer to a heartbeat within {timeout:g} s") from None
+            raise
+        finally:
+            timer.cancel()
+
+    def _give_up(self) -> None:
+        self._late.set()
+        self._call.cancel()
+
+    def close(self) -> None:
+        self._requests.put(None)  # the request iterator ends: the client half-closes
+        self._call.cancel()
+
+
+class _StreamEnded(grpc.RpcError):
+    """How a Heartbeats stream failed on this side: a code and details, as grpc's errors."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
 
 
 class _Deadline:

@@ -44,6 +44,11 @@ class BootstrapStub:
                 request_serializer=crossgrad_dot_v1_dot_bootstrap__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=crossgrad_dot_v1_dot_bootstrap__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.Heartbeats = channel.stream_stream(
+                '/crossgrad.v1.Bootstrap/Heartbeats',
+                request_serializer=crossgrad_dot_v1_dot_bootstrap__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=crossgrad_dot_v1_dot_bootstrap__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
         self.GetAssignment = channel.unary_unary(
                 '/crossgrad.v1.Bootstrap/GetAssignment',
                 request_serializer=crossgrad_dot_v1_dot_bootstrap__pb2.GetAssignmentRequest.SerializeToString,
@@ -78,6 +83,16 @@ class BootstrapServicer:
 
     def Heartbeat(self, request, context):
         """Keep the lease alive and report progress; answers the current topology epoch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeats(self, request_iterator, context):
+        """Heartbeat over one long-lived call: each request is a heartbeat, answered in order, exactly
+        as Heartbeat answers it. A call per heartbeat costs the bootstrap far more than a message on
+        an open stream (docs/benchmarks.md, "Busy bootstrap"). A request the unary call would refuse
+        ends the stream with that call's status; so do more than 10 requests a second.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,6 +138,11 @@ def add_BootstrapServicer_to_server(servicer, server):
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
+                    request_deserializer=crossgrad_dot_v1_dot_bootstrap__pb2.HeartbeatRequest.FromString,
+                    response_serializer=crossgrad_dot_v1_dot_bootstrap__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'Heartbeats': grpc.stream_stream_rpc_method_handler(
+                    servicer.Heartbeats,
                     request_deserializer=crossgrad_dot_v1_dot_bootstrap__pb2.HeartbeatRequest.FromString,
                     response_serializer=crossgrad_dot_v1_dot_bootstrap__pb2.HeartbeatResponse.SerializeToString,
             ),
@@ -199,6 +219,33 @@ class Bootstrap:
             request,
             target,
             '/crossgrad.v1.Bootstrap/Heartbeat',
+            crossgrad_dot_v1_dot_bootstrap__pb2.HeartbeatRequest.SerializeToString,
+            crossgrad_dot_v1_dot_bootstrap__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeats(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/crossgrad.v1.Bootstrap/Heartbeats',
             crossgrad_dot_v1_dot_bootstrap__pb2.HeartbeatRequest.SerializeToString,
             crossgrad_dot_v1_dot_bootstrap__pb2.HeartbeatResponse.FromString,
             options,

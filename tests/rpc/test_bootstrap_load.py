@@ -1,11 +1,12 @@
 """The busy-bootstrap driver (bench/bootstrap_load.py) at CI scale, and its epoch check.
 
 The driver's own code against a real bootstrap on 127.0.0.1:0 (the harness's, in this process):
-50 simulated peers, each with its own connection, join, heartbeat and keep a WatchAssignment
-stream open (or close it after the first assignment, as peers do) while two peers leave and
-come back. An open stream must carry the first assignment and then exactly the epochs that
-change its peer's assignment; a peer following heartbeats must get every epoch 1..5 once; each
-assignment must be the ring repaired around the peers that had left. Latencies are bounded
+50 simulated peers, each with its own connection, join, heartbeat (on a stream each, or a call
+each) and keep a WatchAssignment stream open (or close it after the first assignment, as peers
+do) while two peers leave and come back. An open stream must carry the first assignment and
+then exactly the epochs that change its peer's assignment; a peer following heartbeats must get
+every epoch 1..5 once; each assignment must be the ring repaired around the peers that had
+left. Latencies are bounded
 loosely, since CI machines are shared (docs/benchmarks.md, "Busy bootstrap", has the figures at
 1,000 peers). The check itself is tested on doctored streams, so a pass means it looked.
 """
@@ -39,17 +40,19 @@ CHURN = 2  # a Leave and a Join again each: epochs 1 (assembly) .. 1 + 2 x CHURN
 LOOSE_P99_MS = 1000.0  # 20x the goal at 1,000 peers: only a stuck or polling bootstrap fails it
 
 
-@pytest.mark.parametrize("keep_watching", [True, False], ids=["streams-open", "as-peers-do"])
+@pytest.mark.parametrize(("keep_watching", "heartbeat_stream"),
+                         [(True, True), (False, True), (True, False)],
+                         ids=["streams-open", "as-peers-do", "heartbeat-calls"])
 def test_50_peers_see_their_epochs_once_with_the_right_neighbors(
-        cluster: Cluster, tmp_path: Path, keep_watching: bool) -> None:
+        cluster: Cluster, tmp_path: Path, keep_watching: bool, heartbeat_stream: bool) -> None:
     """Streams open: each carries the epochs that change its assignment. As peers do: each
     peer gets every epoch's assignment in a heartbeat answer (4 Hz here, so a change reaches
-    all in 0.25 s)."""
+    all in 0.25 s). Heartbeats on a Heartbeats stream each (as peers do), or a call each."""
     server = cluster.bootstrap(RunConfig(nodes=PEERS, topology="ring", partition="iid"),
                                tmp_path / "bootstrap.sqlite")
     config = LoadConfig(peers=PEERS, seconds=2.0, ramp=0.25, probe_hz=10.0, churn=CHURN,
                         heartbeat_hz=1.0 if keep_watching else 4.0,
-                        keep_watching=keep_watching)
+                        keep_watching=keep_watching, heartbeat_stream=heartbeat_stream)
     report = asyncio.run(drive(server.address, config))
 
     assert report["epochs_ok"], report["problems"]

@@ -32,7 +32,8 @@ from bootstrap.convert import (
     settings_to_proto,
 )
 from bootstrap.registry import LOCAL_FIELDS
-from bootstrap.server import SPARE_STREAMS, BootstrapServer
+from bootstrap.server import SPARE_STREAMS, STREAMS_PER_NODE, BootstrapServer
+from bootstrap.servicer import BEATS_BURST, BEATS_PER_SECOND
 from crossgrad.certs import Made
 from crossgrad.config import RunConfig
 from crossgrad.errors import ConfigError, InvalidMessage
@@ -42,6 +43,7 @@ from crossgrad.security import Role, SecurityFlags, load_security
 from crossgrad.status import format_peers
 from crossgrad.v1 import bootstrap_pb2 as pb
 from crossgrad.v1 import bootstrap_pb2_grpc
+from peer.session import HeartbeatStream
 
 from harness import BOOTSTRAP, Cluster, bootstrap_service, rpc_error
 
@@ -213,6 +215,90 @@ def test_a_heartbeat_naming_an_old_epoch_gets_the_new_assignment(
     assert (moved.topology_epoch, moved.assignment.topology_epoch,
             neighbor_ids(moved.assignment)) == (2, 2, [2])
     assert assignment_from_proto(moved.assignment).self_weight == pytest.approx(0.5)
+
+
+def test_the_heartbeats_stream_answers_each_heartbeat_as_the_call_does(
+        stub: bootstrap_pb2_grpc.BootstrapStub) -> None:
+    """One open Heartbeats call, as peers heartbeat (peer.session.HeartbeatStream): each
+    message renews, reports and is answered like a Heartbeat call; the first request the call
+    would refuse ends the stream with that call's status."""
+    join(stub, 0)
+    join(stub, 1)
+    beats = HeartbeatStream(stub)
+    try:
+        def send(**fields: Any) -> pb.HeartbeatResponse:
+            return beats.send(pb.HeartbeatRequest(**fields), TIMEOUT)
+
+        assert not send(node_id=0, assignment_epoch=0).HasField("assignment")  # not assembled
+        join(stub, 2)
+        first = send(node_id=0, assignment_epoch=0)
+        assert (first.topology_epoch, first.lease_seconds, neighbor_ids(first.assignment)) == (
+            1, 30.0, [1, 2])
+        assert not send(node_id=0, assignment_epoch=1).HasField("assignment")
+        stub.Leave(pb.LeaveRequest(node_id=1, reason="draining"), timeout=TIMEOUT)
+        moved = send(node_id=0, assignment_epoch=1, round=7, loss=0.25, health="ok")
+        assert (moved.topology_epoch, neighbor_ids(moved.assignment)) == (2, [2])
+        listed = stub.ListPeers(pb.ListPeersRequest(), timeout=TIMEOUT)
+        assert [(p.round, p.loss, p.state) for p in listed.peers if p.node_id == 0] == [
+            (7, 0.25, "ACTIVE")]
+        gone = rpc_error(lambda: send(node_id=1))  # it left: NOT_FOUND, as the call says
+        assert gone.code() == grpc.StatusCode.NOT_FOUND
+        assert "node 1 left the run" in (gone.details() or "")
+    finally:
+        beats.close()
+    beats = HeartbeatStream(stub)  # a new stream after the failed one
+    try:
+        bad = rpc_error(lambda: beats.send(pb.HeartbeatRequest(node_id=99), TIMEOUT))
+        assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        beats.close()
+
+
+def test_a_heartbeats_stream_over_its_rate_ends_with_resource_exhausted(
+        server: RunningServer, stub: bootstrap_pb2_grpc.BootstrapStub) -> None:
+    """A caller that sends heartbeats faster than a peer ever does: the stream's own limit
+    (BEATS_BURST at once, BEATS_PER_SECOND after), refused, with a retry hint, and counted."""
+    join(stub, 0)
+    flood = [pb.HeartbeatRequest(node_id=0, round=i) for i in range(BEATS_BURST + 5)]
+    answers: list[pb.HeartbeatResponse] = []
+    logged = Logged("crossgrad.guard")  # the count comes with the log line (grpc.aio: after)
+    logging.getLogger("crossgrad.guard").addHandler(logged)
+    try:
+        err = rpc_error(lambda: answers.extend(stub.Heartbeats(iter(flood), timeout=TIMEOUT)))
+        assert logged.seen.wait(TIMEOUT), "no log line for the refusal"
+    finally:
+        logging.getLogger("crossgrad.guard").removeHandler(logged)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+    assert f"over {BEATS_PER_SECOND:g} heartbeats a second on one stream" in (err.details() or "")
+    assert BEATS_BURST <= len(answers) < len(flood)
+    pushback = dict(err.trailing_metadata() or ()).get(RETRY_PUSHBACK_KEY)
+    assert pushback is not None and int(pushback) > 0
+    assert server.refusals.snapshot() == {"RESOURCE_EXHAUSTED": 1}
+
+
+def test_a_malformed_message_on_the_heartbeats_stream_is_invalid_argument(
+        server: RunningServer) -> None:
+    with make_channel(server.address) as channel:
+        raw = channel.stream_stream(f"/{BOOTSTRAP}/Heartbeats")  # bytes as they are
+        err = rpc_error(lambda: list(raw(iter([b"\xff\xff\xff"]), timeout=TIMEOUT)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert "not a valid protobuf message" in (err.details() or "")
+
+
+def test_a_stopping_server_ends_heartbeats_streams_with_unavailable(
+        server: RunningServer, stub: bootstrap_pb2_grpc.BootstrapStub) -> None:
+    """Ended by the stop itself, not cut when its grace runs out: the status says so."""
+    join(stub, 0)
+    beats = HeartbeatStream(stub)
+    try:
+        assert beats.send(pb.HeartbeatRequest(node_id=0), TIMEOUT).lease_seconds == 30.0
+        server.stop(grace=TIMEOUT)
+        end = rpc_error(lambda: beats.send(pb.HeartbeatRequest(node_id=0), TIMEOUT))
+        assert end.code() == grpc.StatusCode.UNAVAILABLE
+        assert "the bootstrap is stopping; heartbeat again once it is back" in (
+            end.details() or "")
+    finally:
+        beats.close()
 
 
 def test_a_watch_hears_only_of_changes_to_its_own_assignment(cluster: Cluster,
@@ -415,15 +501,18 @@ def test_a_peer_refuses_run_settings_it_cannot_run_before_loading_data(
 
 
 class Logged(logging.Handler):
-    """Sets `seen` at the first record of `logger`."""
+    """Keeps the records of `logger` and sets `seen` at the first. (Read them here, not from
+    caplog: its handler, on the root logger, gets a record after this one does.)"""
 
     def __init__(self, logger: str) -> None:
         super().__init__()
         self.logger = logger
         self.seen = threading.Event()
+        self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.name == self.logger:
+            self.records.append(record)
             self.seen.set()
 
 
@@ -456,7 +545,7 @@ def test_the_rate_limit_refuses_counts_and_logs_on_the_aio_server(
     assert "over its 0.5 calls per second" in (err.details() or "")
     pushback = dict(err.trailing_metadata() or ()).get(RETRY_PUSHBACK_KEY)
     assert pushback is not None and int(pushback) > 0
-    lines = [r.getMessage() for r in caplog.records if r.name == "crossgrad.guard"]
+    lines = [r.getMessage() for r in logged.records if r.levelno >= logging.WARNING]
     assert len(lines) == 1, lines
     assert f"server at 127.0.0.1:{server.port} refused /crossgrad.v1.Bootstrap/ListPeers" in (
         lines[0]) and "RESOURCE_EXHAUSTED" in lines[0]
@@ -484,7 +573,7 @@ def test_the_aio_server_authenticates_and_leaves_health_open(run_certs: Made,
 def test_streams_over_the_limit_are_unavailable(cluster: Cluster, tmp_path: Path) -> None:
     server = boot(cluster, tmp_path, limits=CallerLimits(streams=100))
     stub = cluster.bootstrap_stub(server.address)
-    limit = SETTINGS.nodes + SPARE_STREAMS
+    limit = STREAMS_PER_NODE * SETTINGS.nodes + SPARE_STREAMS
     join(stub, 0)
     watches = [Watch(stub, 0) for _ in range(limit)]  # before assembly: they all wait
     try:

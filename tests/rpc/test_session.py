@@ -2,7 +2,8 @@
 
 - Join waits for a bootstrap that is not up yet, with backoff and jitter.
 - The heartbeat thread hands every new topology epoch to the peer (a neighbor that left), from
-  the heartbeat's answer, or with GetAssignment from a bootstrap that does not send it.
+  the heartbeat's answer, on the Heartbeats stream or (older bootstraps) a call each, or with
+  GetAssignment from a bootstrap that does not send it.
 - A node whose neighbors are far ahead catches up from their models (Node.catch_up).
 """
 
@@ -12,6 +13,7 @@ import random
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -23,6 +25,7 @@ from bootstrap.registry import AssignmentView
 from bootstrap.servicer import BootstrapServicer
 from crossgrad.cluster import free_port
 from crossgrad.config import RunConfig
+from crossgrad.errors import DeadlineExceeded
 from crossgrad.rpc import RunningServer
 from crossgrad.v1 import bootstrap_pb2 as pb
 from peer.builder import assignments, load_run_data, make_node
@@ -68,21 +71,36 @@ def test_join_waits_for_a_bootstrap_that_comes_up_later(cluster: Cluster) -> Non
         thread.join(timeout=5)
 
 
-@pytest.mark.parametrize("sends", [True, False], ids=["in-the-answer", "older-bootstrap"])
+@pytest.mark.parametrize("bootstrap_has", ["stream", "calls", "oldest"])
 def test_heartbeats_hand_over_each_new_epoch(cluster: Cluster, monkeypatch: pytest.MonkeyPatch,
-                                             sends: bool) -> None:
-    """The answer to a heartbeat carries the new assignment, so no GetAssignment follows; from
-    a bootstrap that does not send it (one older than HeartbeatResponse.assignment), the
-    session fetches it."""
-    if not sends:
-        heartbeat = BootstrapServicer.Heartbeat
+                                             bootstrap_has: str) -> None:
+    """The answer to a heartbeat carries the new assignment, so no GetAssignment follows. The
+    session heartbeats on the Heartbeats stream; a bootstrap without it ("calls": UNIMPLEMENTED)
+    gets a unary Heartbeat each, and one older still, which sends no assignment in the answer
+    ("oldest"), gets a GetAssignment after the answer that names a new epoch."""
+    beats: list[str] = []  # how each heartbeat came: "stream" or "call"
+    heartbeat, heartbeats = BootstrapServicer.Heartbeat, BootstrapServicer.Heartbeats
 
-        async def older(self: BootstrapServicer, request: pb.HeartbeatRequest,
-                        context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
-            answer = await heartbeat(self, request, context)
+    async def counted_call(self: BootstrapServicer, request: pb.HeartbeatRequest,
+                           context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
+        beats.append("call")
+        answer = await heartbeat(self, request, context)
+        if bootstrap_has == "oldest":
             answer.ClearField("assignment")
-            return answer
-        monkeypatch.setattr(BootstrapServicer, "Heartbeat", older)
+        return answer
+
+    async def counted_stream(self: BootstrapServicer, requests: Any,
+                             context: grpc.aio.ServicerContext) -> None:
+        if bootstrap_has != "stream":
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+
+        async def each() -> Any:
+            async for request in requests:
+                beats.append("stream")
+                yield request
+        await heartbeats(self, each(), context)
+    monkeypatch.setattr(BootstrapServicer, "Heartbeat", counted_call)
+    monkeypatch.setattr(BootstrapServicer, "Heartbeats", counted_stream)
     fetched: list[int] = []
     fetch = BootstrapSession._fetch_assignment
 
@@ -114,10 +132,34 @@ def test_heartbeats_hand_over_each_new_epoch(cluster: Cluster, monkeypatch: pyte
         assert changed.wait(timeout=30)
         view = seen[0][-1]
         assert view.epoch > first[0].epoch and view.self_weight == pytest.approx(0.5)
-        assert (0 in fetched) != sends
+        assert (0 in fetched) == (bootstrap_has == "oldest")
+        assert set(beats) == {"stream" if bootstrap_has == "stream" else "call"}
     finally:
         for session in sessions:
             session.close()
+
+
+def test_a_heartbeat_a_stalled_bootstrap_does_not_answer_fails_in_time(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bootstrap holds the Heartbeats stream open and answers nothing (stalled): the
+    heartbeat fails after CALL_TIMEOUT_S as DeadlineExceeded, as a unary call past its
+    deadline does, and the next heartbeat opens a new stream."""
+    async def silent(self: BootstrapServicer, requests: Any,
+                     context: grpc.aio.ServicerContext) -> None:
+        async for _ in requests:  # reads each heartbeat and never answers
+            pass
+    monkeypatch.setattr(BootstrapServicer, "Heartbeats", silent)
+    monkeypatch.setattr(peer.session, "CALL_TIMEOUT_S", 0.5)
+    bootstrap = cluster.bootstrap(SETTINGS, lease_seconds=LEASE)
+    session = BootstrapSession(bootstrap.address, 0, join_timeout=30.0)
+    try:
+        session.join("127.0.0.1:60000", 10)
+        for _ in range(2):
+            with pytest.raises(DeadlineExceeded, match=r"no answer to a heartbeat within 0\.5 s"):
+                session.heartbeat(Progress(round=0, loss=0.0, health="ok"), lambda view: None)
+            assert session._beats is None  # given up: the next heartbeat opens another
+    finally:
+        session.close()
 
 
 def test_refresh_soon_asks_for_a_new_epoch_before_the_next_beat(
