@@ -260,9 +260,17 @@ class SimulatedPeer:
                 raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
                                            grpc.aio.Metadata(), "the Heartbeats stream ended")
             return answer
+        # asyncio.wait, not wait_for: Python 3.11's wait_for can swallow the task's own
+        # cancellation when the answer comes at that moment, and the heartbeat loop would
+        # outlive the run.
+        trip = asyncio.ensure_future(round_trip())
         try:
-            return await asyncio.wait_for(round_trip(), CALL_TIMEOUT_S)
+            await asyncio.wait((trip,), timeout=CALL_TIMEOUT_S)
+            if not trip.done():
+                raise asyncio.TimeoutError
+            return trip.result()
         except BaseException:
+            trip.cancel()
             beats.cancel()
             self.beats = None
             raise
