@@ -93,7 +93,9 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
         self._watchers: dict[int, set[asyncio.Event]] = {}  # node id -> its watches' wake-ups
         self._mixing: Mixing | None = None  # the table the watchers were last woken for
         self._turns = asyncio.Semaphore(FANOUT_TURNS)
-        self._beating: set[asyncio.Task[Any]] = set()  # the Heartbeats streams' tasks
+        # The Heartbeats streams' tasks waiting for their next heartbeat (not while they
+        # answer one: cancelling a write in flight leaves grpc unable to send the status).
+        self._beating: set[asyncio.Task[Any]] = set()
         self._stopping = False
         registry.on_epoch(self._epoch_bumped)
 
@@ -182,15 +184,19 @@ class BootstrapServicer(bootstrap_pb2_grpc.BootstrapServicer):
         caller's own id is checked at every heartbeat, and so is the stream's rate."""
         task = asyncio.current_task()
         assert task is not None
-        self._beating.add(task)
         bucket = TokenBucket(BEATS_PER_SECOND, BEATS_BURST, time.monotonic())
         try:
+            self._beating.add(task)  # waiting for a heartbeat: a stop cancels the wait
             async for request in requests:
+                self._beating.discard(task)
                 wait = bucket.take(time.monotonic())
                 if wait:
                     raise refusal(wait, f"Heartbeats: over {BEATS_PER_SECOND:g} heartbeats a "
                                   "second on one stream")
                 await context.write(self._heartbeat(request, context))
+                if self._stopping:  # stopped while it wrote (a write is not cancelled)
+                    raise Unavailable(STOPPING.format("heartbeat"))
+                self._beating.add(task)
         except asyncio.CancelledError:
             if not self._stopping:  # the client went away
                 raise
