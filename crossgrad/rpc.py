@@ -399,8 +399,9 @@ class _Malformed:
 class _RejectMalformedRequests(guard.Interceptor):
     """A request that is not valid protobuf gets INVALID_ARGUMENT (peer.proto), not grpc's
     default INTERNAL "Exception deserializing request!", and the method never sees it. On a
-    request stream (the bootstrap's Heartbeats) the first such message ends the call so, from
-    the method's loop over its requests (crossgrad.rpc.translate_errors answers the Abort)."""
+    request stream (the bootstrap's Heartbeats) the first such message ends the call the same
+    way: the check raises inside the method's loop over its requests, and translate_errors
+    answers the Abort."""
 
     def rewrap(self, handler: Any, details: grpc.HandlerCallDetails, *, aio: bool) -> Any:
         if handler is None or handler.request_deserializer is None:
