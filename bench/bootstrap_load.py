@@ -256,7 +256,6 @@ class SimulatedPeer:
             await beats.write(request)
             answer = await beats.read()
             if answer is grpc.aio.EOF:  # the stream ended without an error: it never should
-                await beats.code()
                 raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
                                            grpc.aio.Metadata(), "the Heartbeats stream ended")
             return answer
@@ -331,7 +330,7 @@ async def drive(target: str, config: LoadConfig) -> dict[str, Any]:
         async def join_and_watch(peer: SimulatedPeer, delay: float) -> pb.JoinResponse | None:
             await asyncio.sleep(delay)
             answer = await stats.timed("Join", peer.join())
-            if config.heartbeat_stream:  # opened as the peer starts, as peers do
+            if config.heartbeat_stream:  # as it joins (a peer: at its first beat, soon after)
                 peer.open_heartbeats()
             background.append(asyncio.create_task(
                 peer.watch(epochs, stats, config.keep_watching)))
