@@ -6,6 +6,7 @@ open each, while the topology changes under them; per-RPC latency and the epochs
     python bench/bootstrap_load.py --in-process             # server in the driver's process
     python bench/bootstrap_load.py --watch first            # streams closed as peers do
     python bench/bootstrap_load.py --heartbeat call         # a Heartbeat call per heartbeat
+    python bench/bootstrap_load.py --pin                    # the bootstrap on a core of its own
 
 The bootstrap is the real `crossgrad bootstrap` in a process of its own (plaintext, a SQLite
 state file in a temporary directory, the default per-caller limits); `--in-process` serves it
@@ -48,12 +49,18 @@ How a peer heartbeats, --heartbeat:
 Latencies are measured in the driver, from the call to its answer, so they include the driver's
 own event-loop delays; "loop lag" (how late a 20 ms timer fires) shows how much of that is the
 driver. A failed call is counted under its status code, and any failure fails the check.
+
+--pin (Linux, 2 CPUs or more) runs the bootstrap on the first CPU this process may use and the
+driver on the others, so that the two do not take turns on the same cores: what a bootstrap on
+its own host sees, with its 1,000 peers elsewhere. Without it, both share every core, and the
+driver's delays land in the bootstrap's latencies.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import math
 import os
@@ -84,6 +91,7 @@ from bootstrap.topology import (  # noqa: E402
     metropolis_hastings_weights,
     repair,
 )
+from crossgrad.collector import PacedCollector  # noqa: E402
 from crossgrad.rpc import channel_options  # noqa: E402
 from crossgrad.v1 import bootstrap_pb2 as pb  # noqa: E402
 from crossgrad.v1 import bootstrap_pb2_grpc  # noqa: E402
@@ -475,12 +483,14 @@ def summarize(config: LoadConfig, stats: Stats, loaded: float, epochs: int,
 class BootstrapProcess:
     """`crossgrad bootstrap` on 127.0.0.1:0, its port read from the line it prints."""
 
-    def __init__(self, peers: int, topology: str, state: Path) -> None:
+    def __init__(self, peers: int, topology: str, state: Path,
+                 cpus: set[int] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "crossgrad", "--log-level", "WARNING", "bootstrap",
              "--nodes", str(peers), "--topology", topology, "--partition", "iid",
              "--bind", "127.0.0.1:0", "--state", str(state), "--insecure"],
-            cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True)
+            cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True,
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus))
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         port = re.search(r"\(port (\d+)\)", line)
@@ -502,7 +512,10 @@ class BootstrapProcess:
             self.proc.wait()
 
 
-def run_in_process(config: LoadConfig, topology: str, state: Path) -> dict[str, Any]:
+def run_in_process(config: LoadConfig, topology: str, state: Path,
+                   cpus: set[int] | None = None) -> dict[str, Any]:
+    if cpus is not None:
+        raise ValueError("--pin needs the bootstrap in its own process")
     from bootstrap.server import serve
     from crossgrad.config import RunConfig
 
@@ -514,8 +527,13 @@ def run_in_process(config: LoadConfig, topology: str, state: Path) -> dict[str, 
         server.stop(grace=1.0)
 
 
-def run_process(config: LoadConfig, topology: str, state: Path) -> dict[str, Any]:
-    bootstrap = BootstrapProcess(config.peers, topology, state)
+def run_process(config: LoadConfig, topology: str, state: Path,
+                cpus: set[int] | None = None) -> dict[str, Any]:
+    """The driver against `crossgrad bootstrap`; with cpus, the bootstrap runs on those and
+    this process on the rest."""
+    if cpus is not None:
+        os.sched_setaffinity(0, os.sched_getaffinity(0) - cpus)  # before grpc starts threads
+    bootstrap = BootstrapProcess(config.peers, topology, state, cpus)
     try:
         before, start = bootstrap.cpu_seconds(), time.perf_counter()
         report = asyncio.run(drive(bootstrap.address, config))
@@ -558,16 +576,30 @@ def main() -> int:
                         "(default), or with a Heartbeat call each, as they did before")
     parser.add_argument("--in-process", action="store_true",
                         help="serve the bootstrap in this process (default: its own process)")
+    parser.add_argument("--pin", action="store_true",
+                        help="the bootstrap on one CPU and this driver on the others (Linux)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON too")
     args = parser.parse_args()
+    cpus = None
+    if args.pin:
+        mine = sorted(os.sched_getaffinity(0))
+        if len(mine) < 2 or args.in_process:
+            parser.error("--pin needs 2 CPUs or more and the bootstrap in its own process")
+        cpus = {mine[0]}
     config = LoadConfig(peers=args.peers, seconds=args.seconds, ramp=args.ramp,
                         heartbeat_hz=args.heartbeat_hz, probe_hz=args.probe_hz,
                         churn=args.churn, keep_watching=args.watch == "open", seed=args.seed,
                         heartbeat_stream=args.heartbeat == "stream")
-    with tempfile.TemporaryDirectory() as tmp:
+    # The driver's own collector, paced as the bootstrap's (crossgrad/collector.py): left
+    # automatic, its full passes stopped this loop for 110-130 ms, and the heartbeats in flight
+    # then counted that as the bootstrap's latency.
+    gc.freeze()
+    with tempfile.TemporaryDirectory() as tmp, PacedCollector():
         run = run_in_process if args.in_process else run_process
-        report = run(config, args.topology, Path(tmp) / "bootstrap.sqlite")
+        report = run(config, args.topology, Path(tmp) / "bootstrap.sqlite", cpus)
     where = "in this process" if args.in_process else "in its own process"
+    if cpus is not None:
+        where += f" on CPU {min(cpus)} (the driver on the others)"
     print(f"{config.peers} peers ({args.topology}), bootstrap {where}, "
           f"{report['seconds']:.0f} s loaded, {report['heartbeats_per_s']:.0f} heartbeats/s, "
           f"WatchAssignment streams {args.watch}, heartbeats by {args.heartbeat}, "

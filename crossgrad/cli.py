@@ -242,6 +242,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     import threading
 
     from bootstrap.server import serve
+    from crossgrad.collector import PacedCollector
     from crossgrad.rpc import install_signal_handlers
 
     config = load_config(_overrides(args), args.config)
@@ -249,12 +250,14 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     server = serve(config, args.bind, args.state, args.lease_seconds, security=security,
                    limits=limits_from_args(args), metrics_port=metrics_port(args))
     freeze_startup()
+    collector = PacedCollector().start()  # a thousand streams' reads fill the young generation
     stop = threading.Event()
     install_signal_handlers(stop.set)  # before the line that tells a supervisor it is up
     print(f"bootstrap serving on {server.address} (port {server.port}); waiting for "
           f"{config.nodes} peers", flush=True)
     stop.wait()
     server.stop(grace=2.0)
+    collector.stop()
     return 0
 
 

@@ -366,3 +366,41 @@ def test_topology_module_imports_neither_torch_nor_grpc() -> None:
         for alias in node.names
     } | {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not any(m.startswith(("torch", "grpc", "crossgrad.v1")) for m in imported), imported
+
+
+# ---- the sparse computations against their dense definitions ----
+
+
+def dense_metropolis_hastings(adj: np.ndarray) -> np.ndarray:
+    """The module docstring's formula over whole matrices (how it was computed before)."""
+    deg = adj.sum(axis=1).astype(np.float64)  # (n,)
+    pairwise = 1.0 / (1.0 + np.maximum(deg[:, None], deg[None, :]))  # (n, n)
+    weights = np.where(adj, pairwise, 0.0)  # (n, n)
+    np.fill_diagonal(weights, 1.0 - weights.sum(axis=1))
+    return weights
+
+
+def dense_components(adj: np.ndarray, nodes: np.ndarray) -> list[list[int]]:
+    """Components by reachability: the transitive closure of the induced subgraph."""
+    n = adj.shape[0]
+    reach = (adj & nodes[:, None] & nodes[None, :]) | np.eye(n, dtype=bool)  # (n, n)
+    while True:
+        wider = (reach.astype(np.int64) @ reach.astype(np.int64)) > 0  # (n, n)
+        if np.array_equal(wider, reach):
+            break
+        reach = wider
+    found = {tuple(int(j) for j in np.flatnonzero(reach[i])) for i in np.flatnonzero(nodes)}
+    return [list(c) for c in sorted(found)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(min_value=1, max_value=40), p=st.floats(0.0, 1.0), data=st.data())
+def test_weights_and_components_equal_their_dense_definitions(
+        n: int, p: float, data: st.DataObject) -> None:
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31), label="seed"))
+    upper = np.triu(rng.random((n, n)) < p, 1)  # (n, n)
+    topo = Topology(n, "drawn", upper | upper.T)
+    weights, dense = metropolis_hastings_weights(topo), dense_metropolis_hastings(topo.adjacency)
+    assert weights.shape == dense.shape and weights.tobytes() == dense.tobytes()  # bit for bit
+    nodes = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))  # (n,)
+    assert topology._components(topo.adjacency, nodes) == dense_components(topo.adjacency, nodes)
