@@ -51,9 +51,9 @@ own event-loop delays; "loop lag" (how late a 20 ms timer fires) shows how much 
 driver. A failed call is counted under its status code, and any failure fails the check.
 
 --pin (Linux, 2 CPUs or more) runs the bootstrap on the first CPU this process may use and the
-driver on the others, so that the two do not take turns on the same cores: what a bootstrap on
-its own host sees, with its 1,000 peers elsewhere. Without it, both share every core, and the
-driver's delays land in the bootstrap's latencies.
+driver on the others, so that the two never take turns on a core: a bootstrap host of one core,
+with its peers elsewhere. Without it, both share every core. (On 2 cores it measured no better:
+the bootstrap's own threads then share its one core; docs/benchmarks.md, "Busy bootstrap".)
 """
 
 from __future__ import annotations
