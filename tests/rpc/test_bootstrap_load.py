@@ -9,11 +9,16 @@ every epoch 1..5 once; each assignment must be the ring repaired around the peer
 left. Latencies are bounded
 loosely, since CI machines are shared (docs/benchmarks.md, "Busy bootstrap", has the figures at
 1,000 peers). The check itself is tested on doctored streams, so a pass means it looked.
+Last, the command itself at 20 peers against `crossgrad bootstrap` in its own process,
+pinned (--pin).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,6 +40,7 @@ from bench.bootstrap_load import (
     receivers,
 )
 
+REPO = Path(__file__).resolve().parents[2]
 PEERS = 50
 CHURN = 2  # a Leave and a Join again each: epochs 1 (assembly) .. 1 + 2 x CHURN
 LOOSE_P99_MS = 1000.0  # 20x the goal at 1,000 peers: only a stuck or polling bootstrap fails it
@@ -119,3 +125,19 @@ def test_the_epoch_check_finds_a_missed_a_repeated_epoch_and_a_wrong_assignment(
             streams.seen[1].append(again)
     problems = check_epochs(streams, LIVE_AT, final, settings, every_epoch=every_epoch)
     assert (problems == []) == (fault == "none"), problems
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--pin needs 2 CPUs")
+def test_the_command_against_a_bootstrap_process_pinned_to_a_cpu_of_its_own() -> None:
+    """The command as documented: `crossgrad bootstrap` in a process of its own (its collector
+    paced, as the CLI runs it), pinned to one CPU, the driver on the others."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bootstrap_load.py"), "--peers", "20",
+         "--seconds", "1", "--ramp", "0.2", "--churn", "1", "--pin", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    first, *_, last = done.stdout.strip().splitlines()
+    assert "bootstrap in its own process on CPU" in first, first
+    report = json.loads(last)
+    assert report["epochs_ok"] and report["epochs"] == 3, report["problems"]
+    assert report["rpcs"]["Heartbeat"]["calls"] > 0 and report["server_cpu_percent"] > 0
