@@ -13,7 +13,10 @@ time for a round is counted two ways: its gradients, `compute + served_seconds` 
 cross-gradients it computed for its neighbors, each counted once), and all of it, the QP and the
 mixing (`qp + mix`) too. The table gives, over every node's rounds after --warmup, the median
 round time, the median compute time and the median and 90th percentile of the round's time over
-it: 1.0 would be a round with no time spent on anything but computing.
+it: 1.0 would be a round with no time spent on anything but computing. "computing" is the share
+of all the nodes' time they spent computing (every round's compute over every round's time): with
+more peers than cores, a node that waits while the others use every core lowers it without the
+machine losing any time.
 
 --threads N runs each peer with N torch threads (OMP_NUM_THREADS); by default torch's own
 choice (one per core: with 3 peers on 2 cores, 6 threads contend for 2 cores).
@@ -57,6 +60,7 @@ class Figures:
     compute: float  # median compute + served_seconds + qp + mix
     ratio_median: float  # of round seconds / compute seconds
     ratio_p90: float
+    computing: float  # all rounds' compute seconds over all rounds' seconds
     load: float  # 1-minute load average before the run
 
 
@@ -83,7 +87,7 @@ def summarize(out: Path, nodes: int, warmup: int, load: float) -> Figures:
     return Figures(len(walls), statistics.median(walls), statistics.median(grads),
                    statistics.median(grad_ratios), quantile(grad_ratios, 0.9),
                    statistics.median(computes), statistics.median(ratios),
-                   quantile(ratios, 0.9), load)
+                   quantile(ratios, 0.9), sum(computes) / sum(walls), load)
 
 
 def run_cluster(args: argparse.Namespace, nodes: int, out: Path) -> None:
@@ -144,8 +148,8 @@ def main() -> None:
           f"{args.rounds} rounds (first {args.warmup} left out), torch threads per peer: "
           f"{args.threads or 'default'}")
     print("| code | peers | rounds | round ms | gradients ms | round / gradients (p90) | "
-          "compute ms | round / compute (p90) | load avg |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "compute ms | round / compute (p90) | computing | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="overlap-") as tmp:
         for nodes in args.nodes:
             for rep, (label, code) in itertools.product(range(args.repeat), codes):
@@ -153,7 +157,7 @@ def main() -> None:
                 print(f"| {label} | {nodes} | {f.rounds} | {1e3 * f.wall:.1f} | "
                       f"{1e3 * f.gradients:.1f} | {f.grad_median:.2f} ({f.grad_p90:.2f}) | "
                       f"{1e3 * f.compute:.1f} | {f.ratio_median:.2f} ({f.ratio_p90:.2f}) | "
-                      f"{f.load:.1f} |", flush=True)
+                      f"{f.computing:.1%} | {f.load:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
