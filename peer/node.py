@@ -69,7 +69,7 @@ from peer.training.checkpoint import (
     check_tensors,
     to_device,
 )
-from peer.training.trainer import Trainer
+from peer.training.trainer import Trainer, generator_state, restore_generator
 
 log = logging.getLogger(__name__)
 
@@ -529,7 +529,7 @@ class Node(ReplicaRound, ThreePointRound):
                 "feedback": None if self.feedback is None else self.feedback.state_dict(),
                 "threepoint": None if self.threepoint is None else self.threepoint.state_dict(),
                 "replicas": None if self.replicas is None else self.replicas.state_dict(),
-                "torch_rng": torch.random.get_rng_state(),
+                "torch_rng": generator_state(),
             }
             return to_device(state, torch.device("cpu"))
 
@@ -551,7 +551,7 @@ class Node(ReplicaRound, ThreePointRound):
                 self.threepoint.load_state_dict(to_device(state["threepoint"], device))
             if self.replicas is not None:
                 self.replicas.load_state_dict(to_device(state["replicas"], device))
-            torch.random.set_rng_state(state["torch_rng"].clone())
+            restore_generator(state["torch_rng"].clone())
             for cache in (self._snapshots, self._cross, self._cross_records,
                           self._neighbor_models, self._cross_deltas, self._updates):
                 cache.clear()
@@ -603,4 +603,4 @@ class Node(ReplicaRound, ThreePointRound):
                                   "otherwise (another --model-compressor or --consensus-step?)")
         if self.replicas is not None:
             self.replicas.check_state(state["replicas"], like)
-        check_tensor("torch_rng", state["torch_rng"], torch.random.get_rng_state())
+        check_tensor("torch_rng", state["torch_rng"], generator_state())

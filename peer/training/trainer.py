@@ -45,6 +45,29 @@ class Schedule:
     lr_decay: float = 0.981
 
 
+# torch's default CPU generator is one per process, and get_rng_state / set_rng_state hold its
+# mutex while they make and free Python objects: a garbage collection in there can free a tensor
+# with autograd history, which lets go of the GIL, and a thread in set_rng_state (or a second
+# get_rng_state) then holds the GIL and waits for the mutex, for ever. Seen as a hung round in
+# a test (both stacks in py-spy); a cross-gradient served while the round loop checkpoints hung
+# this way in every one of 3 tries of 10 s (tests/unit/test_generator_lock.py). So every use of
+# the generator's state takes this lock, and a gradient holds it throughout: the draws of one
+# pass come from its own seed even with several nodes in one process.
+GENERATOR_LOCK = threading.RLock()
+
+
+def generator_state() -> torch.Tensor:
+    """torch.random.get_rng_state(), under GENERATOR_LOCK."""
+    with GENERATOR_LOCK:
+        return torch.random.get_rng_state()
+
+
+def restore_generator(state: torch.Tensor) -> None:
+    """torch.random.set_rng_state(state), under GENERATOR_LOCK."""
+    with GENERATOR_LOCK:
+        torch.random.set_rng_state(state)
+
+
 def seed_rng(seed: int, device: torch.device) -> None:
     """Seed the CPU generator (and the device's, on CUDA). Not torch.manual_seed: it also
     queues lazy seeding of every accelerator backend, capturing a stack trace each call
@@ -58,7 +81,7 @@ def seeded_model(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
     """Build a model with the torch RNG seeded from (seed, "init"): every node starts from the
     same parameters (docs/algorithms.md, "Learning rate": the CGA code's defaults), whatever
     its process."""
-    with torch.random.fork_rng(devices=[]):
+    with GENERATOR_LOCK, torch.random.fork_rng(devices=[]):
         seed_rng(derive_seed(seed, "init"), torch.device("cpu"))
         return factory()
 
@@ -128,7 +151,7 @@ class Trainer:
         leaves = [p.requires_grad_(True) for p in
                   to_layout([p.detach().to(self.device) for p in params], self.layout)]
         devices = [self.device] if self.device.type == "cuda" else []
-        with self._compute, torch.random.fork_rng(devices=devices):
+        with self._compute, GENERATOR_LOCK, torch.random.fork_rng(devices=devices):
             seed_rng(derive_seed(self.seed, self.node, round_, purpose), self.device)
             logits = functional_call(self.model, dict(zip(self.names, leaves, strict=True)), (x,))
             loss = nn.functional.cross_entropy(logits, y)
