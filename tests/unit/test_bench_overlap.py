@@ -3,27 +3,14 @@ from metrics.jsonl records written here with known phases."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def load_overlap() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_overlap", REPO / "bench" / "overlap.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-overlap = load_overlap()
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/ is no package of the wheel
+from bench import overlap
 
 
 def record(round_: int, seconds: float, compute: float, served: float, qp: float = 0.0,

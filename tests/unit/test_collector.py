@@ -7,7 +7,7 @@ import gc
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -26,13 +26,18 @@ def cycle() -> Node:
     return a
 
 
-def freed_within(ref: weakref.ref[Node], seconds: float) -> bool:
+def within(seconds: float, condition: Callable[[], bool]) -> bool:
+    """Whether condition() holds within `seconds`, polled."""
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        if ref() is None:
+        if condition():
             return True
         time.sleep(0.01)
-    return ref() is None
+    return condition()
+
+
+def freed_within(ref: weakref.ref[Node], seconds: float) -> bool:
+    return within(seconds, lambda: ref() is None)
 
 
 @pytest.fixture
@@ -48,7 +53,7 @@ def test_automatic_collection_is_off_while_it_runs_and_back_after(enabled: None)
     with PacedCollector(young_seconds=0.05, full_seconds=10) as collector:
         assert not gc.isenabled()
         assert any(t.name == "paced-gc" for t in threading.enumerate())
-        time.sleep(0.3)
+        assert within(2.0, lambda: collector.passes[0] > 0)
     assert gc.isenabled()
     assert collector.passes[0] > 0  # young passes only: the full one is 10 s away
     assert collector.passes[1] == 0
