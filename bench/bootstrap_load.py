@@ -512,10 +512,7 @@ class BootstrapProcess:
             self.proc.wait()
 
 
-def run_in_process(config: LoadConfig, topology: str, state: Path,
-                   cpus: set[int] | None = None) -> dict[str, Any]:
-    if cpus is not None:
-        raise ValueError("--pin needs the bootstrap in its own process")
+def run_in_process(config: LoadConfig, topology: str, state: Path) -> dict[str, Any]:
     from bootstrap.server import serve
     from crossgrad.config import RunConfig
 
@@ -595,8 +592,9 @@ def main() -> int:
     # then counted that as the bootstrap's latency.
     gc.freeze()
     with tempfile.TemporaryDirectory() as tmp, PacedCollector():
-        run = run_in_process if args.in_process else run_process
-        report = run(config, args.topology, Path(tmp) / "bootstrap.sqlite", cpus)
+        state = Path(tmp) / "bootstrap.sqlite"
+        report = (run_in_process(config, args.topology, state) if args.in_process
+                  else run_process(config, args.topology, state, cpus))
     where = "in this process" if args.in_process else "in its own process"
     if cpus is not None:
         where += f" on CPU {min(cpus)} (the driver on the others)"

@@ -49,10 +49,11 @@ class Schedule:
 # mutex while they make and free Python objects: a garbage collection in there can free a tensor
 # with autograd history, which lets go of the GIL, and a thread in set_rng_state (or a second
 # get_rng_state) then holds the GIL and waits for the mutex, for ever. Seen as a hung round in
-# a test (both stacks in py-spy); a cross-gradient served while the round loop checkpoints hung
-# this way in every one of 3 tries of 10 s (tests/unit/test_generator_lock.py). So every use of
-# the generator's state takes this lock, and a gradient holds it throughout: the draws of one
-# pass come from its own seed even with several nodes in one process.
+# a test (both stacks in py-spy); gradients in one thread and the state read in another, as a
+# peer serving a cross-gradient while its round loop checkpoints, hung in 3 runs of 3 (10 s
+# each), and tests/unit/test_generator_lock.py's script without this lock in 2 of 2. So every
+# use of the generator's state takes this lock, and a gradient holds it throughout: the draws of
+# one pass come from its own seed even with several nodes in one process.
 GENERATOR_LOCK = threading.RLock()
 
 
