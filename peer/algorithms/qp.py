@@ -13,6 +13,10 @@ cvxopt is confined to this module. Deliberate differences from the reference cod
 - The Gram matrix M M^T and M g are computed on the tensors' device (GPU when present), in
   float64; only the t x t matrix and the t-vector go to the CPU for the solve. The reference code
   copies whole gradients to the CPU.
+- The float64 copies are made a block of BLOCK elements at a time, for the Gram matrix and
+  again for g~, never of a whole gradient: beside its answer, the projection holds t + 2 float64
+  blocks, not t + 1 float64 copies of the model. A tensor of at most BLOCK elements is one
+  block, so its arithmetic (and its bits) are those of a single float64 product.
 - The problem is scaled by the mean of diag(M M^T) before the solve. Scaling the objective by a
   positive constant leaves the minimiser unchanged, and it keeps cvxopt's absolute tolerances
   meaningful whether gradients are 1e-6 or 1e3 in norm. eps is therefore relative to that scale.
@@ -34,6 +38,7 @@ cvxopt is confined to this module. Deliberate differences from the reference cod
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import cvxopt
@@ -43,6 +48,7 @@ import torch
 from crossgrad.errors import SolverError
 
 MARGIN = 0.5
+BLOCK = 1 << 20  # elements per float64 block of a tensor's rows: 8 MiB per row
 
 
 @dataclass(frozen=True)
@@ -320,6 +326,67 @@ def project(
                         else {})[0]
 
 
+def _kept(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The flat rows that take part: those with a nonzero entry and no NaN.
+
+    The same rows as a float64 sum of squares > 0 would keep (a float32 square never underflows
+    in float64), without making that copy. A row with NaN is left out like an all-zero one, as
+    a neighbor that did not answer; an infinite row is kept, and the Gram check raises. One
+    transfer to the host per tensor, whatever t.
+    """
+    flags = torch.stack([(r.count_nonzero() > 0) & ~torch.isnan(r).any() for r in rows])
+    return [r for r, keep in zip(rows, flags.tolist(), strict=True) if keep]
+
+
+class _Blocks:
+    """A tensor's self-gradient and rows in float64, a block of at most BLOCK elements at a
+    time, in buffers made for one pass over the tensor: t + 1 blocks of float64 at a time.
+
+    A tensor of at most BLOCK elements is one block whose buffer is exactly the (t, d) matrix
+    of the whole-tensor formula, so the products below give that formula's bits.
+    """
+
+    def __init__(self, g: torch.Tensor, rows: list[torch.Tensor]) -> None:
+        self.g, self.rows = g, rows  # flat, in their own dtype; views where they can be
+        self.width = max(1, min(BLOCK, g.numel()))
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(start, M's columns [start, start + b) as (t, b), g's as (b,)), block by block."""
+        d, width, device = self.g.numel(), self.width, self.g.device
+        m_buf = torch.empty((len(self.rows), width), dtype=torch.float64, device=device)
+        g_buf = torch.empty(width, dtype=torch.float64, device=device)
+        for at in range(0, d, width):
+            n = min(width, d - at)
+            m, g = m_buf[:, :n], g_buf[:n]
+            for row, r in zip(m, self.rows, strict=True):
+                row.copy_(r[at:at + n])
+            g.copy_(self.g[at:at + n])
+            yield at, m, g
+
+
+def _gram(blocks: _Blocks) -> tuple[np.ndarray, np.ndarray]:
+    """M M^T (t, t) and M g (t,) in float64, on the tensors' device."""
+    t, device = len(blocks.rows), blocks.g.device
+    gram = torch.zeros((t, t), dtype=torch.float64, device=device)
+    mg = torch.zeros(t, dtype=torch.float64, device=device)
+    for _, m, g in blocks:
+        gram += m @ m.T
+        mg += m @ g
+    return gram.cpu().numpy(), mg.cpu().numpy()
+
+
+def _step(blocks: _Blocks, v: np.ndarray) -> torch.Tensor:
+    """g~ = g + M^T v in float64, returned flat in g's dtype."""
+    v_t = torch.as_tensor(v, dtype=torch.float64, device=blocks.g.device)  # (t,)
+    out = torch.empty_like(blocks.g)
+    scratch = torch.empty(blocks.width, dtype=torch.float64, device=blocks.g.device)
+    for at, m, g in blocks:
+        n = g.shape[0]
+        step = torch.mv(m.T, v_t, out=scratch[:n])  # (b,) M^T v
+        out[at:at + n] = step.add_(g)  # g + M^T v (IEEE addition commutes: the same bits)
+    return out
+
+
 def project_many(
     self_grads: list[torch.Tensor],
     rows: list[list[torch.Tensor]],
@@ -327,30 +394,24 @@ def project_many(
     previous_v: dict[int, np.ndarray],
 ) -> list[Projection]:
     """CGA steps 1-4 for every parameter tensor k: self_grads[k] is pi_ii * g_ii[k] (any
-    shape), rows[k] the pi_il * g_il[k] of the same shape. All-zero rows are dropped. Where
-    the QP of tensor k fails, previous_v[k] is reused when its length still matches, else
-    v = margin * 1 (the plain weighted aggregate); fell_back says so.
+    shape), rows[k] the pi_il * g_il[k] of the same shape. All-zero rows are dropped (and rows
+    holding NaN: _kept). Where the QP of tensor k fails, previous_v[k] is reused when its length
+    still matches, else v = margin * 1 (the plain weighted aggregate); fell_back says so.
     """
-    prepared: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    prepared: list[_Blocks | None] = []
     problems: list[tuple[np.ndarray, np.ndarray]] = []
     for own, rs in zip(self_grads, rows, strict=True):
-        g = own.reshape(-1).to(torch.float64)  # (d,)
-        if not rs:
-            prepared.append(None)
+        g = own.reshape(-1)  # (d,) a view where the tensor is contiguous
+        kept = _kept([r.reshape(-1) for r in rs]) if rs else []
+        if not kept:
+            prepared.append(None)  # no rows, or none with anything to say
             continue
-        m = torch.stack([r.reshape(-1) for r in rs]).to(torch.float64)  # (t, d)
-        nonzero = (m * m).sum(dim=1) > 0  # (t,) on the device
-        if not bool(nonzero.all()):
-            m = m[nonzero]  # drop all-zero rows (a neighbor with nothing to say)
-        if m.shape[0] == 0:
-            prepared.append(None)
-            continue
-        gram = (m @ m.T).cpu().numpy()  # (t, t) on the device, then to the CPU
-        mg = (m @ g).cpu().numpy()  # (t,)
+        blocks = _Blocks(g, kept)
+        gram, mg = _gram(blocks)
         if not (np.all(np.isfinite(gram)) and np.all(np.isfinite(mg))):
             # Never step with NaN: a non-finite row or self-gradient makes any v useless.
             raise SolverError("a gradient row or the self-gradient holds NaN or Inf")
-        prepared.append((g, m))
+        prepared.append(blocks)
         problems.append((gram, mg))
     solutions = iter(solve_duals(problems, options))
     out: list[Projection] = []
@@ -358,8 +419,7 @@ def project_many(
         if item is None:
             out.append(Projection(grad=own.clone(), v=None, fell_back=False))
             continue
-        g, m = item
-        t = m.shape[0]
+        t = len(item.rows)
         solution = next(solutions)
         fell_back = isinstance(solution, SolverError)
         if isinstance(solution, np.ndarray):
@@ -368,8 +428,6 @@ def project_many(
             prev = previous_v.get(k)
             ok = prev is not None and prev.shape == (t,) and bool(np.all(np.isfinite(prev)))
             v = prev.copy() if ok and prev is not None else np.full(t, options.margin)
-        v_t = torch.as_tensor(v, dtype=torch.float64, device=m.device)  # (t,)
-        g_tilde = g + m.T @ v_t  # (d,)
-        out.append(Projection(grad=g_tilde.reshape(own.shape).to(own.dtype), v=v,
+        out.append(Projection(grad=_step(item, v).reshape(own.shape), v=v,
                               fell_back=fell_back))
     return out
