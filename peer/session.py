@@ -210,6 +210,8 @@ class BootstrapSession:
         try:
             reply = self._send_heartbeat(request)
         except grpc.RpcError as err:
+            if err.code() is grpc.StatusCode.NOT_FOUND and self._stop.is_set():
+                return  # this node is leaving: its Leave came first, and it stays gone
             if err.code() is grpc.StatusCode.NOT_FOUND and self._join_request is not None:
                 # The bootstrap does not know this node (it left, or the bootstrap lost its
                 # state): join again with what the node joined with.
@@ -282,7 +284,13 @@ class BootstrapSession:
             watch.cancel()
 
     def leave(self, reason: str) -> None:
-        """Leave the run (best effort: a bootstrap that is down just logs a warning)."""
+        """Leave the run (best effort: a bootstrap that is down just logs a warning).
+
+        The heartbeat thread is stopped and waited for first: a heartbeat still on its way
+        would reach the bootstrap after the Leave, be answered NOT_FOUND and join this node
+        again, and its neighbors would be assigned a node that is gone for a lease.
+        """
+        self._end_heartbeats()
         try:
             self.stub.Leave(bootstrap_pb2.LeaveRequest(node_id=self.node_id, reason=reason),
                             timeout=CALL_TIMEOUT_S)
@@ -290,10 +298,15 @@ class BootstrapSession:
             log.warning("node %d: leave failed: %s", self.node_id,
                         from_rpc_error(err, f"Leave at bootstrap {self.address}"))
 
-    def close(self) -> None:
+    def _end_heartbeats(self) -> None:
+        """stop(), and wait for the heartbeat thread to end (a heartbeat in flight answered or
+        timed out)."""
         self.stop()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=CALL_TIMEOUT_S + 1)
+
+    def close(self) -> None:
+        self._end_heartbeats()
         if self._beats is not None:
             self._beats.close()
         self.channel.close()

@@ -223,3 +223,35 @@ def test_a_node_far_behind_catches_up_from_its_neighbors_models(tmp_path: Path,
     loop.recorder.close()
     events = (tmp_path / "metrics.jsonl").read_text()
     assert '"event": "catch_up"' in events and '"from_round": 0' in events
+
+
+def test_a_heartbeat_in_flight_never_joins_a_leaving_node_again(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stop() then leave(), as a peer shuts down, while the heartbeat thread beats without
+    pause: a heartbeat that reached the bootstrap after the Leave would be answered NOT_FOUND
+    and join the node again, and its neighbors would wait on a dead node for a lease."""
+    monkeypatch.setattr(peer.session, "HEARTBEAT_MIN_S", 0.0)
+    monkeypatch.setattr(peer.session, "HEARTBEAT_MAX_S", 0.0)
+    boot = cluster.bootstrap(SETTINGS, lease_seconds=60.0)
+    sessions = [BootstrapSession(boot.address, i, join_timeout=30.0) for i in range(3)]
+    try:
+        for i, session in enumerate(sessions):
+            session.join(f"127.0.0.1:{60000 + i}", 10)
+        sessions[0].wait_assignment()
+        for attempt in range(8):
+            leaving = BootstrapSession(boot.address, 2, join_timeout=30.0)
+            if attempt:
+                leaving.join("127.0.0.1:60002", 10)  # back after the last attempt's Leave
+            else:
+                leaving, sessions[2] = sessions[2], leaving
+            leaving.start(lambda: Progress(round=0, loss=0.0, health="ok"), lambda view: None)
+            threading.Event().wait(0.002 * attempt)  # the first heartbeat, or later ones
+            leaving.stop()
+            leaving.leave("draining")
+            threading.Event().wait(0.2)
+            view = sessions[0].stub.GetAssignment(pb.GetAssignmentRequest(node_id=0), timeout=5)
+            assert [n.node_id for n in view.neighbors] == [1], f"attempt {attempt}"
+            leaving.close()
+    finally:
+        for session in sessions:
+            session.close()
