@@ -210,15 +210,16 @@ class BootstrapSession:
         try:
             reply = self._send_heartbeat(request)
         except grpc.RpcError as err:
-            if err.code() is grpc.StatusCode.NOT_FOUND and self._stop.is_set():
-                return  # this node is leaving: its Leave came first, and it stays gone
-            if err.code() is grpc.StatusCode.NOT_FOUND and self._join_request is not None:
-                # The bootstrap does not know this node (it left, or the bootstrap lost its
-                # state): join again with what the node joined with.
-                log.warning("node %d: the bootstrap no longer knows this node; joining again",
-                            self.node_id)
-                self._rejoin()
-                return
+            if err.code() is grpc.StatusCode.NOT_FOUND:
+                if self._stop.is_set():
+                    return  # this node is leaving: its Leave came first, and it stays gone
+                if self._join_request is not None:
+                    # The bootstrap does not know this node (it left, or the bootstrap lost
+                    # its state): join again with what the node joined with.
+                    log.warning("node %d: the bootstrap no longer knows this node; joining "
+                                "again", self.node_id)
+                    self._rejoin()
+                    return
             raise from_rpc_error(err, f"Heartbeat at bootstrap {self.address}") from None
         self.lease_seconds = reply.lease_seconds if reply.lease_seconds > 0 else 15.0
         if reply.HasField("assignment"):  # the new one came with the answer
